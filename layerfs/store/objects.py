@@ -1,0 +1,319 @@
+"""The content-addressed object store: file contents keyed by blake3.
+
+An object lives at ``objects/ab/cdef...`` (raw) or ``objects/ab/cdef....zst``
+(zstd). Which one is decided once, when the content is first stored, by
+:func:`should_compress`:
+
+* Files above ``COMPRESS_MAX`` stay raw so the FUSE daemon can ``pread`` any
+  offset of them without decompressing (big files are where random reads
+  happen, and they are usually already compressed: archives, media, .so).
+* Smaller files are compressed only when that frees 4 KiB blocks on disk:
+  a 3 KiB file that compresses to 1 KiB still occupies one block, so
+  compressing it would only cost CPU on every read.
+
+benchmarks/bench_objects.py measures the read cost of that choice.
+
+Durability: object files are written tmp + rename without an fsync each;
+the store calls :func:`syncfs` once before it commits the metadata that
+references them. The database, not the directory, says which objects exist.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import blake3
+import zstandard
+
+from layerfs.errors import Corrupt, NotFound
+
+COMPRESS_MAX = 16 << 20
+COMPRESS_MIN = 8 << 10
+BLOCK = 4096
+CHUNK = 1 << 20
+ZSTD_LEVEL = 3
+HOLE = 64 << 10
+_ZERO_HOLE = bytes(HOLE)
+EMPTY_DIGEST = blake3.blake3(b"").hexdigest()
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# Answers "is this digest already committed?" so a put can skip the write.
+KnownDigests = Callable[[str], bool]
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What storing one content produced."""
+
+    digest: str
+    size: int
+    stored_size: int
+    compressed: bool
+
+
+def blocks(n: int) -> int:
+    return (n + BLOCK - 1) // BLOCK
+
+
+def should_compress(raw_size: int, compressed_size: int) -> bool:
+    """True when zstd frees at least a quarter of the blocks the raw file takes."""
+    if not COMPRESS_MIN <= raw_size <= COMPRESS_MAX:
+        return False
+    return blocks(compressed_size) * 4 <= blocks(raw_size) * 3
+
+
+def syncfs(path: str) -> None:
+    """Flush every dirty page of the filesystem holding *path* (one syscall)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def is_digest(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+
+
+class ObjectStore:
+    """Files of objects under one directory; knows nothing of the database."""
+
+    def __init__(self, root: str, tmp_dir: str) -> None:
+        self.root = root
+        self.tmp_dir = tmp_dir
+
+    # -- paths -------------------------------------------------------------
+    def raw_path(self, digest: str) -> str:
+        return os.path.join(self.root, digest[:2], digest[2:])
+
+    def zst_path(self, digest: str) -> str:
+        return self.raw_path(digest) + ".zst"
+
+    def locate(self, digest: str) -> tuple[str, bool]:
+        """Return (path, compressed) of a stored object, or raise NotFound."""
+        raw = self.raw_path(digest)
+        if os.path.exists(raw):
+            return raw, False
+        zst = raw + ".zst"
+        if os.path.exists(zst):
+            return zst, True
+        raise NotFound(f"object {digest[:12]} is missing from the store")
+
+    def on_disk(self, digest: str) -> bool:
+        try:
+            self.locate(digest)
+        except NotFound:
+            return False
+        return True
+
+    # -- writing -----------------------------------------------------------
+    def put_bytes(self, data: bytes, digest: str | None = None) -> StoredObject:
+        digest = digest or blake3.blake3(data).hexdigest()
+        if len(data) > COMPRESS_MAX:
+            self._write(self.raw_path(digest), [data])
+            return StoredObject(digest, len(data), len(data), False)
+        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data) if len(data) >= COMPRESS_MIN else b""
+        if packed and should_compress(len(data), len(packed)):
+            self._write(self.zst_path(digest), [packed])
+            return StoredObject(digest, len(data), len(packed), True)
+        self._write(self.raw_path(digest), [data])
+        return StoredObject(digest, len(data), len(data), False)
+
+    def hash_file(self, path: str) -> tuple[str, int]:
+        """Digest and size of a file on disk, without storing it."""
+        h = blake3.blake3(max_threads=1)
+        size = 0
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        return h.hexdigest(), size
+
+    def put_file(self, path: str, known: KnownDigests | None = None) -> StoredObject:
+        """Store the content of *path*; skip the write if *known* has it."""
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= COMPRESS_MAX:
+                data = f.read()
+                digest = blake3.blake3(data).hexdigest()
+                if known is not None and known(digest):
+                    return StoredObject(digest, len(data), -1, False)
+                return self.put_bytes(data, digest)
+            return self._put_stream(f, known)
+
+    def _put_stream(self, f: "io.RawIOBase", known: KnownDigests | None) -> StoredObject:
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        fd, tmp = _mkstemp(self.tmp_dir)
+        size = 0
+        try:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                write_sparse(fd, chunk)
+                size += len(chunk)
+            os.ftruncate(fd, size)
+            os.close(fd)
+            fd = -1
+            digest = h.hexdigest()
+            if known is not None and known(digest):
+                os.unlink(tmp)
+                return StoredObject(digest, size, -1, False)
+            dst = self.raw_path(digest)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(tmp, dst)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            _unlink_quiet(tmp)
+            raise
+        return StoredObject(digest, size, size, False)
+
+    def _write(self, dst: str, parts: list[bytes]) -> None:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        fd, tmp = _mkstemp(self.tmp_dir)
+        try:
+            for part in parts:
+                write_sparse(fd, part)
+            os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
+            os.close(fd)
+            fd = -1
+            os.replace(tmp, dst)
+        except BaseException:
+            _unlink_quiet(tmp)
+            raise
+
+    # -- reading -----------------------------------------------------------
+    def read(self, digest: str, verify: bool = True) -> bytes:
+        path, compressed = self.locate(digest)
+        with open(path, "rb") as f:
+            data = f.read()
+        if compressed:
+            try:
+                data = zstandard.ZstdDecompressor().decompress(data)
+            except zstandard.ZstdError as exc:
+                raise Corrupt(f"object {digest[:12]}: {exc}") from None
+        if verify and blake3.blake3(data).hexdigest() != digest:
+            raise Corrupt(f"object {digest[:12]} fails its digest check")
+        return data
+
+    def open(self, digest: str) -> io.BufferedIOBase:
+        """A readable stream of the object's content (decompressed)."""
+        path, compressed = self.locate(digest)
+        f = open(path, "rb")
+        if compressed:
+            return zstandard.ZstdDecompressor().stream_reader(f, closefd=True)
+        return f
+
+    def write_to(self, digest: str, out_fd: int) -> int:
+        """Copy an object's content to *out_fd*; returns bytes written."""
+        path, compressed = self.locate(digest)
+        with open(path, "rb", buffering=0) as f:
+            if compressed:
+                data = zstandard.ZstdDecompressor().decompress(f.read())
+                return write_sparse(out_fd, data)
+            return copy_sparse(f.fileno(), out_fd)
+
+    def verify(self, digest: str) -> bool:
+        """Re-hash one object; False if its bytes do not match its name."""
+        try:
+            path, compressed = self.locate(digest)
+        except NotFound:
+            return False
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        try:
+            with open(path, "rb") as f:
+                reader = zstandard.ZstdDecompressor().stream_reader(f) if compressed else f
+                while chunk := reader.read(CHUNK):
+                    h.update(chunk)
+        except zstandard.ZstdError:
+            return False
+        return h.hexdigest() == digest
+
+    def remove(self, digest: str) -> None:
+        for p in (self.raw_path(digest), self.zst_path(digest)):
+            _unlink_quiet(p)
+
+    def iter_on_disk(self) -> Iterator[tuple[str, str]]:
+        """Yield (digest, path) for every object file present."""
+        for sub in sorted(os.listdir(self.root)):
+            d = os.path.join(self.root, sub)
+            if len(sub) != 2 or not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                yield sub + name.removesuffix(".zst"), os.path.join(d, name)
+
+
+
+def _mkstemp(tmp_dir: str) -> tuple[int, str]:
+    import tempfile
+
+    return tempfile.mkstemp(dir=tmp_dir, prefix="o-")
+
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    return len(data)
+
+
+def write_sparse(fd: int, data: bytes) -> int:
+    """Write *data* at fd's offset, seeking over zero blocks so they stay
+    holes. The caller ftruncates to the final size (a trailing hole)."""
+    if len(data) < HOLE:
+        return _write_all(fd, data)
+    view = memoryview(data)
+    for off in range(0, len(data), HOLE):
+        chunk = view[off:off + HOLE]
+        if len(chunk) == HOLE and chunk == _ZERO_HOLE:
+            os.lseek(fd, HOLE, os.SEEK_CUR)
+        else:
+            _write_all(fd, chunk)
+    return len(data)
+
+
+def copy_sparse(src: int, dst: int) -> int:
+    """Copy src to dst's same offsets, data extents only (holes survive)."""
+    size = os.fstat(src).st_size
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                break
+            raise
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        _copy_range(src, dst, start, end - start)
+        pos = end
+    os.ftruncate(dst, size)
+    return size
+
+
+def _copy_range(src: int, dst: int, off: int, count: int) -> None:
+    done = 0
+    while done < count:
+        try:
+            n = os.copy_file_range(src, dst, count - done, off + done, off + done)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            n = os.pwrite(dst, os.pread(src, min(CHUNK, count - done), off + done), off + done)
+        if n == 0:
+            raise OSError(errno.EIO, "short copy")
+        done += n

@@ -1,0 +1,340 @@
+"""The store: objects, layers, images and tags under one root directory.
+
+Layout of a root::
+
+    db.sqlite          metadata (see db.py for the concurrency model)
+    objects/ab/cd...   file contents (see objects.py)
+    layers/<id>        canonical layer manifests
+    tmp/               in-flight writes; anything here after a crash is debris
+    lock               flock: shared for writers, exclusive for gc/repair
+
+The database is the truth (as in containerd's metastore): an object or
+layer exists when its row is committed. Files are written first and made
+durable with one syncfs, then the rows are committed, so after ``kill -9``
+at any point nothing committed is lost and nothing committed is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+from layerfs.errors import Conflict, InvalidInput, NotFound
+from layerfs.store import images as img
+from layerfs.store import manifest as mf
+from layerfs.store import references
+from layerfs.store.db import Database
+from layerfs.store.images import Image
+from layerfs.store.manifest import Entry
+from layerfs.store.objects import ObjectStore, StoredObject, syncfs
+from layerfs.store.scan import FileRef, parallel_map, scan
+from layerfs.store.tree import MergedTree, flatten
+
+DEFAULT_ROOT = "/var/lib/layerfs"
+
+
+def default_root() -> str:
+    env = os.environ.get("LAYERFS_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return DEFAULT_ROOT
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "layerfs")
+
+
+class Store:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        for sub in ("objects", "layers", "tmp"):
+            try:
+                os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+            except OSError as exc:
+                raise InvalidInput(f"cannot use store root {self.root}: {exc.strerror}") from None
+        self.tmp_dir = os.path.join(self.root, "tmp")
+        self.objects = ObjectStore(os.path.join(self.root, "objects"), self.tmp_dir)
+        self.db = Database(os.path.join(self.root, "db.sqlite"))
+        self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._db_lock = threading.Lock()
+        self._pending: set[str] = set()
+
+    def close(self) -> None:
+        self.db.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- locking -------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Shared store lock: many writers at once, but never during gc."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    # -- objects -------------------------------------------------------------
+    def has_object(self, digest: str) -> bool:
+        with self._db_lock:
+            if digest in self._pending:
+                return True
+            known = self.db.one("SELECT 1 FROM objects WHERE digest=?", digest) is not None
+            if not known:
+                self._pending.add(digest)
+            return known
+
+    def _resolve_contents(self, files: list[FileRef], fresh: list[StoredObject],
+                          stat_rows: list[tuple]) -> dict[str, str]:
+        """Digest every file, reusing the stat cache; new contents are stored."""
+        cached = self._stat_cache_hits(files)
+
+        def one(ref: FileRef) -> tuple[str, str, StoredObject | None]:
+            if ref.rel in cached:
+                return ref.rel, cached[ref.rel], None
+            obj = self.objects.put_file(ref.abspath, known=self.has_object)
+            return ref.rel, obj.digest, obj
+
+        out = {}
+        for ref, (rel, digest, obj) in zip(files, parallel_map(one, files)):
+            out[rel] = digest
+            if obj is not None:
+                if obj.stored_size >= 0:
+                    fresh.append(obj)
+                st = ref.st
+                stat_rows.append((ref.abspath, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest))
+        return out
+
+    def _stat_cache_hits(self, files: list[FileRef]) -> dict[str, str]:
+        hits = {}
+        q = "SELECT s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.digest FROM stat_cache s JOIN objects o ON o.digest = s.digest WHERE path=?"
+        for ref in files:
+            row = self.db.one(q, ref.abspath)
+            st = ref.st
+            if row and row[:5] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                hits[ref.rel] = row[5]
+        return hits
+
+    # -- layers --------------------------------------------------------------
+    def import_dir(self, path: str, overlay: bool = False) -> str:
+        """Make a layer of the tree at *path*; returns its id."""
+        if os.path.abspath(path).startswith(self.root + os.sep) or os.path.abspath(path) == self.root:
+            raise InvalidInput(f"{path} is inside the store; refusing to import the store into itself")
+        with self.writing():
+            scanned = self.scan_dir(path, overlay)
+            return self.commit_layer(*scanned)
+
+    def scan_dir(self, path: str, overlay: bool = False) -> tuple[list[Entry], list[StoredObject], list[tuple]]:
+        """Entries of *path* with contents stored but no layer committed yet:
+        (entries, new objects, stat-cache rows) for :meth:`commit_layer`."""
+        fresh: list[StoredObject] = []
+        stat_rows: list[tuple] = []
+        entries = scan(path, lambda files: self._resolve_contents(files, fresh, stat_rows), overlay=overlay)
+        return entries, fresh, stat_rows
+
+    def commit_layer(self, entries: Iterable[Entry], fresh: list[StoredObject] = (),
+                     stat_rows: list[tuple] = ()) -> str:
+        """Record a layer whose file contents are already written.
+
+        Order matters for crash safety: manifest file and objects are made
+        durable first (one syncfs), then one transaction makes them exist.
+        """
+        entries = list(entries)
+        data = mf.encode(entries)
+        lid = mf.layer_id(data)
+        path = os.path.join(self.root, "layers", lid)
+        if not os.path.exists(path):
+            from layerfs.store.atomic import write_bytes
+
+            write_bytes(path, data, self.tmp_dir, durable=False)
+        syncfs(self.root)
+        digests = {e.digest for e in entries if e.kind == mf.FILE and e.digest}
+        size = sum(e.size for e in entries if e.kind == mf.FILE)
+        with self.db.transaction() as c:
+            c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?)",
+                          [(o.digest, o.size, o.stored_size, int(o.compressed)) for o in fresh])
+            missing = self._missing_objects(c, digests)
+            if missing:
+                raise NotFound(f"layer refers to {len(missing)} objects the store does not have, e.g. {missing[0][:12]}")
+            c.execute("INSERT OR IGNORE INTO layers VALUES (?,?,?,?)", (lid, size, len(entries), time.time()))
+            c.executemany("INSERT OR IGNORE INTO layer_objects VALUES (?,?)", [(lid, d) for d in digests])
+            c.executemany("INSERT OR REPLACE INTO stat_cache VALUES (?,?,?,?,?,?,?)", stat_rows)
+        with self._db_lock:
+            self._pending.clear()
+        return lid
+
+    @staticmethod
+    def _missing_objects(c, digests: set[str]) -> list[str]:
+        missing = []
+        for d in digests:
+            if c.execute("SELECT 1 FROM objects WHERE digest=?", (d,)).fetchone() is None:
+                missing.append(d)
+        return missing
+
+    def layer_entries(self, layer_id: str) -> list[Entry]:
+        return list(_read_manifest(self.root, layer_id))
+
+    def layer_manifest_path(self, layer_id: str) -> str:
+        return os.path.join(self.root, "layers", layer_id)
+
+    def layer_info(self, layer_id: str) -> tuple[int, int, float]:
+        row = self.db.one("SELECT size, entries, created FROM layers WHERE id=?", layer_id)
+        if row is None:
+            raise NotFound(f"no such layer: {layer_id[:12]}")
+        return row
+
+    def resolve_layer(self, text: str) -> str:
+        return self._resolve_id("layers", text, "layer")
+
+    def merged_tree(self, image: Image) -> MergedTree:
+        return flatten([self.layer_entries(lid) for lid in image.layers])
+
+    # -- images --------------------------------------------------------------
+    def put_image(self, config: dict) -> Image:
+        data = img.canonical(config)
+        iid = img.image_id(config)
+        for lid in config["rootfs"]["layers"]:
+            self.layer_info(lid)
+        created = img.parse_timestamp(config.get("created", "")) or time.time()
+        with self.db.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO images VALUES (?,?,?)", (iid, data, created))
+            c.executemany("INSERT OR IGNORE INTO image_layers VALUES (?,?,?)",
+                          [(iid, i, lid) for i, lid in enumerate(config["rootfs"]["layers"])])
+        return Image(iid, config, created)
+
+    def image(self, ref: str) -> Image:
+        """Look an image up by name[:tag], full id or unique id prefix."""
+        iid = self._image_id_of(ref)
+        row = self.db.one("SELECT config, created FROM images WHERE id=?", iid)
+        if row is None:
+            raise NotFound(f"no such image: {ref}")
+        return Image(iid, img.decode(row[0]), row[1])
+
+    def _image_id_of(self, ref: str) -> str:
+        text = ref.removeprefix("blake3:")
+        if 4 <= len(text) <= 64 and all(c in "0123456789abcdef" for c in text):
+            rows = self.db.all("SELECT id FROM images WHERE id >= ? AND id < ? LIMIT 2", text, text + "g")
+            if len(rows) == 1:
+                return rows[0][0]
+            if len(rows) > 1:
+                raise InvalidInput(f"ambiguous image id prefix: {ref}")
+        try:
+            r = references.parse(ref)
+        except InvalidInput:
+            raise NotFound(f"no such image: {ref}") from None
+        row = self.db.one("SELECT image_id FROM tags WHERE name=? AND tag=?", r.name, r.tag)
+        if row is None:
+            raise NotFound(f"no such image: {ref}")
+        return row[0]
+
+    def _resolve_id(self, table: str, text: str, what: str) -> str:
+        text = text.removeprefix("blake3:")
+        if 4 <= len(text) <= 64 and all(c in "0123456789abcdef" for c in text):
+            rows = self.db.all(f"SELECT id FROM {table} WHERE id >= ? AND id < ? LIMIT 2", text, text + "g")
+            if len(rows) == 1:
+                return rows[0][0]
+            if len(rows) > 1:
+                raise InvalidInput(f"ambiguous {what} id prefix: {text}")
+        raise NotFound(f"no such {what}: {text}")
+
+    def images(self) -> list[tuple[Image, list[str]]]:
+        """Every image with its tags (name:tag strings)."""
+        tags: dict[str, list[str]] = {}
+        for name, tag, iid in self.db.all("SELECT name, tag, image_id FROM tags ORDER BY name, tag"):
+            tags.setdefault(iid, []).append(f"{name}:{tag}")
+        out = []
+        for iid, cfg, created in self.db.all("SELECT id, config, created FROM images ORDER BY created DESC, id"):
+            out.append((Image(iid, img.decode(cfg), created), tags.get(iid, [])))
+        return out
+
+    def tag(self, image_id: str, ref: str) -> references.Reference:
+        r = references.parse(ref)
+        if r.digest:
+            raise InvalidInput(f"cannot tag with a digest reference: {ref}")
+        with self.db.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO tags VALUES (?,?,?)", (r.name, r.tag, image_id))
+        return r
+
+    def tags_of(self, image_id: str) -> list[str]:
+        return [f"{n}:{t}" for n, t in self.db.all("SELECT name, tag FROM tags WHERE image_id=? ORDER BY name, tag", image_id)]
+
+    def untag(self, ref: str) -> str:
+        r = references.parse(ref)
+        with self.db.transaction() as c:
+            row = c.execute("SELECT image_id FROM tags WHERE name=? AND tag=?", (r.name, r.tag)).fetchone()
+            if row is None:
+                raise NotFound(f"no such image: {ref}")
+            c.execute("DELETE FROM tags WHERE name=? AND tag=?", (r.name, r.tag))
+        return row[0]
+
+    def remove_image(self, ref: str, force: bool = False) -> list[str]:
+        """docker rmi: untag if *ref* is one of several tags, else delete.
+
+        Returns the lines docker prints (Untagged: / Deleted:). Layer and
+        object bytes are reclaimed by gc, not here.
+        """
+        image = self.image(ref)
+        tags = self.tags_of(image.id)
+        is_tag = ref in tags or (":" not in ref.rpartition("/")[2] and f"{ref}:latest" in tags)
+        if is_tag and len(tags) > 1:
+            self.untag(ref)
+            return [f"Untagged: {self._as_tag(ref)}"]
+        users = self.db.all("SELECT kind, key FROM refs WHERE image_id=? AND kind='container'", image.id)
+        if users and not force:
+            raise Conflict(f"image {image.id[:12]} is used by container {users[0][1]}; remove it first or use --force")
+        if len(tags) > 1 and not force and not is_tag:
+            raise Conflict(f"image {image.id[:12]} is referenced in multiple repositories; use --force")
+        with self.db.transaction() as c:
+            c.execute("DELETE FROM tags WHERE image_id=?", (image.id,))
+            c.execute("DELETE FROM images WHERE id=?", (image.id,))
+        return [f"Untagged: {t}" for t in tags] + [f"Deleted: {image.id}"]
+
+    @staticmethod
+    def _as_tag(ref: str) -> str:
+        return str(references.parse(ref))
+
+    # -- references from other subsystems ---------------------------------
+    def add_ref(self, kind: str, key: str, *, layer_id: str | None = None,
+                image_id: str | None = None, data: str | None = None) -> None:
+        with self.db.transaction() as c:
+            c.execute("INSERT OR REPLACE INTO refs VALUES (?,?,?,?,?)", (kind, key, layer_id, image_id, data))
+
+    def get_ref(self, kind: str, key: str) -> tuple[str | None, str | None, str | None] | None:
+        return self.db.one("SELECT layer_id, image_id, data FROM refs WHERE kind=? AND key=?", kind, key)
+
+    def refs(self, kind: str) -> list[tuple[str, str | None, str | None, str | None]]:
+        return self.db.all("SELECT key, layer_id, image_id, data FROM refs WHERE kind=? ORDER BY key", kind)
+
+    def drop_refs(self, kind: str, key: str | None = None) -> int:
+        with self.db.transaction() as c:
+            if key is None:
+                return c.execute("DELETE FROM refs WHERE kind=?", (kind,)).rowcount
+            return c.execute("DELETE FROM refs WHERE kind=? AND key=?", (kind, key)).rowcount
+
+
+@functools.lru_cache(maxsize=64)
+def _read_manifest(root: str, layer_id: str) -> tuple[Entry, ...]:
+    # Manifests are immutable, so caching by id is always correct.
+    try:
+        with open(os.path.join(root, "layers", layer_id), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise NotFound(f"no such layer: {layer_id[:12]}") from None
+    return tuple(mf.decode(data))
