@@ -1,0 +1,7 @@
+"""CLI commands: containers (placeholder until its issue lands)."""
+
+import click
+
+
+def register(cli: click.Group) -> None:
+    pass

@@ -1,0 +1,293 @@
+"""Image and store commands: import, images, history, inspect, tag, rmi,
+export, df, gc, fsck, bootstrap."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from layerfs import bootstrap as boot
+from layerfs.errors import Corrupt, InvalidInput
+from layerfs.store import fsck as fsck_mod
+from layerfs.store import gc as gc_mod
+from layerfs.store import images as img
+from layerfs.store import transfer, usage
+from layerfs.store.images import Image
+from layerfs.store.store import Store
+from layerfs_cli.common import emit_json, format_option, human_ago, human_size, table, with_store
+
+
+def register(cli: click.Group) -> None:
+    for cmd in (import_cmd, images_cmd, history_cmd, inspect_cmd, tag_cmd, rmi_cmd, export_cmd,
+                df_cmd, gc_cmd, fsck_cmd, bootstrap_grp):
+        cli.add_command(cmd)
+
+
+def image_size(store: Store, image: Image) -> int:
+    return sum(store.layer_info(lid)[0] for lid in image.layers)
+
+
+@click.command("import")
+@click.argument("source", type=click.Path())
+@click.option("-t", "--tag", "tags", multiple=True, required=True, metavar="NAME:TAG", help="Name the new image.")
+@click.option("--base", metavar="IMAGE", help="Put the new layer on top of IMAGE.")
+@click.option("--layer", "as_layer", is_flag=True,
+              help="With --base: SOURCE is a layer as it is (overlayfs upper dir / OCI whiteouts), not a full tree.")
+@click.option("-m", "--message", default="", help="Comment recorded in the history.")
+@with_store
+def import_cmd(store: Store, source: str, tags: tuple[str, ...], base: str | None, as_layer: bool, message: str) -> None:
+    """Import a directory or tar archive as an image (or as a layer on --base)."""
+    if as_layer and not base:
+        raise InvalidInput("--layer needs --base")
+    from layerfs.store import references
+
+    for t in tags:
+        references.parse(t)
+    base_image = store.image(base) if base else None
+    lid = transfer.import_layer(store, source, base_image, as_layer)
+    hist = img.history_entry(f"layerfs import {os.path.basename(os.path.abspath(source))}", comment=message)
+    config = img.with_layer(base_image.config if base_image else None, lid, hist)
+    image = store.put_image(config)
+    for t in tags:
+        store.tag(image.id, t)
+    click.echo(image.id)
+
+
+@click.command("images")
+@click.option("-q", "--quiet", is_flag=True, help="Only show image ids.")
+@click.option("--no-trunc", is_flag=True, help="Don't truncate ids.")
+@format_option
+@with_store
+def images_cmd(store: Store, quiet: bool, no_trunc: bool, fmt: str) -> None:
+    """List images."""
+    rows = []
+    for image, tags in store.images():
+        size = image_size(store, image)
+        for t in tags or ["<none>:<none>"]:
+            name, _, tag = t.rpartition(":")
+            rows.append((name, tag, image, size))
+    if fmt == "json":
+        emit_json([{"Repository": n, "Tag": t, "ID": i.id, "Created": img.timestamp(i.created),
+                    "Size": s} for n, t, i, s in rows])
+        return
+    if quiet:
+        for iid in dict.fromkeys(i.id if no_trunc else i.id[:12] for _, _, i, _ in rows):
+            click.echo(iid)
+        return
+    table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"],
+          [(n, t, i.id if no_trunc else i.id[:12], human_ago(i.created), human_size(s)) for n, t, i, s in rows])
+
+
+@click.command("history")
+@click.argument("image")
+@click.option("--no-trunc", is_flag=True, help="Don't truncate output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only show layer ids.")
+@format_option
+@with_store
+def history_cmd(store: Store, image: str, no_trunc: bool, quiet: bool, fmt: str) -> None:
+    """Show the history of an image, newest first, with the layer of each step."""
+    im = store.image(image)
+    rows = _history_rows(store, im)
+    if fmt == "json":
+        emit_json([{"Image": i, "Layer": l, "CreatedAt": c, "CreatedBy": b, "Size": s, "Comment": m}
+                   for i, l, c, b, s, m in rows])
+        return
+    cut = (lambda x: x) if no_trunc else (lambda x: x[:12])
+    if quiet:
+        for _, lid, *_ in rows:
+            click.echo(cut(lid) if lid else "<missing>")
+        return
+    def by(text: str) -> str:
+        return text if no_trunc or len(text) <= 45 else text[:44] + "…"
+    table(["IMAGE", "LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
+          [(cut(i) if i else "<missing>", cut(l) if l else "<none>", human_ago(img.parse_timestamp(c)) if c else "",
+            by(b), human_size(s), m) for i, l, c, b, s, m in rows])
+
+
+def _history_rows(store: Store, im: Image) -> list[tuple[str, str, str, str, int, str]]:
+    layers = list(im.layers)
+    hist = im.history or [img.history_entry("", created=im.config.get("created", ""))] * len(layers)
+    rows = []
+    li = 0
+    for h in hist:
+        lid = ""
+        if not h.get("empty_layer") and li < len(layers):
+            lid = layers[li]
+            li += 1
+        size = store.layer_info(lid)[0] if lid else 0
+        rows.append(["", lid, h.get("created", ""), h.get("created_by", ""), size, h.get("comment", "")])
+    rows.reverse()
+    if rows:
+        rows[0][0] = im.id
+    return [tuple(r) for r in rows]
+
+
+@click.command("inspect")
+@click.argument("names", nargs=-1, required=True)
+@with_store
+def inspect_cmd(store: Store, names: tuple[str, ...]) -> None:
+    """Show low-level information on images or layers (JSON)."""
+    from layerfs.errors import NotFound
+
+    out = []
+    for name in names:
+        try:
+            out.append(_inspect_image(store, store.image(name)))
+        except NotFound:
+            try:
+                lid = store.resolve_layer(name)
+            except NotFound:
+                raise NotFound(f"no such image or layer: {name}") from None
+            size, entries, created = store.layer_info(lid)
+            out.append({"Id": lid, "Type": "layer", "Size": size, "Entries": entries,
+                        "Created": img.timestamp(created)})
+    emit_json(out)
+
+
+def _inspect_image(store: Store, im: Image) -> dict:
+    c = im.config
+    return {"Id": im.id, "Type": "image", "RepoTags": store.tags_of(im.id), "Created": c.get("created"),
+            "Size": image_size(store, im), "Architecture": c.get("architecture"), "Os": c.get("os"),
+            "Config": c.get("config", {}), "RootFS": {"Type": "layerfs", "Layers": im.layers},
+            "History": im.history}
+
+
+@click.command("tag")
+@click.argument("source")
+@click.argument("target")
+@with_store
+def tag_cmd(store: Store, source: str, target: str) -> None:
+    """Create a tag TARGET that refers to SOURCE."""
+    store.tag(store.image(source).id, target)
+
+
+@click.command("rmi")
+@click.argument("images", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Remove even if tagged in several repositories.")
+@with_store
+def rmi_cmd(store: Store, images: tuple[str, ...], force: bool) -> None:
+    """Remove images (their bytes are reclaimed by gc)."""
+    for name in images:
+        for line in store.remove_image(name, force=force):
+            click.echo(line)
+
+
+@click.command("export")
+@click.argument("image")
+@click.option("-o", "--output", required=True, metavar="DIR|TAR|-",
+              help="A new directory, a .tar file, or - for a tar on stdout.")
+@with_store
+def export_cmd(store: Store, image: str, output: str) -> None:
+    """Export an image's flattened root filesystem."""
+    im = store.image(image)
+    if output == "-":
+        if sys.stdout.isatty():
+            raise InvalidInput("refusing to write a tar to a terminal; redirect stdout or use -o FILE")
+        transfer.export_tar_stream(store, im, sys.stdout.buffer)
+    else:
+        transfer.export_image(store, im, output)
+
+
+@click.command("df")
+@click.option("-v", "--verbose", is_flag=True, help="Per image detail.")
+@format_option
+@with_store
+def df_cmd(store: Store, verbose: bool, fmt: str) -> None:
+    """Show disk usage and what sharing saves, at layer and at file level."""
+    u = usage.measure(store)
+    if fmt == "json":
+        emit_json({"Logical": u.logical, "LayerLevel": u.layer_level, "FileLevel": u.file_level,
+                   "Physical": u.physical, "Objects": u.objects, "Layers": u.layers,
+                   "Images": [vars(r) | {"tags": list(r.tags)} for r in u.images],
+                   "Extra": _extra_usage(store)})
+        return
+    table(["TYPE", "BYTES", "WHAT IT COUNTS"], [
+        ("logical", human_size(u.logical), "every image stored alone (full copies)"),
+        ("layer-level", human_size(u.layer_level), f"each distinct layer once, as docker stores ({u.layers} layers)"),
+        ("file-level", human_size(u.file_level), f"each distinct file content once ({u.objects} objects)"),
+        ("physical", human_size(u.physical), "on disk: objects (zstd, holes) + manifests + db"),
+    ])
+    click.echo()
+    click.echo(f"Saving from sharing layers: {_pct(u.logical, u.layer_level)}; "
+               f"from sharing files too: {_pct(u.logical, u.file_level)}; "
+               f"on disk vs logical: {_pct(u.logical, u.physical)}; "
+               f"on disk vs layer-level (docker): {_pct(u.layer_level, u.physical)}")
+    if verbose:
+        click.echo()
+        table(["IMAGE ID", "TAGS", "LOGICAL", "SHARED LAYERS", "SHARED FILES", "UNIQUE"],
+              [(r.image_id[:12], ",".join(r.tags) or "<none>", human_size(r.logical), human_size(r.shared_layers),
+                human_size(r.shared_files), human_size(r.unique)) for r in u.images])
+        for title, headers, rows in _extra_usage_tables(store):
+            click.echo()
+            click.echo(title)
+            table(headers, rows)
+
+
+def _pct(whole: int, part: int) -> str:
+    return f"{100 * (1 - part / whole):.1f}%" if whole else "0%"
+
+
+# Other command groups (containers) add their own df -v sections here.
+EXTRA_USAGE: list = []
+
+
+def _extra_usage(store: Store) -> dict:
+    return {name: fn(store)[1] for name, fn in EXTRA_USAGE}
+
+
+def _extra_usage_tables(store: Store) -> list:
+    out = []
+    for name, fn in EXTRA_USAGE:
+        headers, rows = fn(store)
+        out.append((name, headers, [list(r.values()) if isinstance(r, dict) else r for r in rows]))
+    return out
+
+
+@click.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only report what would go.")
+@with_store
+def gc_cmd(store: Store, dry_run: bool) -> None:
+    """Remove layers and objects nothing references any more."""
+    r = gc_mod.collect(store, dry_run=dry_run)
+    verb = "Would remove" if dry_run else "Removed"
+    click.echo(f"{verb} {r.layers_removed} layers, {r.objects_removed} objects, "
+               f"{human_size(r.bytes_freed)} freed; {r.debris_removed} leftover files swept")
+
+
+@click.command("fsck")
+@click.option("--repair", is_flag=True, help="Drop what is unreachable or broken.")
+@with_store
+def fsck_cmd(store: Store, repair: bool) -> None:
+    """Verify every object, layer, image and reference (exit 3 on damage)."""
+    r = fsck_mod.check(store, repair=repair)
+    for p in r.problems:
+        click.echo(p.message)
+    click.echo(f"checked {r.objects} objects, {r.layers} layers, {r.images} images: "
+               + ("clean" if r.clean else f"{len(r.problems)} problems" + (", repaired" if r.repaired else "")))
+    if not r.clean and not r.repaired:
+        raise Corrupt("store is damaged; run 'layerfs fsck --repair' to drop what is broken")
+
+
+@click.group("bootstrap")
+def bootstrap_grp() -> None:
+    """Make a base image from what this machine has."""
+
+
+@bootstrap_grp.command("busybox")
+@click.option("-t", "--tag", default="busybox:latest", show_default=True)
+@with_store
+def bootstrap_busybox(store: Store, tag: str) -> None:
+    """A runnable image from the host's static busybox."""
+    click.echo(boot.bootstrap_busybox(store, tag).id)
+
+
+@bootstrap_grp.command("debian")
+@click.option("--suite", default="bookworm", show_default=True)
+@click.option("-t", "--tag", default=None, help="Default debian:SUITE.")
+@click.option("--mirror", default=None, help="Default: the mirror this machine's apt uses.")
+@with_store
+def bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None) -> None:
+    """A debootstrap minbase image (about 30 s and ~200 MB)."""
+    click.echo(boot.bootstrap_debian(store, suite, tag, mirror).id)

@@ -1,0 +1,7 @@
+"""CLI commands: oci (placeholder until its issue lands)."""
+
+import click
+
+
+def register(cli: click.Group) -> None:
+    pass

@@ -1,0 +1,95 @@
+"""Resolve paths inside a rootfs as the container would see them.
+
+An image's rootfs is untrusted: ``/etc`` may be a symlink to ``/`` or to
+``../../../host``. Before the runtime reads a file from it or mounts onto a
+path in it (as host root, before pivot_root), the path is resolved here with
+every symlink interpreted relative to the rootfs, the way
+filepath-securejoin does for runc. The result never leaves the rootfs.
+
+Weakness, shared with runc's pre-openat2 code: this is check-then-use. A
+process already running in the same rootfs could swap a component for a
+symlink between the check and the mount. Nothing runs in a rootfs before its
+container starts, so this matters only for rootfs directories shared by
+running containers.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from collections import deque
+
+from layerfs.errors import InvalidInput
+
+_MAX_SYMLINKS = 255
+
+
+def secure_join(root: str, path: str) -> str:
+    """Return the host path of ``path`` inside ``root``, symlinks scoped to root.
+
+    Missing trailing components are joined lexically, so the result is also
+    the place to create them.
+    """
+    parts = deque(_components(path))
+    current = ""
+    links = 0
+    while parts:
+        part = parts.popleft()
+        if part == "..":
+            current = posixpath.dirname(current)
+            continue
+        candidate = posixpath.join(current, part)
+        try:
+            mode = os.lstat(os.path.join(root, candidate)).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            current = candidate
+            continue
+        if not stat.S_ISLNK(mode):
+            current = candidate
+            continue
+        links += 1
+        if links > _MAX_SYMLINKS:
+            raise InvalidInput(f"too many levels of symbolic links resolving {path!r} in rootfs")
+        target = os.readlink(os.path.join(root, candidate))
+        if target.startswith("/"):
+            current = ""
+        parts.extendleft(reversed(_components(target)))
+    return os.path.join(root, current) if current else root
+
+
+def _components(path: str) -> list[str]:
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+def make_mountpoint(root: str, path: str, directory: bool) -> str:
+    """Resolve ``path`` in ``root`` and create it (dir or empty file) if missing.
+
+    Returns the host path to mount on. An existing entry of the wrong kind is
+    left alone: mount(2) then reports the mismatch with a clear errno.
+    """
+    target = secure_join(root, path)
+    if target == root:
+        raise InvalidInput(f"mount target {path!r} resolves to the container's /")
+    parent = secure_join(root, posixpath.dirname(path.rstrip("/")) or "/")
+    if not os.path.lexists(target):
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        if directory:
+            os.makedirs(target, mode=0o755, exist_ok=True)
+        else:
+            fd = os.open(target, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+    return target
+
+
+def read_root_file(root: str, path: str, limit: int = 1 << 20) -> str | None:
+    """Read a small text file from the rootfs; None if it does not exist."""
+    target = secure_join(root, path)
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise InvalidInput(f"{path} in the rootfs is not a regular file")
+        return handle.read(limit).decode("utf-8", errors="replace")

@@ -1,0 +1,102 @@
+"""Mark and sweep: drop what no tag, image, container or cache still needs.
+
+Roots are the images (an untagged image is still an image until ``rmi``)
+and the rows of ``refs`` (containers, build cache, mounts, OCI maps). The
+sweep runs under the store's exclusive lock, so no writer can commit a
+reference to an object between the mark and the sweep.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from layerfs.store.store import Store
+
+TMP_GRACE = 3600.0
+
+
+@dataclass(frozen=True)
+class GcResult:
+    layers_removed: int
+    objects_removed: int
+    bytes_freed: int
+    debris_removed: int
+
+
+def live_layers(store: Store) -> set[str]:
+    live = {r[0] for r in store.db.all("SELECT DISTINCT layer_id FROM image_layers")}
+    live |= {r[0] for r in store.db.all("SELECT layer_id FROM refs WHERE layer_id IS NOT NULL")}
+    for (iid,) in store.db.all("SELECT image_id FROM refs WHERE image_id IS NOT NULL"):
+        live |= {r[0] for r in store.db.all("SELECT layer_id FROM image_layers WHERE image_id=?", iid)}
+    return live
+
+
+def collect(store: Store, dry_run: bool = False) -> GcResult:
+    with store.exclusive():
+        live = live_layers(store)
+        dead_layers = [r[0] for r in store.db.all("SELECT id FROM layers") if r[0] not in live]
+        if not dry_run:
+            with store.db.transaction() as c:
+                c.executemany("DELETE FROM layers WHERE id=?", [(lid,) for lid in dead_layers])
+        dead_objects = store.db.all(
+            "SELECT digest, stored_size FROM objects WHERE digest NOT IN (SELECT digest FROM layer_objects)")
+        if not dry_run:
+            with store.db.transaction() as c:
+                c.executemany("DELETE FROM objects WHERE digest=?", [(d,) for d, _ in dead_objects])
+                c.execute("DELETE FROM stat_cache WHERE digest NOT IN (SELECT digest FROM objects)")
+            for d, _ in dead_objects:
+                store.objects.remove(d)
+            for lid in dead_layers:
+                _unlink(store.layer_manifest_path(lid))
+        debris = 0 if dry_run else sweep_debris(store)
+    return GcResult(len(dead_layers), len(dead_objects), sum(s for _, s in dead_objects), debris)
+
+
+def sweep_debris(store: Store) -> int:
+    """Remove files the database does not know: interrupted writes, and
+    objects/manifests written by an import that never committed."""
+    n = 0
+    now = time.time()
+    for name in os.listdir(store.tmp_dir):
+        path = os.path.join(store.tmp_dir, name)
+        try:
+            if now - os.lstat(path).st_mtime > TMP_GRACE or not _locked_elsewhere(store):
+                _remove_any(path)
+                n += 1
+        except FileNotFoundError:
+            continue
+    known = {r[0] for r in store.db.all("SELECT digest FROM objects")}
+    for digest, path in store.objects.iter_on_disk():
+        if digest not in known:
+            _unlink(path)
+            n += 1
+    layers = {r[0] for r in store.db.all("SELECT id FROM layers")}
+    ldir = os.path.join(store.root, "layers")
+    for name in os.listdir(ldir):
+        if name not in layers:
+            _unlink(os.path.join(ldir, name))
+            n += 1
+    return n
+
+
+def _locked_elsewhere(store: Store) -> bool:
+    # We hold the exclusive lock, so no writer is active: all tmp is debris.
+    return False
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_any(path: str) -> None:
+    import shutil
+
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        _unlink(path)
