@@ -31,21 +31,21 @@ _WINSIZE = "HHHH"
 _CHUNK = 65536
 
 
-def open_pty(devpts_dir: str) -> tuple[int, int]:
+def open_pty(devpts_dir: str) -> tuple[int, int, str]:
     """Open a new pty pair in the devpts mounted at ``devpts_dir``.
 
-    Returns (master_fd, slave_fd), both close-on-exec.
+    Returns (master_fd, slave_fd, slave_path), both fds close-on-exec.
     """
     master = os.open(os.path.join(devpts_dir, "ptmx"), os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
         number = struct.unpack("I", fcntl.ioctl(master, _TIOCGPTN, b"\0" * 4))[0]
-        slave = os.open(os.path.join(devpts_dir, str(number)),
-                        os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        slave_path = os.path.join(devpts_dir, str(number))
+        slave = os.open(slave_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     except BaseException:
         os.close(master)
         raise
-    return master, slave
+    return master, slave, slave_path
 
 
 def make_controlling_terminal(slave_fd: int) -> None:

@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS tags (
     PRIMARY KEY (name, tag)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stat_cache (
-    path TEXT PRIMARY KEY,
+    path BLOB PRIMARY KEY,          -- os.fsencode(abspath): any bytes
     dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
     digest TEXT NOT NULL
 ) WITHOUT ROWID;

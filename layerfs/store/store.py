@@ -119,14 +119,14 @@ class Store:
                 if obj.stored_size >= 0:
                     fresh.append(obj)
                 st = ref.st
-                stat_rows.append((ref.abspath, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest))
+                stat_rows.append((os.fsencode(ref.abspath), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest))
         return out
 
     def _stat_cache_hits(self, files: list[FileRef]) -> dict[str, str]:
         hits = {}
         q = "SELECT s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.digest FROM stat_cache s JOIN objects o ON o.digest = s.digest WHERE path=?"
         for ref in files:
-            row = self.db.one(q, ref.abspath)
+            row = self.db.one(q, os.fsencode(ref.abspath))
             st = ref.st
             if row and row[:5] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
                 hits[ref.rel] = row[5]
