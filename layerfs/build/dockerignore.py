@@ -135,6 +135,16 @@ class IgnorePattern:
     text: str
     exclusion: bool
     regex: re.Pattern[str]
+    # patternmatcher's "suffixMatch": a leading ** followed only by literal
+    # text is a plain suffix test, so "**.txt" matches "a/b.txt".
+    suffix: str | None = None
+
+    def match(self, path: str) -> bool:
+        if self.suffix is not None:
+            return path.endswith(self.suffix) or (
+                self.suffix.startswith("/") and path == self.suffix[1:]
+            )
+        return self.regex.match(path) is not None
 
     @classmethod
     def compile(cls, line: str) -> IgnorePattern:
@@ -147,7 +157,9 @@ class IgnorePattern:
             regex = re.compile(go_match_regex(text, doublestar=True) + r"\Z", re.DOTALL)
         except re.error as exc:
             raise PatternError(f"bad pattern {line!r}: {exc}") from None
-        return cls(text, exclusion, regex)
+        rest = text[2:]
+        suffix = rest if text.startswith("**") and rest and not has_magic(rest) else None
+        return cls(text, exclusion, regex, suffix)
 
     def literal_prefix(self) -> str:
         """The part of the pattern before its first wildcard."""
@@ -185,9 +197,7 @@ class IgnoreMatcher:
             # Only a pattern that could flip the current answer is worth testing.
             if pattern.exclusion != matched:
                 continue
-            hit = pattern.regex.match(path) is not None or any(
-                pattern.regex.match(parent) for parent in parents
-            )
+            hit = pattern.match(path) or any(pattern.match(parent) for parent in parents)
             if hit:
                 matched = not pattern.exclusion
         return matched

@@ -461,9 +461,12 @@ class Scope:
                 args[decl.name] = self.build_args[decl.name]
             elif decl.default is not None:
                 args[decl.name] = decl.default
-            else:
+            elif decl.name in self.global_args:
                 # Re-declaring a global ARG without a default brings its value in.
-                args[decl.name] = self.global_args.get(decl.name)
+                args[decl.name] = self.global_args[decl.name]
+            else:
+                # A bare re-declaration keeps what the stage already had.
+                args.setdefault(decl.name, None)
         return args
 
 

@@ -135,8 +135,6 @@ class Store:
     # -- layers --------------------------------------------------------------
     def import_dir(self, path: str, overlay: bool = False) -> str:
         """Make a layer of the tree at *path*; returns its id."""
-        if os.path.abspath(path).startswith(self.root + os.sep) or os.path.abspath(path) == self.root:
-            raise InvalidInput(f"{path} is inside the store; refusing to import the store into itself")
         with self.writing():
             scanned = self.scan_dir(path, overlay)
             return self.commit_layer(*scanned)
@@ -144,6 +142,10 @@ class Store:
     def scan_dir(self, path: str, overlay: bool = False) -> tuple[list[Entry], list[StoredObject], list[tuple]]:
         """Entries of *path* with contents stored but no layer committed yet:
         (entries, new objects, stat-cache rows) for :meth:`commit_layer`."""
+        src = os.path.realpath(path)
+        root = os.path.realpath(self.root)
+        if _within(src, root) or _within(root, src):
+            raise InvalidInput(f"{path} overlaps the store at {self.root}; refusing to import the store into itself")
         fresh: list[StoredObject] = []
         stat_rows: list[tuple] = []
         entries = scan(path, lambda files: self._resolve_contents(files, fresh, stat_rows), overlay=overlay)
@@ -327,6 +329,10 @@ class Store:
             if key is None:
                 return c.execute("DELETE FROM refs WHERE kind=?", (kind,)).rowcount
             return c.execute("DELETE FROM refs WHERE kind=? AND key=?", (kind, key)).rowcount
+
+
+def _within(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
 @functools.lru_cache(maxsize=64)

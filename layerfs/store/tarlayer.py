@@ -49,16 +49,71 @@ def normalize_name(name: str) -> str:
     return "/".join(parts)
 
 
-def open_tar_stream(f: BinaryIO) -> tarfile.TarFile:
-    """A streaming TarFile over plain, gzip, bzip2, xz or zstd data."""
-    head = f.read(4)
+def decompressed(f: BinaryIO) -> BinaryIO:
+    """The tar bytes of a plain, gzip, bzip2, xz or zstd stream."""
+    head = f.read(6)
     rest = io.BufferedReader(_Prepend(head, f), 1 << 20)
-    if head == _ZSTD_MAGIC:
-        rest = zstandard.ZstdDecompressor().stream_reader(rest, read_across_frames=True)
+    if head[:4] == _ZSTD_MAGIC:
+        return zstandard.ZstdDecompressor().stream_reader(rest, read_across_frames=True)
+    if head[:2] == b"\x1f\x8b":
+        import gzip
+
+        return gzip.GzipFile(fileobj=rest, mode="rb")
+    if head[:3] == b"BZh":
+        import bz2
+
+        return bz2.BZ2File(rest)
+    if head[:6] == b"\xfd7zXZ\x00":
+        import lzma
+
+        return lzma.LZMAFile(rest)
+    return rest
+
+
+class _Tracking(io.RawIOBase):
+    """Counts the bytes of the tar stream and keeps its tail, so the reader
+    can tell a complete archive (ends in zero blocks) from a truncated one,
+    which tarfile's stream mode would silently accept."""
+
+    TAIL = 64 << 10
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.total, self.tail = f, 0, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.total += n
+        self.tail = (self.tail + data)[-self.TAIL:]
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+    def ended_cleanly(self, end_offset: int) -> bool:
+        rest = self.total - end_offset
+        if rest < 1024 or self.total % 512:
+            return False
+        if rest > self.TAIL:
+            return True  # far more than the end marker; tar ignores trailing blocks
+        block = self.tail[len(self.tail) - rest:][:1024]
+        return block == bytes(1024)
+
+
+def open_tar_stream(f: BinaryIO) -> tuple[tarfile.TarFile, _Tracking]:
+    """A streaming TarFile over plain, gzip, bzip2, xz or zstd data."""
+    tracking = _Tracking(decompressed(f))
     try:
-        return tarfile.open(fileobj=rest, mode="r|*", encoding="utf-8", errors="surrogateescape")
+        tf = tarfile.open(fileobj=io.BufferedReader(tracking, 1 << 20), mode="r|",
+                          encoding="utf-8", errors="surrogateescape")
     except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as exc:
         raise InvalidInput(f"not a readable tar archive: {exc}") from None
+    return tf, tracking
 
 
 class _Prepend(io.RawIOBase):
@@ -109,10 +164,13 @@ class TarReader:
         self.opaque: set[str] = set()
 
     def read(self, f: BinaryIO) -> list[Entry]:
-        tf = open_tar_stream(f)
+        tf, tracking = open_tar_stream(f)
         try:
             for member in tf:
                 self._member(tf, member)
+            tracking.drain()
+            if not tracking.ended_cleanly(tf.offset):
+                raise InvalidInput("tar archive is truncated (no end-of-archive marker)")
         except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
             raise InvalidInput(f"malformed tar archive: {exc}") from None
         except OSError as exc:

@@ -199,7 +199,7 @@ def test_from_expands() -> None:
 
 def test_escape_directive_applies_to_substitution() -> None:
     instr = first("WORKDIR c:\\$A\\`$A\n", "# escape=`\n")
-    assert expand_instruction(instr, VARS, escape="`").path == "c:\\alpha\\$A\\"
+    assert expand_instruction(instr, VARS, escape="`").path == "c:\\alpha\\$A"
 
 
 def test_expansion_error_becomes_dockerfile_error_with_line() -> None:
