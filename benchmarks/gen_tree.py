@@ -138,6 +138,11 @@ class _Names:
     def pkg(self) -> str:
         return self.pkgs[bisect.bisect(self.pkg_w, self.rng.random() * self.pkg_w[-1])]
 
+    def big_pkg(self) -> str:
+        """One of the 15 % of packages that own a usr/share/<pkg> tree etc."""
+        top = self.pkg_w[max(0, len(self.pkgs) * 15 // 100 - 1)]
+        return self.pkgs[bisect.bisect(self.pkg_w, self.rng.random() * top)]
+
     def subpath(self, depth_max: int, base: str = "") -> str:
         """A subdirectory of *base*: mostly an existing one (so dirs hold
         several files, ~8 per dir as in /usr), sometimes a new child."""
@@ -151,26 +156,26 @@ class _Names:
 
     def path(self, cls: str) -> tuple[str, int]:
         """A path for a file of class *cls*, and its mode."""
-        r, p, w = self.rng, self.pkg, lambda: _word(self.rng)
+        r, p, bp, w = self.rng, self.pkg, self.big_pkg, lambda: _word(self.rng)
         c = r.random()
         if cls == "text_tiny":
             opts = [
                 (0.25, lambda: (f"usr/share/doc/{p()}/copyright", 0o644)),
                 (0.15, lambda: (f"var/lib/dpkg/info/{p()}.{r.choice(['md5sums', 'list', 'postinst', 'prerm', 'conffiles', 'triggers'])}", 0o644)),
-                (0.15, lambda: (f"etc/{p()}/{w()}.conf", 0o644)),
+                (0.15, lambda: (f"etc/{bp()}/{w()}.conf", 0o644)),
                 (0.15, lambda: (_py(self, 3, "__init__.py"), 0o644)),
                 (0.10, lambda: (f"usr/share/applications/{p()}.desktop", 0o644)),
-                (0.10, lambda: (f"usr/share/{p()}/{self.subpath(2)}/{w()}.{r.choice(['txt', 'json', 'xml', 'svg'])}", 0o644)),
+                (0.10, lambda: (f"usr/share/{bp()}/{self.subpath(2)}/{w()}.{r.choice(['txt', 'json', 'xml', 'svg'])}", 0o644)),
                 (0.10, lambda: (f"usr/lib/systemd/system/{w()}.service", 0o644)),
             ]
         elif cls == "text_small":
             opts = [
                 (0.25, lambda: (_py(self, 3, f"{w()}.py"), 0o644)),
-                (0.20, lambda: (f"usr/include/{r.choice(['', p() + '/', 'x86_64-linux-gnu/', 'linux/'])}{w()}.h", 0o644)),
+                (0.20, lambda: (f"usr/include/{r.choice(['', bp() + '/', 'x86_64-linux-gnu/', 'linux/'])}{w()}.h", 0o644)),
                 (0.15, lambda: (_join("usr/share/perl5", self.subpath(3, "perl5").title(), w().title() + ".pm"), 0o644)),
                 (0.15, lambda: (f"usr/share/doc/{p()}/{r.choice(['README', 'NEWS', 'TODO', 'AUTHORS', 'README.Debian'])}", 0o644)),
                 (0.10, lambda: (f"usr/share/zoneinfo/{r.choice(['Europe', 'America', 'Asia', 'Africa', 'Pacific'])}/{w().title()}", 0o644)),
-                (0.15, lambda: (f"usr/share/{p()}/{self.subpath(3)}/{w()}.{r.choice(['xml', 'html', 'css', 'js', 'sh', 'pl'])}", 0o644)),
+                (0.15, lambda: (f"usr/share/{bp()}/{self.subpath(3)}/{w()}.{r.choice(['xml', 'html', 'css', 'js', 'sh', 'pl'])}", 0o644)),
             ]
         elif cls == "text_mid":
             opts = [
@@ -178,13 +183,13 @@ class _Names:
                 (0.30, lambda: (_py(self, 3, f"{w()}.py"), 0o644)),
                 (0.15, lambda: (f"usr/share/i18n/locales/{r.choice(self.langs)}_{w()[:2].upper()}", 0o644)),
                 (0.10, lambda: (f"usr/share/X11/xkb/{r.choice(['symbols', 'keycodes', 'geometry'])}/{w()}", 0o644)),
-                (0.15, lambda: (f"usr/share/{p()}/{self.subpath(2)}/{w()}.{r.choice(['html', 'js', 'json'])}", 0o644)),
+                (0.15, lambda: (f"usr/share/{bp()}/{self.subpath(2)}/{w()}.{r.choice(['html', 'js', 'json'])}", 0o644)),
             ]
         elif cls == "packed_small":
             opts = [
                 (0.55, lambda: (f"usr/share/man/{r.choice(['', '', '', r.choice(self.langs) + '/'])}man{r.choice('11111123455578')}/{w()}.{r.randint(1, 8)}.gz", 0o644)),
                 (0.30, lambda: (f"usr/share/doc/{p()}/changelog.Debian.gz", 0o644)),
-                (0.15, lambda: (f"usr/share/{p()}/{self.subpath(2)}/{w()}.{r.choice(['png', 'gz', 'jpg'])}", 0o644)),
+                (0.15, lambda: (f"usr/share/{bp()}/{self.subpath(2)}/{w()}.{r.choice(['png', 'gz', 'jpg'])}", 0o644)),
             ]
         elif cls == "bin_mid":
             opts = [
@@ -192,9 +197,9 @@ class _Names:
                 (0.20, lambda: (f"usr/bin/{w()}{r.choice(['', '', '-' + w()])}", 0o755)),
                 (0.05, lambda: (f"usr/sbin/{w()}", 0o755)),
                 (0.15, lambda: (f"usr/share/locale/{r.choice(self.langs)}/LC_MESSAGES/{p()}.mo", 0o644)),
-                (0.15, lambda: (f"usr/lib/x86_64-linux-gnu/{r.choice(['gconv', 'dri', 'gio/modules', 'gdk-pixbuf-2.0/2.10.0/loaders', 'perl5/5.36/auto/' + w().title(), p()])}/{w()}.so", 0o644)),
+                (0.15, lambda: (f"usr/lib/x86_64-linux-gnu/{r.choice(['gconv', 'dri', 'gio/modules', 'gdk-pixbuf-2.0/2.10.0/loaders', 'perl5/5.36/auto/' + w().title(), bp()])}/{w()}.so", 0o644)),
                 (0.10, lambda: (_py(self, 2, f"_{w()}.cpython-311-x86_64-linux-gnu.so"), 0o644)),
-                (0.10, lambda: (f"usr/lib/{p()}/{w()}", 0o755)),
+                (0.10, lambda: (f"usr/lib/{bp()}/{w()}", 0o755)),
             ]
         elif cls == "bin_large":
             opts = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import tempfile
 import threading
@@ -200,14 +199,10 @@ class StoreTransport:
     def sources(ref: str, ctx: Context) -> list[StoreSource]:
         store = ctx.store
         image = store.image(ref)
-        names = [ref] if not ref.startswith(image.id[:4]) or ":" in ref else store.tags_of(image.id)
-        try:
-            r = references.parse(ref)
-            names = [str(r)] if not r.digest else []
-        except InvalidInput:
-            names = store.tags_of(image.id)
         if image.id.startswith(ref.removeprefix("blake3:")):
             names = store.tags_of(image.id)
+        else:
+            names = [str(references.parse(ref))]
         return [StoreSource(ctx, image, names)]
 
     @staticmethod
@@ -215,6 +210,3 @@ class StoreTransport:
         _cache(ctx)
         return StoreDestination(ctx, ref or None)
 
-
-def dumps_names(names: list[str]) -> str:
-    return json.dumps(names)

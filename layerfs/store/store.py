@@ -144,7 +144,8 @@ class Store:
         (entries, new objects, stat-cache rows) for :meth:`commit_layer`."""
         src = os.path.realpath(path)
         root = os.path.realpath(self.root)
-        if _within(src, root) or _within(root, src):
+        staged = _within(src, os.path.realpath(self.tmp_dir))  # our own staging area
+        if not staged and (_within(src, root) or _within(root, src)):
             raise InvalidInput(f"{path} overlaps the store at {self.root}; refusing to import the store into itself")
         fresh: list[StoredObject] = []
         stat_rows: list[tuple] = []

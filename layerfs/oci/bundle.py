@@ -1,0 +1,216 @@
+"""Read-only access to the files of an archive or a directory, and a writer
+that builds one; shared by the OCI layout and docker-archive transports.
+
+Readers never follow a path outside their root: tar member names are
+normalised and ``..`` rejected, directory lookups refuse symlinks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import tempfile
+from typing import BinaryIO
+
+from layerfs.errors import InvalidInput, NotFound
+from layerfs.oci import media
+
+
+def _clean(name: str) -> str:
+    parts = []
+    for p in name.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            raise InvalidInput(f"path escapes the archive: {name!r}")
+        parts.append(p)
+    return "/".join(parts)
+
+
+class Bundle:
+    """Files by relative path."""
+
+    description: str
+
+    def exists(self, name: str) -> bool: ...
+
+    def open(self, name: str) -> BinaryIO: ...
+
+    def read(self, name: str, limit: int) -> bytes:
+        with self.open(name) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise InvalidInput(f"{self.description}: {name} is larger than {limit} bytes")
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+class DirBundle(Bundle):
+    def __init__(self, path: str) -> None:
+        self.root = os.path.abspath(path)
+        self.description = path
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, _clean(name))
+
+    def exists(self, name: str) -> bool:
+        return os.path.isfile(self._path(name))
+
+    def open(self, name: str) -> BinaryIO:
+        path = self._path(name)
+        real = os.path.realpath(path)
+        if real != path and not real.startswith(self.root + os.sep):
+            raise InvalidInput(f"{self.description}: {name} points outside the directory")
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"{self.description}: {name} is missing") from None
+        except OSError as exc:
+            raise InvalidInput(f"{self.description}: cannot read {name}: {exc.strerror}") from None
+
+
+class TarBundle(Bundle):
+    def __init__(self, path: str) -> None:
+        self.description = path
+        try:
+            self.tf = tarfile.open(path, "r:*")
+            members = self.tf.getmembers()
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise InvalidInput(f"{path}: not a readable tar archive: {exc}") from None
+        self.members: dict[str, tarfile.TarInfo] = {}
+        for m in members:
+            try:
+                name = _clean(m.name)
+            except InvalidInput:
+                continue  # never used: we only look up names we construct or validate
+            if m.isreg():
+                self.members[name] = m
+
+    def exists(self, name: str) -> bool:
+        return _clean(name) in self.members
+
+    def open(self, name: str) -> BinaryIO:
+        m = self.members.get(_clean(name))
+        if m is None:
+            raise NotFound(f"{self.description}: {name} is missing from the archive")
+        f = self.tf.extractfile(m)
+        return _TarMember(f)
+
+    def close(self) -> None:
+        self.tf.close()
+
+
+class _TarMember(io.RawIOBase):
+    """A member stream that reports truncation instead of short data."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        try:
+            data = self.f.read(len(b))
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise InvalidInput(f"archive is truncated or corrupt: {exc}") from None
+        b[: len(data)] = data
+        return len(data)
+
+
+def open_bundle(path: str) -> Bundle:
+    if os.path.isdir(path):
+        return DirBundle(path)
+    if not os.path.exists(path):
+        raise NotFound(f"no such file or directory: {path}")
+    return TarBundle(path)
+
+
+class BundleWriter:
+    """Builds a directory, or a tar written aside and renamed into place on
+    :meth:`commit`. Blobs are spooled and verified before they are added."""
+
+    def __init__(self, path: str, archive: bool, tmp_dir: str | None = None) -> None:
+        self.path, self.archive = os.path.abspath(path), archive
+        self.names: set[str] = set()
+        parent = os.path.dirname(self.path)
+        if not os.path.isdir(parent):
+            raise NotFound(f"no such directory: {parent}")
+        self.tmp_dir = tmp_dir or parent
+        if archive:
+            fd, self.partial = tempfile.mkstemp(dir=parent, prefix=".layerfs-", suffix=".partial")
+            self.f = os.fdopen(fd, "wb")
+            self.tf = tarfile.open(fileobj=self.f, mode="w|", format=tarfile.PAX_FORMAT)
+        else:
+            if os.path.exists(self.path) and not os.path.isdir(self.path):
+                raise InvalidInput(f"{path} exists and is not a directory")
+            os.makedirs(self.path, exist_ok=True)
+            self.tmp_dir = self.path
+
+    def has(self, name: str) -> bool:
+        return name in self.names or (not self.archive and os.path.isfile(os.path.join(self.path, name)))
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._add(name, io.BytesIO(data), len(data))
+
+    def add_stream(self, name: str, stream: BinaryIO, digest: str = "", size: int = -1,
+                   what: str = "blob") -> str:
+        """Spool *stream*, check it, add it as *name*; returns its sha256."""
+        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=".layerfs-blob-")
+        try:
+            with os.fdopen(fd, "w+b") as f:
+                v = media.VerifyingReader(stream, digest, size, what)
+                while chunk := v.read(media.CHUNK):
+                    f.write(chunk)
+                got = v.finish()
+                n = f.tell()
+                f.seek(0)
+                if self.archive:
+                    self._add(name, f, n)
+            if not self.archive:
+                dst = os.path.join(self.path, name)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.names.add(name)
+        return got
+
+    def _add(self, name: str, f: BinaryIO, size: int) -> None:
+        if self.archive:
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = size, 0o644, 0
+            self.tf.addfile(ti, f)
+        else:
+            dst = os.path.join(self.path, name)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=".layerfs-")
+            with os.fdopen(fd, "wb") as out:
+                out.write(f.read())
+            os.replace(tmp, dst)
+        self.names.add(name)
+
+    def commit(self) -> None:
+        if self.archive:
+            self.tf.close()
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.partial, self.path)
+            self.archive = False  # committed; close() has nothing to undo
+            self.partial = ""
+
+    def close(self) -> None:
+        if self.archive and self.partial:
+            try:
+                self.tf.close()
+            except Exception:
+                pass
+            self.f.close()
+            if os.path.exists(self.partial):
+                os.unlink(self.partial)
+            self.partial = ""

@@ -1,0 +1,149 @@
+"""The one copy routine: any ImageSource to any ImageDestination.
+
+Order (the containers/image contract): pick a manifest the destination can
+be given, read and check the config, reuse or send every layer (in
+parallel), then the config, then the manifest. Any failure before the
+manifest leaves nothing visible at the destination; errors name the step
+and the source/destination they happened in.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
+
+from layerfs.errors import LayerfsError, NotFound
+from layerfs.oci import media
+from layerfs.oci.media import Descriptor, Manifest
+from layerfs.oci.types import Context, CopyResult, ImageDestination, ImageSource
+
+
+def copy_image(src: ImageSource, dst: ImageDestination, ctx: Context,
+               names: list[str] | None = None) -> CopyResult:
+    """Copy one image; *names* default to the source's names."""
+    result = CopyResult(names=list(src.names if names is None else names))
+    manifest, config, diff_ids = _choose(src, dst, ctx, result)
+    todo = [(d, diff) for d, diff in zip(manifest.layers, diff_ids) if d.digest not in result.notes]
+    seen: set[str] = set()
+    unique = []
+    for d, diff in todo:
+        if d.digest not in seen:
+            seen.add(d.digest)
+            unique.append((d, diff))
+    if unique:
+        with ThreadPoolExecutor(max(1, min(ctx.jobs, len(unique)))) as pool:
+            for sent in pool.map(lambda a: _send(src, dst, ctx, *a), unique):
+                result.bytes_sent += sent
+                result.blobs_sent += 1
+    cfg_note = dst.try_reuse(manifest.config, "")
+    if cfg_note is None:
+        _step(f"writing config to {dst.description}", dst.put_blob, manifest.config,
+              _Bytes(config), "")
+    result.manifest_digest = manifest.digest
+    result.destination_ref = _step(f"writing manifest to {dst.description}", dst.put_manifest,
+                                   manifest, config, result.names, src)
+    return result
+
+
+def _choose(src: ImageSource, dst: ImageDestination, ctx: Context,
+            result: CopyResult) -> tuple[Manifest, bytes, list[str]]:
+    last: Exception | None = None
+    # Candidates are produced lazily: the store's second one (which
+    # generates layer tars) is only built when the first cannot be used.
+    candidates = _step(f"reading manifest from {src.description}", src.manifests, dst.desired_compression)
+    while True:
+        manifest = _step(f"reading manifest from {src.description}", next, candidates, None)
+        if manifest is None:
+            break
+        config = _read_config(src, manifest)
+        _, diff_ids = _step(f"checking config of {src.description}", media.parse_config, config,
+                            len(manifest.layers))
+        notes: dict[str, str] = {}
+        usable = True
+        for d, diff in zip(manifest.layers, diff_ids):
+            if d.digest in notes:
+                continue
+            note = _step(f"checking {d.digest} at {dst.description}", dst.try_reuse, d, diff)
+            if note is not None:
+                notes[d.digest] = note
+                ctx.progress.done(d, note)
+                if ctx.cache is not None:
+                    ctx.cache.record_location(d.digest, src.location)
+                    ctx.cache.record_location(d.digest, dst.location)
+            elif not src.can_open(d):
+                usable = False
+                last = NotFound(f"{src.description} cannot provide blob {d.digest}")
+                break
+        if usable:
+            result.notes = notes
+            result.blobs_reused = len(notes)
+            return manifest, config, diff_ids
+    raise last or NotFound(f"{src.description} offers no manifest")
+
+
+def _read_config(src: ImageSource, manifest: Manifest) -> bytes:
+    if manifest.config.size > media.MAX_CONFIG:
+        raise LayerfsError(f"config {manifest.config.digest} is too large ({manifest.config.size} bytes)")
+
+    def read() -> bytes:
+        f = src.open_blob(manifest.config)
+        try:
+            v = media.VerifyingReader(f, manifest.config.digest, manifest.config.size, "config")
+            data = v.read(manifest.config.size + 1) if manifest.config.size else b""
+            v.finish()
+            return data
+        finally:
+            f.close()
+
+    return _step(f"reading config {manifest.config.digest} from {src.description}", read)
+
+
+def _send(src: ImageSource, dst: ImageDestination, ctx: Context, desc: Descriptor, diff_id: str) -> int:
+    ctx.progress.start(desc, "layer")
+    f = _step(f"reading blob {desc.digest} from {src.description}", src.open_blob, desc)
+    counted = _Counting(f, lambda n: ctx.progress.advance(desc, n))
+    try:
+        _step(f"copying blob {desc.digest} to {dst.description}", dst.put_blob, desc, counted, diff_id)
+    finally:
+        f.close()
+    ctx.progress.done(desc, "done")
+    if ctx.cache is not None:
+        ctx.cache.record_location(desc.digest, src.location)
+        ctx.cache.record_location(desc.digest, dst.location)
+    return counted.count
+
+
+def _step(what: str, fn, *args):
+    try:
+        return fn(*args)
+    except LayerfsError as exc:
+        if str(exc).startswith(what):
+            raise
+        raise type(exc)(f"{what}: {exc}") from exc
+
+
+class _Counting:
+    def __init__(self, f: BinaryIO, cb) -> None:
+        self.f, self.cb, self.count = f, cb, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.count += len(data)
+        if data:
+            self.cb(len(data))
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _Bytes(_Counting):
+    def __init__(self, data: bytes) -> None:
+        import io
+
+        super().__init__(io.BytesIO(data), lambda n: None)
