@@ -3,9 +3,11 @@
 ::
 
     caller         start_container(): prepares, then answers the handshake
-     └─ shim       unshares the namespaces, forks init, waits for it and
-        |          reports its wait status; stays outside the container's
-        |          cgroup so an OOM kill or a pids limit never hits it
+     └─ shim       binds the host paths into a new mount namespace (as
+        |          host root), unshares the other namespaces, forks init,
+        |          waits for it and reports its wait status; stays outside
+        |          the container's cgroup so an OOM kill or a pids limit
+        |          never hits it
         └─ init    PID 1 of the new pid namespace (unshare(CLONE_NEWPID)
                    only applies to children, hence the shim): joins the
                    cgroup namespace, mounts, pivot_root, privileges, execve
@@ -46,8 +48,8 @@ from layerfs.runtime import syscalls
 from layerfs.runtime.caps import apply_rlimits, drop_privileges
 from layerfs.runtime.network import loopback_up
 from layerfs.runtime.pty import make_controlling_terminal, open_pty
-from layerfs.runtime.rootfs import (MountPlan, bind_console, make_root_readonly, mount_all,
-                                    pivot_into)
+from layerfs.runtime.rootfs import (MountPlan, bind_console, make_root_readonly,
+                                    mount_host_side, mount_namespace_side, pivot_into)
 from layerfs.runtime.spec import Rlimit
 from layerfs.runtime.users import ExecUser
 
@@ -90,7 +92,9 @@ def run_shim(plan: LaunchPlan, sync: socket.socket, report_fd: int) -> NoReturn:
     try:
         for sig in SHIM_IGNORED:
             signal.signal(sig, signal.SIG_IGN)
-        syscalls.unshare(plan.namespaces)
+        syscalls.unshare(syscalls.CLONE_NEWNS)
+        mount_host_side(plan.mounts)
+        syscalls.unshare(plan.namespaces & ~syscalls.CLONE_NEWNS)
         if plan.namespaces & syscalls.CLONE_NEWUSER:
             sync.send(b"userns")
             expect(sync, b"mapped")
@@ -158,18 +162,22 @@ def _setup(plan: LaunchPlan, sync: socket.socket) -> int | None:
     if plan.stdio is not None:
         _install_stdio(plan.stdio)
     expect(sync, b"joined")
-    # After joining, so the container sees its own cgroup as /.
-    syscalls.unshare(syscalls.CLONE_NEWCGROUP)
-    mount_all(plan.mounts)
+    # After joining, so the container sees its own cgroup as /. With a user
+    # namespace, also a mount namespace it owns, or it could mount nothing.
+    new = syscalls.CLONE_NEWCGROUP
+    if plan.namespaces & syscalls.CLONE_NEWUSER:
+        new |= syscalls.CLONE_NEWNS
+    syscalls.unshare(new)
+    mount_namespace_side(plan.mounts)
     slave = None
     if plan.tty:
-        master, slave, slave_path = open_pty(os.path.join(plan.mounts.dev, "pts"))
-        bind_console(plan.mounts.dev, slave_path)
+        master, slave, slave_path = open_pty(os.path.join("dev", "pts"))
+        bind_console(slave_path)
         socket.send_fds(sync, [b"console"], [master])
         os.close(master)
         expect(sync, b"go")
         os.fchown(slave, plan.user.uid, plan.user.gid)
-    pivot_into(plan.mounts.rootfs)
+    pivot_into()
     if plan.mounts.read_only:
         make_root_readonly()
     socket.sethostname(plan.hostname)

@@ -7,8 +7,9 @@ Two halves, split by who runs them:
   ``secure_join`` and creates missing mountpoints. Doing it here, not in
   the child, also works when the child is an unprivileged user namespace
   that may not write to the rootfs.
-* ``mount_all`` and ``pivot_into`` run in the container's init, inside its
-  new mount namespace, before any container code runs.
+* ``mount_host_side`` (shim), ``mount_namespace_side`` and ``pivot_into``
+  (init) run in the container's new mount namespace(s), before any
+  container code runs; see the note above ``mount_host_side``.
 
 The layout matches runc's default spec: /proc with docker's masked and
 read-only paths, a small tmpfs /dev holding bind mounts of the harmless
@@ -48,7 +49,7 @@ _ST_RELATIME = 4096
 
 @dataclass(frozen=True)
 class BindMount:
-    """A host path to bind onto ``target`` (a host path inside the rootfs)."""
+    """A host path to bind onto ``target``, a path relative to the rootfs."""
 
     source: str
     target: str
@@ -57,50 +58,80 @@ class BindMount:
 
 @dataclass(frozen=True)
 class MountPlan:
-    """Resolved host paths for everything mounted into the rootfs."""
+    """The rootfs and the resolved mountpoints in it (relative to it)."""
 
     rootfs: str
-    proc: str
-    dev: str
-    sys: str
     binds: tuple[BindMount, ...]
     read_only: bool
     devpts_gid: int | None
+    console: bool
 
 
 def prepare_mountpoints(rootfs: str, binds: list[tuple[str, str, bool]], read_only: bool,
-                        devpts_gid: int | None) -> MountPlan:
+                        devpts_gid: int | None, console: bool) -> MountPlan:
     """Resolve and create every mountpoint; ``binds`` is (host, ctr path, ro)."""
-    system = {name: _system_dir(rootfs, name) for name in ("proc", "dev", "sys")}
+    for name in ("proc", "dev", "sys"):
+        _system_dir(rootfs, name)
     resolved = []
     # Parents before children, so a volume at /a/b lands on top of one at /a.
     for source, target, readonly in sorted(binds, key=lambda b: b[1].count("/")):
         path = make_mountpoint(rootfs, target, os.path.isdir(source))
-        resolved.append(BindMount(source, path, readonly))
-    return MountPlan(rootfs, system["proc"], system["dev"], system["sys"],
-                     tuple(resolved), read_only, devpts_gid)
+        resolved.append(BindMount(source, os.path.relpath(path, rootfs), readonly))
+    return MountPlan(rootfs, tuple(resolved), read_only, devpts_gid, console)
 
 
-def _system_dir(rootfs: str, name: str) -> str:
+def _system_dir(rootfs: str, name: str) -> None:
     path = make_mountpoint(rootfs, "/" + name, directory=True)
     # runc refuses these too: proc on a symlinked /proc could land anywhere
     # in the rootfs, and the masks below would miss it.
     if path != os.path.join(rootfs, name) or not os.path.isdir(path):
         raise InvalidInput(f"/{name} in the rootfs must be a plain directory")
-    return path
 
 
-def mount_all(plan: MountPlan) -> None:
-    """Build the whole view under ``plan.rootfs`` (before pivot_root)."""
+# The mounts happen in two phases because of user namespaces. Host paths
+# (the rootfs, volumes, the state dir, device nodes) may sit below
+# directories only host root can search, so they are bound by the shim as
+# host root in a first mount namespace, which also leaves the shim's cwd at
+# the rootfs. Kernel filesystems tied to the new namespaces (proc to the pid
+# ns, sysfs to the net ns, devpts, mqueue to the ipc ns) are mounted by init,
+# in a mount namespace of the new user namespace when there is one, using
+# paths relative to that cwd so no host directory needs to be searchable.
+
+
+def mount_host_side(plan: MountPlan) -> None:
+    """Phase 1, in the shim's new mount namespace as host root; cwd -> rootfs."""
     # Nothing we do may propagate back to the host's mount namespace.
     mount(None, "/", None, MS_REC | MS_PRIVATE)
     mount(plan.rootfs, plan.rootfs, None, MS_BIND | MS_REC)
-    remount_bind(plan.rootfs, MS_NODEV)
-    _mount_proc(plan.proc)
-    _mount_dev(plan.dev, plan.devpts_gid)
-    _mount_sys(plan.sys)
+    os.chdir(plan.rootfs)
+    remount_bind(".", MS_NODEV)
+    mount("tmpfs", "dev", "tmpfs", MS_NOSUID | MS_NODEV | MS_STRICTATIME, "mode=755,size=65536k")
+    for name in DEVICES:
+        target = os.path.join("dev", name)
+        _touch(target)
+        # Bind, not mknod: works in a user namespace and needs no devices
+        # cgroup entry beyond the node itself.
+        mount(os.path.join("/dev", name), target, None, MS_BIND)
+    for name, link in _DEV_LINKS.items():
+        os.symlink(link, os.path.join("dev", name))
+    for name in ("pts", "shm", "mqueue"):
+        os.mkdir(os.path.join("dev", name), 0o755)
+    if plan.console:
+        _touch(os.path.join("dev", "console"))
     for bind in plan.binds:
         _bind(bind)
+
+
+def mount_namespace_side(plan: MountPlan) -> None:
+    """Phase 2, in init with cwd at the rootfs: proc, devpts, shm, mqueue, sys."""
+    _mount_proc("proc")
+    pts_options = "newinstance,ptmxmode=0666,mode=0620"
+    if plan.devpts_gid is not None:
+        pts_options += f",gid={plan.devpts_gid}"
+    mount("devpts", "dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, pts_options)
+    mount("shm", "dev/shm", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
+    mount("mqueue", "dev/mqueue", "mqueue", _NOSUID_NODEV_NOEXEC)
+    _mount_sys("sys")
 
 
 def _mount_proc(proc: str) -> None:
@@ -122,30 +153,6 @@ def _mask(path: str) -> None:
         mount("/dev/null", path, None, MS_BIND)
 
 
-def _mount_dev(dev: str, devpts_gid: int | None) -> None:
-    mount("tmpfs", dev, "tmpfs", MS_NOSUID | MS_NODEV | MS_STRICTATIME, "mode=755,size=65536k")
-    for name in DEVICES:
-        target = os.path.join(dev, name)
-        _touch(target)
-        # Bind, not mknod: works in a user namespace and needs no devices
-        # cgroup entry beyond the node itself.
-        mount(os.path.join("/dev", name), target, None, MS_BIND)
-    for name, link in _DEV_LINKS.items():
-        os.symlink(link, os.path.join(dev, name))
-    pts_options = "newinstance,ptmxmode=0666,mode=0620"
-    if devpts_gid is not None:
-        pts_options += f",gid={devpts_gid}"
-    _mount_new(dev, "pts", "devpts", MS_NOSUID | MS_NOEXEC, pts_options)
-    _mount_new(dev, "shm", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
-    _mount_new(dev, "mqueue", "mqueue", _NOSUID_NODEV_NOEXEC)
-
-
-def _mount_new(dev: str, name: str, fstype: str, flags: int, data: str | None = None) -> None:
-    target = os.path.join(dev, name)
-    os.mkdir(target, 0o755)
-    mount(fstype, target, fstype, flags, data)
-
-
 def _mount_sys(sys_dir: str) -> None:
     try:
         mount("sysfs", sys_dir, "sysfs", MS_RDONLY | _NOSUID_NODEV_NOEXEC)
@@ -157,16 +164,14 @@ def _mount_sys(sys_dir: str) -> None:
     _mask(os.path.join(sys_dir, "firmware"))
 
 
-def bind_console(dev: str, slave_path: str) -> None:
+def bind_console(slave_path: str) -> None:
     """Make /dev/console the container's pty, as docker does with -t."""
-    target = os.path.join(dev, "console")
-    _touch(target)
-    mount(slave_path, target, None, MS_BIND)
+    mount(slave_path, os.path.join("dev", "console"), None, MS_BIND)
 
 
 def _bind(bind: BindMount) -> None:
     if not os.path.lexists(bind.target):
-        # The target sits on a tmpfs we mounted (/dev/...), not the rootfs.
+        # The target sits on the tmpfs we mounted (/dev/...), not the rootfs.
         if os.path.isdir(bind.source):
             os.makedirs(bind.target, 0o755)
         else:
@@ -189,15 +194,15 @@ def remount_bind(path: str, flags: int) -> None:
     mount(None, path, None, MS_REMOUNT | MS_BIND | kept | flags)
 
 
-def pivot_into(rootfs: str) -> None:
-    """pivot_root into ``rootfs`` and detach the host's root entirely.
+def pivot_into() -> None:
+    """pivot_root into the current directory and detach the host's root.
 
     ``pivot_root(".", ".")`` stacks the old root on top of the new one, so
     no directory has to be created in the image (runc's trick). After the
     lazy unmount nothing of the host's tree is reachable.
     """
     old_root = os.open("/", os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
-    new_root = os.open(rootfs, os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
+    new_root = os.open(".", os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fchdir(new_root)
         syscalls.pivot_root(".", ".")

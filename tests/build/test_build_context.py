@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import stat
 import time
 from pathlib import Path
 
@@ -244,13 +245,10 @@ def test_symlink_to_excluded_file_is_not_a_way_around_dockerignore(ctx_dir: Path
 
 def test_file_digest_is_blake3_of_content(ctx_dir: Path) -> None:
     out = BuildContext(ctx_dir).resolve(["app.py"])
-    (_, entry), = out.sources[0].entries
+    ((_, entry),) = out.sources[0].entries
     assert entry.digest == blake3.blake3(b"print('hi')\n").hexdigest()
-    assert entry.size == 12 and entry.mode == 0o644 & ~_umask_bits() | (0o644 & _umask_bits())
-
-
-def _umask_bits() -> int:
-    return 0  # files are created 0o666 & ~umask; the assertion above only documents mode
+    assert entry.size == 12
+    assert entry.mode == stat.S_IMODE((ctx_dir / "app.py").stat().st_mode)
 
 
 def digest(root: Path, *patterns: str) -> str:

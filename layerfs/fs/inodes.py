@@ -1,0 +1,150 @@
+"""Inodes of a mount: lookup counts and the mutable state over the index.
+
+An inode is either *lower only* (nothing of it has been written; all it
+is can be read from the index, so no :class:`Node` needs to exist) or
+has a :class:`Node` recording its state: whether it is in the upper dir,
+its links, and for a directory whose listing has been touched the merged
+children. A lower-only node is created on demand from its slot and may
+be dropped again when the kernel forgets it (``droppable``); any node
+with state stays until it is unlinked *and* forgotten *and* closed
+(s3ql's rule: purge only when refcount and lookup count are both 0).
+
+Contract for callers (``fs.union``): mutate Nodes only from the trio
+thread, and never across an ``await`` that another request could
+interleave with -- the union's write lock guarantees that.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+
+from layerfs.fs.index import LowerIndex
+
+
+class Node:
+    """State of one inode that is not (or no longer) plain lower."""
+
+    __slots__ = ("ino", "parent", "name", "fmt", "lower", "upper", "children", "nsubdirs",
+                 "links", "opens", "unlinked")
+
+    def __init__(self, ino: int, parent: int, name: bytes, fmt: int, lower: int, upper: bool) -> None:
+        self.ino = ino
+        self.parent = parent          # inode of the dir holding the primary link
+        self.name = name              # name of the primary link
+        self.fmt = fmt                # stat.S_IFMT bits; never changes
+        self.lower = lower            # index slot: content source (non-dirs, until
+        #                               copied up) / merged children source (dirs; -1
+        #                               when opaque or none)
+        self.upper = upper            # exists in the upper dir
+        self.children: dict[bytes, int] | None = None  # dirs: merged name -> ino
+        self.nsubdirs = 0             # dirs with children: how many are dirs
+        self.links: list[tuple[int, bytes]] | None = None  # extra links (hardlinks)
+        self.opens = 0                # open file handles
+        self.unlinked = False
+
+    @property
+    def is_dir(self) -> bool:
+        return self.fmt == stat.S_IFDIR
+
+    def all_links(self) -> list[tuple[int, bytes]]:
+        primary = [] if self.unlinked else [(self.parent, self.name)]
+        return primary + (self.links or [])
+
+    def add_link(self, parent: int, name: bytes) -> None:
+        if self.unlinked:
+            self.parent, self.name, self.unlinked = parent, name, False
+        else:
+            self.links = (self.links or []) + [(parent, name)]
+
+    def drop_link(self, parent: int, name: bytes) -> None:
+        if not self.unlinked and (self.parent, self.name) == (parent, name):
+            if self.links:
+                self.parent, self.name = self.links.pop(0)
+                if not self.links:
+                    self.links = None
+            else:
+                self.unlinked = True
+            return
+        if self.links and (parent, name) in self.links:
+            self.links.remove((parent, name))
+            if not self.links:
+                self.links = None
+
+    def move_link(self, old: tuple[int, bytes], new: tuple[int, bytes]) -> None:
+        if (self.parent, self.name) == old and not self.unlinked:
+            self.parent, self.name = new
+        elif self.links and old in self.links:
+            self.links[self.links.index(old)] = new
+
+
+@dataclass(frozen=True)
+class InodeStats:
+    nodes: int
+    looked_up: int
+    next_ino: int
+
+
+class InodeTable:
+    """Nodes by inode number plus the kernel's lookup counts."""
+
+    def __init__(self, index: LowerIndex) -> None:
+        self.index = index
+        self.nodes: dict[int, Node] = {}
+        self.lookups: dict[int, int] = {}
+        self.next_ino = len(index) + 1
+
+    def statistics(self) -> InodeStats:
+        return InodeStats(len(self.nodes), len(self.lookups), self.next_ino)
+
+    def new_ino(self) -> int:
+        ino = self.next_ino
+        self.next_ino += 1
+        return ino
+
+    def get(self, ino: int) -> Node | None:
+        """The Node of *ino*, made from the index for a lower-only inode."""
+        node = self.nodes.get(ino)
+        if node is None and 0 < ino <= len(self.index):
+            slot = ino - 1
+            idx = self.index
+            fmt = stat.S_IFMT(idx.meta[slot][0])
+            node = Node(ino, idx.parent[slot] + 1, idx.name(slot), fmt, slot, False)
+            group = idx.groups.get(slot)
+            if group and len(group) > 1:
+                node.links = [(idx.parent[s] + 1, idx.name(s)) for s in group[1:]]
+            self.nodes[ino] = node
+        return node
+
+    def add(self, node: Node) -> Node:
+        self.nodes[node.ino] = node
+        return node
+
+    def looked_up(self, ino: int, n: int = 1) -> None:
+        self.lookups[ino] = self.lookups.get(ino, 0) + n
+
+    def forget(self, ino: int, n: int) -> None:
+        left = self.lookups.get(ino, 0) - n
+        if left > 0:
+            self.lookups[ino] = left
+            return
+        self.lookups.pop(ino, None)
+        self.maybe_drop(ino)
+
+    def maybe_drop(self, ino: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None or node.opens or ino in self.lookups:
+            return
+        if node.unlinked or droppable(node):
+            del self.nodes[ino]
+
+    def is_dir(self, ino: int) -> bool:
+        node = self.nodes.get(ino)
+        if node is not None:
+            return node.is_dir
+        return self.index.is_dir(ino - 1)
+
+
+def droppable(node: Node) -> bool:
+    """True when the node holds nothing the index cannot give back."""
+    return not node.upper and node.children is None and node.ino - 1 == node.lower
