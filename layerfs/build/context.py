@@ -19,6 +19,7 @@ be COPYed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import posixpath
 import re
@@ -310,6 +311,7 @@ class BuildContext:
         self._hashed = 0
         self._bytes = 0
         self._hits = 0
+        self._preloaded = False
 
     @classmethod
     def open(
@@ -412,7 +414,9 @@ class BuildContext:
     def file_digest(self, abs_path: str, st: os.stat_result) -> str:
         """blake3 of a regular file, via the stat cache when it is current."""
         if self.cache is not None:
-            self.cache.preload(self.root)
+            if not self._preloaded:
+                self.cache.preload(self.root)
+                self._preloaded = True
             cached = self.cache.lookup(abs_path, st)
             if cached is not None:
                 self._hits += 1
@@ -451,20 +455,34 @@ class BuildContext:
 
     # -- COPY / ADD sources ------------------------------------------------
 
-    def resolve(self, patterns: Sequence[str], *, instruction: str = "COPY") -> ResolvedSources:
+    def resolve(
+        self,
+        patterns: Sequence[str],
+        *,
+        instruction: str = "COPY",
+        exclude: Sequence[str] = (),
+    ) -> ResolvedSources:
         """Resolve the sources of a COPY/ADD (already variable-expanded).
 
         Each pattern is a path relative to the context (a leading '/' is
         the context root) and may hold ``filepath.Match`` wildcards in any
-        segment. Matches come back sorted; files with digests.
+        segment. Matches come back sorted; files with digests. ``exclude``
+        (``COPY --exclude``) takes .dockerignore-style patterns matched
+        against each entry's path relative to its source.
 
         Raises:
             BuildContextError: a pattern matches nothing (missing or
                 excluded), leaves the context, or is malformed.
         """
+        try:
+            skip = dockerignore.IgnoreMatcher.from_patterns(exclude)
+        except dockerignore.PatternError as exc:
+            raise BuildContextError(f"{instruction} failed: --exclude: {exc}") from None
         sources: list[CopySource] = []
         for pattern in patterns:
-            sources.extend(self._resolve_one(pattern, instruction))
+            for source in self._resolve_one(pattern, instruction):
+                kept = tuple((rel, e) for rel, e in source.entries if not skip.excluded(rel))
+                sources.append(dataclasses.replace(source, entries=kept))
         hasher = blake3.blake3()
         for source in sources:
             hasher.update(b"source" + _field(source.kind))

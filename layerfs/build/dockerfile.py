@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +57,7 @@ __all__ = [
     "Workdir",
     "parse",
     "required_stages",
+    "stage_dependencies",
 ]
 
 
@@ -304,15 +305,18 @@ class Dockerfile:
     global_args: tuple[Arg, ...]
     stages: tuple[Stage, ...]
 
-    def stage(self, ref: str | int, *, before: int | None = None) -> Stage | None:
+    def stage(
+        self, ref: str | int, *, before: int | None = None, by_index: bool = True
+    ) -> Stage | None:
         """The stage ``ref`` names (name, case-insensitive, or index).
 
         ``before`` limits the search to stages with a lower index, the way a
-        FROM or ``--from`` may only name an earlier stage. Returns None when
+        FROM or ``--from`` may only name an earlier stage; ``by_index=False``
+        for FROM, where "0" is an image name, not a stage. Returns None when
         no stage matches (the reference is then an image).
         """
         limit = len(self.stages) if before is None else min(before, len(self.stages))
-        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdecimal() and ref.isascii()):
+        if isinstance(ref, int) or (by_index and ref.isdecimal() and ref.isascii()):
             idx = int(ref)
             return self.stages[idx] if 0 <= idx < limit else None
         wanted = ref.lower()
@@ -944,7 +948,7 @@ def _mount_from(mount: str) -> str | None:
 
 
 def stage_dependencies(
-    dockerfile: Dockerfile, stage: Stage, build_args: dict[str, str] | None = None
+    dockerfile: Dockerfile, stage: Stage, build_args: Mapping[str, str] | None = None
 ) -> tuple[Stage, ...]:
     """Earlier stages ``stage`` uses: FROM <stage>, COPY --from, RUN --mount from=.
 
@@ -952,11 +956,14 @@ def stage_dependencies(
     the stage's ARGs, not knowing the base image's ENV).
     """
     scope = substitution.Scope.for_stage(dockerfile, build_args)
-    deps: list[Stage] = []
     base = substitution.expand_instruction(
         stage.from_, scope.global_args, escape=dockerfile.escape, file=dockerfile.file
     )
-    refs: list[tuple[str, Instruction]] = [(base.image, stage.from_)]  # type: ignore[attr-defined]
+    assert isinstance(base, From)
+    # FROM names stages only by name: "FROM 0" is an image called 0.
+    base_stage = dockerfile.stage(base.image, before=stage.index, by_index=False)
+    deps = [base_stage] if base_stage is not None else []
+    refs: list[tuple[str, Instruction]] = []
     for instr in stage.instructions:
         expanded, scope = scope.apply(instr)
         if isinstance(expanded, Copy) and expanded.from_:
@@ -978,7 +985,7 @@ def stage_dependencies(
 def required_stages(
     dockerfile: Dockerfile,
     target: str | int | None = None,
-    build_args: dict[str, str] | None = None,
+    build_args: Mapping[str, str] | None = None,
 ) -> tuple[Stage, ...]:
     """The stages a build of ``target`` needs, dependencies first, by index.
 
@@ -999,14 +1006,3 @@ def required_stages(
         wanted[stage.index] = stage
         todo.extend(stage_dependencies(dockerfile, stage, build_args))
     return tuple(wanted[i] for i in sorted(wanted))
-
-
-def resolve_stage_ref(dockerfile: Dockerfile, ref: str, current: int) -> Stage | None:
-    """Stage that ``ref`` (a FROM image or ``--from`` value) names, seen from
-    stage ``current``; None means ``ref`` is an image reference."""
-    return dockerfile.stage(ref, before=current)
-
-
-def parse_lines(lines: Sequence[str], *, file: str = "Dockerfile") -> Dockerfile:
-    """Convenience: :func:`parse` over a list of lines."""
-    return parse("\n".join(lines), file=file)

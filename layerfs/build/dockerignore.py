@@ -190,6 +190,8 @@ class IgnoreMatcher:
         Patterns apply in order and the last one that matches the path or
         one of its parent directories wins (MatchesOrParentMatches).
         """
+        if not self.patterns:
+            return False
         path = go_clean(relpath.lstrip("/")) if relpath else "."
         parents = _parents(path)
         matched = False

@@ -21,9 +21,10 @@ time, nor to ONBUILD triggers, which expand in the child build.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from layerfs.errors import InvalidInput
 
@@ -284,73 +285,97 @@ def expand_instruction(
     expander = _EXPANDERS.get(instr.keyword)
     if expander is None:
         return instr
-    word = lambda w: expand_word(w, variables, escape)  # noqa: E731 -- tiny closures
-    raw = lambda w: expand_raw(w, variables, escape)  # noqa: E731
-    opt = lambda w: None if w is None else word(w)  # noqa: E731
     try:
-        return expander(instr, word, raw, opt, lambda t: expand_words(t, variables, escape))
+        return expander(instr, _Words(variables, escape))
     except SubstitutionError as exc:
         from layerfs.build.dockerfile import DockerfileError
 
         raise DockerfileError(str(exc), file=file, line=instr.line, text=instr.original) from exc
 
 
-def _from(i, word, raw, opt, words):  # type: ignore[no-untyped-def]
-    return dataclasses.replace(i, image=word(i.image), platform=opt(i.platform))
+@dataclass(frozen=True)
+class _Words:
+    """The expansions one instruction's fields need, bound to its variables."""
+
+    variables: Mapping[str, str]
+    escape: str
+
+    def word(self, text: str) -> str:
+        return expand_word(text, self.variables, self.escape)
+
+    def opt(self, text: str | None) -> str | None:
+        return None if text is None else self.word(text)
+
+    def raw(self, text: str) -> str:
+        return expand_raw(text, self.variables, self.escape)
+
+    def split(self, text: str) -> list[str]:
+        return expand_words(text, self.variables, self.escape)
 
 
-def _pairs(i, word, raw, opt, words):  # type: ignore[no-untyped-def]
-    return dataclasses.replace(i, pairs=tuple((word(k), word(v)) for k, v in i.pairs))
+def _from(i: Any, x: _Words) -> Any:
+    return dataclasses.replace(i, image=x.word(i.image), platform=x.opt(i.platform))
 
 
-def _arg(i, word, raw, opt, words):  # type: ignore[no-untyped-def]
-    decls = tuple(dataclasses.replace(d, default=opt(d.default)) for d in i.decls)
+def _pairs(i: Any, x: _Words) -> Any:
+    return dataclasses.replace(i, pairs=tuple((x.word(k), x.word(v)) for k, v in i.pairs))
+
+
+def _arg(i: Any, x: _Words) -> Any:
+    decls = tuple(dataclasses.replace(d, default=x.opt(d.default)) for d in i.decls)
     return dataclasses.replace(i, decls=decls)
 
 
-def _expose(i, word, raw, opt, words):  # type: ignore[no-untyped-def]
-    return dataclasses.replace(i, ports=tuple(p for port in i.ports for p in words(port)))
+_PORT = re.compile(r"^\d+(-\d+)?(/(tcp|udp|sctp))?$", re.IGNORECASE)
 
 
-def _volume(i, word, raw, opt, words):  # type: ignore[no-untyped-def]
-    each = raw if i.json else word
+def _expose(i: Any, x: _Words) -> Any:
+    ports = tuple(p for port in i.ports for p in x.split(port))
+    for port in ports:
+        if not _PORT.match(port):
+            raise SubstitutionError(f"invalid port specification {port!r}")
+    return dataclasses.replace(i, ports=ports)
+
+
+def _volume(i: Any, x: _Words) -> Any:
+    each = x.raw if i.json else x.word
     return dataclasses.replace(i, paths=tuple(each(p) for p in i.paths))
 
 
-def _copy(i, word, raw, opt, words):  # type: ignore[no-untyped-def]
-    each = raw if i.json else word
+def _copy(i: Any, x: _Words) -> Any:
+    each = x.raw if i.json else x.word
     changes = dict(
         sources=tuple(each(s) for s in i.sources),
         dest=each(i.dest),
-        chown=opt(i.chown),
-        chmod=opt(i.chmod),
-        exclude=tuple(word(e) for e in i.exclude),
+        chown=x.opt(i.chown),
+        chmod=x.opt(i.chmod),
+        exclude=tuple(x.word(e) for e in i.exclude),
     )
     if i.keyword == "COPY":
-        changes["from_"] = opt(i.from_)
+        changes["from_"] = x.opt(i.from_)
     else:
-        changes["checksum"] = opt(i.checksum)
+        changes["checksum"] = x.opt(i.checksum)
     return dataclasses.replace(i, **changes)
 
 
-def _run(i, word, raw, opt, words):  # type: ignore[no-untyped-def]
+def _run(i: Any, x: _Words) -> Any:
     # Only the flags: the command itself belongs to the shell.
     return dataclasses.replace(
         i,
-        mounts=tuple(word(m) for m in i.mounts),
-        network=opt(i.network),
-        security=opt(i.security),
+        mounts=tuple(x.word(m) for m in i.mounts),
+        network=x.opt(i.network),
+        security=x.opt(i.security),
     )
 
 
-def _single(attr: str):  # type: ignore[no-untyped-def]
-    def expand(i, word, raw, opt, words):  # type: ignore[no-untyped-def]
-        return dataclasses.replace(i, **{attr: word(getattr(i, attr))})
+def _single(attr: str) -> Callable[[Any, _Words], Any]:
+    def expand(i: Any, x: _Words) -> Any:
+        return dataclasses.replace(i, **{attr: x.word(getattr(i, attr))})
 
     return expand
 
 
-_EXPANDERS = {
+_EXPANDERS: dict[str, Callable[[Any, _Words], Any]] = {
     "FROM": _from,
     "ENV": _pairs,
     "LABEL": _pairs,

@@ -31,7 +31,7 @@ from layerfs.store import manifest as mf
 from layerfs.store.manifest import Entry
 from layerfs.store.tree import MergedTree
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _KIND_FMT = {k: v for k, v in mf.S_IFMT_OF.items()}
 
 
@@ -47,16 +47,18 @@ class LowerIndex:
     __slots__ = ("paths", "meta", "parent", "kids", "leader", "groups", "nsubdirs", "_attr_cache")
 
     def __init__(self, paths: list[bytes], meta: list[tuple], parent: array,
-                 kids: dict[int, dict[bytes, int]], groups: dict[int, list[int]]) -> None:
+                 kids: dict[int, dict[bytes, int]], groups: dict[int, list[int]],
+                 nsubdirs: dict[int, int] | None = None) -> None:
         self.paths = paths
         self.meta = meta
         self.parent = parent
         self.kids = kids
         self.groups = groups
         self.leader: dict[int, int] = {m: lead for lead, members in groups.items() for m in members}
-        self.nsubdirs: dict[int, int] = {}
-        for d, names in kids.items():
-            self.nsubdirs[d] = sum(1 for s in names.values() if stat.S_ISDIR(meta[s][0]))
+        if nsubdirs is None:
+            nsubdirs = {d: sum(1 for s in names.values() if stat.S_ISDIR(meta[s][0]))
+                        for d, names in kids.items()}
+        self.nsubdirs = nsubdirs
         self._attr_cache: dict[int, object] = {}
 
     # -- construction -----------------------------------------------------
@@ -89,18 +91,17 @@ class LowerIndex:
         return cls(paths, meta, parent, kids, groups)
 
     def dump(self) -> bytes:
-        kids = {d: list(names.items()) for d, names in self.kids.items()}
-        return marshal.dumps((CACHE_FORMAT, self.paths, self.meta, self.parent.tobytes(), kids,
-                              self.groups))
+        return marshal.dumps((CACHE_FORMAT, self.paths, self.meta, self.parent.tobytes(), self.kids,
+                              self.groups, self.nsubdirs))
 
     @classmethod
     def load(cls, data: bytes) -> "LowerIndex":
-        fmt, paths, meta, parent, kids, groups = marshal.loads(data)
+        fmt, paths, meta, parent, kids, groups, nsubdirs = marshal.loads(data)
         if fmt != CACHE_FORMAT:
             raise ValueError("index cache format")
         par = array("q")
         par.frombytes(parent)
-        return cls(paths, meta, par, {d: dict(v) for d, v in kids.items()}, groups)
+        return cls(paths, meta, par, kids, groups, nsubdirs)
 
     # -- queries ----------------------------------------------------------
     def __len__(self) -> int:
@@ -161,26 +162,50 @@ def _kind_of(st_mode: int) -> str:
     raise ValueError(f"bad mode {st_mode:o}")
 
 
-def load_index(store, image) -> LowerIndex:
-    """The index of *image*, from the on-disk cache when it is there.
+def cache_path(store_root: str, image_id: str) -> str:
+    return os.path.join(store_root, "fscache", image_id)
+
+
+def ensure_index_cache(store, image) -> str:
+    """Path of the cached index of *image*, built now if missing.
 
     Cache writes are best effort (tmp + rename, no fsync): a lost or torn
     cache file is rebuilt, never trusted, because marshal checks its input.
     """
-    cache_dir = os.path.join(store.root, "fscache")
-    path = os.path.join(cache_dir, image.id)
+    path = cache_path(store.root, image.id)
+    if os.path.exists(path):
+        return path
+    index = LowerIndex.from_tree(store.merged_tree(image))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(index.dump())
+    os.replace(tmp, path)
+    return path
+
+
+def read_index_cache(store_root: str, image_id: str, path: str | None = None) -> LowerIndex:
+    """Load a cached index (rebuilding it if the file is unusable)."""
+    import gc
+
+    path = path or cache_path(store_root, image_id)
     try:
         with open(path, "rb") as f:
-            return LowerIndex.load(f.read())
+            data = f.read()
+        enabled = gc.isenabled()
+        gc.disable()  # tens of thousands of tuples: the collector would only slow this down
+        try:
+            return LowerIndex.load(data)
+        finally:
+            if enabled:
+                gc.enable()
     except (OSError, ValueError, EOFError, TypeError):
         pass
-    index = LowerIndex.from_tree(store.merged_tree(image))
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(index.dump())
-        os.replace(tmp, path)
-    except OSError:
-        pass
-    return index
+    from layerfs.store.store import Store
+
+    with Store(store_root) as store:
+        os.unlink(path) if os.path.exists(path) else None
+        image = store.image(image_id)
+        ensure_index_cache(store, image)
+    with open(path, "rb") as f:
+        return LowerIndex.load(f.read())

@@ -64,14 +64,15 @@ def work_dir_for(upper: str) -> str:
 class UpperDir:
     """Syscalls on one upper dir; paths are bytes relative to its root."""
 
-    def __init__(self, root: str, work: str, objects: ObjectStore) -> None:
+    def __init__(self, root: str, work: str, objects: ObjectStore, read_only: bool = False) -> None:
         self.root = os.fsencode(os.path.abspath(root))
         self.work = os.fsencode(os.path.abspath(work))
         self.objects = objects
         self._serial = itertools.count()
-        os.makedirs(work, exist_ok=True)
-        for name in os.listdir(self.work):  # debris of a crash mid copy-up
-            _remove_tree(os.path.join(self.work, name))
+        if not read_only:
+            os.makedirs(work, exist_ok=True)
+            for name in os.listdir(self.work):  # debris of a crash mid copy-up
+                _remove_tree(os.path.join(self.work, name))
 
     def abspath(self, rel: bytes) -> bytes:
         return self.root + b"/" + rel if rel else self.root

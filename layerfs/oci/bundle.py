@@ -37,6 +37,8 @@ class Bundle:
 
     def open(self, name: str) -> BinaryIO: ...
 
+    def size(self, name: str) -> int: ...
+
     def read(self, name: str, limit: int) -> bytes:
         with self.open(name) as f:
             data = f.read(limit + 1)
@@ -59,6 +61,12 @@ class DirBundle(Bundle):
     def exists(self, name: str) -> bool:
         return os.path.isfile(self._path(name))
 
+    def size(self, name: str) -> int:
+        try:
+            return os.stat(self._path(name)).st_size
+        except FileNotFoundError:
+            raise NotFound(f"{self.description}: {name} is missing") from None
+
     def open(self, name: str) -> BinaryIO:
         path = self._path(name)
         real = os.path.realpath(path)
@@ -79,7 +87,8 @@ class TarBundle(Bundle):
             self.tf = tarfile.open(path, "r:*")
             members = self.tf.getmembers()
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise InvalidInput(f"{path}: not a readable tar archive: {exc}") from None
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InvalidInput(f"{path}: not a readable tar archive ({reason})") from None
         self.members: dict[str, tarfile.TarInfo] = {}
         for m in members:
             try:
@@ -91,6 +100,12 @@ class TarBundle(Bundle):
 
     def exists(self, name: str) -> bool:
         return _clean(name) in self.members
+
+    def size(self, name: str) -> int:
+        m = self.members.get(_clean(name))
+        if m is None:
+            raise NotFound(f"{self.description}: {name} is missing from the archive")
+        return m.size
 
     def open(self, name: str) -> BinaryIO:
         m = self.members.get(_clean(name))

@@ -138,6 +138,15 @@ class _Counting:
         b[: len(data)] = data
         return len(data)
 
+    def seekable(self) -> bool:
+        return getattr(self.f, "seekable", lambda: False)()
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
     def close(self) -> None:
         self.f.close()
 

@@ -7,7 +7,6 @@ them); ``repositories`` maps name -> tag -> top layer for old docker.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -42,7 +41,7 @@ class DockerArchiveSource:
             comp = media.sniff_compression(head)
             if comp == "none":
                 digest = diff_id   # an uncompressed layer's digest is its diff_id; verified while read
-                size = self._size(name)
+                size = bundle.size(name)
             else:
                 v = media.VerifyingReader(bundle.open(name))
                 v.drain()
@@ -52,14 +51,6 @@ class DockerArchiveSource:
         cdesc = Descriptor(media.OCI_CONFIG, media.sha256_digest(self.config), len(self.config))
         self.paths[cdesc.digest] = config_name
         self.manifest = media.build_manifest(cdesc, descs)
-
-    def _size(self, name: str) -> int:
-        m = getattr(self.bundle, "members", None)
-        if m is not None:
-            return m[name.lstrip("./")].size if name.lstrip("./") in m else m[name].size
-        import os
-
-        return os.path.getsize(self.bundle._path(name))
 
     def manifests(self, compression: str | None) -> Iterator[Manifest]:
         yield self.manifest
@@ -148,6 +139,3 @@ class DockerArchiveTransport:
     def destination(self, ref: str, ctx: Context) -> DockerArchiveDestination:
         return DockerArchiveDestination(ref, ctx)
 
-
-def _unused() -> io.BytesIO:  # pragma: no cover
-    return io.BytesIO()

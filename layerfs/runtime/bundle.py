@@ -28,13 +28,18 @@ from layerfs.runtime.caps import DEFAULT_CAPABILITIES
 from layerfs.runtime.cgroups import CPU_PERIOD_US
 from layerfs.runtime.hostfiles import write_host_files
 from layerfs.runtime.rootfs import MASKED_PATHS, READONLY_PATHS
-from layerfs.runtime.spec import ContainerSpec, check_name, check_volume_sources, container_env
+from layerfs.runtime.spec import (ContainerSpec, IdMap, check_name, check_volume_sources,
+                                  container_env)
 from layerfs.runtime.users import resolve_user
 
 OCI_VERSION = "1.0.2"
 RUNTIMES = ("runc", "crun")
-_RLIMIT_NAMES = {getattr(resource, name): name for name in dir(resource)
-                 if name.startswith("RLIMIT_")}
+# Explicit, because the resource module also has aliases (RLIMIT_OFILE).
+_RLIMIT_NAMES = {getattr(resource, name): name for name in (
+    "RLIMIT_AS", "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_DATA", "RLIMIT_FSIZE", "RLIMIT_LOCKS",
+    "RLIMIT_MEMLOCK", "RLIMIT_MSGQUEUE", "RLIMIT_NICE", "RLIMIT_NOFILE", "RLIMIT_NPROC",
+    "RLIMIT_RSS", "RLIMIT_RTPRIO", "RLIMIT_RTTIME", "RLIMIT_SIGPENDING", "RLIMIT_STACK")
+    if hasattr(resource, name)}
 # crun 1.8 refuses v1/v2 hybrids whose cgroup2 tree is mounted; hiding it in
 # a private mount namespace makes the host look like plain v1 to it.
 _HIDE_CGROUP2 = ("unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
@@ -110,7 +115,7 @@ def _resources(spec: ContainerSpec) -> dict[str, Any]:
     return resources
 
 
-def _id_map(m: Any) -> dict[str, int]:
+def _id_map(m: IdMap) -> dict[str, int]:
     return {"containerID": m.container_id, "hostID": m.host_id, "size": m.size}
 
 

@@ -49,7 +49,8 @@ from layerfs.runtime.caps import apply_rlimits, drop_privileges
 from layerfs.runtime.network import loopback_up
 from layerfs.runtime.pty import make_controlling_terminal, open_pty
 from layerfs.runtime.rootfs import (MountPlan, bind_console, make_root_readonly,
-                                    mount_host_side, mount_namespace_side, pivot_into)
+                                    mount_host_side, mount_namespace_side, pivot_into,
+                                    rebind_cwd)
 from layerfs.runtime.spec import Rlimit
 from layerfs.runtime.users import ExecUser
 
@@ -168,6 +169,8 @@ def _setup(plan: LaunchPlan, sync: socket.socket) -> int | None:
     if plan.namespaces & syscalls.CLONE_NEWUSER:
         new |= syscalls.CLONE_NEWNS
     syscalls.unshare(new)
+    if new & syscalls.CLONE_NEWNS:
+        rebind_cwd()
     mount_namespace_side(plan.mounts)
     slave = None
     if plan.tty:

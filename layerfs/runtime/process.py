@@ -94,6 +94,16 @@ class ContainerProcess:
         self._early_status = early_status
         self._result: ContainerResult | None = None
 
+    @property
+    def cgroup(self) -> Cgroup:
+        """The container's cgroup (gone once ``wait`` returned)."""
+        return self._cgroup
+
+    @property
+    def done(self) -> bool:
+        """True once ``wait`` or ``poll`` has collected the result."""
+        return self._result is not None
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the container's PID 1; a no-op once it has exited.
 
@@ -381,10 +391,13 @@ def run_container(spec: ContainerSpec, state_dir: str, *, container_id: str | No
                 with raw_mode(relay_in):
                     relay(proc.console_fd, relay_in, out_fd)
             return proc.wait()
-    finally:
-        if proc.poll() is None:
+    except BaseException:
+        # Interrupted (KeyboardInterrupt, a relay error): never leave the
+        # container running behind the caller's back.
+        if not proc.done:
             proc.kill(signal.SIGKILL)
             proc.wait()
+        raise
 
 
 @contextlib.contextmanager

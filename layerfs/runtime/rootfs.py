@@ -122,6 +122,23 @@ def mount_host_side(plan: MountPlan) -> None:
         _bind(bind)
 
 
+def rebind_cwd() -> None:
+    """Re-bind the rootfs (our cwd) in a user namespace's own mount namespace.
+
+    Mounts copied into a less privileged mount namespace are locked, and
+    pivot_root refuses a locked new root. A fresh recursive bind is not
+    locked. It is made with open_tree/move_mount so that we can fchdir into
+    it through the tree fd: the rootfs's host path may sit below
+    directories the namespace's root cannot search.
+    """
+    tree = syscalls.open_tree(".", syscalls.OPEN_TREE_CLONE | syscalls.AT_RECURSIVE)
+    try:
+        syscalls.move_mount_fd(tree, ".")
+        os.fchdir(tree)
+    finally:
+        os.close(tree)
+
+
 def mount_namespace_side(plan: MountPlan) -> None:
     """Phase 2, in init with cwd at the rootfs: proc, devpts, shm, mqueue, sys."""
     _mount_proc("proc")

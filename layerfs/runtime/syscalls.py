@@ -36,6 +36,11 @@ MS_STRICTATIME = 1 << 24
 
 MNT_DETACH = 2
 
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -47,8 +52,8 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # pivot_root has no glibc wrapper on older libcs; capset is called raw too so
 # that both share one code path.
 _SYSCALL_NUMBERS = {
-    "x86_64": {"pivot_root": 155, "capset": 126},
-    "aarch64": {"pivot_root": 41, "capset": 91},
+    "x86_64": {"pivot_root": 155, "capset": 126, "open_tree": 428, "move_mount": 429},
+    "aarch64": {"pivot_root": 41, "capset": 91, "open_tree": 428, "move_mount": 429},
 }
 
 
@@ -117,3 +122,19 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     result = _libc.syscall(ctypes.c_long(_syscall_number("capset")),
                            ctypes.byref(header), ctypes.byref(data))
     _check(result, "capset")
+
+
+def open_tree(path: str, flags: int) -> int:
+    """Clone the mount tree at ``path`` (relative to cwd); returns its fd."""
+    flags |= os.O_CLOEXEC
+    result = _libc.syscall(ctypes.c_long(_syscall_number("open_tree")), ctypes.c_int(AT_FDCWD),
+                           _c_str(path), ctypes.c_uint(flags))
+    return _check(result, f"open_tree {path}")
+
+
+def move_mount_fd(tree_fd: int, target: str) -> None:
+    """Attach the detached tree ``tree_fd`` at ``target`` (relative to cwd)."""
+    result = _libc.syscall(ctypes.c_long(_syscall_number("move_mount")), ctypes.c_int(tree_fd),
+                           b"", ctypes.c_int(AT_FDCWD), _c_str(target),
+                           ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+    _check(result, f"move_mount onto {target}")

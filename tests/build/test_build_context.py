@@ -457,3 +457,12 @@ def test_large_unchanged_context_rehash_reads_no_content(tmp_path: Path) -> None
         assert ctx.resolve(["."]).digest == first
         warm = ctx.statistics()
     assert (warm.files_hashed, warm.bytes_hashed, warm.cache_hits) == (0, 0, 10_000)
+
+
+def test_copy_exclude_filters_entries(ctx_dir: Path) -> None:
+    ctx = BuildContext(ctx_dir)
+    out = ctx.resolve(["src", "app.py"], exclude=["*.log", "sub", "app.py"])
+    assert [[rel for rel, _ in s.entries] for s in out.sources] == [["a.txt", "b.txt"], []]
+    assert out.digest != ctx.resolve(["src", "app.py"]).digest
+    with pytest.raises(BuildContextError, match="--exclude"):
+        ctx.resolve(["src"], exclude=["["])

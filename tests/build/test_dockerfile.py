@@ -707,3 +707,9 @@ def test_full_reference_example_round_trip() -> None:
         "HEALTHCHECK", "STOPSIGNAL", "ENTRYPOINT", "CMD", "ONBUILD", "SHELL", "MAINTAINER",
     ]  # fmt: skip
     assert parsed.syntax == "docker/dockerfile:1"
+
+
+def test_from_digit_is_an_image_not_a_stage_index() -> None:
+    parsed = parse("FROM a AS first\nFROM 0\n")
+    assert names(required_stages(parsed)) == [None]
+    assert names(required_stages(parse("FROM a AS first\nFROM first\n"))) == ["first", None]

@@ -350,3 +350,10 @@ def test_unused_build_args(
     parsed = parse(DOCKERFILE)
     chosen = None if stages is None else [parsed.stages[i] for i in stages]
     assert unused_build_args(parsed, build_args, chosen) == expected
+
+
+def test_expose_checks_ports_after_expansion() -> None:
+    instr = first("EXPOSE $P")
+    with pytest.raises(DockerfileError, match="invalid port specification 'http'"):
+        expand_instruction(instr, {"P": "http"})
+    assert expand_instruction(instr, {"P": "80 81/udp"}).ports == ("80", "81/udp")

@@ -1,0 +1,505 @@
+"""Mounting an image with the layerfs daemon, and unmounting it.
+
+Public API (the CLI, the runtime and the Dockerfile builder use these)::
+
+    h = mount_image(store_root, "busybox:latest", "/mnt/x",
+                    upper_dir="/var/lib/layerfs/containers/c1/upper")
+    ...                        # /mnt/x is a container rootfs; writes go to upper_dir
+    unmount(store_root, "/mnt/x")
+
+* :func:`mount_image` returns a :class:`MountHandle` only once the mount
+  answers requests (the daemon writes to a pipe after the FUSE session is
+  up and the parent then stats the mountpoint through it); any error before
+  that (no such image, mountpoint missing or already mounted, FUSE missing)
+  is raised in the caller. The daemon detaches (double fork + setsid) unless
+  ``foreground`` is set, in which case the call blocks until unmount.
+* ``upper_dir`` is a standard overlayfs upper dir (see ``fs.upper``); its
+  work dir is ``<upper_dir>.work``. With ``upper_dir=None`` and not
+  ``read_only`` a private upper is made under ``ROOT/uppers/`` and removed
+  again when the mount ends. :func:`container_upper` gives the upper of a
+  named container (``ROOT/containers/NAME/upper``), which outlives mounts.
+* Each active mount is a store reference of kind ``"mount"`` keyed by the
+  mountpoint, with JSON data (pid, image, upper, container, log file), so
+  :func:`list_mounts` can show it and gc keeps its image alive. A daemon
+  that died leaves a stale reference and an ENOTCONN mountpoint;
+  :func:`unmount` and :func:`list_mounts` clean both up.
+* SIGTERM/SIGINT make the daemon leave the FUSE loop, unmount, sync the
+  upper's filesystem, drop its reference and exit 0. The daemon writes to
+  the store only that reference, so killing it can never corrupt the store.
+* The daemon logs to ``ROOT/logs/mount-<hash of mountpoint>.log``
+  (corrupt objects, unexpected errors; everything with ``debug``).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+
+from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound, Unsupported
+
+REF_KIND = "mount"
+FSNAME = "layerfs"
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class MountHandle:
+    mountpoint: str
+    pid: int
+    image_id: str
+    upper: str | None
+    log: str
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    pid: int
+    image_id: str
+    image: str
+    upper: str | None
+    container: str | None
+    read_only: bool
+    alive: bool
+
+
+# -- paths -----------------------------------------------------------------
+def container_upper(store_root: str, name: str) -> str:
+    """The upper dir of container *name*: ROOT/containers/NAME/upper."""
+    if not _NAME.match(name):
+        raise InvalidInput(f"invalid container name: {name!r}")
+    return os.path.join(os.path.abspath(store_root), "containers", name, "upper")
+
+
+def _log_path(store_root: str, mountpoint: str) -> str:
+    digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:12]
+    return os.path.join(store_root, "logs", f"mount-{digest}.log")
+
+
+# -- /proc helpers --------------------------------------------------------
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounted_fstype(mountpoint: str) -> str | None:
+    """Filesystem type mounted at *mountpoint* (None if nothing is)."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
+                found = right.split()[0]
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    now = _start_time(pid)
+    if now is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "Z":
+                return False
+    except OSError:
+        return False
+    return start is None or now == start
+
+
+# -- mounting --------------------------------------------------------------
+def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str | None = None,
+                read_only: bool = False, foreground: bool = False, debug: bool = False,
+                container: str | None = None) -> MountHandle:
+    """Mount *image_ref* at *mountpoint*; see the module docstring.
+
+    The daemon is forked first thing, so its imports of trio and pyfuse3
+    (the bulk of its start-up) overlap with the caller resolving the image
+    and loading its index; a message on a pipe then tells it what to mount.
+    """
+    if not os.path.exists("/dev/fuse"):
+        raise Unsupported("/dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)")
+    mp = os.path.realpath(mountpoint)
+    if not os.path.isdir(mp):
+        raise NotFound(f"mountpoint {mountpoint} is not a directory")
+    if container is not None and upper_dir is None:
+        upper_dir = container_upper(store_root, container)
+    daemon = None if foreground else _Daemon()
+    try:
+        params, image_id = _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container)
+        if foreground:
+            return _run_foreground(params, image_id)
+        pid = daemon.go(params)
+        daemon = None
+        _register(params, image_id, pid)
+    finally:
+        if daemon is not None:
+            daemon.abort()
+    os.stat(mp)  # answered by the daemon: the mount serves requests
+    return MountHandle(mp, pid, image_id, params["upper"], params["log"])
+
+
+def _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container) -> tuple[dict, str]:
+    from layerfs.fs.index import ensure_index_cache
+    from layerfs.store.store import Store
+
+    with Store(store_root) as store:
+        _clean_stale(store, mp)
+        if mounted_fstype(mp) is not None and store.get_ref(REF_KIND, mp) is not None:
+            raise Conflict(f"{mp} is already a layerfs mount")
+        image = store.image(image_ref)
+        cache = ensure_index_cache(store, image)
+        private = upper_dir is None and not read_only
+        if private:
+            upper_dir = os.path.join(store.root, "uppers", secrets.token_hex(6), "upper")
+        if upper_dir is not None:
+            upper_dir = os.path.abspath(upper_dir)
+            if upper_dir == mp or upper_dir.startswith(mp + "/"):
+                raise InvalidInput("the upper dir cannot be inside the mountpoint")
+            if read_only and not os.path.isdir(upper_dir):
+                raise NotFound(f"upper dir {upper_dir} does not exist")
+        log_file = _log_path(store.root, mp)
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        params = {"root": store.root, "index": cache, "mountpoint": mp, "image": image_ref,
+                  "image_id": image.id, "upper": upper_dir, "container": container, "read_only": read_only,
+                  "private": private, "debug": debug, "log": log_file}
+        return params, image.id
+
+
+def _register(params: dict, image_id: str, pid: int) -> None:
+    from layerfs.store.store import Store
+
+    keys = ("image", "upper", "container", "read_only", "private", "log")
+    data = {k: params[k] for k in keys} | {"pid": pid, "start": _start_time(pid)}
+    with Store(params["root"]) as store:
+        store.add_ref(REF_KIND, params["mountpoint"], image_id=image_id, data=json.dumps(data))
+
+
+def _run_foreground(params: dict, image_id: str) -> MountHandle:
+    ready_r, ready_w = os.pipe()
+    os.set_blocking(ready_r, False)
+    _register(params, image_id, os.getpid())
+    code = _run_daemon(params, ready_w, detached=False)
+    os.close(ready_r)
+    if code:
+        raise LayerfsError(f"mount of {params['mountpoint']} failed; see {params['log']}")
+    return MountHandle(params["mountpoint"], os.getpid(), image_id, params["upper"], params["log"])
+
+
+class _Daemon:
+    """A detached daemon process, forked early, waiting to be told what to mount."""
+
+    def __init__(self) -> None:
+        go_r, self.go_w = os.pipe()
+        self.ready_r, ready_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # first child: new session, fork the daemon, leave
+            code = 0
+            try:
+                os.close(self.go_w)
+                os.close(self.ready_r)
+                os.setsid()
+                if os.fork() == 0:
+                    code = 1
+                    code = _daemon_main(go_r, ready_w)
+            finally:
+                os._exit(code)
+        os.close(go_r)
+        os.close(ready_w)
+
+    def go(self, params: dict) -> int:
+        """Send the mount parameters; return the daemon's pid once it serves."""
+        os.write(self.go_w, json.dumps(params).encode())
+        os.close(self.go_w)
+        self.go_w = -1
+        os.waitpid(self.pid, 0)
+        with os.fdopen(self.ready_r, "rb") as f:
+            msg = f.read().decode(errors="replace")
+        if not msg.startswith("ok "):
+            raise LayerfsError(msg.removeprefix("error ").strip() or "the mount daemon died before the mount was ready")
+        return int(msg.split()[1])
+
+    def abort(self) -> None:
+        if self.go_w >= 0:
+            os.close(self.go_w)  # EOF: the daemon exits without mounting
+        os.close(self.ready_r)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def _daemon_main(go_r: int, ready_w: int) -> int:
+    # Heavy imports first: they overlap with the parent resolving the image.
+    import pyfuse3  # noqa: F401
+    import trio  # noqa: F401
+
+    import layerfs.fs.ops  # noqa: F401
+    import layerfs.fs.union  # noqa: F401
+
+    chunks = []
+    while chunk := os.read(go_r, 1 << 16):
+        chunks.append(chunk)
+    os.close(go_r)
+    if not chunks:
+        return 0
+    return _run_daemon(json.loads(b"".join(chunks)), ready_w, detached=True)
+
+
+def _run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
+    """Body of the daemon process; returns its exit code."""
+    import pyfuse3
+    import trio
+
+    from layerfs.fs.index import read_index_cache
+    from layerfs.fs.ops import Operations
+    from layerfs.fs.union import Union
+    from layerfs.fs.upper import UpperDir, work_dir_for
+    from layerfs.store.objects import ObjectStore
+
+    mp, upper_dir, read_only, log_file = params["mountpoint"], params["upper"], params["read_only"], params["log"]
+    os.umask(0)
+    if detached:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.close(null)
+        os.chdir("/")
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {os.getpid()} %(levelname)s %(name)s: %(message)s"))
+    root_log = logging.getLogger()
+    root_log.handlers[:] = [handler]
+    root_log.setLevel(logging.DEBUG if params["debug"] else logging.INFO)
+    log = logging.getLogger("layerfs.fs")
+
+    def ready(msg: str) -> None:
+        nonlocal ready_fd
+        if ready_fd >= 0:
+            os.write(ready_fd, msg.encode())
+            os.close(ready_fd)
+            ready_fd = -1
+
+    try:
+        index = read_index_cache(params["root"], params["image_id"], params["index"])
+        objects = ObjectStore(os.path.join(params["root"], "objects"), os.path.join(params["root"], "tmp"))
+        upper = None
+        if upper_dir is not None:
+            _prepare_upper(upper_dir, index.meta[0], read_only)
+            upper = UpperDir(upper_dir, work_dir_for(upper_dir), objects, read_only=read_only)
+        union = Union(index, objects, upper, read_only=read_only)
+        import gc
+
+        gc.freeze()  # the index lives as long as the mount: keep it out of collections
+        options = {"default_permissions", "allow_other", f"fsname={FSNAME}", f"subtype={FSNAME}",
+                   "suid", "dev"}
+        if read_only:
+            options.add("ro")
+        if params["debug"]:
+            options.add("debug")
+        pyfuse3.init(Operations(union), mp, options)
+    except BaseException as exc:
+        log.error("cannot mount %s: %s", mp, exc)
+        ready(f"error cannot mount {mp}: {exc}")
+        if params["private"]:
+            shutil.rmtree(os.path.dirname(upper_dir), ignore_errors=True)
+        return 1
+    log.info("mounted %s at %s (upper %s)", params["image_id"][:12], mp, upper_dir)
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    async for sig in sigs:
+                        log.info("signal %d: unmounting", sig)
+                        pyfuse3.terminate()
+                        return
+
+            async def announce() -> None:
+                await trio.sleep(0)
+                ready(f"ok {os.getpid()}\n")
+                await trio.to_thread.run_sync(_raise_readahead, mp)
+
+            nursery.start_soon(on_signal)
+            nursery.start_soon(announce)
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+            nursery.cancel_scope.cancel()
+
+    code = 0
+    try:
+        trio.run(serve)
+    except BaseException:
+        log.exception("FUSE loop failed")
+        code = 1
+    pyfuse3.close(unmount=True)
+    if upper is not None and not read_only:
+        try:
+            _syncfs(upper_dir)
+        except OSError:
+            pass
+    _forget_mount(params)
+    log.info("unmounted %s", mp)
+    return code
+
+
+def _syncfs(path: str) -> None:
+    from layerfs.store.objects import syncfs
+
+    syncfs(path)
+
+
+def _raise_readahead(mp: str) -> None:
+    """Let the kernel read ahead 1 MiB per request (the FUSE default is
+    128 KiB): fewer, bigger reads for sequential access."""
+    try:
+        dev = os.stat(mp).st_dev
+        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+            f.write("1024")
+    except OSError:
+        pass
+
+
+def _prepare_upper(upper: str, root_meta: tuple, read_only: bool) -> None:
+    from layerfs.fs.upper import work_dir_for
+
+    if os.path.isdir(upper):
+        if not read_only:
+            os.makedirs(work_dir_for(upper), exist_ok=True)
+        return
+    os.makedirs(os.path.dirname(upper), exist_ok=True)
+    os.mkdir(upper)
+    # A fresh upper root shows the image's root as it is (overlayfs takes
+    # the root's attributes from the upper dir).
+    st_mode, uid, gid, mtime_ns = root_meta[:4]
+    os.chown(upper, uid, gid)
+    os.chmod(upper, stat.S_IMODE(st_mode))
+    os.utime(upper, ns=(mtime_ns, mtime_ns))
+    os.makedirs(work_dir_for(upper), exist_ok=True)
+
+
+def _forget_mount(params: dict) -> None:
+    from layerfs.store.store import Store
+
+    mp = params["mountpoint"]
+    try:
+        with Store(params["root"]) as store:
+            row = store.get_ref(REF_KIND, mp)
+            if row is not None and json.loads(row[2] or "{}").get("pid") in (os.getpid(), None):
+                store.drop_refs(REF_KIND, mp)
+    except (LayerfsError, OSError, ValueError):
+        logging.getLogger("layerfs.fs").exception("cannot drop the mount reference")
+    _remove_private(params)
+
+
+def _remove_private(data: dict) -> None:
+    if data.get("private") and data.get("upper"):
+        base = os.path.dirname(data["upper"])
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# -- unmounting and listing ----------------------------------------------------------
+def _detach(mp: str) -> None:
+    """Lazily unmount whatever is at *mp* (works on a dead FUSE mount)."""
+    for cmd in (["fusermount3", "-uz", mp], ["umount", "-l", mp]):
+        try:
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                return
+        except FileNotFoundError:
+            continue
+
+
+def unmount(store_root: str, mountpoint: str, timeout: float = 30.0) -> None:
+    """Unmount a layerfs mount and wait for its daemon to exit.
+
+    Also cleans up after a daemon that died (ENOTCONN mountpoint, stale
+    reference). Raises NotFound if nothing layerfs is mounted there.
+    """
+    from layerfs.store.store import Store
+
+    mp = _abs_mountpoint(mountpoint)
+    with Store(store_root) as store:
+        row = store.get_ref(REF_KIND, mp)
+        data = json.loads(row[2] or "{}") if row else {}
+        fstype = mounted_fstype(mp)
+        if row is None and fstype != f"fuse.{FSNAME}":
+            raise NotFound(f"{mountpoint} is not a layerfs mount")
+        pid = data.get("pid")
+        if pid and _alive(pid, data.get("start")):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _alive(pid, data.get("start")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if _alive(pid, data.get("start")):
+                raise Conflict(f"the daemon of {mp} (pid {pid}) did not exit")
+        if mounted_fstype(mp) == f"fuse.{FSNAME}":
+            _detach(mp)
+        store.drop_refs(REF_KIND, mp)
+        _remove_private(data)
+
+
+def _abs_mountpoint(mountpoint: str) -> str:
+    try:
+        return os.path.realpath(mountpoint)
+    except OSError:
+        return os.path.abspath(mountpoint)
+
+
+def _clean_stale(store, mp: str | None = None) -> list[str]:
+    """Drop references of dead daemons and detach their mounts."""
+    cleaned = []
+    for key, _layer, _image, raw in store.refs(REF_KIND):
+        if mp is not None and key != mp:
+            continue
+        data = json.loads(raw or "{}")
+        if _alive(data.get("pid", 0), data.get("start")):
+            continue
+        if mounted_fstype(key) == f"fuse.{FSNAME}":
+            _detach(key)
+        store.drop_refs(REF_KIND, key)
+        _remove_private(data)
+        cleaned.append(key)
+    return cleaned
+
+
+def list_mounts(store_root: str, clean: bool = True) -> list[MountInfo]:
+    """Active mounts of this store (stale ones are cleaned up first)."""
+    from layerfs.store.store import Store
+
+    with Store(store_root) as store:
+        if clean:
+            _clean_stale(store)
+        out = []
+        for key, _layer, image_id, raw in store.refs(REF_KIND):
+            data = json.loads(raw or "{}")
+            out.append(MountInfo(key, data.get("pid", 0), image_id or "", data.get("image", ""),
+                                 data.get("upper"), data.get("container"), bool(data.get("read_only")),
+                                 _alive(data.get("pid", 0), data.get("start"))))
+        return out
+
+
+def is_enotconn(mountpoint: str) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
