@@ -79,6 +79,8 @@ class Cgroup(Protocol):
 
     @property
     def procs_files(self) -> tuple[str, ...]: ...
+    @property
+    def paths(self) -> tuple[str, ...]: ...
     def apply(self, limits: CgroupLimits) -> None: ...
     def add(self, pid: int) -> None: ...
     def oom_killed(self) -> bool: ...
@@ -143,26 +145,46 @@ def _own_v1_paths() -> dict[str, str]:
     return paths
 
 
-def _make_v1_dirs(name: str) -> dict[str, str]:
+def _v1_bases() -> list[tuple[tuple[str, ...], str]]:
+    """(controllers, caller's cgroup dir) for each v1 hierarchy we use."""
     own = _own_v1_paths()
+    bases = []
+    seen: set[str] = set()
+    for mount in _cgroup_mounts():
+        wanted = tuple(c for c in _V1_CONTROLLERS if c in mount.options)
+        if mount.fstype != "cgroup" or not wanted or wanted[0] in seen:
+            continue
+        seen.update(wanted)
+        relative = os.path.relpath(own.get(wanted[0], "/"), mount.root)
+        bases.append((wanted, os.path.normpath(os.path.join(mount.point, relative))))
+    return bases
+
+
+def parent_dirs() -> tuple[str, ...]:
+    """The directories holding this process's container cgroups.
+
+    For garbage collection after a crash: a child of one of these with an
+    empty ``cgroup.procs`` belongs to a container whose owner died.
+    """
+    if cgroup_version() == 2:
+        return (os.path.join(CGROUP_ROOT, PARENT_NAME),)
+    return tuple(os.path.join(base, PARENT_NAME) for _, base in _v1_bases())
+
+
+def _make_v1_dirs(name: str) -> dict[str, str]:
     dirs: dict[str, str] = {}
     made: list[str] = []
     try:
-        for mount in _cgroup_mounts():
-            wanted = [c for c in _V1_CONTROLLERS if c in mount.options]
-            if mount.fstype != "cgroup" or not wanted or wanted[0] in dirs:
-                continue
-            relative = os.path.relpath(own.get(wanted[0], "/"), mount.root)
-            base = os.path.normpath(os.path.join(mount.point, relative))
+        for controllers, base in _v1_bases():
             path = _make_dir(os.path.join(base, PARENT_NAME), name, v2=False)
             made.append(path)
-            for controller in wanted:
+            for controller in controllers:
                 dirs[controller] = path
     except BaseException:
-        _remove_dirs(made)
+        remove_cgroup_paths(made)
         raise
     if "memory" not in dirs or "pids" not in dirs:
-        _remove_dirs(made)
+        remove_cgroup_paths(made)
         raise Unsupported("cgroup v1 memory and pids controllers are not mounted")
     return dirs
 
@@ -223,8 +245,12 @@ def _keyed(path: str, key: str) -> int | None:
     return None
 
 
-def _remove_dirs(paths: Iterable[str]) -> None:
-    """Kill what is left in each cgroup, rmdir it, then try its parent."""
+def remove_cgroup_paths(paths: Iterable[str]) -> None:
+    """Kill what is left in each cgroup, rmdir it, then try its parent.
+
+    v1 may answer EBUSY for a moment after the last task exited, so rmdir
+    is retried for a few seconds before ``Conflict`` is raised.
+    """
     for path in paths:
         deadline = time.monotonic() + _REMOVE_TIMEOUT
         while os.path.isdir(path):
@@ -262,8 +288,12 @@ class V1Cgroup:
     dirs: dict[str, str]
 
     @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.dirs.values())))
+
+    @property
     def procs_files(self) -> tuple[str, ...]:
-        return tuple(os.path.join(d, "cgroup.procs") for d in sorted(set(self.dirs.values())))
+        return tuple(os.path.join(d, "cgroup.procs") for d in self.paths)
 
     def apply(self, limits: CgroupLimits) -> None:
         try:
@@ -315,7 +345,7 @@ class V1Cgroup:
         )
 
     def remove(self) -> None:
-        _remove_dirs(sorted(set(self.dirs.values())))
+        remove_cgroup_paths(self.paths)
 
 
 @dataclass(frozen=True)
@@ -324,6 +354,10 @@ class V2Cgroup:
 
     name: str
     path: str
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path,)
 
     @property
     def procs_files(self) -> tuple[str, ...]:
@@ -362,4 +396,4 @@ class V2Cgroup:
         )
 
     def remove(self) -> None:
-        _remove_dirs([self.path])
+        remove_cgroup_paths([self.path])

@@ -9,8 +9,9 @@
         |          the container's cgroup so an OOM kill or a pids limit
         |          never hits it
         └─ init    PID 1 of the new pid namespace (unshare(CLONE_NEWPID)
-                   only applies to children, hence the shim): joins the
-                   cgroup namespace, mounts, pivot_root, privileges, execve
+                   only applies to children, hence the shim): new cgroup and
+                   mount namespaces, kernel mounts, pivot_root, privileges,
+                   execve
 
 The shim and init talk to the caller over one SOCK_SEQPACKET socket, one
 message per packet::
@@ -30,7 +31,8 @@ EOF on that pipe means execve succeeded, a JSON record means it did not
 are told apart from a command that exits 126/127 by itself.
 
 If the caller disappears (its end of the socket hangs up), the shim kills
-init, and with it the whole pid namespace.
+init, and with it the whole pid namespace, then removes the cgroup that
+the caller can no longer remove.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ import socket
 from dataclasses import dataclass
 from typing import NoReturn
 
+from layerfs.errors import LayerfsError
 from layerfs.runtime import syscalls
 from layerfs.runtime.caps import apply_rlimits, drop_privileges
+from layerfs.runtime.cgroups import remove_cgroup_paths
 from layerfs.runtime.network import loopback_up
 from layerfs.runtime.pty import make_controlling_terminal, open_pty
 from layerfs.runtime.rootfs import (MountPlan, bind_console, make_root_readonly,
@@ -79,6 +83,7 @@ class LaunchPlan:
     tty: bool
     stdio: tuple[int, int, int] | None
     rlimits: tuple[Rlimit, ...]
+    cgroup_dirs: tuple[str, ...] = ()
 
 
 def expect(sock: socket.socket, wanted: bytes) -> None:
@@ -107,7 +112,11 @@ def run_shim(plan: LaunchPlan, sync: socket.socket, report_fd: int) -> NoReturn:
             run_init(plan, sync, report_fd)
         os.close(report_fd)
         sync.send(b"pid %d" % pid)
-        sync.send(b"status %d" % _wait_for(pid, sync))
+        status, abandoned = _wait_for(pid, sync)
+        if abandoned:
+            _remove_cgroup_dirs(plan.cgroup_dirs)
+        else:
+            sync.send(b"status %d" % status)
         code = 0
     except BaseException as exc:  # noqa: BLE001 - report anything, then exit
         try:
@@ -118,8 +127,11 @@ def run_shim(plan: LaunchPlan, sync: socket.socket, report_fd: int) -> NoReturn:
         os._exit(code)
 
 
-def _wait_for(pid: int, sync: socket.socket) -> int:
-    """Wait for init; kill it if the caller hangs up first."""
+def _wait_for(pid: int, sync: socket.socket) -> tuple[int, bool]:
+    """Wait for init; kill it if the caller hangs up first.
+
+    Returns init's wait status and whether the caller was gone.
+    """
     pidfd = os.pidfd_open(pid)
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
@@ -134,7 +146,19 @@ def _wait_for(pid: int, sync: socket.socket) -> int:
             killed = True
         poller.unregister(sync.fileno())
     os.close(pidfd)
-    return os.waitpid(pid, 0)[1]
+    return os.waitpid(pid, 0)[1], killed
+
+
+def _remove_cgroup_dirs(dirs: tuple[str, ...]) -> None:
+    """Best effort for an abandoned container: nobody else will rmdir them.
+
+    Init is reaped, so the pid namespace and the cgroups are empty. Fails
+    quietly inside a user namespace, which may not touch host cgroups.
+    """
+    try:
+        remove_cgroup_paths(dirs)
+    except (LayerfsError, OSError):
+        pass
 
 
 def run_init(plan: LaunchPlan, sync: socket.socket, report_fd: int) -> NoReturn:
@@ -163,13 +187,12 @@ def _setup(plan: LaunchPlan, sync: socket.socket) -> int | None:
     if plan.stdio is not None:
         _install_stdio(plan.stdio)
     expect(sync, b"joined")
-    # After joining, so the container sees its own cgroup as /. With a user
-    # namespace, also a mount namespace it owns, or it could mount nothing.
-    new = syscalls.CLONE_NEWCGROUP
+    # A cgroup namespace after joining, so the container sees its own cgroup
+    # as /. A mount namespace of its own, so pivot_root moves only init (it
+    # moves every process of the namespace) and the shim keeps the host's
+    # view to clean up; with a user namespace this one is also owned by it.
+    syscalls.unshare(syscalls.CLONE_NEWCGROUP | syscalls.CLONE_NEWNS)
     if plan.namespaces & syscalls.CLONE_NEWUSER:
-        new |= syscalls.CLONE_NEWNS
-    syscalls.unshare(new)
-    if new & syscalls.CLONE_NEWNS:
         rebind_cwd()
     mount_namespace_side(plan.mounts)
     slave = None

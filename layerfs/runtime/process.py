@@ -14,6 +14,7 @@ the container's life themselves (detached mode, build steps)::
     proc.kill(signal.SIGTERM)
     proc.stats()           # cgroup usage while it runs
     proc.poll()            # ContainerResult, or None while running
+    proc.cgroup            # its Cgroup (paths, oom_killed, stats)
     result = proc.wait()   # blocks; removes the cgroup
 
 Contract for lifecycle code: the ``ContainerProcess`` must be waited for by
@@ -194,7 +195,7 @@ def start_container(spec: ContainerSpec, state_dir: str, *, container_id: str | 
                            CgroupLimits(spec.memory, spec.cpus, spec.pids_limit))
     try:
         with _stdio(spec, stdin, stdout, stderr) as stdio:
-            plan = dataclasses.replace(plan, stdio=stdio)
+            plan = dataclasses.replace(plan, stdio=stdio, cgroup_dirs=cgroup.paths)
             return _launch(container_id, plan, cgroup, spec.userns, console_size)
     except BaseException:
         cgroup.remove()
@@ -382,44 +383,66 @@ def run_container(spec: ContainerSpec, state_dir: str, *, container_id: str | No
     """
     in_fd, out_fd = _fileno(stdin, 0), _fileno(stdout, 1)
     size = (get_winsize(in_fd) or get_winsize(out_fd)) if spec.tty else None
-    proc = start_container(spec, state_dir, container_id=container_id, stdin=stdin,
-                           stdout=stdout, stderr=stderr, console_size=size)
-    try:
-        with _forward_signals(proc, in_fd if spec.tty else None):
+    forwarder = _SignalForwarder(in_fd if spec.tty else None)
+    # Handlers go in before the start, so a signal that arrives while the
+    # container starts is delivered to it rather than killing the caller.
+    with forwarder.installed():
+        proc = start_container(spec, state_dir, container_id=container_id, stdin=stdin,
+                               stdout=stdout, stderr=stderr, console_size=size)
+        try:
+            forwarder.attach(proc)
             if proc.console_fd is not None:
                 relay_in = in_fd if spec.interactive else None
                 with raw_mode(relay_in):
                     relay(proc.console_fd, relay_in, out_fd)
             return proc.wait()
-    except BaseException:
-        # Interrupted (KeyboardInterrupt, a relay error): never leave the
-        # container running behind the caller's back.
-        if not proc.done:
-            proc.kill(signal.SIGKILL)
-            proc.wait()
-        raise
+        except BaseException:
+            # Interrupted (a relay error, an exception from a handler):
+            # never leave the container running behind the caller's back.
+            if not proc.done:
+                proc.kill(signal.SIGKILL)
+                proc.wait()
+            raise
 
 
-@contextlib.contextmanager
-def _forward_signals(proc: ContainerProcess, tty_fd: int | None) -> Iterator[None]:
-    # signal.signal only works in the main thread; elsewhere the caller
-    # forwards by calling proc.kill itself.
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class _SignalForwarder:
+    """Forwards the caller's signals to the container, queueing early ones."""
 
-    def forward(sig: int, _frame: object) -> None:
-        proc.kill(sig)
+    def __init__(self, tty_fd: int | None) -> None:
+        self._tty_fd = tty_fd
+        self._proc: ContainerProcess | None = None
+        self._pending: list[int] = []
 
-    def resize(_sig: int, _frame: object) -> None:
-        if proc.console_fd is not None and tty_fd is not None:
-            copy_winsize(tty_fd, proc.console_fd)
+    def attach(self, proc: ContainerProcess) -> None:
+        self._proc = proc
+        if proc.console_fd is not None and self._tty_fd is not None:
+            copy_winsize(self._tty_fd, proc.console_fd)  # may have changed meanwhile
+        while self._pending:
+            proc.kill(self._pending.pop(0))
 
-    handlers = {sig: forward for sig in FORWARDED_SIGNALS}
-    handlers[signal.SIGWINCH] = resize if tty_fd is not None else forward
-    saved = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
-    try:
-        yield
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    def _forward(self, sig: int, _frame: object) -> None:
+        if self._proc is None:
+            self._pending.append(sig)
+        else:
+            self._proc.kill(sig)
+
+    def _resize(self, _sig: int, _frame: object) -> None:
+        proc = self._proc
+        if proc is not None and proc.console_fd is not None and self._tty_fd is not None:
+            copy_winsize(self._tty_fd, proc.console_fd)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        # signal.signal only works in the main thread; elsewhere the caller
+        # forwards by calling ContainerProcess.kill itself.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handlers = {sig: self._forward for sig in FORWARDED_SIGNALS}
+        handlers[signal.SIGWINCH] = self._resize if self._tty_fd is not None else self._forward
+        saved = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        try:
+            yield
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)

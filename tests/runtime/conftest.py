@@ -8,6 +8,7 @@ minimal /etc, fresh for each test so a test may write into it.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from layerfs.runtime import ContainerResult, ContainerSpec, run_container
-from layerfs.runtime.cgroups import PARENT_NAME, _cgroup_mounts, _own_v1_paths, cgroup_version
+from layerfs.runtime import process
+from layerfs.runtime.cgroups import parent_dirs
 
 BUSYBOX = "/bin/busybox"
 PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
@@ -100,27 +102,32 @@ def run(rootfs: Path, state_dir: str, tmp_path: Path) -> Callable[..., Ran]:
     return _run
 
 
-def layerfs_cgroup_parents() -> list[str]:
-    """Where this process's containers' cgroups live (v1: per hierarchy)."""
-    if cgroup_version() == 2:
-        return ["/sys/fs/cgroup/" + PARENT_NAME]
-    own = _own_v1_paths()
-    parents = []
-    for mount in _cgroup_mounts():
-        if mount.fstype != "cgroup":
-            continue
-        controller = next((c for c in mount.options if c in own), None)
-        if controller is not None:
-            relative = os.path.relpath(own[controller], mount.root)
-            parents.append(os.path.normpath(os.path.join(mount.point, relative, PARENT_NAME)))
-    return parents
+TEST_PREFIX = "layerfs-test-"
+
+
+def _container_cgroups() -> set[str]:
+    found = set()
+    for parent in parent_dirs():
+        if os.path.isdir(parent):
+            found.update(os.path.join(parent, name) for name in os.listdir(parent)
+                         if name.startswith(TEST_PREFIX))
+    return found
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_cgroups() -> Iterator[None]:
-    """Every test must leave no container cgroup behind."""
-    yield
+def no_leftover_cgroups(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every test must remove the container cgroups it created.
+
+    Test containers get ids with TEST_PREFIX, because the top-level v1
+    parents are shared with anything else on the host running layerfs
+    containers (other test suites, builds).
+    """
+    monkeypatch.setattr(process, "new_container_id",
+                        lambda: TEST_PREFIX + secrets.token_hex(16))
     if os.geteuid() != 0:
+        yield
         return
-    leftovers = [p for p in layerfs_cgroup_parents() if os.path.isdir(p)]
-    assert not leftovers, f"container cgroups left behind under {leftovers}"
+    before = _container_cgroups()
+    yield
+    leftovers = _container_cgroups() - before
+    assert not leftovers, f"container cgroups left behind: {sorted(leftovers)}"
