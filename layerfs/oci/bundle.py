@@ -11,6 +11,7 @@ import io
 import os
 import tarfile
 import tempfile
+import threading
 from typing import BinaryIO
 
 from layerfs.errors import InvalidInput, NotFound
@@ -151,6 +152,8 @@ class BundleWriter:
     def __init__(self, path: str, archive: bool, tmp_dir: str | None = None) -> None:
         self.path, self.archive = os.path.abspath(path), archive
         self.names: set[str] = set()
+        # Blobs arrive from several threads; a tar stream takes one at a time.
+        self.lock = threading.Lock()
         parent = os.path.dirname(self.path)
         if not os.path.isdir(parent):
             raise NotFound(f"no such directory: {parent}")
@@ -192,10 +195,17 @@ class BundleWriter:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        self.names.add(name)
+        with self.lock:
+            self.names.add(name)
         return got
 
     def _add(self, name: str, f: BinaryIO, size: int) -> None:
+        with self.lock:
+            self._add_locked(name, f, size)
+
+    def _add_locked(self, name: str, f: BinaryIO, size: int) -> None:
+        if name in self.names:
+            return
         if self.archive:
             ti = tarfile.TarInfo(name)
             ti.size, ti.mode, ti.mtime = size, 0o644, 0

@@ -15,9 +15,13 @@ the layer is committed only after both matched.
 from __future__ import annotations
 
 import hashlib
+import os
+import struct
 import threading
 import zlib
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 import zstandard
@@ -47,6 +51,54 @@ def from_oci_config(oci: dict[str, Any], layer_ids: list[str]) -> dict[str, Any]
     return cfg
 
 
+_POOL = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="layerfs-gzip")
+
+
+class ParallelGzip:
+    """gzip on every core, byte-for-byte deterministic (the pigz scheme).
+
+    The input is cut into fixed CHUNK-sized pieces; each is deflated on
+    its own (zlib releases the GIL) with the previous 32 KiB as dictionary,
+    ended by a sync flush; an empty final block and the CRC/size trailer
+    close the member. The output depends only on the input bytes, level
+    and chunk size, never on timing or the number of cores.
+    """
+
+    HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"   # no name, mtime 0, OS unknown
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.crc = 0
+        self.size = 0
+        self.prev = b""
+        self.pending: deque = deque()
+        self.started = False
+
+    @staticmethod
+    def _deflate(level: int, data: bytes, zdict: bytes) -> bytes:
+        c = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, zdict) if zdict else \
+            zlib.compressobj(level, zlib.DEFLATED, -15, 9)
+        return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+
+    def compress(self, data: bytes) -> bytes:
+        self.crc = zlib.crc32(data, self.crc)
+        self.size += len(data)
+        self.pending.append(_POOL.submit(self._deflate, self.level, data, self.prev[-32768:]))
+        self.prev = data
+        out = b""
+        if not self.started:
+            out, self.started = self.HEADER, True
+        while len(self.pending) > 2 * _POOL._max_workers or (self.pending and self.pending[0].done()):
+            out += self.pending.popleft().result()
+        return out
+
+    def flush(self) -> bytes:
+        out = b"" if self.started else self.HEADER
+        while self.pending:
+            out += self.pending.popleft().result()
+        return out + b"\x03\x00" + struct.pack("<II", self.crc & 0xFFFFFFFF, self.size & 0xFFFFFFFF)
+
+
 class _Sink:
     """File-like target of write_tar: hashes the tar, compresses, writes out."""
 
@@ -57,8 +109,7 @@ class _Sink:
         self.size = 0
         self.buf = bytearray()
         if compression == "gzip":
-            # wbits 31: gzip framing written by zlib itself (mtime 0, no name).
-            self.comp = zlib.compressobj(media.GZIP_LEVEL, zlib.DEFLATED, 31)
+            self.comp = ParallelGzip(media.GZIP_LEVEL)
         elif compression == "zstd":
             self.comp = zstandard.ZstdCompressor(level=media.ZSTD_LEVEL).compressobj()
         else:
@@ -66,9 +117,11 @@ class _Sink:
 
     def write(self, data) -> int:
         self.buf += data
-        if len(self.buf) >= media.CHUNK:
-            self._push(bytes(self.buf))
-            self.buf.clear()
+        # Fixed-size pieces: the compressed bytes must not depend on how
+        # the tar writer happens to split its writes.
+        while len(self.buf) >= media.CHUNK:
+            self._push(bytes(self.buf[:media.CHUNK]))
+            del self.buf[:media.CHUNK]
         return len(data)
 
     def _push(self, data: bytes) -> None:

@@ -105,7 +105,8 @@ class LayoutDestination:
     location = ""
     desired_compression = None
 
-    def __init__(self, path: str, archive: bool, ctx: Context) -> None:
+    def __init__(self, path: str, archive: bool, ctx: Context, ref_name: str = "") -> None:
+        self.ref_name = ref_name
         tmp = ctx.store.tmp_dir if (archive and ctx.store is not None) else None
         self.w = BundleWriter(path, archive, tmp)
         self.description = f"{'oci-archive' if archive else 'oci'}:{path}"
@@ -132,6 +133,13 @@ class LayoutDestination:
                 platform["variant"] = oci["variant"]
         except (ValueError, AttributeError):
             platform = {}
+        if self.ref_name:
+            self.index = [e for e in self.index
+                          if (e.get("annotations") or {}).get(media.ANNOTATION_REF_NAME) != self.ref_name]
+            self.index.append(Descriptor(manifest.media_type, manifest.digest, len(manifest.raw),
+                                         ((media.ANNOTATION_REF_NAME, self.ref_name),),
+                                         tuple(sorted(platform.items()))).to_json())
+            return manifest.digest
         for name in names or [""]:
             ann = {}
             if name:
@@ -172,4 +180,5 @@ class LayoutTransport:
         return layout_sources(bundle, ctx, image)
 
     def destination(self, ref: str, ctx: Context) -> LayoutDestination:
-        return LayoutDestination(ref, self.archive, ctx)
+        path, image = self._split(ref)
+        return LayoutDestination(path, self.archive, ctx, image)

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 
 from layerfs.errors import InvalidInput, LayerfsError, NotFound
-from layerfs.oci import media
 from layerfs.oci.auth import AuthFile, normalize_host
 from layerfs.oci.bundle import open_bundle
 from layerfs.oci.cache import BlobInfoCache
@@ -22,6 +21,7 @@ from layerfs.oci.layout import LayoutTransport, layout_sources
 from layerfs.oci.registry_transport import RegistryRef, RegistryTransport, client_for, forget_clients
 from layerfs.oci.store_transport import StoreTransport
 from layerfs.oci.types import Context, CopyResult
+from layerfs.store import references
 from layerfs.store.images import Image
 from layerfs.store.store import Store
 
@@ -129,13 +129,14 @@ def load(store: Store, path: str, **kw) -> list[Loaded]:
 
 
 def _tags(store: Store, r: CopyResult) -> list[str]:
-    return [t for t in store.tags_of(r.destination_ref) if t in {str(_p(n)) for n in r.names}]
-
-
-def _p(name: str):
-    from layerfs.store import references
-
-    return references.parse(name)
+    """The tags this copy set (not every tag the image happens to have)."""
+    wanted = set()
+    for n in r.names:
+        try:
+            wanted.add(str(references.parse(n)))
+        except InvalidInput:
+            pass
+    return [t for t in store.tags_of(r.destination_ref) if t in wanted]
 
 
 def push(store: Store, image: str, dest: str | None = None, **kw) -> CopyResult:
@@ -181,5 +182,4 @@ def logout(store: Store, registry: str) -> None:
     forget_clients()
 
 
-__all__ = ["TRANSPORTS", "copy", "save", "load", "push", "pull", "login", "logout", "Loaded", "context",
-           "media"]
+__all__ = ["TRANSPORTS", "copy", "save", "load", "push", "pull", "login", "logout", "Loaded", "context"]

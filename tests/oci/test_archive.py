@@ -85,7 +85,8 @@ def test_umoci_unpacks_what_layerfs_saved(bb_store, busybox, tmp_path):
     with tarfile.open(tmp_path / "app.tar") as tf:
         tf.extractall(layout)
     bundle = tmp_path / "bundle"
-    subprocess.run(["umoci", "unpack", "--image", f"{layout}:top", str(bundle)], check=True, capture_output=True)
+    p = subprocess.run(["umoci", "unpack", "--image", f"{layout}:top", str(bundle)], capture_output=True, text=True)
+    assert p.returncode == 0, (p.stderr, os.listdir(layout), tarfile.open(tmp_path / "app.tar").getnames()[-3:])
     got = tree_signature(str(bundle / "rootfs"))
     want = _sig_of(bb_store, top, str(tmp_path / "export"))
     assert "bin/vi" not in got and "srv/app.txt" in got
