@@ -46,12 +46,12 @@ def import_cmd(store: Store, source: str, tags: tuple[str, ...], base: str | Non
     for t in tags:
         references.parse(t)
     base_image = store.image(base) if base else None
-    lid = transfer.import_layer(store, source, base_image, as_layer)
-    hist = img.history_entry(f"layerfs import {os.path.basename(os.path.abspath(source))}", comment=message)
-    config = img.with_layer(base_image.config if base_image else None, lid, hist)
-    image = store.put_image(config)
-    for t in tags:
-        store.tag(image.id, t)
+    with store.writing():
+        lid = transfer.import_layer(store, source, base_image, as_layer)
+        hist = img.history_entry(f"layerfs import {os.path.basename(os.path.abspath(source))}", comment=message)
+        image = store.put_image(img.with_layer(base_image.config if base_image else None, lid, hist))
+        for t in tags:
+            store.tag(image.id, t)
     click.echo(image.id)
 
 

@@ -80,12 +80,12 @@ def _set_mtimes(root: str, mtime: int) -> None:
 
 
 def import_tree(store: Store, tree: str, created_by: str, runtime: dict, tag: str) -> Image:
-    lid = transfer.import_layer(store, tree)
-    size = store.layer_info(lid)[0]
     created = img.timestamp(float(os.stat(tree).st_mtime))
     history = [img.history_entry(created_by, created=created)]
-    image = store.put_image(img.new_config([lid], runtime, history, created=created))
-    store.tag(image.id, tag)
+    with store.writing():
+        lid = transfer.import_layer(store, tree)
+        image = store.put_image(img.new_config([lid], runtime, history, created=created))
+        store.tag(image.id, tag)
     return image
 
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import io
+import itertools
+import threading
 import errno
 import os
 from collections.abc import Callable, Iterator
@@ -89,6 +91,28 @@ class ObjectStore:
     def __init__(self, root: str, tmp_dir: str) -> None:
         self.root = root
         self.tmp_dir = tmp_dir
+        self._local = threading.local()
+        self._counter = itertools.count()
+        # All 256 fan-out dirs up front: one makedirs per object was a
+        # measurable share of import time.
+        for i in range(256):
+            os.makedirs(os.path.join(root, f"{i:02x}"), exist_ok=True)
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        # Contexts are costly to create and not thread-safe: one per thread.
+        c = getattr(self._local, "zc", None)
+        if c is None:
+            c = self._local.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        return c
+
+    def _tmp(self) -> tuple[int, str]:
+        """A new temp file; cheaper than tempfile.mkstemp (no random names)."""
+        while True:
+            path = os.path.join(self.tmp_dir, f"o-{os.getpid()}-{next(self._counter)}")
+            try:
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), path
+            except FileExistsError:
+                continue
 
     # -- paths -------------------------------------------------------------
     def raw_path(self, digest: str) -> str:
@@ -120,7 +144,7 @@ class ObjectStore:
         if len(data) > COMPRESS_MAX:
             self._write(self.raw_path(digest), [data])
             return StoredObject(digest, len(data), len(data), False)
-        packed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data) if len(data) >= COMPRESS_MIN else b""
+        packed = self._compressor().compress(data) if len(data) >= COMPRESS_MIN else b""
         if packed and should_compress(len(data), len(packed)):
             self._write(self.zst_path(digest), [packed])
             return StoredObject(digest, len(data), len(packed), True)
@@ -151,7 +175,7 @@ class ObjectStore:
 
     def _put_stream(self, f: "io.RawIOBase", known: KnownDigests | None) -> StoredObject:
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        fd, tmp = _mkstemp(self.tmp_dir)
+        fd, tmp = self._tmp()
         size = 0
         try:
             while chunk := f.read(CHUNK):
@@ -165,9 +189,7 @@ class ObjectStore:
             if known is not None and known(digest):
                 os.unlink(tmp)
                 return StoredObject(digest, size, -1, False)
-            dst = self.raw_path(digest)
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            os.replace(tmp, dst)
+            os.replace(tmp, self.raw_path(digest))
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -176,14 +198,31 @@ class ObjectStore:
         return StoredObject(digest, size, size, False)
 
     def _write(self, dst: str, parts: list[bytes]) -> None:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        fd, tmp = _mkstemp(self.tmp_dir)
+        """Publish *dst* atomically: an unnamed O_TMPFILE linked into place
+        once complete (one directory operation, no debris on a crash), or
+        tmp + rename where the filesystem lacks O_TMPFILE."""
         try:
-            for part in parts:
-                write_sparse(fd, part)
-            os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
+            fd = os.open(os.path.dirname(dst), os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise
+            return self._write_renamed(dst, parts)
+        try:
+            _fill(fd, parts)
+            try:
+                _link_fd(fd, dst)
+            except FileExistsError:
+                pass  # same name, same content: another writer got there first
+        finally:
             os.close(fd)
-            fd = -1
+
+    def _write_renamed(self, dst: str, parts: list[bytes]) -> None:
+        fd, tmp = self._tmp()
+        try:
+            try:
+                _fill(fd, parts)
+            finally:
+                os.close(fd)
             os.replace(tmp, dst)
         except BaseException:
             _unlink_quiet(tmp)
@@ -217,7 +256,9 @@ class ObjectStore:
         with open(path, "rb", buffering=0) as f:
             if compressed:
                 data = zstandard.ZstdDecompressor().decompress(f.read())
-                return write_sparse(out_fd, data)
+                if write_sparse(out_fd, data) != len(data):
+                    os.ftruncate(out_fd, len(data))
+                return len(data)
             return copy_sparse(f.fileno(), out_fd)
 
     def verify(self, digest: str) -> bool:
@@ -251,10 +292,23 @@ class ObjectStore:
 
 
 
-def _mkstemp(tmp_dir: str) -> tuple[int, str]:
-    import tempfile
+_AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
 
-    return tempfile.mkstemp(dir=tmp_dir, prefix="o-")
+
+def _link_fd(fd: int, dst: str) -> None:
+    # os.link() uses link(2), which would link the /proc symlink itself;
+    # linkat with AT_SYMLINK_FOLLOW links the open file it points at.
+    if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(dst), _AT_SYMLINK_FOLLOW):
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
+
+
+def _fill(fd: int, parts: list[bytes]) -> None:
+    holes = False
+    for part in parts:
+        holes |= write_sparse(fd, part) != len(part)
+    if holes:
+        os.ftruncate(fd, sum(map(len, parts)))
 
 
 def _unlink_quiet(path: str) -> None:
@@ -274,17 +328,19 @@ def _write_all(fd: int, data: bytes) -> int:
 
 def write_sparse(fd: int, data: bytes) -> int:
     """Write *data* at fd's offset, seeking over zero blocks so they stay
-    holes. The caller ftruncates to the final size (a trailing hole)."""
-    if len(data) < HOLE:
+    holes; returns the bytes really written. When that is less than
+    ``len(data)`` the caller ftruncates to the final size (a trailing hole)."""
+    if len(data) < HOLE or _ZERO_HOLE not in data:
         return _write_all(fd, data)
     view = memoryview(data)
+    written = 0
     for off in range(0, len(data), HOLE):
         chunk = view[off:off + HOLE]
         if len(chunk) == HOLE and chunk == _ZERO_HOLE:
             os.lseek(fd, HOLE, os.SEEK_CUR)
         else:
-            _write_all(fd, chunk)
-    return len(data)
+            written += _write_all(fd, chunk)
+    return written
 
 
 def copy_sparse(src: int, dst: int) -> int:

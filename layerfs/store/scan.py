@@ -22,7 +22,7 @@ from layerfs.store.manifest import Entry
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
-HASH_WORKERS = 4
+HASH_WORKERS = max(2, os.cpu_count() or 2)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from layerfs.store.scan import FileRef, parallel_map, scan
 from layerfs.store.tree import MergedTree, flatten
 
 DEFAULT_ROOT = "/var/lib/layerfs"
+RACY_NS = 2_000_000_000
 
 
 def default_root() -> str:
@@ -61,6 +62,8 @@ class Store:
         self.db = Database(os.path.join(self.root, "db.sqlite"))
         self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._db_lock = threading.Lock()
+        self._lease_lock = threading.Lock()
+        self._lease_depth = 0
         self._pending: set[str] = set()
 
     def close(self) -> None:
@@ -76,12 +79,23 @@ class Store:
     # -- locking -------------------------------------------------------------
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
-        """Shared store lock: many writers at once, but never during gc."""
-        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        """Shared store lock: many writers at once, but never during gc.
+
+        It is also the lease that keeps a new layer alive until an image or
+        reference points at it: hold it across import + put_image, or gc
+        may sweep the layer in between. Re-entrant within one Store.
+        """
+        with self._lease_lock:
+            if self._lease_depth == 0:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+            self._lease_depth += 1
         try:
             yield
         finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            with self._lease_lock:
+                self._lease_depth -= 1
+                if self._lease_depth == 0:
+                    fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -93,6 +107,8 @@ class Store:
 
     # -- objects -------------------------------------------------------------
     def has_object(self, digest: str) -> bool:
+        """True if the content is committed or being written by this import
+        (the first asker claims it and writes it; the others skip)."""
         with self._db_lock:
             if digest in self._pending:
                 return True
@@ -104,29 +120,38 @@ class Store:
     def _resolve_contents(self, files: list[FileRef], fresh: list[StoredObject],
                           stat_rows: list[tuple]) -> dict[str, str]:
         """Digest every file, reusing the stat cache; new contents are stored."""
-        cached = self._stat_cache_hits(files)
+        out = self._stat_cache_hits(files)
+        misses = [ref for ref in files if ref.rel not in out]
 
-        def one(ref: FileRef) -> tuple[str, str, StoredObject | None]:
-            if ref.rel in cached:
-                return ref.rel, cached[ref.rel], None
-            obj = self.objects.put_file(ref.abspath, known=self.has_object)
-            return ref.rel, obj.digest, obj
+        def store_one(ref: FileRef) -> StoredObject:
+            return self.objects.put_file(ref.abspath, known=self.has_object)
 
-        out = {}
-        for ref, (rel, digest, obj) in zip(files, parallel_map(one, files)):
-            out[rel] = digest
-            if obj is not None:
-                if obj.stored_size >= 0:
-                    fresh.append(obj)
-                st = ref.st
-                stat_rows.append((os.fsencode(ref.abspath), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest))
+        racy = time.time_ns() - RACY_NS
+        for ref, obj in zip(misses, parallel_map(store_one, misses)):
+            out[ref.rel] = obj.digest
+            if obj.stored_size >= 0:
+                fresh.append(obj)
+            st = ref.st
+            # Like git's racy-clean rule: a file changed within the last
+            # timestamp tick could change again unseen, so don't cache it.
+            if st.st_ctime_ns < racy:
+                stat_rows.append((os.fsencode(ref.abspath), st.st_dev, st.st_ino, st.st_size,
+                                  st.st_mtime_ns, st.st_ctime_ns, obj.digest))
         return out
 
     def _stat_cache_hits(self, files: list[FileRef]) -> dict[str, str]:
+        """{rel: digest} of files unchanged since they were last stored."""
+        if not files:
+            return {}
+        prefix = os.fsencode(os.path.commonpath([f.abspath for f in files]))
+        rows = self.db.all(
+            "SELECT s.path, s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.digest FROM stat_cache s"
+            " JOIN objects o ON o.digest = s.digest WHERE s.path >= ? AND s.path < ?",
+            prefix, prefix + b"\xff")
+        cache = {r[0]: r[1:] for r in rows}
         hits = {}
-        q = "SELECT s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.digest FROM stat_cache s JOIN objects o ON o.digest = s.digest WHERE path=?"
         for ref in files:
-            row = self.db.one(q, os.fsencode(ref.abspath))
+            row = cache.get(os.fsencode(ref.abspath))
             st = ref.st
             if row and row[:5] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
                 hits[ref.rel] = row[5]
@@ -167,29 +192,30 @@ class Store:
             from layerfs.store.atomic import write_bytes
 
             write_bytes(path, data, self.tmp_dir, durable=False)
-        syncfs(self.root)
-        digests = {e.digest for e in entries if e.kind == mf.FILE and e.digest}
-        size = sum(e.size for e in entries if e.kind == mf.FILE)
-        with self.db.transaction() as c:
-            c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?)",
-                          [(o.digest, o.size, o.stored_size, int(o.compressed)) for o in fresh])
-            missing = self._missing_objects(c, digests)
-            if missing:
-                raise NotFound(f"layer refers to {len(missing)} objects the store does not have, e.g. {missing[0][:12]}")
-            c.execute("INSERT OR IGNORE INTO layers VALUES (?,?,?,?)", (lid, size, len(entries), time.time()))
-            c.executemany("INSERT OR IGNORE INTO layer_objects VALUES (?,?)", [(lid, d) for d in digests])
-            c.executemany("INSERT OR REPLACE INTO stat_cache VALUES (?,?,?,?,?,?,?)", stat_rows)
-        with self._db_lock:
-            self._pending.clear()
+        if fresh or stat_rows:
+            syncfs(self.root)
+        try:
+            with self.db.transaction() as c:
+                self._commit_rows(c, lid, entries, fresh, stat_rows)
+        finally:
+            with self._db_lock:
+                self._pending.clear()
         return lid
 
-    @staticmethod
-    def _missing_objects(c, digests: set[str]) -> list[str]:
-        missing = []
-        for d in digests:
-            if c.execute("SELECT 1 FROM objects WHERE digest=?", (d,)).fetchone() is None:
-                missing.append(d)
-        return missing
+    def _commit_rows(self, c, lid: str, entries: list[Entry], fresh: list[StoredObject],
+                     stat_rows: list[tuple]) -> None:
+        c.executemany("INSERT OR IGNORE INTO objects VALUES (?,?,?,?)",
+                      [(o.digest, o.size, o.stored_size, int(o.compressed)) for o in fresh])
+        c.executemany("INSERT OR REPLACE INTO stat_cache VALUES (?,?,?,?,?,?,?)", stat_rows)
+        if c.execute("SELECT 1 FROM layers WHERE id=?", (lid,)).fetchone():
+            return  # same tree as before: nothing new to record
+        digests = {e.digest for e in entries if e.kind == mf.FILE and e.digest}
+        missing = _missing_objects(c, digests)
+        if missing:
+            raise NotFound(f"layer refers to {len(missing)} objects the store does not have, e.g. {missing[0][:12]}")
+        size = sum(e.size for e in entries if e.kind == mf.FILE)
+        c.execute("INSERT INTO layers VALUES (?,?,?,?)", (lid, size, len(entries), time.time()))
+        c.executemany("INSERT INTO layer_objects VALUES (?,?)", [(lid, d) for d in digests])
 
     def layer_entries(self, layer_id: str) -> list[Entry]:
         return list(_read_manifest(self.root, layer_id))
@@ -330,6 +356,18 @@ class Store:
             if key is None:
                 return c.execute("DELETE FROM refs WHERE kind=?", (kind,)).rowcount
             return c.execute("DELETE FROM refs WHERE kind=? AND key=?", (kind, key)).rowcount
+
+
+def _missing_objects(c, digests: set[str]) -> list[str]:
+    """Digests with no committed object, checked 500 at a time."""
+    todo = sorted(digests)
+    missing = []
+    for i in range(0, len(todo), 500):
+        chunk = todo[i:i + 500]
+        found = {r[0] for r in c.execute(
+            f"SELECT digest FROM objects WHERE digest IN ({','.join('?' * len(chunk))})", chunk)}
+        missing += [d for d in chunk if d not in found]
+    return missing
 
 
 def _within(path: str, parent: str) -> bool:

@@ -88,9 +88,10 @@ from layerfs.store import transfer, images as img
 root, src, tag = sys.argv[1:4]
 with Store(root) as s:
     for i in range(5):
-        lid = transfer.import_layer(s, src)
-        im = s.put_image(img.new_config([lid], history=[img.history_entry(f"{tag}-{i}")]))
-        s.tag(im.id, f"{tag}:{i}")
+        with s.writing():  # the lease: gc must not sweep the layer before the image names it
+            lid = transfer.import_layer(s, src)
+            im = s.put_image(img.new_config([lid], history=[img.history_entry(f"{tag}-{i}")]))
+            s.tag(im.id, f"{tag}:{i}")
 """
 
 
