@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from layerfs.store.store import Store
 
 TMP_GRACE = 3600.0
+# Mappings kept for interop (OCI digests <-> layer ids) describe layers but
+# must not keep them alive: they go when their layer or image goes.
+WEAK_PREFIX = "oci-"
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,9 @@ class GcResult:
 
 def live_layers(store: Store) -> set[str]:
     live = {r[0] for r in store.db.all("SELECT DISTINCT layer_id FROM image_layers")}
-    live |= {r[0] for r in store.db.all("SELECT layer_id FROM refs WHERE layer_id IS NOT NULL")}
-    for (iid,) in store.db.all("SELECT image_id FROM refs WHERE image_id IS NOT NULL"):
+    strong = "kind NOT LIKE ? || '%'"
+    live |= {r[0] for r in store.db.all(f"SELECT layer_id FROM refs WHERE layer_id IS NOT NULL AND {strong}", WEAK_PREFIX)}
+    for (iid,) in store.db.all(f"SELECT image_id FROM refs WHERE image_id IS NOT NULL AND {strong}", WEAK_PREFIX):
         live |= {r[0] for r in store.db.all("SELECT layer_id FROM image_layers WHERE image_id=?", iid)}
     return live
 
@@ -40,6 +44,9 @@ def collect(store: Store, dry_run: bool = False) -> GcResult:
         if not dry_run:
             with store.db.transaction() as c:
                 c.executemany("DELETE FROM layers WHERE id=?", [(lid,) for lid in dead_layers])
+                c.execute("DELETE FROM refs WHERE kind LIKE ? || '%' AND ("
+                          "(layer_id IS NOT NULL AND layer_id NOT IN (SELECT id FROM layers)) OR "
+                          "(image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))", (WEAK_PREFIX,))
         dead_objects = store.db.all(
             "SELECT digest, stored_size FROM objects WHERE digest NOT IN (SELECT digest FROM layer_objects)")
         if not dry_run:
