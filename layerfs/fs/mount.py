@@ -346,8 +346,14 @@ def _run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             nursery.cancel_scope.cancel()
 
     code = 0
+    profile = os.environ.get("LAYERFS_FS_PROFILE")  # developer aid: cProfile the daemon into this file
     try:
-        trio.run(serve)
+        if profile:
+            import cProfile
+
+            cProfile.runctx("trio.run(serve)", globals(), {"trio": trio, "serve": serve}, profile)
+        else:
+            trio.run(serve)
     except BaseException:
         log.exception("FUSE loop failed")
         code = 1
@@ -498,8 +504,9 @@ def list_mounts(store_root: str, clean: bool = True) -> list[MountInfo]:
 
 
 def is_enotconn(mountpoint: str) -> bool:
+    """True if *mountpoint* is a FUSE mount whose daemon is gone."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # statfs always reaches the daemon; stat may be cached
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

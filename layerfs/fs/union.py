@@ -39,7 +39,7 @@ import pyfuse3
 import trio
 import zstandard
 
-from layerfs.errors import Corrupt
+from layerfs.errors import Corrupt, NotFound
 from layerfs.fs.index import LowerIndex
 from layerfs.fs.inodes import InodeTable, Node
 from layerfs.fs.upper import (PRIVATE_PREFIX, RENAME_EXCHANGE, RENAME_NOREPLACE, UpperDir,
@@ -341,21 +341,20 @@ class Union:
         return fh
 
     def _lower_handle(self, node: Node) -> Handle:
+        """No syscalls here: where the object is gets found at first read
+        (many opens never read, e.g. tar of a file the kernel has cached)."""
         m = self.index.meta[node.lower]
         size, digest = m[4], m[5]
         if size == 0:
             return Handle(node, "mem", data=b"")
-        path, compressed = self.objects.locate(digest)
-        if compressed or size <= SMALL_OBJECT:
-            return Handle(node, "mem", digest=digest, path=path, size=size, data=None,
-                          fd=-2 if compressed else -1)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        return Handle(node, "raw", fd, digest=digest, path=path, size=size)
+        return Handle(node, "mem" if size <= SMALL_OBJECT else "lazy", digest=digest, size=size)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self.handles[fh]
         if h.kind != "upper" and h.node.upper:
             self._switch_to_upper(h)
+        if h.kind == "lazy":
+            self._open_big(h)
         if h.kind == "mem":
             if h.data is None:
                 await self._load(h)
@@ -372,9 +371,29 @@ class Union:
             os.close(h.fd)
         h.kind, h.fd, h.data = "upper", fd, None
 
+    def _open_big(self, h: Handle) -> None:
+        try:
+            path, compressed = self.objects.locate(h.digest)
+        except NotFound as exc:
+            raise Corrupt(str(exc)) from None
+        if compressed:  # (only if the store's size rule changes) decompress whole
+            h.kind, h.path, h.fd = "mem", path, -2
+            return
+        h.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        h.kind, h.path = "raw", path
+
     async def _load(self, h: Handle) -> None:
+        if not h.path:
+            h.path = self.objects.raw_path(h.digest)
+        try:
+            data = _read_nowait(h.path, h.fd == -2)
+        except FileNotFoundError:
+            h.path, h.fd = self.objects.zst_path(h.digest), -2
+            try:
+                data = _read_nowait(h.path, True)
+            except FileNotFoundError:
+                raise Corrupt(f"object {h.digest[:12]} is missing from the store") from None
         compressed = h.fd == -2
-        data = _read_nowait(h.path, compressed)
         if data is None:  # not in the page cache: wait for the disk in a thread
             data = await trio.to_thread.run_sync(_read_object, h.path, compressed)
         if h.digest not in self.verified:

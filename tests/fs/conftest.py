@@ -1,0 +1,177 @@
+"""Fixtures for real FUSE mounts: a layered test image, layerfs and kernel
+overlayfs mounts of it, always unmounted again (daemons killed by pid)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import stat
+import subprocess
+import time
+
+import pytest
+
+from layerfs.fs import mount as fsmount
+from layerfs.store import images as img
+from layerfs.store import transfer
+from layerfs.store.store import Store
+
+
+def _fuse_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "FUSE mount tests need root (mount, chown, trusted.* xattrs)"
+    if not os.path.exists("/dev/fuse"):
+        return "FUSE mount tests need /dev/fuse"
+    return None
+
+
+FUSE_SKIP = _fuse_skip_reason()
+needs_fuse = pytest.mark.skipif(FUSE_SKIP is not None, reason=FUSE_SKIP or "")
+
+T0 = 1_600_000_000  # a fixed, old mtime for every lower node
+
+
+# -- building layered images -------------------------------------------------
+def _touch(path: str, data: bytes = b"", mode: int = 0o644, uid: int = 0, gid: int = 0) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+def _whiteout(path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.mknod(path, stat.S_IFCHR, 0)
+
+
+def _opaque(path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    os.setxattr(path, "trusted.overlay.opaque", b"y")
+
+
+def _fix_times(root: str) -> None:
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), (T0, T0), follow_symlinks=False)
+    os.utime(root, (T0, T0))
+
+
+def build_layers(base: str) -> list[str]:
+    """Three overlay-format layer dirs exercising every kind and rule."""
+    l0, l1, l2 = (os.path.join(base, f"layer{i}") for i in range(3))
+    _touch(f"{l0}/a/f1", b"one\n")
+    _touch(f"{l0}/a/f2", b"two\n", 0o600, 1000, 1000)
+    _touch(f"{l0}/a/sub/g", b"g\n")
+    _touch(f"{l0}/a/sub/deep/x/y/z", b"z\n")
+    _touch(f"{l0}/b/h", b"compressible line\n" * 2000)
+    rnd = os.urandom(1 << 20)
+    _touch(f"{l0}/b/big", rnd + bytes(1 << 20) + rnd[:1000])  # raw, with a hole
+    os.makedirs(f"{l0}/c")
+    _touch(f"{l0}/hl1", b"hard\n")
+    os.link(f"{l0}/hl1", f"{l0}/hl2")
+    os.link(f"{l0}/hl1", f"{l0}/a/hl3")
+    os.symlink("a/f1", f"{l0}/link1")
+    os.symlink("nowhere", f"{l0}/dangling")
+    os.mkfifo(f"{l0}/fifo1")
+    os.mknod(f"{l0}/dev1", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    _touch(f"{l0}/xf", b"x\n")
+    os.setxattr(f"{l0}/xf", "user.k", b"v")
+    os.setxattr(f"{l0}/xf", "trusted.t", b"1")
+    os.makedirs(f"{l0}/sticky")
+    os.chmod(f"{l0}/sticky", 0o1777)
+    _touch(f"{l0}/suid", b"#!/bin/sh\n", 0o4755)
+    _touch(f"{l0}/d/old", b"old\n")
+    _touch(f"{l0}/many/f0", b"")
+    for i in range(1, 60):
+        _touch(f"{l0}/many/f{i}", b"%d\n" % i)
+    _touch(f"{l0}/\u00fcnic\u00f8de/\u65e5\u672c", b"unicode\n")
+    # layer 1: an overwrite, a whiteout, an opaque dir, a new tree
+    _touch(f"{l1}/a/f1", b"one v2\n")
+    _whiteout(f"{l1}/a/f2")
+    _opaque(f"{l1}/d")
+    _touch(f"{l1}/d/new", b"new\n")
+    _touch(f"{l1}/e/e1", b"e1\n", 0o640, 33, 33)
+    # layer 2: a whiteout of a deep dir, a file over a dir, an opaque dir
+    _whiteout(f"{l2}/a/sub/deep")
+    _touch(f"{l2}/a/sub/k", b"k\n")
+    _touch(f"{l2}/c", b"c is a file now\n")
+    _opaque(f"{l2}/e")
+    _touch(f"{l2}/e/e2", b"e2\n")
+    _touch(f"{l2}/top", b"top\n")
+    for layer in (l0, l1, l2):
+        _fix_times(layer)
+    return [l0, l1, l2]
+
+
+def make_image(store: Store, layer_dirs: list[str], tag: str):
+    lids = [transfer.import_layer(store, d, as_layer=True) for d in layer_dirs]
+    image = store.put_image(img.new_config(lids))
+    store.tag(image.id, tag)
+    return image
+
+
+@pytest.fixture(scope="session")
+def fs_env(tmp_path_factory):
+    """A store holding the three-layer test image, shared by the session."""
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    base = tmp_path_factory.mktemp("fsenv")
+    root = str(base / "store")
+    with Store(root) as store:
+        image = make_image(store, build_layers(str(base / "src")), "fstest:latest")
+        lowers = []
+        for i, lid in enumerate(image.layers):
+            d = str(base / f"lower{i}")
+            transfer.extract_layer(store, lid, d)
+            lowers.append(d)
+    return {"root": root, "image": "fstest:latest", "image_id": image.id, "lowers": lowers, "base": base}
+
+
+# -- mounting ------------------------------------------------------------------
+def _kill_daemon(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def layerfs_mount(root: str, image: str, mp: str, upper: str | None = None, read_only: bool = False):
+    os.makedirs(mp, exist_ok=True)
+    handle = fsmount.mount_image(root, image, mp, upper_dir=upper, read_only=read_only)
+    try:
+        yield handle
+    finally:
+        try:
+            fsmount.unmount(root, mp, timeout=20)
+        finally:
+            if fsmount.mounted_fstype(mp) is not None:
+                _kill_daemon(handle.pid)
+                subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+def fresh_upper(path: str, like: str | None = None) -> str:
+    """An empty upper dir whose root looks like the lower root *like*."""
+    os.makedirs(path)
+    if like is not None:
+        st = os.lstat(like)
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+        os.utime(path, ns=(st.st_mtime_ns, st.st_mtime_ns))
+    return path
+
+
+@contextlib.contextmanager
+def kernel_overlay(lowers: list[str], upper: str, work: str, mp: str):
+    os.makedirs(work, exist_ok=True)
+    os.makedirs(mp, exist_ok=True)
+    opts = f"lowerdir={':'.join(reversed(lowers))},upperdir={upper},workdir={work},index=on,redirect_dir=on"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mp], check=True, capture_output=True)
+    try:
+        yield mp
+    finally:
+        for _ in range(50):
+            if subprocess.run(["umount", mp], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            subprocess.run(["umount", "-l", mp], capture_output=True)
