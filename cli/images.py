@@ -196,6 +196,7 @@ def export_cmd(store: Store, image: str, output: str) -> None:
 @with_store
 def df_cmd(store: Store, verbose: bool, fmt: str) -> None:
     """Show disk usage and what sharing saves, at layer and at file level."""
+    _load_usage_contributors()
     u = usage.measure(store)
     if fmt == "json":
         emit_json({"Logical": u.logical, "LayerLevel": u.layer_level, "FileLevel": u.file_level,
@@ -229,8 +230,17 @@ def _pct(whole: int, part: int) -> str:
     return f"{100 * (1 - part / whole):.1f}%" if whole else "0%"
 
 
-# Other command groups (containers) add their own df -v sections here.
+# Other command groups add their own df sections here when imported;
+# the CLI loads groups lazily, so df imports the ones that contribute.
 EXTRA_USAGE: list = []
+USAGE_CONTRIBUTORS = ("layerfs_cli.containers",)
+
+
+def _load_usage_contributors() -> None:
+    import importlib
+
+    for name in USAGE_CONTRIBUTORS:
+        importlib.import_module(name)
 
 
 def _extra_usage(store: Store) -> dict:

@@ -1,8 +1,11 @@
 """The ``layerfs`` command: a thin click front end over the library.
 
-Each command group lives in its own module and registers itself in
-:data:`GROUPS`. Library errors become one line on stderr and the exit code
-their class carries; nothing else is caught, so bugs still show tracebacks.
+Each command group lives in its own module with a ``register(cli)``;
+:data:`COMMANDS` says which module holds which command so that only the
+module a command needs is imported (``layerfs mount`` must not pay for the
+registry client). Library errors become one line on stderr and the exit
+code their class carries; nothing else is caught, so bugs still show
+tracebacks.
 """
 
 from __future__ import annotations
@@ -14,10 +17,31 @@ import click
 from layerfs.errors import LayerfsError
 from layerfs_cli import common
 
-GROUPS = ("images", "mounts", "containers", "build", "oci")
+COMMANDS = {
+    "images": ("bootstrap", "df", "export", "fsck", "gc", "history", "images", "import", "inspect", "rmi", "tag"),
+    "mounts": ("mount", "mounts", "umount"),
+    "containers": ("bundle", "commit", "diff", "exec", "kill", "logs", "ps", "rm", "run", "start", "stop", "wait"),
+    "build": ("build", "builder"),
+    "oci": ("load", "login", "logout", "pull", "push", "save"),
+}
+MODULE_OF = {cmd: module for module, cmds in COMMANDS.items() for cmd in cmds}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """Imports a command's module the first time the command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(MODULE_OF)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in MODULE_OF:
+            import importlib
+
+            importlib.import_module(f"layerfs_cli.{MODULE_OF[name]}").register(self)
+        return self.commands.get(name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--root", envvar="LAYERFS_ROOT", metavar="DIR",
               help="Store root (default /var/lib/layerfs as root; env LAYERFS_ROOT).")
 @click.option("--debug", is_flag=True, hidden=True, help="Show tracebacks for errors.")
@@ -26,17 +50,6 @@ GROUPS = ("images", "mounts", "containers", "build", "oci")
 def cli(ctx: click.Context, root: str | None, debug: bool) -> None:
     """layerfs: a layered, content-addressed image store with a FUSE union filesystem."""
     ctx.obj = common.Options(root=root, debug=debug)
-
-
-def _register() -> None:
-    import importlib
-
-    for name in GROUPS:
-        module = importlib.import_module(f"layerfs_cli.{name}")
-        module.register(cli)
-
-
-_register()
 
 
 def main() -> None:
@@ -58,7 +71,6 @@ def main() -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(141)
-    code = click.get_current_context(silent=True)
     sys.exit(0)
 
 

@@ -57,23 +57,18 @@ def collect(store: Store, dry_run: bool = False) -> GcResult:
                 store.objects.remove(d)
             for lid in dead_layers:
                 _unlink(store.layer_manifest_path(lid))
-        debris = 0 if dry_run else sweep_debris(store)
+        debris = 0 if dry_run else sweep_debris(store) + sweep_fs_leftovers(store)
     return GcResult(len(dead_layers), len(dead_objects), sum(s for _, s in dead_objects), debris)
 
 
 def sweep_debris(store: Store) -> int:
     """Remove files the database does not know: interrupted writes, and
     objects/manifests written by an import that never committed."""
+    # We hold the exclusive lock, so no writer is active: all of tmp/ is debris.
     n = 0
-    now = time.time()
     for name in os.listdir(store.tmp_dir):
-        path = os.path.join(store.tmp_dir, name)
-        try:
-            if now - os.lstat(path).st_mtime > TMP_GRACE or not _locked_elsewhere(store):
-                _remove_any(path)
-                n += 1
-        except FileNotFoundError:
-            continue
+        _remove_any(os.path.join(store.tmp_dir, name))
+        n += 1
     known = {r[0] for r in store.db.all("SELECT digest FROM objects")}
     for digest, path in store.objects.iter_on_disk():
         if digest not in known:
@@ -88,9 +83,41 @@ def sweep_debris(store: Store) -> int:
     return n
 
 
-def _locked_elsewhere(store: Store) -> bool:
-    # We hold the exclusive lock, so no writer is active: all tmp is debris.
-    return False
+def sweep_fs_leftovers(store: Store) -> int:
+    """Index caches of deleted images, and private uppers of mounts whose
+    daemon died (not named by any mount reference, untouched for a while:
+    a mount being set up has no reference yet)."""
+    import json
+
+    n = 0
+    images = {r[0] for r in store.db.all("SELECT id FROM images")}
+    cache = os.path.join(store.root, "fscache")
+    for name in _listdir(cache):
+        if name.split(".")[0] not in images:
+            _remove_any(os.path.join(cache, name))
+            n += 1
+    in_use = set()
+    for _, _, _, data in store.refs("mount"):
+        try:
+            upper = json.loads(data or "{}").get("upper") or ""
+        except ValueError:
+            continue
+        in_use |= {upper, upper + ".work", os.path.dirname(upper)}
+    uppers = os.path.join(store.root, "uppers")
+    now = time.time()
+    for name in _listdir(uppers):
+        path = os.path.join(uppers, name)
+        if path not in in_use and now - os.lstat(path).st_mtime > TMP_GRACE:
+            _remove_any(path)
+            n += 1
+    return n
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
 
 
 def _unlink(path: str) -> None:
