@@ -90,6 +90,11 @@ def import_tree(store: Store, tree: str, created_by: str, runtime: dict, tag: st
 
 
 def bootstrap_busybox(store: Store, tag: str = "busybox:latest") -> Image:
+    with store.writing():  # gc must not sweep the staging tree under tmp/
+        return _bootstrap_busybox(store, tag)
+
+
+def _bootstrap_busybox(store: Store, tag: str) -> Image:
     work = tempfile.mkdtemp(prefix="bootstrap-", dir=store.tmp_dir)
     try:
         tree = os.path.join(work, "rootfs")
@@ -125,6 +130,11 @@ def bootstrap_debian(store: Store, suite: str = "bookworm", tag: str | None = No
         raise InvalidInput(f"invalid suite name: {suite!r}")
     if shutil.which("debootstrap") is None:
         raise Unsupported("debootstrap is not installed (apt-get install debootstrap)")
+    with store.writing():  # gc must not sweep the staging tree under tmp/
+        return _bootstrap_debian(store, suite, tag, mirror)
+
+
+def _bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None) -> Image:
     work = tempfile.mkdtemp(prefix="bootstrap-", dir=store.tmp_dir)
     try:
         tree = os.path.join(work, "rootfs")
