@@ -5,8 +5,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 L=.venv/bin/layerfs
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+cleanup() {
+  mountpoint -q "$work/mnt" 2>/dev/null && $L umount "$work/mnt"
+  rm -rf "$work"
+}
+trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+# A re-run replaces the demo's images instead of piling up old ones.
+for old in demo/web:1 demo/worker:1; do $L rmi "$old" >/dev/null 2>&1 || true; done
+$L gc >/dev/null
 
 step "A base image from the host's static busybox"
 $L bootstrap busybox -t busybox:latest
@@ -34,3 +42,13 @@ $L df -v
 
 step "Integrity"
 $L fsck
+
+step "Mount an image as a filesystem; writes land in a copy-on-write upper dir"
+mnt="$work/mnt"; upper="$work/upper"
+mkdir -p "$mnt"
+$L mount demo/web:1 "$mnt" --upper "$upper"
+$L mounts
+chroot "$mnt" sh -c 'echo "written in the container" > /app/note; rm /bin/ls; /app/run.sh'
+echo "upper dir now holds only the changes (a 0/0 char device is a whiteout):"
+(cd "$upper" && find . -mindepth 1 -printf '%y %M %p\n' | sort)
+$L umount "$mnt"
