@@ -4,14 +4,16 @@ An object lives at ``objects/ab/cdef...`` (raw) or ``objects/ab/cdef....zst``
 (zstd). Which one is decided once, when the content is first stored, by
 :func:`should_compress`:
 
-* Files above ``COMPRESS_MAX`` stay raw so the FUSE daemon can ``pread`` any
-  offset of them without decompressing (big files are where random reads
-  happen, and they are usually already compressed: archives, media, .so).
-* Smaller files are compressed only when that frees 4 KiB blocks on disk:
-  a 3 KiB file that compresses to 1 KiB still occupies one block, so
-  compressing it would only cost CPU on every read.
+* Files above ``COMPRESS_MAX`` (1 MiB) stay raw so the FUSE daemon can
+  ``pread`` any offset of them without decompressing: a compressed object is
+  decompressed whole on its first read, which for a 16 MiB object cost
+  3.6-7 ms against ~15 us raw (benchmarks/results-import.md).
+* Smaller files are compressed only when that frees at least a quarter of
+  their 4 KiB blocks: a 3 KiB file that compresses to 1 KiB still occupies
+  one block, so compressing it would only cost CPU on every read.
 
-benchmarks/bench_objects.py measures the read cost of that choice.
+benchmarks/bench_objects.py measures the read cost and the disk saved of
+this policy against "never" and "always".
 
 Durability: object files are written tmp + rename without an fsync each;
 the store calls :func:`syncfs` once before it commits the metadata that
@@ -32,10 +34,11 @@ from dataclasses import dataclass
 import blake3
 import zstandard
 
-from layerfs.errors import Corrupt, NotFound
+from layerfs.errors import Corrupt, InvalidInput, NotFound
 
-COMPRESS_MAX = 16 << 20
-COMPRESS_MIN = 8 << 10
+COMPRESS_MAX = 1 << 20
+COMPRESS_MIN = 4096 + 1        # one block or less cannot get smaller on disk
+IN_MEMORY_MAX = 16 << 20       # larger files are streamed, never held whole
 BLOCK = 4096
 CHUNK = 1 << 20
 ZSTD_LEVEL = 3
@@ -153,25 +156,30 @@ class ObjectStore:
 
     def hash_file(self, path: str) -> tuple[str, int]:
         """Digest and size of a file on disk, without storing it."""
-        h = blake3.blake3(max_threads=1)
-        size = 0
         with open(path, "rb", buffering=0) as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        return h.hexdigest(), size
+            return _hash_stream(f)
 
     def put_file(self, path: str, known: KnownDigests | None = None) -> StoredObject:
         """Store the content of *path*; skip the write if *known* has it."""
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
-            if size <= COMPRESS_MAX:
+            if size <= IN_MEMORY_MAX:
                 data = f.read()
                 digest = blake3.blake3(data).hexdigest()
                 if known is not None and known(digest):
                     return StoredObject(digest, len(data), -1, False)
                 return self.put_bytes(data, digest)
-            return self._put_stream(f, known)
+            # Big: hash first, copy only new content (a touched but unchanged
+            # file costs one read, not a full write and delete).
+            digest, _ = _hash_stream(f)
+            if known is not None and known(digest):
+                return StoredObject(digest, size, -1, False)
+            f.seek(0)
+            obj = self._put_stream(f, None)
+            if obj.digest != digest:
+                self.remove(obj.digest)
+                raise InvalidInput(f"{path} changed while it was being imported")
+            return obj
 
     def _put_stream(self, f: "io.RawIOBase", known: KnownDigests | None) -> StoredObject:
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -301,6 +309,15 @@ def _link_fd(fd: int, dst: str) -> None:
     if _libc.linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(dst), _AT_SYMLINK_FOLLOW):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), dst)
+
+
+def _hash_stream(f: "io.RawIOBase") -> tuple[str, int]:
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    size = 0
+    while chunk := f.read(CHUNK):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
 
 
 def _fill(fd: int, parts: list[bytes]) -> None:

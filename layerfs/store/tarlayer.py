@@ -23,7 +23,7 @@ import zstandard
 from layerfs.errors import InvalidInput
 from layerfs.store import manifest as mf
 from layerfs.store.manifest import Entry
-from layerfs.store.objects import COMPRESS_MAX, ObjectStore, StoredObject
+from layerfs.store.objects import IN_MEMORY_MAX, ObjectStore, StoredObject
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
@@ -229,7 +229,7 @@ class TarReader:
     def _store(self, f: BinaryIO | None, size: int) -> StoredObject:
         if f is None:
             raise InvalidInput("tar member has no data")
-        if size <= COMPRESS_MAX:
+        if size <= IN_MEMORY_MAX:
             data = f.read()
             if len(data) != size:
                 raise InvalidInput("tar archive is truncated")
