@@ -10,6 +10,11 @@ command and gets out of the way. Public API:
 * ``write_bundle`` / ``run_bundle`` (bundle.py): the same spec as an OCI
   runtime bundle for runc or crun.
 * ``create_cgroup`` (cgroups.py): per-container cgroups, v2 or v1/hybrid.
+
+Containers as records in a store (imported on demand, not from here):
+``containers`` (create/find/list, state, df usage), ``lifecycle`` (owner
+and shim: run, start -d, stop, kill, wait, rm, logs, bundle), ``exec``
+(setns into a running container), ``changes`` (diff, commit).
 """
 
 from layerfs.runtime.bundle import bundle_config, run_bundle, write_bundle

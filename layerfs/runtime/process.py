@@ -42,7 +42,7 @@ import select
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Union
 
@@ -372,9 +372,13 @@ def _abandon(sync: socket.socket, shim_pid: int) -> None:
 
 
 def run_container(spec: ContainerSpec, state_dir: str, *, container_id: str | None = None,
-                  stdin: Stream = None, stdout: Stream = None,
-                  stderr: Stream = None) -> ContainerResult:
+                  stdin: Stream = None, stdout: Stream = None, stderr: Stream = None,
+                  on_start: Callable[[ContainerProcess], None] | None = None) -> ContainerResult:
     """Run ``spec`` in the foreground, like ``docker run`` without ``-d``.
+
+    ``on_start(proc)``, if given, is called once the command has been
+    exec'd, before the container is waited for (lifecycle code records the
+    pid there); if it raises, the container is killed.
 
     Signals the caller receives (TERM, INT, HUP, QUIT, USR1, USR2, and
     WINCH without a tty) are forwarded to the container when called from
@@ -391,6 +395,8 @@ def run_container(spec: ContainerSpec, state_dir: str, *, container_id: str | No
                                stdout=stdout, stderr=stderr, console_size=size)
         try:
             forwarder.attach(proc)
+            if on_start is not None:
+                on_start(proc)
             if proc.console_fd is not None:
                 relay_in = in_fd if spec.interactive else None
                 with raw_mode(relay_in):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import root_skip_reason
+from tests.runtime.conftest import root_skip_reason
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.runtime import (ContainerSpec, IdMap, UserNamespace, Volume, bundle_config,
                              run_bundle, write_bundle)

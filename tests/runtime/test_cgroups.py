@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import root_tests
+from tests.runtime.conftest import root_tests
 from layerfs.errors import Conflict, InvalidInput
 from layerfs.runtime.cgroups import (CgroupLimits, V1Cgroup, V2Cgroup, cgroup_version,
                                      create_cgroup)

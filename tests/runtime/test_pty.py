@@ -12,7 +12,7 @@ import termios
 import time
 from pathlib import Path
 
-from conftest import root_tests
+from tests.runtime.conftest import root_tests
 
 pytestmark = root_tests
 

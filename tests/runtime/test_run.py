@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Ran, root_tests
+from tests.runtime.conftest import Ran, root_tests
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.runtime import (ContainerSetupError, ContainerSpec, IdMap, UserNamespace, Volume,
                              start_container)
