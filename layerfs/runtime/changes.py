@@ -96,17 +96,20 @@ def commit_container(store: Store, c: Container, ref: str, message: str = "",
     references.parse(ref)
     image = store.image(c.config.image_id)
     tree = store.merged_tree(image)
-    stage = tempfile.mkdtemp(prefix="commit-", dir=store.tmp_dir)
-    try:
-        staged = os.path.join(stage, "upper")
-        _stage_upper(c.upper, staged, tree)
-        layer = transfer.import_layer(store, staged, image, as_layer=True)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    comment = message or (f"author: {author}" if author else "")
-    history = img.history_entry(f"layerfs commit {c.name}", comment=comment)
-    new = store.put_image(img.with_layer(image.config, layer, history))
-    store.tag(new.id, ref)
+    # The writer lease keeps gc away from the staging dir and from the new
+    # layer until the image names it.
+    with store.writing():
+        stage = tempfile.mkdtemp(prefix="commit-", dir=store.tmp_dir)
+        try:
+            staged = os.path.join(stage, "upper")
+            _stage_upper(c.upper, staged, tree)
+            layer = transfer.import_layer(store, staged, image, as_layer=True)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        comment = message or (f"author: {author}" if author else "")
+        history = img.history_entry(f"layerfs commit {c.name}", comment=comment)
+        new = store.put_image(img.with_layer(image.config, layer, history))
+        store.tag(new.id, ref)
     return new
 
 
