@@ -7,12 +7,14 @@ L=.venv/bin/layerfs
 work=$(mktemp -d)
 cleanup() {
   mountpoint -q "$work/mnt" 2>/dev/null && $L umount "$work/mnt"
+  for i in 1 2 3 4 5; do $L rm -f "demo-c$i" >/dev/null 2>&1 || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-# A re-run replaces the demo's images instead of piling up old ones.
+# A re-run replaces the demo's images and containers instead of piling up.
+for i in 1 2 3 4 5; do $L rm -f "demo-c$i" >/dev/null 2>&1 || true; done
 for old in demo/web:1 demo/worker:1; do $L rmi "$old" >/dev/null 2>&1 || true; done
 $L gc >/dev/null
 
@@ -52,3 +54,14 @@ chroot "$mnt" sh -c 'echo "written in the container" > /app/note; rm /bin/ls; /a
 echo "upper dir now holds only the changes (a 0/0 char device is a whiteout):"
 (cd "$upper" && find . -mindepth 1 -printf '%y %M %p\n' | sort)
 $L umount "$mnt"
+
+step "Run a container (namespaces, cgroups, pivot_root into a layerfs mount)"
+$L run --rm --memory 64m --pids-limit 64 demo/web:1 sh -c '/app/run.sh; echo "pid $$ on $(hostname)"; ls /'
+
+step "Five containers from one image: the image's bytes once, plus five thin upper dirs"
+for i in 1 2 3 4 5; do
+  $L run -d --name "demo-c$i" demo/web:1 sh -c "echo container $i > /app/state; head -c 100000 /dev/urandom > /app/scratch; sleep 600" >/dev/null
+done
+$L ps
+$L df -v
+for i in 1 2 3 4 5; do $L rm -f "demo-c$i" >/dev/null; done
