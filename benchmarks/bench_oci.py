@@ -70,6 +70,14 @@ def make_tree(root: str, size: int, seed: int = 1) -> int:
     return n
 
 
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return ""
+
+
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -90,6 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("skopeo") or not shutil.which("docker-registry"):
         raise SystemExit("needs skopeo and docker-registry")
+    load_before = _load()
     work = tempfile.mkdtemp(prefix="bench-oci-")
     rows: dict[str, list[float]] = {}
     facts: dict[str, str] = {}
@@ -173,9 +182,14 @@ def main() -> None:
               f"push layerfs/skopeo(gzips) = {pl / pz:.2f}; pull layerfs/skopeo = {ql / qs:.2f}.", "",
               "skopeo from an OCI dir only moves ready compressed blobs; from a docker-archive it gzips the "
               "layer tars as layerfs must. layerfs push generates the tar from the store and gzips it "
-              "(deterministic: fixed level 6, pigz-style fixed 1 MiB pieces on all cores). layerfs pull "
+              "(deterministic: fixed level 6, pigz-style fixed 1 MiB pieces on all cores); object reads are "
+              "prefetched by threads, and when the blob's digest is already cached (here: from the OCI-layout "
+              "copy made before the runs) the upload streams while the blob is generated. layerfs pull "
               "also unpacks into the store (per-file blake3, dedup, zstd for small files, one syncfs) "
-              "where skopeo only writes blobs to a directory."]
+              "where skopeo only writes blobs to a directory; download+sha256+gunzip run in one thread, tar "
+              "parsing in another, object stores in worker threads.",
+              "", f"Command: `.venv/bin/python benchmarks/bench_oci.py --size-mb {args.size_mb} --reps {args.reps}`"
+              + (f"; load average before/after: {load_before} / {_load()}" if load_before else "")]
     text = "\n".join(lines) + "\n"
     print(text)
     with open(args.out, "w") as f:

@@ -264,7 +264,10 @@ class Client:
                     self._local.conn = None   # the caller owns this connection now
                     return r
                 return Response(r.status, headers_out, r.read())
-            self._raise(r.status, r.reason, r.read() if method != "HEAD" else b"", what)
+            # Always read the reply (b"" for HEAD): an unread response leaves
+            # the kept-alive connection unusable, and the next request on it
+            # failed and waited out a retry backoff.
+            self._raise(r.status, r.reason, r.read(), what)
         raise RegistryError(f"{self.host}: {what} failed after {tries} attempts ({last})")
 
     def _send(self, method: str, path: str, hdrs: dict[str, str], body) -> http.client.HTTPResponse:
@@ -273,6 +276,11 @@ class Client:
         try:
             conn.request(method, path, body=data, headers=hdrs)
             return conn.getresponse()
+        except BaseException:
+            # Half a request went out (or the body's source failed):
+            # this connection cannot carry another one.
+            self._drop()
+            raise
         finally:
             if callable(body) and data is not None:
                 data.close()

@@ -45,6 +45,7 @@ class StoreSource:
         self._spools: dict[str, str] = {}        # blob digest -> spool file
         self._layer_of: dict[str, tuple[str, str]] = {}  # blob digest -> (layer id, compression)
         self._configs: dict[str, bytes] = {}
+        self._growing: dict[str, _GrowingSpool] = {}   # blob digest -> spool being generated
         self._lock = threading.Lock()
 
     # -- manifests -------------------------------------------------------
@@ -109,16 +110,47 @@ class StoreSource:
             raise NotFound(f"{self.description}: blob {desc.digest} cannot be regenerated from the store")
         with self._lock:
             path = self._spools.get(desc.digest)
-        if path is None:
-            lid, comp = self._layer_of[desc.digest]
-            blob = self._spool(lid, comp)
-            if blob.digest != desc.digest:
-                raise InvalidInput(f"layer {lid[:12]} regenerated as {blob.digest}, not {desc.digest}; "
-                                   "the compressor changed since the digest was cached")
-            path = self._spools[desc.digest]
-        return open(path, "rb")
+            growing = self._growing.get(desc.digest)
+            if path is None and growing is None:
+                fd, spool = tempfile.mkstemp(dir=self.store.tmp_dir, prefix="oci-")
+                growing = self._growing[desc.digest] = _GrowingSpool(spool, desc)
+                self._start_spool(growing, fd)
+        if path is not None:
+            return open(path, "rb")
+        return _GrowingReader(growing)
+
+    def _start_spool(self, g: "_GrowingSpool", fd: int) -> None:
+        """Generate a blob whose digest is known (cached) in the background:
+        readers get its bytes while they are being written, so generating,
+        compressing and uploading overlap. The digest is checked at the end;
+        readers see EOF only after it matched."""
+        desc, path = g.desc, g.path
+        lid, comp = self._layer_of[desc.digest]
+
+        def run() -> None:
+            try:
+                with os.fdopen(fd, "wb", buffering=0) as out:
+                    blob = convert.write_layer_blob(self.store, lid, comp, _Announce(out, g))
+                if blob.digest != desc.digest or blob.size != desc.size:
+                    raise InvalidInput(f"layer {lid[:12]} regenerated as {blob.digest}, not {desc.digest}; "
+                                       "the compressor changed since the digest was cached")
+                with self._lock:
+                    self._spools[desc.digest] = path
+                g.finish(None)
+            except BaseException as exc:
+                g.finish(exc)
+
+        g.thread = threading.Thread(target=run, name=f"layerfs-spool-{desc.digest[7:19]}", daemon=True)
+        g.thread.start()
 
     def close(self) -> None:
+        with self._lock:
+            growing = list(self._growing.values())
+        for g in growing:
+            g.cancelled = True      # nobody will read the rest: stop generating
+            g.thread.join()
+            if g.error is not None:
+                _unlink_quiet(g.path)
         for path in self._spools.values():
             try:
                 os.unlink(path)
@@ -210,3 +242,115 @@ class StoreTransport:
         _cache(ctx)
         return StoreDestination(ctx, ref or None)
 
+
+def _unlink_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class _GrowingSpool:
+    """A spool file being written by one thread and read by others."""
+
+    def __init__(self, path: str, desc: Descriptor) -> None:
+        self.path, self.desc = path, desc
+        self.written = 0
+        self.done = False
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def grew(self, n: int) -> None:
+        with self.cond:
+            self.written += n
+            self.cond.notify_all()
+
+    def finish(self, error: BaseException | None) -> None:
+        with self.cond:
+            self.error, self.done = error, True
+            self.cond.notify_all()
+
+    def wait_beyond(self, pos: int) -> int:
+        """Block until more than *pos* bytes are written or the spool is
+        complete; returns the bytes written. Raises the writer's error."""
+        with self.cond:
+            while self.written <= pos and not self.done:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+            return self.written
+
+
+class _Announce:
+    """The spool file as write_layer_blob's output; readers are woken per write."""
+
+    def __init__(self, f: BinaryIO, g: _GrowingSpool) -> None:
+        self.f, self.g = f, g
+
+    def write(self, data) -> int:
+        if self.g.cancelled:
+            raise InvalidInput(f"generation of {self.g.desc.digest} cancelled")
+        n = len(data)
+        view = memoryview(data)
+        while view:
+            k = self.f.write(view)
+            view = view[k:]
+        if self.g.written + n > self.g.desc.size:
+            raise InvalidInput(f"regenerated blob {self.g.desc.digest} is larger than its cached size "
+                               f"{self.g.desc.size}; the compressor changed since the digest was cached")
+        self.g.grew(n)
+        return n
+
+
+class _GrowingReader(io.RawIOBase):
+    """Reads a _GrowingSpool from the start; seekable, so an upload can be
+    retried from the beginning. EOF only once the blob is complete and
+    matched its digest."""
+
+    def __init__(self, g: _GrowingSpool) -> None:
+        self.g = g
+        self.fd = os.open(g.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos < 0:
+            raise OSError("only absolute seeks")
+        self.pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        avail = self.g.wait_beyond(self.pos) - self.pos
+        n = min(len(b), avail)
+        if n <= 0:
+            return 0
+        got = os.preadv(self.fd, [memoryview(b)[:n]], self.pos)
+        self.pos += got
+        return got
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.g.desc.size
+        avail = self.g.wait_beyond(self.pos) - self.pos
+        n = min(n, avail)
+        if n <= 0:
+            return b""
+        data = os.pread(self.fd, n, self.pos)
+        self.pos += len(data)
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        super().close()

@@ -70,52 +70,6 @@ def decompressed(f: BinaryIO) -> BinaryIO:
     return rest
 
 
-class _Tracking(io.RawIOBase):
-    """Counts the bytes of the tar stream and keeps its tail, so the reader
-    can tell a complete archive (ends in zero blocks) from a truncated one,
-    which tarfile's stream mode would silently accept."""
-
-    TAIL = 64 << 10
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.total, self.tail = f, 0, b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        data = self.f.read(len(b))
-        n = len(data)
-        b[:n] = data
-        self.total += n
-        self.tail = (self.tail + data)[-self.TAIL:]
-        return n
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def ended_cleanly(self, end_offset: int) -> bool:
-        rest = self.total - end_offset
-        if rest < 1024 or self.total % 512:
-            return False
-        if rest > self.TAIL:
-            return True  # far more than the end marker; tar ignores trailing blocks
-        block = self.tail[len(self.tail) - rest:][:1024]
-        return block == bytes(1024)
-
-
-def open_tar_stream(f: BinaryIO) -> tuple[tarfile.TarFile, _Tracking]:
-    """A streaming TarFile over plain, gzip, bzip2, xz or zstd data."""
-    tracking = _Tracking(decompressed(f))
-    try:
-        tf = tarfile.open(fileobj=io.BufferedReader(tracking, 1 << 20), mode="r|",
-                          encoding="utf-8", errors="surrogateescape")
-    except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as exc:
-        raise InvalidInput(f"not a readable tar archive: {exc}") from None
-    return tf, tracking
-
-
 class _Prepend(io.RawIOBase):
     def __init__(self, head: bytes, f: BinaryIO) -> None:
         self.head, self.f = head, f
@@ -153,31 +107,241 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     return int(member.mtime) * 1_000_000_000
 
 
-class TarReader:
-    """Collects the entries of one tar stream, storing file contents."""
+class _ChunkStream:
+    """The tar bytes as one forward-only stream over a chunk source.
 
-    def __init__(self, objects: ObjectStore, known: Callable[[str], bool]) -> None:
+    ``read(n)`` returns exactly *n* bytes unless the data ends; it stands
+    in for tarfile's own stream (``r|``), which reads in 10 KiB records
+    and copies every byte twice more. ``tell``/``seek`` (forward only) are
+    what ``TarInfo.fromtarfile`` and sparse members need."""
+
+    def __init__(self, next_chunk: Callable[[], bytes]) -> None:
+        self.next_chunk = next_chunk
+        self.buf = b""
+        self.pos = 0          # in buf
+        self.base = 0         # stream offset of buf[0]
+        self.eof = False
+
+    def tell(self) -> int:
+        return self.base + self.pos
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.next_chunk()
+        if not chunk:
+            self.eof = True
+            return False
+        self.base += len(self.buf)
+        self.buf, self.pos = bytes(chunk), 0
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            parts = [self.buf[self.pos:]]
+            self.pos = len(self.buf)
+            while self._more():
+                parts.append(self.buf)
+                self.pos = len(self.buf)
+            return b"".join(parts)
+        end = self.pos + n
+        if end <= len(self.buf):
+            out = self.buf[self.pos:end]
+            self.pos = end
+            return out
+        parts = [self.buf[self.pos:]]
+        need = n - len(parts[0])
+        self.pos = len(self.buf)
+        while need > 0 and self._more():
+            take = self.buf[:need]
+            parts.append(take)
+            self.pos = len(take)
+            need -= len(take)
+        return b"".join(parts)
+
+    def skip(self, n: int) -> int:
+        """Discard up to *n* bytes; returns how many were there."""
+        done = 0
+        while done < n:
+            avail = len(self.buf) - self.pos
+            if avail == 0 and not self._more():
+                break
+            step = min(n - done, len(self.buf) - self.pos)
+            self.pos += step
+            done += step
+        return done
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos < self.tell():
+            raise OSError("tar stream can only seek forward")
+        self.skip(pos - self.tell())
+        return self.tell()
+
+    def drain(self) -> int:
+        """Read to the end; returns the total length of the stream."""
+        while self._more():
+            pass
+        self.pos = len(self.buf)
+        return self.tell()
+
+
+class _Limited:
+    """At most *size* bytes of a stream (a big member's data)."""
+
+    def __init__(self, stream: _ChunkStream, size: int) -> None:
+        self.stream, self.left = stream, size
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > self.left:
+            n = self.left
+        data = self.stream.read(n)
+        self.left -= len(data)
+        return data
+
+
+class _TarState:
+    """The attributes of a TarFile that ``TarInfo.fromtarfile`` uses."""
+
+    def __init__(self, fileobj: _ChunkStream) -> None:
+        self.fileobj = fileobj
+        self.encoding, self.errors = "utf-8", "surrogateescape"
+        self.pax_headers: dict[str, str] = {}
+        self.offset = 0
+
+
+_EOF = object()
+READ_CHUNK = 1 << 20
+READ_AHEAD = 8                 # chunks of decompressed tar buffered ahead
+STORE_WINDOW = 64 << 20        # bytes of file contents being stored at once
+STORE_WORKERS = min(4, os.cpu_count() or 1)
+
+
+class _Prefetch:
+    """Reads *f* in a thread of its own, READ_AHEAD chunks ahead, so that
+    download, digest checks and decompression (all GIL-free in C) overlap
+    with parsing the tar in the caller's thread."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        import queue
+        import threading
+
+        self.f = f
+        self.q: "queue.Queue" = queue.Queue(READ_AHEAD)
+        self.stop = False
+        self.done = False
+        self.t = threading.Thread(target=self._run, name="layerfs-tar-read", daemon=True)
+        self.t.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop:
+                chunk = self.f.read(READ_CHUNK)
+                if not chunk:
+                    break
+                self.q.put(chunk)
+            self.q.put(_EOF)
+        except BaseException as exc:  # handed to the reading thread
+            self.q.put(exc)
+
+    def __call__(self) -> bytes:
+        if self.done:
+            return b""
+        item = self.q.get()
+        if item is _EOF:
+            self.done = True
+            return b""
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread (it may be blocked on a full queue) and wait for it."""
+        self.stop = True
+        while self.t.is_alive():
+            try:
+                self.q.get(timeout=0.05)
+            except Exception:
+                pass
+        self.t.join()
+
+
+class TarReader:
+    """Collects the entries of one tar stream, storing file contents.
+
+    The stream is decompressed and read ahead in one thread, parsed in the
+    caller's, and file contents are hashed, compressed and written by
+    worker threads (blake3, zstd and file I/O release the GIL), at most
+    STORE_WINDOW bytes at a time; entries get their digests once every
+    store finished. ``known`` is called from those workers."""
+
+    def __init__(self, objects: ObjectStore, known: Callable[[str], bool], workers: int | None = None) -> None:
         self.objects, self.known = objects, known
         self.entries: dict[str, Entry] = {}
         self.groups: dict[str, list[str]] = {}
         self.fresh: list[StoredObject] = []
         self.opaque: set[str] = set()
+        self.workers = workers if workers is not None else STORE_WORKERS
+        self._pending: list = []        # (entry placeholder, future or StoredObject, size)
+        self._inflight: list = []       # futures not yet known to be done, oldest first
+        self._inflight_bytes = 0
+        self._pool = None
 
     def read(self, f: BinaryIO) -> list[Entry]:
-        tf, tracking = open_tar_stream(f)
+        prefetch = _Prefetch(decompressed(f))
+        stream = _ChunkStream(prefetch)
+        state = _TarState(stream)
+        if self.workers > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="layerfs-store")
         try:
-            for member in tf:
-                self._member(tf, member)
-            tracking.drain()
-            if not tracking.ended_cleanly(tf.offset):
+            try:
+                self._parse(stream, state)
+                total = stream.drain()
+            except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
+                raise InvalidInput(f"malformed tar archive: {exc}") from None
+            except OSError as exc:
+                raise InvalidInput(f"malformed tar archive: {exc}") from None
+            rest = total - state.offset
+            if rest < 1024 or total % 512:
                 raise InvalidInput("tar archive is truncated (no end-of-archive marker)")
-        except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
-            raise InvalidInput(f"malformed tar archive: {exc}") from None
-        except OSError as exc:
-            raise InvalidInput(f"malformed tar archive: {exc}") from None
+            self._collect()
+        finally:
+            prefetch.close()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
         return self._finish()
 
-    def _member(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def _parse(self, stream: _ChunkStream, state: _TarState) -> None:
+        first = True
+        while True:
+            gap = state.offset - stream.tell()
+            if gap > 0 and stream.skip(gap) != gap:
+                raise InvalidInput("malformed tar archive: unexpected end of data")
+            try:
+                m = tarfile.TarInfo.fromtarfile(state)
+            except tarfile.EOFHeaderError:
+                # The end marker is two zero blocks; tar(1) reading stops at
+                # the first, but a stream cut right after it is truncated.
+                if stream.read(512) != bytes(512):
+                    raise InvalidInput("tar archive is truncated (no end-of-archive marker)")
+                return
+            except tarfile.EmptyHeaderError:
+                if first:
+                    raise InvalidInput("not a readable tar archive: empty file") from None
+                raise InvalidInput("tar archive is truncated (no end-of-archive marker)") from None
+            except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+                if first:
+                    raise InvalidInput(f"not a readable tar archive: {exc}") from None
+                raise InvalidInput("tar archive is truncated (no end-of-archive marker)") from None
+            except tarfile.SubsequentHeaderError as exc:
+                raise InvalidInput(f"{'not a readable tar archive' if first else 'malformed tar archive'}: {exc}") from None
+            first = False
+            self._member(stream, state, m)
+
+    def _member(self, stream: _ChunkStream, state: _TarState, m: tarfile.TarInfo) -> None:
         path = normalize_name(m.name)
         name = path.rpartition("/")[2]
         if name == WH_OPAQUE:
@@ -189,8 +353,9 @@ class TarReader:
             return
         meta = dict(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid, mtime_ns=_mtime_ns(m), xattrs=_xattrs(m))
         if m.isreg():
-            obj = self._store(tf.extractfile(m), m.size)
-            self._put(Entry(path, mf.FILE, size=m.size, digest=obj.digest, **meta))
+            e = Entry(path, mf.FILE, size=m.size, **meta)
+            self._put(e)
+            self._store(e, stream, state, m)
         elif m.islnk():
             self._link(path, normalize_name(m.linkname))
         elif m.type in _KIND_OF_TYPE:
@@ -226,26 +391,55 @@ class TarReader:
             return e.target
         return target if e.kind == mf.FILE else None
 
-    def _store(self, f: BinaryIO | None, size: int) -> StoredObject:
-        if f is None:
-            raise InvalidInput("tar member has no data")
+    def _data(self, stream: _ChunkStream, state: _TarState, m: tarfile.TarInfo) -> BinaryIO:
+        if m.sparse is not None:
+            return tarfile._FileInFile(stream, m.offset_data, m.size, m.name, m.sparse)
+        return _Limited(stream, m.size)
+
+    def _store(self, e: Entry, stream: _ChunkStream, state: _TarState, m: tarfile.TarInfo) -> None:
+        size = m.size
         if size <= IN_MEMORY_MAX:
-            data = f.read()
+            data = stream.read(size) if m.sparse is None else self._data(stream, state, m).read(size)
             if len(data) != size:
                 raise InvalidInput("tar archive is truncated")
-            from blake3 import blake3
-
-            digest = blake3(data).hexdigest()
-            if self.known(digest):
-                return StoredObject(digest, size, -1, False)
-            obj = self.objects.put_bytes(data, digest)
+            if self._pool is None:
+                self._pending.append((e, self._store_bytes(data)))
+                return
+            fut = self._pool.submit(self._store_bytes, data)
+            self._pending.append((e, fut))
+            self._inflight.append((fut, size))
+            self._inflight_bytes += size
+            while self._inflight_bytes > STORE_WINDOW and self._inflight:
+                done, n = self._inflight.pop(0)
+                done.result()
+                self._inflight_bytes -= n
         else:
-            obj = self.objects._put_stream(f, self.known)
+            obj = self.objects._put_stream(self._data(stream, state, m), self.known)
             if obj.size != size:
                 raise InvalidInput("tar archive is truncated")
-        if obj.stored_size >= 0:
-            self.fresh.append(obj)
-        return obj
+            self._pending.append((e, obj))
+
+    def _store_bytes(self, data: bytes) -> StoredObject:
+        from blake3 import blake3
+
+        digest = blake3(data).hexdigest()
+        if self.known(digest):
+            return StoredObject(digest, len(data), -1, False)
+        return self.objects.put_bytes(data, digest)
+
+    def _collect(self) -> None:
+        """Wait for every store; give the entries their digests."""
+        from dataclasses import replace
+
+        for e, res in self._pending:
+            obj = res if isinstance(res, StoredObject) else res.result()
+            if obj.stored_size >= 0:
+                self.fresh.append(obj)
+            if self.entries.get(e.path) is e:
+                self.entries[e.path] = replace(e, digest=obj.digest)
+        self._pending.clear()
+        self._inflight.clear()
+        self._inflight_bytes = 0
 
     def _finish(self) -> list[Entry]:
         entries = self.entries
@@ -306,22 +500,93 @@ def _plain(name: str) -> tarfile.TarInfo:
     return ti
 
 
+PREFETCH_BYTES = 64 << 20     # file contents read ahead of the tar writer
+PREFETCH_MAX = 16 << 20       # bigger files are streamed when their turn comes
+_NUL = bytes(tarfile.RECORDSIZE)
+
+
+def _read_whole(open_object: ObjectOpener, digest: str, size: int) -> bytes:
+    with open_object(digest) as f:
+        data = f.read(size)
+    if len(data) != size:
+        raise OSError("unexpected end of data")
+    return data
+
+
 def write_tar(entries: Iterable[Entry], out: BinaryIO, open_object: ObjectOpener, layer: bool = True) -> None:
     """Write *entries* (sorted) as a PAX tar to *out*.
 
     The root is written as ``./`` (as ``tar -C dir .`` does) so its
-    metadata survives a round trip and a layer's id with it."""
-    tf = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
-    try:
-        for e in sorted(entries, key=lambda x: mf.sort_key(x.path)):
-            for ti in tarinfo_for(e, layer):
-                if ti.type == tarfile.REGTYPE and ti.size:
-                    with open_object(e.digest) as f:
-                        tf.addfile(ti, f)
+    metadata survives a round trip and a layer's id with it.
+
+    The bytes are exactly what ``tarfile.open(mode="w|", format=PAX)`` +
+    ``addfile`` write (headers come from ``TarInfo.tobuf``), but file
+    contents are read ahead by a few threads (object reads are disk I/O
+    and zstd, both GIL-free) and output goes out in 1 MiB writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ordered = sorted(entries, key=lambda x: mf.sort_key(x.path))
+    items = [(e, ti) for e in ordered for ti in tarinfo_for(e, layer)]
+    buf = bytearray()
+    offset = 0
+
+    def emit(data) -> None:
+        nonlocal offset
+        buf.extend(data)
+        offset += len(data)
+        if len(buf) >= (1 << 20):
+            out.write(bytes(buf))
+            buf.clear()
+
+    with ThreadPoolExecutor(4, thread_name_prefix="layerfs-tar-write") as pool:
+        futures: dict[int, object] = {}
+        ahead = 0          # next item index to consider for prefetch
+        ahead_bytes = 0
+
+        def prefetch(upto: int) -> None:
+            nonlocal ahead, ahead_bytes
+            while ahead < len(items) and (ahead <= upto or ahead_bytes < PREFETCH_BYTES):
+                e, ti = items[ahead]
+                if ti.type == tarfile.REGTYPE and 0 < ti.size <= PREFETCH_MAX:
+                    futures[ahead] = pool.submit(_read_whole, open_object, e.digest, ti.size)
+                    ahead_bytes += ti.size
+                ahead += 1
+
+        try:
+            for i, (e, ti) in enumerate(items):
+                prefetch(i)
+                emit(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+                if ti.type != tarfile.REGTYPE or not ti.size:
+                    continue
+                fut = futures.pop(i, None)
+                if fut is not None:
+                    data = fut.result()
+                    ahead_bytes -= ti.size
+                    emit(data)
+                    del data
                 else:
-                    tf.addfile(ti)
-    finally:
-        tf.close()
+                    left = ti.size
+                    with open_object(e.digest) as f:
+                        while left:
+                            chunk = f.read(min(left, 1 << 20))
+                            if not chunk:
+                                raise OSError("unexpected end of data")
+                            emit(chunk)
+                            left -= len(chunk)
+                pad = -ti.size % tarfile.BLOCKSIZE
+                if pad:
+                    emit(_NUL[:pad])
+        finally:
+            for fut in futures.values():
+                fut.cancel()
+    # End of archive: two zero blocks, then zeros up to a full record,
+    # as TarFile.close() writes them.
+    emit(_NUL[:2 * tarfile.BLOCKSIZE])
+    rest = offset % tarfile.RECORDSIZE
+    if rest:
+        emit(_NUL[:tarfile.RECORDSIZE - rest])
+    if buf:
+        out.write(bytes(buf))
 
 
 def is_tar_file(path: str) -> bool:
