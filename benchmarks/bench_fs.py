@@ -230,11 +230,14 @@ class Mount:
         if not self.pid:
             return (0.0, 0.0)
         vals = {}
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("VmRSS", "VmHWM"):
-                    vals[k] = int(v.split()[0]) / 1024
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    if k in ("VmRSS", "VmHWM"):
+                        vals[k] = int(v.split()[0]) / 1024
+        except OSError:  # the daemon is gone (or was another process): no figure
+            return (0.0, 0.0)
         return vals.get("VmRSS", 0.0), vals.get("VmHWM", 0.0)
 
     def umount(self) -> None:

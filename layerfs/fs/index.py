@@ -26,13 +26,13 @@ import marshal
 import os
 import stat
 from array import array
+from typing import TYPE_CHECKING
 
-from layerfs.store import manifest as mf
-from layerfs.store.manifest import Entry
-from layerfs.store.tree import MergedTree
+if TYPE_CHECKING:  # the store's modules load only when an index is built (not in the daemon)
+    from layerfs.store.manifest import Entry
+    from layerfs.store.tree import MergedTree
 
 CACHE_FORMAT = 2
-_KIND_FMT = {k: v for k, v in mf.S_IFMT_OF.items()}
 
 
 class LowerIndex:
@@ -67,13 +67,21 @@ class LowerIndex:
         encoded = sorted((os.fsencode(p), p) for p in tree.entries)
         paths = [b for b, _ in encoded]
         slot_of = {b: i for i, b in enumerate(paths)}
+        from layerfs.store import manifest as mf
+
+        with_size, symlink, entries = (mf.FILE, mf.HARDLINK), mf.SYMLINK, tree.entries
         meta = []
+        append = meta.append
         parent = array("q", [-1]) * len(paths)
         kids: dict[int, dict[bytes, int]] = {}
+        S_ISDIR = stat.S_ISDIR
         for i, (b, p) in enumerate(encoded):
-            e = tree.entries[p]
-            meta.append(_meta(e))
-            if stat.S_ISDIR(meta[-1][0]):
+            e = entries[p]
+            kind, st_mode = e.kind, e.st_mode
+            append((st_mode, e.uid, e.gid, e.mtime_ns, e.size if kind in with_size else 0, e.digest,
+                    e.target.encode("utf-8", "surrogateescape") if kind == symlink else b"", e.rdev,
+                    tuple(e.xattrs)))
+            if S_ISDIR(st_mode):
                 kids[i] = {}
             if i:
                 head, _, name = b.rpartition(b"/")
@@ -134,6 +142,8 @@ class LowerIndex:
 
     def entry(self, slot: int) -> Entry:
         """The slot as a store Entry (used by copy-up)."""
+        from layerfs.store.manifest import Entry
+
         m = self.meta[slot]
         kind = _kind_of(m[0])
         return Entry(os.fsdecode(self.paths[slot]), kind, stat.S_IMODE(m[0]), m[1], m[2], m[3], m[4],
@@ -148,15 +158,11 @@ class LowerIndex:
         return [slot] if lead is None else self.groups[lead]
 
 
-def _meta(e: Entry) -> tuple:
-    return (e.st_mode, e.uid, e.gid, e.mtime_ns, e.size if e.kind == mf.FILE or e.kind == mf.HARDLINK else 0,
-            e.digest, e.target.encode("utf-8", "surrogateescape") if e.kind == mf.SYMLINK else b"",
-            e.rdev, tuple(e.xattrs))
-
-
 def _kind_of(st_mode: int) -> str:
+    from layerfs.store import manifest as mf
+
     fmt = stat.S_IFMT(st_mode)
-    for kind, f in _KIND_FMT.items():
+    for kind, f in mf.S_IFMT_OF.items():
         if f == fmt and kind != mf.HARDLINK:
             return kind
     raise ValueError(f"bad mode {st_mode:o}")

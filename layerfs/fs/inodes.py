@@ -26,7 +26,7 @@ class Node:
     """State of one inode that is not (or no longer) plain lower."""
 
     __slots__ = ("ino", "parent", "name", "fmt", "lower", "upper", "children", "nsubdirs",
-                 "links", "opens", "unlinked")
+                 "links", "opens", "unlinked", "nocaps")
 
     def __init__(self, ino: int, parent: int, name: bytes, fmt: int, lower: int, upper: bool) -> None:
         self.ino = ino
@@ -42,6 +42,7 @@ class Node:
         self.links: list[tuple[int, bytes]] | None = None  # extra links (hardlinks)
         self.opens = 0                # open file handles
         self.unlinked = False
+        self.nocaps = False           # made by this mount, no security.capability set since
 
     @property
     def is_dir(self) -> bool:

@@ -61,6 +61,9 @@ def _negative() -> pyfuse3.EntryAttributes:
     return a
 
 
+_NEGATIVE = _negative()  # pyfuse3 only reads it: one for every miss
+
+
 class Operations(pyfuse3.Operations):
     """pyfuse3 handlers for one :class:`Union`."""
 
@@ -84,7 +87,7 @@ class Operations(pyfuse3.Operations):
         if not ino:
             if name == b"." or name == b"..":
                 raise FUSEError(errno.ENOENT)
-            return _negative()
+            return _NEGATIVE
         return self._entry(ino)
 
     async def forget(self, inode_list):
@@ -168,7 +171,9 @@ class Operations(pyfuse3.Operations):
         node, fd = await self.u.create(parent_inode, name, stat.S_IFREG, mode, ctx.uid, ctx.gid,
                                        flags=flags)
         fh = self.u.adopt_fd(node, fd)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node.ino)
+        attr = self.u.upper_attr(node, os.fstat(fd))  # the new fd: no path walk, no lstat
+        self.u.table.looked_up(node.ino)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), attr
 
     # -- directories ------------------------------------------------------
     @fuse_errors

@@ -20,7 +20,7 @@ Documentation/filesystems/overlayfs.rst:
 
 Concurrency: read-side requests run concurrently and never take a lock.
 Every request that changes the namespace or copies up takes ``self.lock``
-(a ``trio.Lock``) for its whole duration, so the state kept in Nodes is
+(a :class:`WriteLock` over a ``trio.Lock``) for its whole duration, so the state kept in Nodes is
 only ever changed by one request at a time; within a request, state is
 updated after the syscalls succeed, so an error leaves it untouched.
 Long copies and fsyncs run in worker threads (``trio.to_thread``) and only
@@ -43,13 +43,14 @@ from layerfs.errors import Corrupt, NotFound
 from layerfs.fs.index import LowerIndex
 from layerfs.fs.inodes import InodeTable, Node
 from layerfs.fs.upper import (PRIVATE_PREFIX, RENAME_EXCHANGE, RENAME_NOREPLACE, UpperDir,
-                              is_whiteout, renameat2)
+                              file_digest, is_whiteout, renameat2)
 from layerfs.store.objects import ObjectStore
 
 log = logging.getLogger("layerfs.fs")
 
 LOWER_TIMEOUT = 86400.0   # lower-only nodes never change behind the kernel's back
 UPPER_TIMEOUT = 60.0      # upper nodes change only through this mount, too; a hedge
+CAPABILITY = b"security.capability"
 SMALL_OBJECT = 1 << 20    # read whole (and verify inline) up to this size
 THREAD_COPY = 1 << 20     # copy-ups bigger than this run in a worker thread
 ROOT = pyfuse3.ROOT_INODE
@@ -61,6 +62,34 @@ def _err(code: int) -> OSError:
 
 def _join(base: bytes, name: bytes) -> bytes:
     return base + b"/" + name if base else name
+
+
+class WriteLock:
+    """A ``trio.Lock`` that does not yield to the scheduler when it is free.
+
+    ``async with trio.Lock()`` always passes through the scheduler (a
+    checkpoint) even when nobody holds the lock: a full run-loop turn per
+    create/unlink/setattr. Taking a free lock with ``acquire_nowait`` is
+    just as exclusive (trio switches tasks only at an ``await``) and fair
+    (it refuses while others wait).
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = trio.Lock()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    async def __aenter__(self) -> None:
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
+
+    async def __aexit__(self, *exc) -> None:
+        self._lock.release()
 
 
 class Handle:
@@ -82,7 +111,7 @@ class Union:
         self.upper = upper
         self.read_only = read_only or upper is None
         self.table = InodeTable(index)
-        self.lock = trio.Lock()
+        self.lock = WriteLock()
         self.verified: set[str] = set()
         self.bad: set[str] = set()
         self.handles: dict[int, Handle] = {}
@@ -305,6 +334,10 @@ class Union:
             if value is None:
                 raise _err(errno.ENODATA)
             return value
+        if node.nocaps and name == CAPABILITY:
+            # The kernel asks this before every write(2) (file_remove_privs);
+            # a file this mount made has none until a setxattr puts one.
+            raise _err(errno.ENODATA)
         return os.getxattr(self.upath(node), name, follow_symlinks=False)
 
     def _new_fh(self) -> int:
@@ -528,6 +561,7 @@ class Union:
                 _remove_quiet(dst)
                 raise
             node = self.table.add(Node(self.table.new_ino(), d.ino, name, fmt, -1, True))
+            node.nocaps = fmt == stat.S_IFREG
             if fmt == stat.S_IFDIR:
                 node.children = {}
                 d.nsubdirs += 1
@@ -723,6 +757,7 @@ class Union:
         async with self.lock:
             node = self.node(ino)
             await self.copy_up(node)
+            node.nocaps = False
             os.setxattr(self.upath(node), name, value, follow_symlinks=False)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
@@ -771,9 +806,7 @@ def _digest_ok(data: bytes, digest: str) -> bool:
 
 
 def _file_digest_ok(path: str, digest: str) -> bool:
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    h.update_mmap(path)
-    return h.hexdigest() == digest
+    return file_digest(path) == digest
 
 
 def _read_nowait(path: str, compressed: bool) -> bytes | None:

@@ -155,6 +155,10 @@ def test_stale_mount_is_cleaned(fs_env, tmp_path):
         deadline = time.monotonic() + 20
         while fsmount._alive(h.pid, None) and time.monotonic() < deadline:
             time.sleep(0.02)
+        # The leader is a zombie before its other threads are gone, and the
+        # FUSE connection dies only when the last of them closes the fd.
+        while not fsmount.is_enotconn(mp) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert fsmount.is_enotconn(mp)
         r = layerfs_cmd("umount", mp, root=fs_env["root"])
         assert r.returncode == 0, r.stderr
@@ -226,11 +230,14 @@ def test_corrupt_object_gives_eio_and_a_log_line(tmp_path):
     (src / "good").write_bytes(b"good\n")
     (src / "bad").write_bytes(b"bad content that will be damaged\n")
     (src / "bigbad").write_bytes(os.urandom(3 << 20))
+    huge = os.urandom(6 << 20)  # over upper.PARALLEL_HASH: copy-up hashes in a second thread
+    (src / "hugebad").write_bytes(huge[:-1] + b"1")
+    (src / "hugegood").write_bytes(huge)
     with Store(root) as store:
         lid = transfer.import_layer(store, str(src))
         image = store.put_image(img.new_config([lid]))
         for e in store.layer_entries(lid):
-            if e.path in ("bad", "bigbad"):
+            if e.path in ("bad", "bigbad", "hugebad"):
                 path, _ = store.objects.locate(e.digest)
                 with open(path, "r+b") as f:
                     f.seek(3)
@@ -244,6 +251,15 @@ def test_corrupt_object_gives_eio_and_a_log_line(tmp_path):
         with pytest.raises(OSError) as exc:  # copy-up verifies too
             open(f"{h.mountpoint}/bad", "ab").close()
         assert exc.value.errno == errno.EIO
+        with pytest.raises(OSError) as exc:  # a big one, never read before
+            with open(f"{h.mountpoint}/hugebad", "ab") as f:
+                f.write(b"x")
+        assert exc.value.errno == errno.EIO
+        assert not os.path.exists(f"{h.upper}/hugebad")
+        with open(f"{h.mountpoint}/hugegood", "ab") as f:
+            f.write(b"+")
+        assert open(f"{h.mountpoint}/hugegood", "rb").read() == huge + b"+"
+        assert open(f"{h.upper}/hugegood", "rb").read() == huge + b"+"
         log = open(h.log).read()
     assert "fails its digest check" in log
 
