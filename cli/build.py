@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import os
+import shutil
+import sys
+import threading
+import time
+from typing import TextIO
 
 import click
 
@@ -43,7 +49,9 @@ def _build_args(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--pull", type=click.Choice(["never"]), default="never", help="Only 'never' (images come from the store).")
 @click.option("--network", type=click.Choice(["host", "none"]), default="host", show_default=True,
               help="Network for RUN steps.")
-@click.option("--progress", type=click.Choice(["auto", "plain", "tty"]), default="auto", help="Progress output style.")
+@click.option("--progress", type=click.Choice(["auto", "plain", "tty"]), default="auto", show_default=True,
+              help="tty: a live status line for the running step, one line per finished step; "
+                   "plain: the classic builder's stream with all RUN output; auto: tty on a terminal.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
 @with_store
 def build_cmd(store: Store, context: str, tags: tuple[str, ...], dockerfile: str | None,
@@ -61,10 +69,139 @@ def build_cmd(store: Store, context: str, tags: tuple[str, ...], dockerfile: str
     options = executor.BuildOptions(context=context, dockerfile=df_rel, tags=tags,
                                     build_args=_build_args(build_args), target=target,
                                     no_cache=no_cache, network=network)
-    write = (lambda line: None) if quiet else (lambda line: click.echo(line))
-    result = executor.build(store, options, write)
     if quiet:
+        result = executor.build(store, options)
         click.echo(result.image.id)
+        return
+    if progress == "auto":
+        progress = "tty" if _is_terminal(sys.stdout) else "plain"
+    if progress == "plain":
+        executor.build(store, options, lambda line: click.echo(line))
+        return
+    display = TtyProgress(sys.stdout)
+    try:
+        executor.build(store, options, on_event=display.event)
+    except BaseException:
+        display.failed()
+        raise
+    finally:
+        display.close()
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty() and os.environ.get("TERM", "") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
+class TtyProgress:
+    """A compact live display: one finished line per step
+    (``[2/6] RUN ... DONE 3.1s`` / ``CACHED``) and, while a step runs, a
+    status line redrawn in place with its elapsed time and last output line.
+    If the build fails, the failing step's last output lines are shown."""
+
+    TAIL = 25
+
+    def __init__(self, out: TextIO, interval: float = 0.2):
+        self.out = out
+        self.lock = threading.Lock()
+        self.current: str | None = None
+        self.started = 0.0
+        self.cached = False
+        self.last = ""
+        self.tail: collections.deque[str] = collections.deque(maxlen=self.TAIL)
+        self.build_started = time.monotonic()
+        self.status_shown = False
+        self.stop = threading.Event()
+        self.ticker = threading.Thread(target=self._tick, args=(interval,), daemon=True)
+        self.ticker.start()
+
+    def _width(self) -> int:
+        return max(20, shutil.get_terminal_size((80, 24)).columns)
+
+    def _clear(self) -> None:
+        if self.status_shown:
+            self.out.write("\r\x1b[K")
+            self.status_shown = False
+
+    def _print(self, line: str) -> None:
+        self._clear()
+        self.out.write(line[: self._width() * 4] + "\n")
+        self.out.flush()
+
+    def _draw(self) -> None:
+        if self.current is None:
+            return
+        elapsed = time.monotonic() - self.started
+        line = f"{self.current}  {elapsed:.1f}s"
+        if self.last:
+            line += "  | " + self.last.replace("\t", " ")
+        width = self._width() - 1
+        if len(line) > width:
+            line = line[: width - 1] + "…"
+        self.out.write("\r\x1b[K" + line)
+        self.out.flush()
+        self.status_shown = True
+
+    def _tick(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            with self.lock:
+                self._draw()
+
+    def _finish_step(self, how: str) -> None:
+        if self.current is None:
+            return
+        elapsed = time.monotonic() - self.started
+        self._print(f"{self.current}  {'CACHED' if self.cached else how} {elapsed:.1f}s")
+        self.current = None
+
+    def event(self, ev: executor.BuildEvent) -> None:
+        with self.lock:
+            if ev.kind == "step":
+                self._finish_step("DONE")
+                text = ev.text.split(" : ", 1)[-1]
+                self.current = f"[{ev.step}/{ev.total}] {text}"
+                self.started = time.monotonic()
+                self.cached = False
+                self.last = ""
+                self.tail.clear()
+                self._draw()
+            elif ev.kind == "cached":
+                self.cached = True
+            elif ev.kind == "done":
+                self._finish_step("DONE")
+            elif ev.kind == "output":
+                self.tail.append(ev.text)
+                # What a progress bar redrew last, without control characters.
+                shown = "".join(c for c in ev.text.rsplit("\r", 1)[-1] if c >= " " or c == "\t").strip()
+                if shown:
+                    self.last = shown
+            elif ev.kind == "built":
+                self._finish_step("DONE")
+                took = time.monotonic() - self.build_started
+                self._print(f"{ev.text} in {took:.1f}s")
+            else:  # warning, info, tagged
+                self._print(ev.text)
+
+    def failed(self) -> None:
+        """Show what the failing step printed before the error line."""
+        with self.lock:
+            if self.current is None:
+                return
+            current = self.current
+            elapsed = time.monotonic() - self.started
+            self.current = None
+            self._print(f"{current}  ERROR {elapsed:.1f}s")
+            for line in self.tail:
+                self._print(f"  {line}")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.ticker.join()
+        with self.lock:
+            self._clear()
+            self.out.flush()
 
 
 @click.group("builder")

@@ -52,7 +52,16 @@ def import_cmd(store: Store, source: str, tags: tuple[str, ...], base: str | Non
         image = store.put_image(img.with_layer(base_image.config if base_image else None, lid, hist))
         for t in tags:
             store.tag(image.id, t)
+    prepare_for_mounts(store, image)
     click.echo(image.id)
+
+
+def prepare_for_mounts(store: Store, image: Image) -> None:
+    """Build the filesystem's merged index now, so the first mount of the
+    image only loads it (mount latency is what users feel)."""
+    from layerfs.fs.index import ensure_index_cache
+
+    ensure_index_cache(store, image)
 
 
 @click.command("images")

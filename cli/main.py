@@ -12,10 +12,17 @@ from __future__ import annotations
 
 import sys
 
-import click
+if "mount" in sys.argv:
+    # Start the FUSE daemon before this process spends time importing the
+    # CLI: the daemon's own imports then overlap ours (mount latency).
+    from layerfs.fs.mount import prefork_for_cli
 
-from layerfs.errors import LayerfsError
-from layerfs_cli import common
+    prefork_for_cli(sys.argv[1:])
+
+import click  # noqa: E402
+
+from layerfs.errors import LayerfsError  # noqa: E402
+from layerfs_cli import common  # noqa: E402
 
 COMMANDS = {
     "images": ("bootstrap", "df", "export", "fsck", "gc", "history", "images", "import", "inspect", "rmi", "tag"),

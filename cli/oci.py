@@ -117,6 +117,9 @@ def register(cli: click.Group) -> None:
         """Pull an image from a registry into the store."""
         item = oci.pull(store, ref, platform=Platform.parse(platform), insecure=insecure,
                         progress=_progress("Pulling", quiet))
+        from layerfs_cli.images import prepare_for_mounts
+
+        prepare_for_mounts(store, item.image)
         if quiet:
             click.echo(item.image.id)
         else:

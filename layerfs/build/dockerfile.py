@@ -76,7 +76,8 @@ class DockerfileError(InvalidInput):
         self.text = text
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.message}: {self.text}"
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.message}: {self.text}" if self.text else f"{where}: {self.message}"
 
 
 # --------------------------------------------------------------------------
@@ -920,7 +921,7 @@ def parse(text: str, *, file: str = "Dockerfile") -> Dockerfile:
     if not stages:
         if global_args:
             raise reader.fail("no build stage in current context", 0, "")
-        raise reader.fail("the Dockerfile cannot be empty", 0, "")
+        raise reader.fail("the Dockerfile cannot be empty (no instructions)", 0, "")
     stages[-1] = _with_instructions(stages[-1], current)
     return Dockerfile(file, reader.escape, reader.syntax, tuple(global_args), tuple(stages))
 

@@ -9,7 +9,8 @@ the digest of the sources -- so any Dockerfile, tag or context path that
 reaches the same step reuses it (moby/buildkit's cache keys, in spirit).
 
 The library never prints: progress goes to the ``write`` callable the
-caller passes, one line per call, in the classic docker builder's wording.
+caller passes, one line per call, in the classic docker builder's wording,
+and as :class:`BuildEvent` records to ``on_event`` for a live display.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import blake3
 
 from layerfs.build import dockerfile as dfm
 from layerfs.build import substitution
-from layerfs.build.context import BuildContext, ResolvedSources
+from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
@@ -39,7 +40,7 @@ from layerfs.store.images import Image
 from layerfs.store.store import Store
 from layerfs.store.tree import MergedTree
 
-__all__ = ["BuildError", "BuildOptions", "BuildResult", "Builder", "CACHE_KIND", "build", "prune_cache"]
+__all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder", "CACHE_KIND", "build", "prune_cache"]
 
 CACHE_KIND = "build-cache"
 DEFAULT_SHELL = ("/bin/sh", "-c")
@@ -76,8 +77,29 @@ class BuildResult:
     cached: int
 
 
-def build(store: Store, options: BuildOptions, write: Writer | None = None) -> BuildResult:
-    return Builder(store, write).build(options)
+@dataclass(frozen=True)
+class BuildEvent:
+    """What the builder reports, for a caller that draws its own display.
+
+    ``kind`` is one of: ``step`` (a step starts; ``text`` is the classic
+    ``Step N/M : ...`` line), ``cached`` (the step was a cache hit),
+    ``done`` (the step's image; ``image_id`` is set), ``output`` (one line a
+    RUN step printed), ``warning``, ``info``, ``built`` and ``tagged``.
+    ``text`` is always the classic builder's line for it.
+    """
+
+    kind: str
+    text: str
+    step: int = 0
+    total: int = 0
+    image_id: str | None = None
+
+
+def build(store: Store, options: BuildOptions, write: Writer | None = None,
+          on_event: Callable[[BuildEvent], None] | None = None) -> BuildResult:
+    """Build; each progress line goes to ``write`` and, as a structured
+    :class:`BuildEvent`, to ``on_event`` (either may be None)."""
+    return Builder(store, write, on_event).build(options)
 
 
 def prune_cache(store: Store) -> int:
@@ -127,12 +149,27 @@ class _Stage:
 
 
 class Builder:
-    def __init__(self, store: Store, write: Writer | None = None):
+    def __init__(self, store: Store, write: Writer | None = None,
+                 on_event: Callable[[BuildEvent], None] | None = None):
         self.store = store
         self.write: Writer = write or (lambda line: None)
+        self.on_event = on_event
+        self._step_no = 0
+        self._total = 0
+        self._extra_roots: dict[str, str] = {}
+        self._generated_dirs: list[str] = []
+        self._has_run = False
+        self._forkserver_started = False
         self.no_cache = False
         self.network = "host"
         self.cached = 0
+
+    def _emit(self, kind: str, text: str, image_id: str | None = None) -> None:
+        """One line of progress: to ``write`` as text, to ``on_event`` as a
+        :class:`BuildEvent` (a live display keys on ``kind``)."""
+        if self.on_event is not None:
+            self.on_event(BuildEvent(kind, text, self._step_no, self._total, image_id))
+        self.write(text)
 
     # -- the whole build ---------------------------------------------------
 
@@ -151,8 +188,9 @@ class Builder:
                 raise InvalidInput(f"{options.dockerfile}: the Dockerfile is empty (no FROM instruction)")
             stages = dfm.required_stages(df, options.target, options.build_args)
             for warning in substitution.unused_build_args(df, options.build_args, stages):
-                self.write(warning)
+                self._emit("warning", warning)
             total = sum(1 + len(s.instructions) for s in stages)
+            self._has_run = any(isinstance(i, dfm.Run) for s in stages for i in s.instructions)
             built: dict[int, Image | None] = {}
             step = 0
             final: Image | None = None
@@ -169,9 +207,9 @@ class Builder:
         assert final is not None
         for t in options.tags:
             self.store.tag(final.id, t)
-        self.write(f"Successfully built {_short(final.id)}")
+        self._emit("built", f"Successfully built {_short(final.id)}", image_id=final.id)
         for t in options.tags:
-            self.write(f"Successfully tagged {references.parse(t)}")
+            self._emit("tagged", f"Successfully tagged {references.parse(t)}")
         return BuildResult(final, tuple(options.tags), total, self.cached)
 
     # -- FROM ----------------------------------------------------------------
@@ -181,7 +219,8 @@ class Builder:
         scope0 = substitution.Scope.for_stage(df, build_args)
         frm = substitution.expand_instruction(stage.from_, scope0.global_args, escape=df.escape, file=df.file)
         assert isinstance(frm, dfm.From)
-        self.write(f"Step {step}/{total} : {stage.from_.original}")
+        self._step_no, self._total = step, total
+        self._emit("step", f"Step {step}/{total} : {stage.from_.original}")
         base_stage = df.stage(frm.image, before=stage.index, by_index=False)
         image: Image | None
         if base_stage is not None:
@@ -197,12 +236,12 @@ class Builder:
                     f"get it with `layerfs pull {frm.image}` (or `layerfs bootstrap busybox|debian`, "
                     f"or `layerfs import`)") from None
         if image is not None:
-            self.write(f" ---> {_short(image.id)}")
+            self._emit("done", f" ---> {_short(image.id)}", image_id=image.id)
         base_env = _env_list_to_dict(image.runtime_config.get("Env")) if image else {}
         st = _Stage(image, substitution.Scope.for_stage(df, build_args, base_env))
         triggers = list((image.runtime_config.get("OnBuild") or []) if image else [])
         if triggers:
-            self.write(f"# Executing {len(triggers)} build trigger{'s' if len(triggers) > 1 else ''}")
+            self._emit("info", f"# Executing {len(triggers)} build trigger{'s' if len(triggers) > 1 else ''}")
             # The child does not inherit its base's triggers.
             rc = dict(image.runtime_config)
             rc.pop("OnBuild", None)
@@ -222,12 +261,23 @@ class Builder:
     def _step(self, ctx: BuildContext, df: dfm.Dockerfile, stage: dfm.Stage, st: _Stage,
               instr: dfm.Instruction, step: int, total: int, built: dict[int, Image | None]) -> None:
         self._ctx = ctx
-        self.write(f"Step {step}/{total} : {instr.original}")
+        self._step_no, self._total = step, total
+        self._emit("step", f"Step {step}/{total} : {instr.original}")
         self._run_instruction(ctx, df, stage, st, instr, built)
 
     def _run_instruction(self, ctx: BuildContext | None, df: dfm.Dockerfile, stage: dfm.Stage,
                          st: _Stage, instr: dfm.Instruction, built: dict[int, Image | None],
                          trigger: bool = False) -> None:
+        try:
+            self._run_instruction_body(ctx, df, stage, st, instr, built)
+        finally:
+            for tmp in self._generated_dirs:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._generated_dirs = []
+            self._extra_roots = {}
+
+    def _run_instruction_body(self, ctx: BuildContext | None, df: dfm.Dockerfile, stage: dfm.Stage,
+                              st: _Stage, instr: dfm.Instruction, built: dict[int, Image | None]) -> None:
         scope_before = st.scope
         expanded, st.scope = st.scope.apply(instr)
         extra: dict[str, Any] = {}
@@ -239,17 +289,31 @@ class Builder:
             if isinstance(expanded, dfm.Copy) and expanded.from_:
                 from_image = self._from_image(df, stage, expanded.from_, built)
                 extra["from"] = from_image.id
-            if expanded.heredocs:
-                raise Unsupported(f"{df.file}:{instr.line}: heredocs in {instr.keyword} are not supported yet")
-            if any("://" in s for s in expanded.sources):
-                raise Unsupported(f"{df.file}:{instr.line}: ADD of a URL is not supported yet")
             if from_image is None:
-                sources = ctx.resolve(expanded.sources, instruction=instr.keyword, exclude=expanded.exclude)
+                try:
+                    sources = self._resolve_sources(ctx, df, instr, expanded, scope_before)
+                except BuildContextError as exc:
+                    raise BuildContextError(f"{df.file}:{instr.line}: {exc}") from None
                 extra["sources"] = sources.digest
+        self._cached_or_execute(st, expanded, instr, sources, from_image, df, scope_before, extra)
+        if isinstance(expanded, dfm.Cmd):
+            st.cmd_set = True
+        self._emit("done", f" ---> {_short(st.image.id)}", image_id=st.image.id)
+
+    def _cached_or_execute(self, st: _Stage, expanded: dfm.Instruction, instr: dfm.Instruction,
+                           sources: ResolvedSources | None, from_image: Image | None,
+                           df: dfm.Dockerfile, scope_before: substitution.Scope,
+                           extra: dict[str, Any]) -> None:
         key = self._cache_key(st.image, expanded, scope_before, extra)
         hit = None if self.no_cache else self._cache_lookup(key)
+        if hit is None and self._has_run and not self._forkserver_started:
+            # The first step to execute: start the RUN steps' mount helper
+            # now so its start overlaps this step (a fully cached build
+            # never pays for it).
+            self._forkserver_started = True
+            _forkserver_ensure_running()
         if hit is not None:
-            self.write(" ---> Using cache")
+            self._emit("cached", " ---> Using cache")
             self.cached += 1
             st.image = hit
         else:
@@ -257,9 +321,52 @@ class Builder:
             self.store.add_ref(CACHE_KIND, key, image_id=st.image.id,
                                layer_id=st.image.layers[-1] if st.image.layers else None,
                                data=json.dumps({"created_by": instr.original}))
-        if isinstance(expanded, dfm.Cmd):
-            st.cmd_set = True
-        self.write(f" ---> {_short(st.image.id)}")
+
+    # -- COPY/ADD sources that are not in the context: URLs and heredocs -----
+
+    def _resolve_sources(self, ctx: BuildContext, df: dfm.Dockerfile, instr: dfm.Instruction,
+                         e: dfm.Copy | dfm.Add, scope: substitution.Scope) -> ResolvedSources:
+        """Context sources, ADD URLs (fetched now: the key is their content)
+        and heredocs, in the order written, with one digest over all."""
+        docs = {f"<<{'-' if h.strip_tabs else ''}{h.name}": h for h in e.heredocs}
+        docs.update({f"<<{h.name}": h for h in e.heredocs})
+        special = [p for p in e.sources if _is_url(p) or _heredoc_word(p, docs) is not None]
+        if not special:
+            return ctx.resolve(e.sources, instruction=e.keyword, exclude=e.exclude)
+        if any(_is_url(p) for p in special) and not isinstance(e, dfm.Add):
+            raise InvalidInput(f"{df.file}:{instr.line}: COPY cannot take a URL as source (use ADD)")
+        gen = tempfile.mkdtemp(prefix="build-src-", dir=self.store.tmp_dir)
+        self._generated_dirs.append(gen)
+        out: list[CopySource] = []
+        hasher = blake3.blake3()
+        for n, pattern in enumerate(e.sources):
+            sub = os.path.join(gen, str(n))
+            doc = _heredoc_word(pattern, docs)
+            if doc is not None:
+                os.mkdir(sub)
+                content = doc.content
+                if doc.expand:
+                    content = substitution.expand_raw(content, scope.variables(), df.escape)
+                with open(os.path.join(sub, doc.name), "w") as f:
+                    f.write(content)
+                os.chmod(os.path.join(sub, doc.name), 0o644)
+                name = doc.name
+            elif _is_url(pattern):
+                os.mkdir(sub)
+                assert isinstance(e, dfm.Add)
+                name = _fetch_url(pattern, sub, e.checksum, f"{df.file}:{instr.line}")
+            else:
+                got = ctx.resolve([pattern], instruction=e.keyword, exclude=e.exclude)
+                out.extend(got.sources)
+                hasher.update(got.digest.encode())
+                continue
+            got = BuildContext(sub).resolve([name], instruction=e.keyword)
+            for src in got.sources:
+                src = dataclasses.replace(src, pattern=pattern)
+                self._extra_roots[pattern] = sub
+                out.append(src)
+            hasher.update(got.digest.encode())
+        return ResolvedSources(tuple(out), hasher.hexdigest())
 
     def _from_image(self, df: dfm.Dockerfile, stage: dfm.Stage, ref: str,
                     built: dict[int, Image | None]) -> Image:
@@ -367,7 +474,10 @@ class Builder:
             rc["WorkingDir"] = wd
             tree = self.store.merged_tree(st.image) if st.image else MergedTree()
             if wd.strip("/") not in tree.entries:
-                layer = self._layer_from_staging(st.image, tree, lambda up: self._ensure_dir(up, tree, wd.strip("/")))
+                # Like BuildKit: directories WORKDIR creates belong to USER.
+                owner = self._chown(tree, rc["User"]) if rc.get("User") else None
+                layer = self._layer_from_staging(
+                    st.image, tree, lambda up: self._ensure_dir(up, tree, wd.strip("/"), owner))
         elif isinstance(e, (dfm.Copy, dfm.Add)):
             layer = self._copy(st, e, rc, sources, from_image)
         elif isinstance(e, dfm.Run):
@@ -460,12 +570,7 @@ class Builder:
               sources: ResolvedSources | None, from_image: Image | None) -> str:
         tree = self.store.merged_tree(st.image) if st.image else MergedTree()
         owner = self._chown(tree, e.chown) if e.chown else (0, 0)
-        chmod = None
-        if e.chmod:
-            try:
-                chmod = int(e.chmod, 8)
-            except ValueError:
-                raise InvalidInput(f"{e.keyword} --chmod={e.chmod}: only octal modes are supported") from None
+        chmod = _parse_chmod(e.chmod, e.keyword) if e.chmod else None
         tmp_src = None
         try:
             if from_image is not None:
@@ -503,7 +608,7 @@ class Builder:
                         parent = posixpath.dirname(out_rel)
                         if parent and not os.path.isdir(os.path.join(upper, parent)):
                             self._ensure_dir(upper, tree, parent, owner)
-                        abs_src = os.path.join(src_root, ent.path)
+                        abs_src = os.path.join(self._extra_roots.get(src.pattern, src_root), ent.path)
                         sst = os.lstat(abs_src)
                         if ent.kind == "dir":
                             if not os.path.isdir(out):
@@ -519,6 +624,7 @@ class Builder:
                             os.lchown(out, *owner)
                             continue
                         elif isinstance(e, dfm.Add) and src.kind == "file" and e.unpack is not False \
+                                and not _is_url(src.pattern) and src.pattern not in self._extra_roots \
                                 and _is_local_tar(abs_src):
                             dest_dir = os.path.join(upper, target_dir if as_dir else parent)
                             _extract_tar(abs_src, dest_dir)
@@ -531,7 +637,7 @@ class Builder:
                             shutil.copyfile(abs_src, out, follow_symlinks=False)
                             mode = ent.mode
                         os.chown(out, *owner)
-                        os.chmod(out, chmod if chmod is not None else mode)
+                        os.chmod(out, chmod(mode, ent.kind == "dir") if chmod is not None else mode)
                         mtime = sst.st_mtime_ns
                         if sde is not None:
                             mtime = min(mtime, sde * 10**9)
@@ -569,20 +675,20 @@ class Builder:
 
     def _run(self, st: _Stage, e: dfm.Run, rc: dict[str, Any], shell: list[str],
              scope: substitution.Scope) -> str:
-        if e.heredocs:
-            raise Unsupported("RUN with heredocs is not supported yet")
         if e.mounts:
             raise Unsupported("RUN --mount is not supported yet")
         if st.image is None:
             raise InvalidInput("RUN in a stage FROM scratch: there is no shell to run it with")
         try:
-            from layerfs.fs.mount import mount_image, unmount
+            from layerfs.fs.mount import unmount
             from layerfs.runtime import ContainerSpec, run_container
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise Unsupported(f"RUN needs the layerfs FUSE filesystem and runtime: {exc}") from None
         from layerfs.store import transfer
 
         argv = list(e.command.args) if e.command.exec_form else shell + list(e.command.args)
+        if e.heredocs and not e.command.exec_form:
+            argv = shell + _heredoc_script(e.command.args[0] if e.command.args else "", e.heredocs)
         env = dict(_env_list_to_dict(rc.get("Env")))
         env.update(scope.run_env())
         if "PATH" not in env:
@@ -594,10 +700,11 @@ class Builder:
         os.mkdir(mp)
         os.mkdir(state)
         mounted = False
+        daemon_pid = 0
         w_fd = -1
         pump: threading.Thread | None = None
         try:
-            mount_image(self.store.root, st.image.id, mp, upper_dir=upper)
+            daemon_pid = _mount_clean(self.store.root, st.image.id, mp, upper)
             mounted = True
             # The pipe is made after the FUSE daemon forked, so only the
             # container holds its write end and EOF means the step ended.
@@ -607,7 +714,7 @@ class Builder:
             spec = ContainerSpec(rootfs=mp, args=tuple(argv), env=tuple(f"{k}={v}" for k, v in env.items()),
                                  cwd=rc.get("WorkingDir") or "/", user=rc.get("User") or "",
                                  network=e.network or self.network, hostname="buildkitsandbox")
-            result = run_container(spec, state, stdout=w_fd, stderr=w_fd)
+            result = _run_interruptibly(run_container, spec, state, w_fd)
             os.close(w_fd)
             w_fd = -1
             pump.join()
@@ -623,11 +730,11 @@ class Builder:
             if pump is not None:
                 pump.join(timeout=5)
             if mounted:
-                try:
-                    unmount(self.store.root, mp)
-                except LayerfsError:
-                    pass
-            shutil.rmtree(tmp, ignore_errors=True)
+                _unmount_hard(self.store.root, mp, unmount, daemon_pid)
+            # Never recurse into a mount that is still there: rmtree would
+            # delete through it (or hang on a wedged daemon).
+            if not _is_mountpoint(mp):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def _pump(self, fd: int) -> None:
         buf = b""
@@ -639,9 +746,9 @@ class Builder:
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
                 for line in lines:
-                    self.write(line.decode(errors="replace"))
+                    self._emit("output", line.decode(errors="replace"))
         if buf:
-            self.write(buf.decode(errors="replace"))
+            self._emit("output", buf.decode(errors="replace"))
 
 
 def _is_local_tar(path: str) -> bool:
@@ -661,3 +768,284 @@ def _extract_tar(path: str, dest: str) -> None:
             tf.extractall(dest, numeric_owner=True, filter="tar")
     except (tarfile.TarError, OSError) as exc:
         raise InvalidInput(f"ADD {os.path.basename(path)}: cannot extract: {exc}") from None
+
+
+# -- running a step's container ---------------------------------------------
+
+def _mount_child(store_root: str, image_id: str, mp: str, upper: str, conn: Any) -> None:
+    try:
+        from layerfs.fs.mount import mount_image
+
+        handle = mount_image(store_root, image_id, mp, upper_dir=upper)
+        conn.send(handle.pid)
+    except BaseException as exc:  # sent to the parent, raised there
+        try:
+            conn.send(exc)
+        except Exception:
+            conn.send(LayerfsError(f"mount failed: {exc}"))
+    finally:
+        conn.close()
+
+
+def _forkserver_ensure_running() -> Any:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["layerfs.fs.mount", "layerfs.build.executor"])
+    try:
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    except (OSError, ValueError):  # pragma: no cover - started on first use instead
+        pass
+    return ctx
+
+
+def _mount_clean(store_root: str, image_id: str, mp: str, upper: str) -> int:
+    """Mount for a RUN step from a fresh process (a forkserver child).
+
+    ``mount_image`` forks its FUSE daemon from the calling process. This
+    process has by now hashed big files with blake3's multi-threaded mode
+    (``store.objects``), which starts rayon's global thread pool; a fork
+    inherits the pool's bookkeeping but not its threads, so the first
+    multi-threaded blake3 call in the daemon (``union._file_digest_ok``,
+    verifying a lower file > 256 KiB on first read) waits forever for workers
+    that do not exist, and every later FUSE request queues behind it (found
+    on ``RUN python3 -m venv``: ensurepip reading the 1.7 MB pip wheel). A
+    forkserver is an exec'd interpreter that never hashes, so daemons forked
+    from it start clean.
+    """
+    ctx = _forkserver_ensure_running()
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_mount_child, args=(store_root, image_id, mp, upper, send), daemon=False)
+    proc.start()
+    send.close()
+    try:
+        outcome = recv.recv()
+    except EOFError:
+        outcome = LayerfsError(f"the mount helper for {mp} died (exit code {proc.exitcode})")
+    finally:
+        recv.close()
+        proc.join()
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return int(outcome)  # the FUSE daemon's pid
+
+
+def _run_interruptibly(run_container: Callable[..., Any], spec: Any, state: str, out_fd: int) -> Any:
+    """run_container in a worker thread; Ctrl-C (KeyboardInterrupt in the
+    main thread) kills the container instead of being forwarded to it --
+    a ``/bin/sh -c`` PID 1 ignores SIGINT, so forwarding would do nothing."""
+    box: dict[str, Any] = {}
+    cancelled = threading.Event()
+    started: list[Any] = []
+
+    def on_start(proc: Any) -> None:
+        started.append(proc)
+        if cancelled.is_set():
+            raise KeyboardInterrupt
+
+    def target() -> None:
+        try:
+            box["result"] = run_container(spec, state, stdout=out_fd, stderr=out_fd, on_start=on_start)
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="build-run", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except BaseException:
+        cancelled.set()
+        for proc in started:
+            proc.kill()
+        worker.join()
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def _is_mountpoint(path: str) -> bool:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == path for line in f)
+    except (OSError, IndexError):
+        return False
+
+
+def _unmount_hard(store_root: str, mp: str, unmount: Callable[..., None], daemon_pid: int = 0) -> None:
+    """Unmount on the error path; a daemon that does not answer is killed
+    and its mount detached, so nothing is left behind."""
+    import signal
+    import subprocess
+
+    try:
+        unmount(store_root, mp, timeout=10.0)
+        return
+    except (LayerfsError, OSError):
+        pass
+    if _is_mountpoint(mp):
+        for cmd in (["fusermount3", "-uz", mp], ["umount", "-l", mp]):
+            try:
+                if subprocess.run(cmd, capture_output=True).returncode == 0:
+                    break
+            except FileNotFoundError:
+                continue
+    if daemon_pid and _is_layerfs_process(daemon_pid):
+        try:
+            os.kill(daemon_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        unmount(store_root, mp, timeout=5.0)  # drops the mount's record
+    except (LayerfsError, OSError):
+        pass
+
+
+def _is_layerfs_process(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    # Forked from the forkserver, the daemon shows the forkserver's command.
+    return b"layerfs" in cmdline or b"forkserver" in cmdline
+
+
+
+# -- ADD of a URL, heredocs ---------------------------------------------------
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _heredoc_word(word: str, docs: Mapping[str, dfm.Heredoc]) -> dfm.Heredoc | None:
+    if not word.startswith("<<"):
+        return None
+    return docs.get(word.replace("'", "").replace('"', ""))
+
+
+URL_TIMEOUT = 60.0
+
+
+def _fetch_url(url: str, dest_dir: str, checksum: str | None, where: str) -> str:
+    """Download ``url`` into ``dest_dir``; returns the file's name (the last
+    path segment, as docker names it), mode 0600, mtime from Last-Modified."""
+    import email.utils
+    import hashlib
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    path = urllib.parse.urlsplit(url).path
+    name = posixpath.basename(path.rstrip("/")) or "index.html"
+    if name in (".", ".."):
+        name = "index.html"
+    target = os.path.join(dest_dir, name)
+    sha256 = hashlib.sha256()
+    try:
+        req = urllib.request.Request(url, headers={"User-Agent": "layerfs-build"})
+        with urllib.request.urlopen(req, timeout=URL_TIMEOUT) as resp, open(target, "wb") as f:
+            while chunk := resp.read(1 << 20):
+                f.write(chunk)
+                sha256.update(chunk)
+            modified = resp.headers.get("Last-Modified")
+    except urllib.error.HTTPError as exc:
+        raise InvalidInput(f"{where}: ADD {url}: cannot fetch: HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:
+        raise InvalidInput(f"{where}: ADD {url}: cannot fetch: {exc.reason}") from None
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"{where}: ADD {url}: cannot fetch: {exc}") from None
+    if checksum:
+        algo, _, want = checksum.partition(":")
+        if algo != "sha256" or not want:
+            raise InvalidInput(f"{where}: ADD --checksum={checksum}: only sha256:<hex> is supported")
+        if sha256.hexdigest() != want.lower():
+            raise InvalidInput(f"{where}: ADD {url}: checksum mismatch: expected {checksum}, "
+                               f"got sha256:{sha256.hexdigest()}")
+    os.chmod(target, 0o600)
+    mtime = 0
+    if modified:
+        try:
+            mtime = int(email.utils.parsedate_to_datetime(modified).timestamp())
+        except (TypeError, ValueError, OverflowError):
+            mtime = 0
+    os.utime(target, (mtime, mtime))
+    return name
+
+
+def _heredoc_script(command: str, docs: Sequence[dfm.Heredoc]) -> list[str]:
+    """The shell arguments for a RUN with heredocs (BuildKit's rules).
+
+    ``RUN <<EOF`` alone runs the document as the script (a ``#!`` line
+    picks the interpreter: the document goes to a temporary file that is
+    executed and removed). Otherwise the shell gets the command followed by
+    the documents and their delimiters, so it does the redirection itself,
+    and expansion as the (quoted or not) delimiter says.
+    """
+    words = command.strip()
+    if len(docs) == 1 and words.replace("'", "").replace('"', "") in (f"<<{docs[0].name}", f"<<-{docs[0].name}"):
+        body = docs[0].content
+        if body.startswith("#!"):
+            runner = ('t=$(mktemp) && printf %s "$1" > "$t" && chmod 700 "$t" && "$t"; '
+                      'rc=$?; rm -f "$t"; exit $rc')
+            return [runner, "sh", body]
+        return [body]
+    text = command
+    for doc in docs:
+        text += "\n" + doc.content + doc.name
+    return [text + "\n"]
+
+
+def _parse_chmod(spec: str, keyword: str) -> Callable[[int, bool], int]:
+    """``--chmod``: octal (``755``) or symbolic like chmod(1) (``u+x``,
+    ``go-w,a+rX``, ``u=rw,g=r,o=``); returns mode(old_mode, is_dir)."""
+    if spec.isdigit():
+        try:
+            value = int(spec, 8)
+        except ValueError:
+            raise InvalidInput(f"{keyword} --chmod={spec}: invalid mode") from None
+        if value > 0o7777:
+            raise InvalidInput(f"{keyword} --chmod={spec}: invalid mode")
+        return lambda _mode, _is_dir: value
+    import re
+
+    clauses = []
+    for clause in spec.split(","):
+        m = re.fullmatch(r"([ugoa]*)((?:[-+=][rwxXst]*)+)", clause)
+        if not m:
+            raise InvalidInput(f"{keyword} --chmod={spec}: invalid mode (octal, or symbolic like u+x,go-w)")
+        clauses.append((m.group(1) or "a", re.findall(r"([-+=])([rwxXst]*)", m.group(2))))
+
+    def apply(mode: int, is_dir: bool) -> int:
+        mode &= 0o7777
+        for who, ops in clauses:
+            mask = 0
+            for w, bits in (("u", 0o4700), ("g", 0o2070), ("o", 0o0007)):
+                if w in who or "a" in who:
+                    mask |= bits
+            for op, perms in ops:
+                bits = 0
+                for p in perms:
+                    if p == "r":
+                        bits |= 0o444
+                    elif p == "w":
+                        bits |= 0o222
+                    elif p == "x" or (p == "X" and (is_dir or mode & 0o111)):
+                        bits |= 0o111
+                    elif p == "s":
+                        bits |= 0o6000
+                    elif p == "t":
+                        bits |= 0o1000
+                bits &= mask | (0o1000 if "t" in perms and ("o" in who or "a" in who) else 0)
+                if op == "+":
+                    mode |= bits
+                elif op == "-":
+                    mode &= ~bits
+                else:
+                    mode = (mode & ~(mask & 0o777 | mask & 0o6000)) | bits
+        return mode
+
+    return apply

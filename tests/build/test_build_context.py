@@ -367,7 +367,13 @@ def test_stat_cache_same_size_same_mtime_rewrite_is_detected(ctx_dir: Path, tmp_
         assert ctx.statistics().files_hashed == 1
 
 
-def test_racy_entries_are_not_cached(tmp_path: Path) -> None:
+def test_racy_entries_are_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A wide racy window, so a loaded machine (file made, then read more than
+    # one timestamp tick later) cannot make the brand-new file look settled.
+    from layerfs.build import context as context_mod
+
+    monkeypatch.setattr(context_mod, "_RACY_FINE_NS", 600 * 10**9)
+    monkeypatch.setattr(context_mod, "_RACY_COARSE_NS", 600 * 10**9)
     root = make_tree(tmp_path / "c", {"f": "x"})
     cache_path = tmp_path / "stat.db"
     with BuildContext.open(root, cache_path=cache_path) as ctx:  # no settle: f is brand new

@@ -146,7 +146,8 @@ def test_errors(text: str, line: int, fragment: str) -> None:
     assert err.line == line
     if line:
         assert err.text == text.splitlines()[line - 1].strip()
-    assert str(err).startswith(f"Dockerfile:{line}: ")
+    # No line number for whole-file errors (an empty Dockerfile).
+    assert str(err).startswith(f"Dockerfile:{line}: " if line else "Dockerfile: ")
 
 
 def test_error_text_is_the_joined_logical_line() -> None:
