@@ -3,6 +3,13 @@ commit, diff, bundle; and the containers section of ``df -v``.
 
 ``run``, ``start`` and ``exec`` follow docker's exit codes: the command's
 own, and 125 when layerfs itself fails (any LayerfsError).
+
+Start-up matters here (``layerfs run --rm IMAGE true`` is mostly start-up),
+so this module imports little at load time: the runtime modules are
+imported inside the commands, and ``run`` / ``start -a`` first fork the
+layerfs mount daemon (:func:`_prefork_mount`) so that its imports of trio
+and pyfuse3 run on the other core while this process imports the runtime,
+opens the store and records the container.
 """
 
 from __future__ import annotations
@@ -10,20 +17,37 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from layerfs.errors import LayerfsError
-from layerfs.runtime import containers as records
-from layerfs.runtime import lifecycle
-from layerfs.runtime.spec import (parse_cpus, parse_env, parse_memory, parse_pids_limit,
-                                  parse_volume, read_env_file)
-from layerfs.store.store import Store
-from layerfs_cli import images as images_cli
-from layerfs_cli.common import emit_json, format_option, human_ago, human_size, table, with_store
+from layerfs_cli.common import (emit_json, format_option, human_ago, human_size, open_store,
+                                table, with_store)
+
+if TYPE_CHECKING:
+    from layerfs.runtime import containers as records
+    from layerfs.store.store import Store
 
 RUN_ERROR = 125
+# layerfs.runtime.containers.RUNTIMES, spelled out so that building the
+# options does not import the runtime (a test checks that they agree).
+RUNTIMES = ("builtin", "runc", "crun")
+
+
+def _prefork_mount() -> None:
+    """Fork the mount daemon now if layerfs.fs.mount can (``prefork``).
+
+    The daemon spends most of its start-up importing trio and pyfuse3; forked
+    here, before this process imports the runtime and opens the store, that
+    overlaps with our own work instead of following it. An unused daemon
+    exits when we do (EOF on its pipe).
+    """
+    from layerfs.fs import mount as fsmount
+
+    prefork = getattr(fsmount, "prefork", None)
+    if prefork is not None:
+        prefork()
 
 
 def _exit_125(fn: Callable) -> Callable:
@@ -66,17 +90,33 @@ def _exit_with(code: int) -> None:
 @click.option("-v", "--volume", "volumes", multiple=True, metavar="HOST:CTR[:ro]", help="Bind mount a host path.")
 @click.option("--read-only", is_flag=True, help="Mount the root filesystem read-only.")
 @click.option("--entrypoint", help="Override the image's ENTRYPOINT (drops its CMD too).")
-@click.option("--runtime", type=click.Choice(list(records.RUNTIMES)), default="builtin", show_default=True)
+@click.option("--runtime", type=click.Choice(list(RUNTIMES)), default="builtin", show_default=True)
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@with_store
-@_exit_125
-def run_cmd(store: Store, interactive: bool, tty: bool, detach: bool, auto_remove: bool,
+def run_cmd(interactive: bool, tty: bool, detach: bool, auto_remove: bool,
             name: str | None, env: tuple[str, ...], env_file: tuple[str, ...], workdir: str | None,
             user: str | None, hostname: str, network: str, memory: str | None, cpus: str | None,
             pids_limit: str | None, volumes: tuple[str, ...], read_only: bool,
             entrypoint: str | None, runtime: str, image: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container from IMAGE (docker run)."""
+    if not detach:  # detached, the shim mounts; this process never does
+        _prefork_mount()
+    with open_store() as store:
+        _run(store, interactive, tty, detach, auto_remove, name, env, env_file, workdir, user,
+             hostname, network, memory, cpus, pids_limit, volumes, read_only, entrypoint, runtime,
+             image, command)
+
+
+@_exit_125
+def _run(store: Store, interactive: bool, tty: bool, detach: bool, auto_remove: bool,
+         name: str | None, env: tuple[str, ...], env_file: tuple[str, ...], workdir: str | None,
+         user: str | None, hostname: str, network: str, memory: str | None, cpus: str | None,
+         pids_limit: str | None, volumes: tuple[str, ...], read_only: bool,
+         entrypoint: str | None, runtime: str, image: str, command: tuple[str, ...]) -> None:
+    from layerfs.runtime import containers as records
+    from layerfs.runtime.spec import (parse_cpus, parse_env, parse_memory, parse_pids_limit,
+                                      parse_volume, read_env_file)
+
     env_items: list[str] = []
     for path in env_file:
         env_items += read_env_file(path)
@@ -100,6 +140,8 @@ def run_cmd(store: Store, interactive: bool, tty: bool, detach: bool, auto_remov
 
 
 def _start_detached(store: Store, c: records.Container) -> None:
+    from layerfs.runtime import lifecycle
+
     try:
         exec_error = lifecycle.start_detached(store.root, c.id)
     except LayerfsError:
@@ -113,6 +155,9 @@ def _start_detached(store: Store, c: records.Container) -> None:
 
 
 def _discard(store: Store, container_id: str) -> None:
+    from layerfs.runtime import containers as records
+    from layerfs.runtime import lifecycle
+
     try:
         lifecycle.remove_container(store, records.load(store.root, container_id), force=True)
     except LayerfsError:
@@ -120,8 +165,10 @@ def _discard(store: Store, container_id: str) -> None:
 
 
 def _run_attached(store: Store, c: records.Container) -> None:
+    from layerfs.runtime import lifecycle
+
     try:
-        result = lifecycle.run_foreground(store.root, c.id)
+        result = lifecycle.run_foreground(store.root, c.id, store=store)
     except LayerfsError:
         if c.config.auto_remove:
             _discard(store, c.id)
@@ -147,6 +194,8 @@ def _command_text(args: tuple[str, ...], no_trunc: bool) -> str:
 @with_store
 def ps_cmd(store: Store, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
     """List containers."""
+    from layerfs.runtime import containers as records
+
     found = [c for c in records.list_containers(store) if show_all or c.running]
     if fmt == "json":
         emit_json([{"Id": c.id, "Name": c.name, "Image": c.config.image, "ImageId": c.config.image_id,
@@ -169,12 +218,20 @@ def ps_cmd(store: Store, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) 
 @click.command("start")
 @click.option("-a", "--attach", is_flag=True, help="Attach STDOUT/STDERR and forward signals.")
 @click.argument("containers", nargs=-1, required=True)
-@with_store
-@_exit_125
-def start_cmd(store: Store, attach: bool, containers: tuple[str, ...]) -> None:
+def start_cmd(attach: bool, containers: tuple[str, ...]) -> None:
     """Start stopped containers."""
     if attach and len(containers) > 1:
         raise click.UsageError("you cannot start and attach multiple containers at once")
+    if attach:
+        _prefork_mount()
+    with open_store() as store:
+        _start(store, attach, containers)
+
+
+@_exit_125
+def _start(store: Store, attach: bool, containers: tuple[str, ...]) -> None:
+    from layerfs.runtime import containers as records
+
     for ref in containers:
         c = records.find_container(store, ref)
         if attach:
@@ -194,6 +251,9 @@ def start_cmd(store: Store, attach: bool, containers: tuple[str, ...]) -> None:
 @with_store
 def stop_cmd(store: Store, timeout: float, containers: tuple[str, ...]) -> None:
     """Stop running containers (stop signal, then SIGKILL)."""
+    from layerfs.runtime import containers as records
+    from layerfs.runtime import lifecycle
+
     for ref in containers:
         lifecycle.stop_container(records.find_container(store, ref), timeout)
         click.echo(ref)
@@ -205,6 +265,9 @@ def stop_cmd(store: Store, timeout: float, containers: tuple[str, ...]) -> None:
 @with_store
 def kill_cmd(store: Store, sig: str, containers: tuple[str, ...]) -> None:
     """Send a signal to running containers."""
+    from layerfs.runtime import containers as records
+    from layerfs.runtime import lifecycle
+
     number = records.parse_signal(sig)
     for ref in containers:
         lifecycle.kill_container(records.find_container(store, ref), number)
@@ -216,6 +279,9 @@ def kill_cmd(store: Store, sig: str, containers: tuple[str, ...]) -> None:
 @with_store
 def wait_cmd(store: Store, containers: tuple[str, ...]) -> None:
     """Block until containers stop; print their exit codes."""
+    from layerfs.runtime import containers as records
+    from layerfs.runtime import lifecycle
+
     for ref in containers:
         c = records.find_container(store, ref)
         state = lifecycle.wait_container(store.root, c.id)
@@ -228,6 +294,9 @@ def wait_cmd(store: Store, containers: tuple[str, ...]) -> None:
 @with_store
 def rm_cmd(store: Store, force: bool, containers: tuple[str, ...]) -> None:
     """Remove containers: record, upper dir, mount and cgroup."""
+    from layerfs.runtime import containers as records
+    from layerfs.runtime import lifecycle
+
     for ref in containers:
         lifecycle.remove_container(store, records.find_container(store, ref), force)
         click.echo(ref)
@@ -239,6 +308,9 @@ def rm_cmd(store: Store, force: bool, containers: tuple[str, ...]) -> None:
 @with_store
 def logs_cmd(store: Store, follow: bool, container: str) -> None:
     """Show what a container wrote to stdout and stderr."""
+    from layerfs.runtime import containers as records
+    from layerfs.runtime import lifecycle
+
     lifecycle.copy_log(records.find_container(store, container), sys.stdout.buffer, follow)
 
 
@@ -256,7 +328,10 @@ def logs_cmd(store: Store, follow: bool, container: str) -> None:
 def exec_cmd(store: Store, interactive: bool, tty: bool, user: str | None, env: tuple[str, ...],
              workdir: str | None, container: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a running container."""
+    from layerfs.runtime import containers as records
+    from layerfs.runtime import lifecycle
     from layerfs.runtime.exec import exec_in_container
+    from layerfs.runtime.spec import parse_env
 
     c = records.find_container(store, container)
     lifecycle.require_builtin(c, "exec")
@@ -274,6 +349,7 @@ def exec_cmd(store: Store, interactive: bool, tty: bool, user: str | None, env: 
 @with_store
 def commit_cmd(store: Store, message: str, author: str, container: str, reference: str) -> None:
     """Make an image from a container's changes (its upper dir as a new layer)."""
+    from layerfs.runtime import containers as records
     from layerfs.runtime.changes import commit_container
 
     image = commit_container(store, records.find_container(store, container), reference,
@@ -286,6 +362,7 @@ def commit_cmd(store: Store, message: str, author: str, container: str, referenc
 @with_store
 def diff_cmd(store: Store, container: str) -> None:
     """List the files a container added (A), changed (C) or deleted (D)."""
+    from layerfs.runtime import containers as records
     from layerfs.runtime.changes import container_changes
 
     for change in container_changes(store, records.find_container(store, container)):
@@ -305,6 +382,8 @@ def bundle_cmd(store: Store, container: str | None, image: str, directory: str,
     Run it with `runc run --bundle DIR ID`; afterwards unmount the rootfs
     with `layerfs umount DIR/rootfs`.
     """
+    from layerfs.runtime import lifecycle
+
     config = lifecycle.make_bundle(store, image, directory, container=container, cmd=command)
     click.echo(config)
 
@@ -314,6 +393,8 @@ USAGE_TITLE = "Containers (each upper is private; shared image bytes counted onc
 
 
 def usage_section(store: Store) -> tuple[list[str], list[list[str]]]:
+    from layerfs.runtime import containers as records
+
     rows, shared = records.container_usage(store)
     out = [[r.id[:12], r.name, r.image, human_size(r.upper_bytes), r.status] for r in rows]
     total = sum(r.upper_bytes for r in rows)
@@ -325,8 +406,43 @@ def usage_section(store: Store) -> tuple[list[str], list[list[str]]]:
 COMMANDS = (run_cmd, ps_cmd, start_cmd, stop_cmd, kill_cmd, wait_cmd, rm_cmd, logs_cmd, exec_cmd,
             commit_cmd, diff_cmd, bundle_cmd)
 
-if not any(name == USAGE_TITLE for name, _ in images_cli.EXTRA_USAGE):
-    images_cli.EXTRA_USAGE.append((USAGE_TITLE, usage_section))
+
+def _add_usage_section(images_cli: Any) -> None:
+    if not any(name == USAGE_TITLE for name, _ in images_cli.EXTRA_USAGE):
+        images_cli.EXTRA_USAGE.append((USAGE_TITLE, usage_section))
+
+
+class _OnImagesImport:
+    """A meta path finder that adds our ``df -v`` section to
+    ``layerfs_cli.images`` once that is imported, so that this module need
+    not import it (and all it imports) for ``run``. ``df`` itself imports
+    this module (images.USAGE_CONTRIBUTORS); this covers the other order,
+    several commands in one process."""
+
+    @staticmethod
+    def find_spec(name: str, path: Any = None, target: Any = None) -> Any:
+        if name != "layerfs_cli.images":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(_OnImagesImport)  # one-shot; and not asked again below
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module: Any) -> None:
+            exec_module(module)
+            _add_usage_section(module)
+
+        spec.loader.exec_module = exec_and_register  # type: ignore[method-assign]
+        return spec
+
+
+if "layerfs_cli.images" in sys.modules:
+    _add_usage_section(sys.modules["layerfs_cli.images"])
+elif _OnImagesImport not in sys.meta_path:
+    sys.meta_path.insert(0, _OnImagesImport)
 
 
 def register(cli: click.Group) -> None:

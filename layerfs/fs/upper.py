@@ -250,7 +250,7 @@ def file_digest(path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h = blake3.blake3()
         buf = bytearray(HASH_BUF)
         view = memoryview(buf)
         off = 0

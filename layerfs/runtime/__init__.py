@@ -17,14 +17,32 @@ and shim: run, start -d, stop, kill, wait, rm, logs, bundle), ``exec``
 (setns into a running container), ``changes`` (diff, commit).
 """
 
-from layerfs.runtime.bundle import bundle_config, run_bundle, write_bundle
-from layerfs.runtime.cgroups import CgroupLimits, CgroupStats, cgroup_version, create_cgroup
-from layerfs.runtime.errors import ContainerSetupError
-from layerfs.runtime.process import (ContainerProcess, ContainerResult, new_container_id,
-                                     run_container, start_container)
-from layerfs.runtime.spec import (ContainerSpec, IdMap, Rlimit, UserNamespace, Volume,
-                                  parse_cpus, parse_env, parse_id_map, parse_memory,
-                                  parse_pids_limit, parse_volume, read_env_file)
+# The names below are imported on first use (PEP 562), so that importing
+# a submodule (``layerfs.runtime.containers`` for ``layerfs ps``, say) does
+# not pay for all of them: the CLI's start-up is part of every command.
+_EXPORTS = {
+    "bundle": ("bundle_config", "run_bundle", "write_bundle"),
+    "cgroups": ("CgroupLimits", "CgroupStats", "cgroup_version", "create_cgroup"),
+    "errors": ("ContainerSetupError",),
+    "process": ("ContainerProcess", "ContainerResult", "new_container_id", "run_container",
+                "start_container"),
+    "spec": ("ContainerSpec", "IdMap", "Rlimit", "UserNamespace", "Volume", "parse_cpus",
+             "parse_env", "parse_id_map", "parse_memory", "parse_pids_limit", "parse_volume",
+             "read_env_file"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "CgroupLimits", "CgroupStats", "ContainerProcess", "ContainerResult",

@@ -377,10 +377,12 @@ def list_containers(store: Store) -> list[Container]:
 def forget_container(store: Store, container: Container) -> None:
     """Drop the record and its files (the caller made sure nothing runs)."""
     store.drop_refs(REF_KIND, container.id)
-    _rmtree(container.dir)
+    remove_tree(container.dir)
 
 
-def _rmtree(path: str) -> None:
+def remove_tree(path: str) -> None:
+    """``rm -rf path``, read-only directories included; no error if it is missing."""
+
     def onerror(func: Any, failed: str, _exc: Any) -> None:
         # Directories copied up read-only (e.g. mode 0555) still go.
         with contextlib.suppress(OSError):

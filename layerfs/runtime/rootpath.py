@@ -71,8 +71,10 @@ def make_mountpoint(root: str, path: str, directory: bool) -> str:
     target = secure_join(root, path)
     if target == root:
         raise InvalidInput(f"mount target {path!r} resolves to the container's /")
-    parent = secure_join(root, posixpath.dirname(path.rstrip("/")) or "/")
     if not os.path.lexists(target):
+        # Resolved only when needed: on a layerfs rootfs every lookup is a
+        # round trip to the FUSE daemon, and most mountpoints exist.
+        parent = secure_join(root, posixpath.dirname(path.rstrip("/")) or "/")
         os.makedirs(parent, mode=0o755, exist_ok=True)
         if directory:
             os.makedirs(target, mode=0o755, exist_ok=True)

@@ -15,6 +15,10 @@ An object lives at ``objects/ab/cdef...`` (raw) or ``objects/ab/cdef....zst``
 benchmarks/bench_objects.py measures the read cost and the disk saved of
 this policy against "never" and "always".
 
+Hashing is single-threaded on purpose: blake3's multi-threaded mode keeps
+a thread pool that a fork() (the FUSE daemon is forked) copies without its
+threads, and the child's next multi-threaded hash then waits forever.
+
 Durability: object files are written tmp + rename without an fsync each;
 the store calls :func:`syncfs` once before it commits the metadata that
 references them. The database, not the directory, says which objects exist.
@@ -182,7 +186,7 @@ class ObjectStore:
             return obj
 
     def _put_stream(self, f: "io.RawIOBase", known: KnownDigests | None) -> StoredObject:
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h = blake3.blake3()
         fd, tmp = self._tmp()
         size = 0
         try:
@@ -275,7 +279,7 @@ class ObjectStore:
             path, compressed = self.locate(digest)
         except NotFound:
             return False
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        h = blake3.blake3()
         try:
             with open(path, "rb") as f:
                 reader = zstandard.ZstdDecompressor().stream_reader(f) if compressed else f
@@ -312,7 +316,7 @@ def _link_fd(fd: int, dst: str) -> None:
 
 
 def _hash_stream(f: "io.RawIOBase") -> tuple[str, int]:
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    h = blake3.blake3()
     size = 0
     while chunk := f.read(CHUNK):
         h.update(chunk)

@@ -177,3 +177,56 @@ def test_diff_and_commit_of_an_upper(store: Store) -> None:
     assert image.history[-1]["created_by"] == "layerfs commit changed"
     assert image.runtime_config["Cmd"] == ["sh"]
     assert store.image("changed:1").id == image.id
+
+
+# -- the CLI's lazy imports ----------------------------------------------------
+def _python(code: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_cli_containers_module_spells_out_the_runtimes() -> None:
+    from layerfs_cli import containers as containers_cli
+
+    assert containers_cli.RUNTIMES == records.RUNTIMES
+
+
+def test_cli_containers_module_imports_no_runtime() -> None:
+    # `layerfs run` forks the mount daemon first and imports the runtime
+    # after: importing the command module must stay cheap.
+    out = _python("import sys, layerfs_cli.containers\n"
+                  "print(sorted(m for m in sys.modules if m.startswith(('layerfs.runtime.',"
+                  " 'layerfs_cli.images', 'pyfuse3', 'trio'))))")
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("first", ["layerfs_cli.containers", "layerfs_cli.images"])
+def test_df_has_the_containers_section_whatever_is_imported_first(first: str) -> None:
+    # containers.py adds its df -v section to images.py without importing
+    # it; either import order (one process running several commands) works.
+    second = ({"layerfs_cli.containers", "layerfs_cli.images"} - {first}).pop()
+    out = _python(f"import importlib\nimportlib.import_module({first!r})\n"
+                  f"importlib.import_module({second!r})\n"
+                  "from layerfs_cli import images, containers\n"
+                  "titles = [t for t, _ in images.EXTRA_USAGE]\n"
+                  "images._load_usage_contributors()\n"
+                  "print(titles == [containers.USAGE_TITLE] == [t for t, _ in images.EXTRA_USAGE])")
+    assert out.strip() == "True"
+
+
+def test_runtime_package_imports_its_names_on_demand() -> None:
+    import layerfs.runtime as runtime
+
+    out = _python("import sys, layerfs.runtime\n"
+                  "print('layerfs.runtime.process' in sys.modules)\n"
+                  "from layerfs.runtime import run_container, ContainerSpec, write_bundle\n"
+                  "print(run_container.__module__, ContainerSpec.__module__, write_bundle.__module__)")
+    assert out.split("\n")[:2] == ["False", "layerfs.runtime.process layerfs.runtime.spec "
+                                   "layerfs.runtime.bundle"]
+    assert sorted(runtime.__all__) == sorted(n for names in runtime._EXPORTS.values()
+                                             for n in names)
+    with pytest.raises(AttributeError):
+        runtime.no_such_name  # noqa: B018
