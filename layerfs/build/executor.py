@@ -98,8 +98,13 @@ class BuildEvent:
 def build(store: Store, options: BuildOptions, write: Writer | None = None,
           on_event: Callable[[BuildEvent], None] | None = None) -> BuildResult:
     """Build; each progress line goes to ``write`` and, as a structured
-    :class:`BuildEvent`, to ``on_event`` (either may be None)."""
-    return Builder(store, write, on_event).build(options)
+    :class:`BuildEvent`, to ``on_event`` (either may be None).
+
+    The whole build holds the store's writer lease: its staging dirs live
+    under the store's tmp/ and each new layer is unreferenced until the
+    step's image names it, so gc must wait for the build to end."""
+    with store.writing():
+        return Builder(store, write, on_event).build(options)
 
 
 def prune_cache(store: Store) -> int:

@@ -310,7 +310,21 @@ class _Daemon:
             pass
 
 
+def _close_inherited_fds(keep: set[int]) -> None:
+    """Drop every fd the forking process had open (store lock, sqlite,
+    pipes of other children): a daemon must not keep the store's flock
+    alive, nor a caller's pipe open, for as long as the mount lives."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def _daemon_main(go_r: int, ready_w: int) -> int:
+    _close_inherited_fds({go_r, ready_w})
     # Heavy imports first: they overlap with the parent resolving the image.
     # No garbage collection meanwhile: imports make many objects and no
     # garbage; _run_daemon freezes what is there once the index is loaded.
