@@ -65,14 +65,19 @@ def prepare_for_mounts(store: Store, image: Image) -> None:
 
 
 @click.command("images")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Show intermediate images (build steps) too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only show image ids.")
 @click.option("--no-trunc", is_flag=True, help="Don't truncate ids.")
 @format_option
 @with_store
-def images_cmd(store: Store, quiet: bool, no_trunc: bool, fmt: str) -> None:
+def images_cmd(store: Store, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
     """List images."""
     rows = []
+    # Like docker, untagged images that are build steps are intermediate.
+    intermediate = set() if show_all else {iid for _, _, iid, _ in store.refs("build-cache") if iid}
     for image, tags in store.images():
+        if not tags and image.id in intermediate:
+            continue
         size = image_size(store, image)
         for t in tags or ["<none>:<none>"]:
             name, _, tag = t.rpartition(":")
