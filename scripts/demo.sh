@@ -15,7 +15,7 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 # A re-run replaces the demo's images and containers instead of piling up.
 for i in 1 2 3 4 5; do $L rm -f "demo-c$i" >/dev/null 2>&1 || true; done
-for old in demo/web:1 demo/worker:1; do $L rmi "$old" >/dev/null 2>&1 || true; done
+for old in demo/web:1 demo/worker:1 pair:first pair:second; do $L rmi "$old" >/dev/null 2>&1 || true; done
 $L gc >/dev/null
 
 step "A base image from the host's static busybox"
@@ -54,6 +54,14 @@ chroot "$mnt" sh -c 'echo "written in the container" > /app/note; rm /bin/ls; /a
 echo "upper dir now holds only the changes (a 0/0 char device is a whiteout):"
 (cd "$upper" && find . -mindepth 1 -printf '%y %M %p\n' | sort)
 $L umount "$mnt"
+
+step "Build two images from Dockerfiles that share all but their last step"
+$L build -f examples/busybox-pair/Dockerfile.first -t pair:first examples/busybox-pair
+$L build -f examples/busybox-pair/Dockerfile.second -t pair:second examples/busybox-pair
+echo "history: the same layer ids up to the last step"
+$L history pair:first
+$L history pair:second
+$L run --rm pair:second
 
 step "Run a container (namespaces, cgroups, pivot_root into a layerfs mount)"
 $L run --rm --memory 64m --pids-limit 64 demo/web:1 sh -c '/app/run.sh; echo "pid $$ on $(hostname)"; ls /'
