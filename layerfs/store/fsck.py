@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from layerfs.errors import LayerfsError
+from layerfs.errors import Corrupt, LayerfsError
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
 from layerfs.store.store import Store
@@ -79,9 +79,11 @@ def _check_layers(store: Store, report: FsckReport, bad_objects: set[str]) -> se
 def _layer_problem(store: Store, lid: str, bad_objects: set[str]) -> str:
     try:
         with open(store.layer_manifest_path(lid), "rb") as f:
-            data = f.read()
+            data = mf.unpack(f.read())
     except FileNotFoundError:
         return "manifest missing"
+    except Corrupt as exc:
+        return str(exc)
     if mf.layer_id(data) != lid:
         return "manifest fails its digest check"
     try:

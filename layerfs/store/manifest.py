@@ -104,6 +104,29 @@ def decode(data: bytes) -> list[Entry]:
     return entries
 
 
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def pack(canonical: bytes) -> bytes:
+    """The bytes stored on disk: zstd of the canonical bytes (JSON of paths
+    and hex digests shrinks ~5x; decompressing costs ~1 ms per 10k entries)."""
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=3).compress(canonical)
+
+
+def unpack(stored: bytes) -> bytes:
+    """Canonical bytes back from :func:`pack` (raw manifests pass through)."""
+    if not stored.startswith(_ZSTD_MAGIC):
+        return stored
+    import zstandard
+
+    try:
+        return zstandard.ZstdDecompressor().decompress(stored)
+    except zstandard.ZstdError as exc:
+        raise Corrupt(f"manifest cannot be decompressed: {exc}") from None
+
+
 def layer_id(canonical: bytes) -> str:
     return blake3.blake3(canonical).hexdigest()
 

@@ -100,10 +100,7 @@ class ObjectStore:
         self.tmp_dir = tmp_dir
         self._local = threading.local()
         self._counter = itertools.count()
-        # All 256 fan-out dirs up front: one makedirs per object was a
-        # measurable share of import time.
-        for i in range(256):
-            os.makedirs(os.path.join(root, f"{i:02x}"), exist_ok=True)
+        os.makedirs(root, exist_ok=True)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         # Contexts are costly to create and not thread-safe: one per thread.
@@ -201,7 +198,7 @@ class ObjectStore:
             if known is not None and known(digest):
                 os.unlink(tmp)
                 return StoredObject(digest, size, -1, False)
-            os.replace(tmp, self.raw_path(digest))
+            _replace(tmp, self.raw_path(digest))
         except BaseException:
             if fd >= 0:
                 os.close(fd)
@@ -214,7 +211,7 @@ class ObjectStore:
         once complete (one directory operation, no debris on a crash), or
         tmp + rename where the filesystem lacks O_TMPFILE."""
         try:
-            fd = os.open(os.path.dirname(dst), os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            fd = _open_tmpfile(os.path.dirname(dst))
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
@@ -235,7 +232,7 @@ class ObjectStore:
                 _fill(fd, parts)
             finally:
                 os.close(fd)
-            os.replace(tmp, dst)
+            _replace(tmp, dst)
         except BaseException:
             _unlink_quiet(tmp)
             raise
@@ -305,6 +302,25 @@ class ObjectStore:
 
 
 _AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
+
+
+# Fan-out dirs are made on first use (a miss costs one ENOENT), not all 256
+# up front: an empty store should take no disk.
+def _open_tmpfile(directory: str) -> int:
+    flags = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC
+    try:
+        return os.open(directory, flags, 0o644)
+    except FileNotFoundError:
+        os.makedirs(directory, exist_ok=True)
+        return os.open(directory, flags, 0o644)
+
+
+def _replace(tmp: str, dst: str) -> None:
+    try:
+        os.replace(tmp, dst)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.replace(tmp, dst)
 
 
 def _link_fd(fd: int, dst: str) -> None:

@@ -191,7 +191,7 @@ class Store:
         if not os.path.exists(path):
             from layerfs.store.atomic import write_bytes
 
-            write_bytes(path, data, self.tmp_dir, durable=False)
+            write_bytes(path, mf.pack(data), self.tmp_dir, durable=False)
         if fresh or stat_rows:
             syncfs(self.root)
         try:
@@ -379,7 +379,7 @@ def _read_manifest(root: str, layer_id: str) -> tuple[Entry, ...]:
     # Manifests are immutable, so caching by id is always correct.
     try:
         with open(os.path.join(root, "layers", layer_id), "rb") as f:
-            data = f.read()
+            data = mf.unpack(f.read())
     except FileNotFoundError:
         raise NotFound(f"no such layer: {layer_id[:12]}") from None
     return tuple(mf.decode(data))
