@@ -1,6 +1,6 @@
 """Container start-to-exit latency of `true`: layerfs vs runc vs the floor, one run.
 
-    .venv/bin/python benchmarks/bench_run.py [--reps 15]
+    .venv/bin/python benchmarks/bench_run.py [--reps 15] [--baseline DIR]
 
 Needs root, /dev/fuse, busybox-static and runc. Makes a fresh store with
 `layerfs bootstrap busybox`, then measures wall time from spawn to exit
@@ -17,7 +17,14 @@ Needs root, /dev/fuse, busybox-static and runc. Makes a fresh store with
 * `unshare --mount --uts --ipc --net --pid --fork chroot ROOTFS /bin/true`
   on the extracted rootfs: the floor (namespaces, no cgroups, no pivot).
 
-Writes a table to stdout and benchmarks/results-run.md.
+With ``--baseline DIR`` (a directory holding another version's ``layerfs``
+and ``layerfs_cli`` packages; results-run.md says how the last one was made)
+the CLI row is also measured with ``PYTHONPATH=DIR``, alternating run by run
+with the current tree, so that before and after see the same noise on a
+shared machine. The load average before and after goes into the report.
+
+Writes a table to stdout and benchmarks/results-run.md, keeping whatever
+the file has from the line ``<!-- notes -->`` on (hand-written analysis).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from layerfs.runtime import lifecycle  # noqa: E402
 from layerfs.store.store import Store  # noqa: E402
 
 LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
+NOTES_MARKER = "<!-- notes -->"
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
@@ -60,14 +68,30 @@ def measure(name: str, fn, reps: int) -> list[float]:  # type: ignore[no-untyped
     return runs
 
 
+def measure_interleaved(cases, reps: int) -> list[tuple[str, list[float]]]:  # type: ignore[no-untyped-def]
+    """Like :func:`measure` for several cases, alternating them run by run."""
+    for _, fn in cases:
+        fn()
+    runs: list[list[float]] = [[] for _ in cases]
+    for _ in range(reps):
+        for i, (_, fn) in enumerate(cases):
+            runs[i].append(fn())
+    for (name, _), r in zip(cases, runs):
+        print(f"{name:60s} median {statistics.median(r) * 1000:8.1f} ms", flush=True)
+    return [(name, r) for (name, _), r in zip(cases, runs)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--output", default=os.path.join(HERE, "results-run.md"))
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also time the CLI row with PYTHONPATH=DIR (another version)")
     args = parser.parse_args()
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse") or not shutil.which("runc"):
         raise SystemExit("needs root, /dev/fuse and runc")
 
+    load_before = os.getloadavg()
     work = tempfile.mkdtemp(prefix="bench-run-")
     root = os.path.join(work, "store")
     env = dict(os.environ, LAYERFS_ROOT=root)
@@ -103,9 +127,17 @@ def main() -> None:
             assert result.exit_code == 0, result
             return elapsed
 
+        cli_argv = [LAYERFS, "run", "--rm", "busybox", "true"]
+        cli_case = ("layerfs run --rm busybox true (CLI)", lambda: timed(cli_argv, env))
+        baseline_env = dict(env, PYTHONPATH=os.path.abspath(args.baseline or "."))
+        # The console script imports layerfs_cli.main from sys.path, so
+        # PYTHONPATH (searched before the editable install) picks the version.
+        baseline_case = (f"layerfs run --rm busybox true (CLI, baseline {args.baseline})",
+                         lambda: timed(cli_argv, baseline_env))
+        results = []
+        if args.baseline:
+            results += measure_interleaved([cli_case, baseline_case], args.reps)
         cases = [
-            ("layerfs run --rm busybox true (CLI)",
-             lambda: timed([LAYERFS, "run", "--rm", "busybox", "true"], env)),
             ("layerfs run, warm interpreter (library)", warm_library),
             ("runc run, bundle from `layerfs bundle` (FUSE rootfs)", lambda: runc(bundle)),
             ("runc run, same config on the extracted rootfs", lambda: runc(plain)),
@@ -115,23 +147,30 @@ def main() -> None:
             ("python -c 'import layerfs_cli.main' (CLI start-up alone)",
              lambda: timed([sys.executable, "-c", "import layerfs_cli.main"], env)),
         ]
-        results = [(name, measure(name, fn, args.reps)) for name, fn in cases]
+        if not args.baseline:
+            results.append((cli_case[0], measure(cli_case[0], cli_case[1], args.reps)))
+        results += [(name, measure(name, fn, args.reps)) for name, fn in cases]
     finally:
         subprocess.run([LAYERFS, "umount", os.path.join(bundle, "rootfs")], env=env,
                        capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-    write_report(args.output, results, args.reps)
+    loads = (load_before, os.getloadavg())
+    write_report(args.output, results, args.reps, loads)
 
 
-def write_report(path: str, results: list[tuple[str, list[float]]], reps: int) -> None:
+def write_report(path: str, results: list[tuple[str, list[float]]], reps: int,
+                 loads: tuple[tuple[float, ...], ...] = ()) -> None:
     med = {name: statistics.median(runs) for name, runs in results}
     names = [name for name, _ in results]
-    cli, lib, runc_fuse, runc_plain, floor, startup = (med[n] for n in names)
+    baseline = [n for n in names if "baseline" in n]
+    cli, lib, runc_fuse, runc_plain, floor, startup = (med[n] for n in names if n not in baseline)
     lines = [
         "# Container start-to-exit latency of `true`",
         "",
         f"vm · {os.cpu_count()} cores · Python {platform.python_version()} · "
-        f"medians of {reps} after one warm-up · busybox image from `layerfs bootstrap busybox`",
+        f"medians of {reps} after one warm-up · busybox image from `layerfs bootstrap busybox`"
+        + "".join(f" · load average {when} {' '.join(f'{x:.2f}' for x in load)}"
+                  for when, load in zip(("before", "after"), loads)),
         "",
         "| path | median | runs (ms) |",
         "|---|---:|---|",
@@ -148,14 +187,25 @@ def write_report(path: str, results: list[tuple[str, list[float]]], reps: int) -
         f"runc / floor = {runc_plain / floor:.2f}.",
         "",
         "The layerfs paths include what runc's rows do not: creating the container record, "
-        "mounting the image with the layerfs FUSE daemon (a fresh process importing trio and "
-        "pyfuse3) with a fresh upper dir, and unmounting and removing it all at exit; the runc "
+        "mounting the image with the layerfs FUSE daemon (a forked process that imports trio "
+        "and pyfuse3) with a fresh upper dir, and unmounting and removing it all at exit; the runc "
         "rows reuse one mount made beforehand. The CLI row also includes the Python start-up of "
         f"`layerfs` itself (about {startup * 1000:.0f} ms, last row).",
     ]
+    if baseline:
+        lines += ["", f"Baseline: {baseline[0]} = {med[baseline[0]] * 1000:.1f} ms, measured "
+                  f"alternating with the current CLI row; current / baseline = "
+                  f"{cli / med[baseline[0]]:.2f}."]
+    print("\n".join(lines))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            old = handle.read()
+    except FileNotFoundError:
+        old = ""
+    if NOTES_MARKER in old:
+        lines += ["", old[old.index(NOTES_MARKER):].rstrip("\n")]
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ opens the store and records the container.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -64,11 +65,24 @@ def _exit_125(fn: Callable) -> Callable:
     return wrapper
 
 
-def _exit_with(code: int) -> None:
+def _exit_with(code: int, *, now: bool = False) -> None:
     # SystemExit passes through click and main(), which would otherwise
     # turn a normal return into 0.
     sys.stdout.flush()
+    if now and _is_the_layerfs_program():
+        # Nothing is left to clean up (the caller closed the store), and
+        # tearing down an interpreter that imported the runtime takes ~20 ms.
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
+
+
+def _is_the_layerfs_program() -> bool:
+    """True in the `layerfs` console script, not when click runs in-process
+    (tests, embedding), where os._exit would end the caller too."""
+    from layerfs_cli import main as cli_main
+
+    return getattr(sys.modules.get("__main__"), "main", None) is cli_main.main
 
 
 # -- run ------------------------------------------------------------------------------
@@ -102,9 +116,11 @@ def run_cmd(interactive: bool, tty: bool, detach: bool, auto_remove: bool,
     if not detach:  # detached, the shim mounts; this process never does
         _prefork_mount()
     with open_store() as store:
-        _run(store, interactive, tty, detach, auto_remove, name, env, env_file, workdir, user,
-             hostname, network, memory, cpus, pids_limit, volumes, read_only, entrypoint, runtime,
-             image, command)
+        code = _run(store, interactive, tty, detach, auto_remove, name, env, env_file, workdir,
+                    user, hostname, network, memory, cpus, pids_limit, volumes, read_only,
+                    entrypoint, runtime, image, command)
+    if code is not None:
+        _exit_with(code, now=True)
 
 
 @_exit_125
@@ -112,7 +128,9 @@ def _run(store: Store, interactive: bool, tty: bool, detach: bool, auto_remove: 
          name: str | None, env: tuple[str, ...], env_file: tuple[str, ...], workdir: str | None,
          user: str | None, hostname: str, network: str, memory: str | None, cpus: str | None,
          pids_limit: str | None, volumes: tuple[str, ...], read_only: bool,
-         entrypoint: str | None, runtime: str, image: str, command: tuple[str, ...]) -> None:
+         entrypoint: str | None, runtime: str, image: str,
+         command: tuple[str, ...]) -> int | None:
+    """The body of ``run``: the container's exit code, None when detached."""
     from layerfs.runtime import containers as records
     from layerfs.runtime.spec import (parse_cpus, parse_env, parse_memory, parse_pids_limit,
                                       parse_volume, read_env_file)
@@ -135,8 +153,8 @@ def _run(store: Store, interactive: bool, tty: bool, detach: bool, auto_remove: 
     if detach:
         _start_detached(store, c)
         click.echo(c.id)
-        return
-    _run_attached(store, c)
+        return None
+    return _run_attached(store, c)
 
 
 def _start_detached(store: Store, c: records.Container) -> None:
@@ -164,7 +182,8 @@ def _discard(store: Store, container_id: str) -> None:
         pass
 
 
-def _run_attached(store: Store, c: records.Container) -> None:
+def _run_attached(store: Store, c: records.Container) -> int:
+    """Run ``c`` in the foreground; its exit code (the caller exits with it)."""
     from layerfs.runtime import lifecycle
 
     try:
@@ -175,7 +194,7 @@ def _run_attached(store: Store, c: records.Container) -> None:
         raise
     if result.exec_error:
         click.echo(f"Error: {result.exec_error}", err=True)
-    _exit_with(result.exit_code)
+    return result.exit_code
 
 
 # -- ps -------------------------------------------------------------------------------
@@ -225,23 +244,26 @@ def start_cmd(attach: bool, containers: tuple[str, ...]) -> None:
     if attach:
         _prefork_mount()
     with open_store() as store:
-        _start(store, attach, containers)
+        code = _start(store, attach, containers)
+    if code is not None:
+        _exit_with(code, now=True)
 
 
 @_exit_125
-def _start(store: Store, attach: bool, containers: tuple[str, ...]) -> None:
+def _start(store: Store, attach: bool, containers: tuple[str, ...]) -> int | None:
+    """The body of ``start``: with ``attach``, the container's exit code."""
     from layerfs.runtime import containers as records
 
     for ref in containers:
         c = records.find_container(store, ref)
         if attach:
-            _run_attached(store, c)
-            return
+            return _run_attached(store, c)
         if c.running:
             click.echo(ref)
             continue
         _start_detached(store, c)
         click.echo(ref)
+    return None
 
 
 @click.command("stop")

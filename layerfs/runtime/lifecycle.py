@@ -53,7 +53,7 @@ def run_foreground(root: str, container_id: str, *, stdin: Any = None, stdout: A
     relayed. Returns the result once the container is cleaned up.
 
     ``store``, an open Store of ``root``, is used for the clean-up instead of
-    opening another (opening one costs ~10 ms).
+    opening another (an open costs ~5 ms: it makes the 256 object dirs).
     """
     return own(root, container_id, foreground=True, stdin=stdin, stdout=stdout, stderr=stderr,
                store=store)
