@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from layerfs.errors import Corrupt, InvalidInput, Unsupported
+from layerfs.store.tarlayer import Peek
 from layerfs.store.images import host_arch
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -365,34 +366,6 @@ class _Zstd(io.RawIOBase):
             data = self.r.read(len(b))
         except zstandard.ZstdError as exc:
             raise InvalidInput(f"corrupt zstd data: {exc}") from None
-        b[: len(data)] = data
-        return len(data)
-
-
-class Peek(io.RawIOBase):
-    """A stream whose first bytes can be looked at without consuming them."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.head = b""
-
-    def peek(self, n: int) -> bytes:
-        while len(self.head) < n:
-            more = self.f.read(n - len(self.head))
-            if not more:
-                break
-            self.head += more
-        return self.head[:n]
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self.head:
-            n = min(len(b), len(self.head))
-            b[:n], self.head = self.head[:n], self.head[n:]
-            return n
-        data = self.f.read(len(b))
         b[: len(data)] = data
         return len(data)
 

@@ -51,8 +51,9 @@ def normalize_name(name: str) -> str:
 
 def decompressed(f: BinaryIO) -> BinaryIO:
     """The tar bytes of a plain, gzip, bzip2, xz or zstd stream."""
-    head = f.read(6)
-    rest = io.BufferedReader(_Prepend(head, f), 1 << 20)
+    peek = Peek(f)
+    head = peek.peek(6)
+    rest = io.BufferedReader(peek, 1 << 20)
     if head[:4] == _ZSTD_MAGIC:
         return zstandard.ZstdDecompressor().stream_reader(rest, read_across_frames=True)
     if head[:2] == b"\x1f\x8b":
@@ -70,9 +71,21 @@ def decompressed(f: BinaryIO) -> BinaryIO:
     return rest
 
 
-class _Prepend(io.RawIOBase):
-    def __init__(self, head: bytes, f: BinaryIO) -> None:
-        self.head, self.f = head, f
+class Peek(io.RawIOBase):
+    """A stream whose first bytes can be looked at without consuming them
+    (to pick a decompressor by magic number on a pipe or socket)."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.head = b""
+
+    def peek(self, n: int) -> bytes:
+        while len(self.head) < n:
+            more = self.f.read(n - len(self.head))
+            if not more:
+                break
+            self.head += more
+        return self.head[:n]
 
     def readable(self) -> bool:
         return True

@@ -12,28 +12,14 @@ from layerfs.build.context import BuildContextError
 from layerfs.build.executor import BuildError, BuildOptions, build
 from layerfs.errors import InvalidInput, LayerfsError, NotFound
 
+from tests.build.helpers import make_context
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("busybox") is None or not ROOT,
                                 reason="needs busybox-static and root")
 
 
-@pytest.fixture
-def base(store):
-    from layerfs.bootstrap import bootstrap_busybox
-
-    return bootstrap_busybox(store)
-
-
-def _ctx(tmp_path, dockerfile: str, files: dict[str, str] | None = None, name: str = "ctx") -> str:
-    root = tmp_path / name
-    root.mkdir(exist_ok=True)
-    (root / "Dockerfile").write_text(dockerfile)
-    for rel, text in (files or {}).items():
-        p = root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-    return str(root)
+_ctx = make_context
 
 
 def _build(store, ctx, **kw):
