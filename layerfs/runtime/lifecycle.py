@@ -33,7 +33,7 @@ from layerfs.runtime import containers as records
 from layerfs.runtime.cgroups import remove_cgroup_paths
 from layerfs.runtime.containers import Container, ContainerState, load, update_state
 from layerfs.runtime.errors import ContainerSetupError
-from layerfs.runtime.process import (ContainerProcess, ContainerResult, run_container,
+from layerfs.runtime.process import (ContainerProcess, ContainerResult, run_container, stream_fileno,
                                      start_container)
 from layerfs.runtime.pty import relay
 from layerfs.store.store import Store
@@ -159,15 +159,6 @@ def _mark_running(c: Container, proc: ContainerProcess | None, ready: Ready | No
         ready(proc.exec_error if proc is not None else None)
 
 
-def _fileno(stream: Any, default: int) -> int:
-    if stream is None:
-        return default
-    if isinstance(stream, int):
-        return stream
-    stream.flush()
-    return stream.fileno()
-
-
 class _Tee:
     """A pipe whose bytes go both to ``target_fd`` and the container's log."""
 
@@ -209,8 +200,8 @@ def _run_builtin(c: Container, foreground: bool, stdin: Any, stdout: Any, stderr
     if foreground:
         # Pipes are made after the mount daemon forked, so only the
         # container holds their write ends and EOF means it is done.
-        out = _Tee(_fileno(stdout, 1), log_fd)
-        err = None if spec.tty else _Tee(_fileno(stderr, 2), log_fd)
+        out = _Tee(stream_fileno(stdout, 1), log_fd)
+        err = None if spec.tty else _Tee(stream_fileno(stderr, 2), log_fd)
         try:
             return run_container(spec, c.runtime_dir, container_id=c.id, stdin=stdin,
                                  stdout=out.write_fd, stderr=err.write_fd if err else None,
@@ -267,8 +258,8 @@ def _run_oci(c: Container, foreground: bool, stdin: Any, stdout: Any, stderr: An
     stdin_arg = stdin if c.config.interactive or c.config.tty else subprocess.DEVNULL
     _mark_running(c, None, ready, runtime_root=runtime_root)
     if foreground:
-        out = _Tee(_fileno(stdout, 1), log_fd)
-        err = _Tee(_fileno(stderr, 2), log_fd)
+        out = _Tee(stream_fileno(stdout, 1), log_fd)
+        err = _Tee(stream_fileno(stderr, 2), log_fd)
         try:
             code = run_bundle(bundle, c.id, c.config.runtime, stdin=stdin_arg, stdout=out.write_fd,
                               stderr=err.write_fd, runtime_root=runtime_root, hide_cgroup2=hide)

@@ -233,18 +233,19 @@ def _stdio(spec: ContainerSpec, stdin: Stream, stdout: Stream,
         return
     devnull = None
     if spec.interactive:
-        in_fd = _fileno(stdin, 0)
+        in_fd = stream_fileno(stdin, 0)
     else:
         devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         in_fd = devnull
     try:
-        yield in_fd, _fileno(stdout, 1), _fileno(stderr, 2)
+        yield in_fd, stream_fileno(stdout, 1), stream_fileno(stderr, 2)
     finally:
         if devnull is not None:
             os.close(devnull)
 
 
-def _fileno(stream: Stream, default: int) -> int:
+def stream_fileno(stream: Stream, default: int) -> int:
+    """The fd behind *stream* (flushed first), or *default* for None."""
     if stream is None:
         return default
     if isinstance(stream, int):
@@ -385,7 +386,7 @@ def run_container(spec: ContainerSpec, state_dir: str, *, container_id: str | No
     the main thread. With ``spec.tty`` the caller's terminal is put in raw
     mode (when ``spec.interactive``) and relayed through the container's pty.
     """
-    in_fd, out_fd = _fileno(stdin, 0), _fileno(stdout, 1)
+    in_fd, out_fd = stream_fileno(stdin, 0), stream_fileno(stdout, 1)
     size = (get_winsize(in_fd) or get_winsize(out_fd)) if spec.tty else None
     forwarder = _SignalForwarder(in_fd if spec.tty else None)
     # Handlers go in before the start, so a signal that arrives while the
