@@ -317,7 +317,9 @@ class Store:
         """docker rmi: untag if *ref* is one of several tags, else delete.
 
         Returns the lines docker prints (Untagged: / Deleted:). Layer and
-        object bytes are reclaimed by gc, not here.
+        object bytes are reclaimed by gc, not here. An image that containers
+        or mounts use is refused, or with *force* only untagged (they keep
+        it). Build-cache entries that produced the image go with it.
         """
         image = self.image(ref)
         tags = self.tags_of(image.id)
@@ -325,13 +327,17 @@ class Store:
         if is_tag and len(tags) > 1:
             self.untag(ref)
             return [f"Untagged: {self._as_tag(ref)}"]
-        users = self.db.all("SELECT kind, key FROM refs WHERE image_id=? AND kind='container'", image.id)
+        users = self.db.all("SELECT kind, key FROM refs WHERE image_id=? AND kind IN ('container', 'mount')", image.id)
         if users and not force:
-            raise Conflict(f"image {image.id[:12]} is used by container {users[0][1]}; remove it first or use --force")
+            kind, key = users[0]
+            raise Conflict(f"image {image.id[:12]} is used by {kind} {key}; remove it first or use --force")
         if len(tags) > 1 and not force and not is_tag:
             raise Conflict(f"image {image.id[:12]} is referenced in multiple repositories; use --force")
         with self.db.transaction() as c:
             c.execute("DELETE FROM tags WHERE image_id=?", (image.id,))
+            if users:
+                return [f"Untagged: {t}" for t in tags]
+            c.execute("DELETE FROM refs WHERE kind='build-cache' AND image_id=?", (image.id,))
             c.execute("DELETE FROM images WHERE id=?", (image.id,))
         return [f"Untagged: {t}" for t in tags] + [f"Deleted: {image.id}"]
 

@@ -145,3 +145,23 @@ def test_kill_9_during_import_leaves_store_consistent(tmp_path, delay, busybox_t
         # and the same import now succeeds
         transfer.import_layer(s, str(src))
         assert fsck.check(s).clean
+
+
+def test_rmi_of_a_built_image_drops_its_cache_entry(store, busybox_tree):
+    im = _image(store, busybox_tree, "built:1")
+    store.add_ref("build-cache", "step-key", image_id=im.id, layer_id=im.layers[-1])
+    store.remove_image("built:1")
+    assert store.get_ref("build-cache", "step-key") is None
+    assert fsck.check(store).clean
+
+
+def test_rmi_refuses_an_image_in_use_and_force_only_untags(store, busybox_tree):
+    from layerfs.errors import Conflict
+
+    im = _image(store, busybox_tree, "used:1")
+    store.add_ref("container", "c1", image_id=im.id)
+    with pytest.raises(Conflict, match="container c1"):
+        store.remove_image("used:1")
+    assert store.remove_image("used:1", force=True) == ["Untagged: used:1"]
+    assert store.image(im.id).id == im.id
+    assert fsck.check(store).clean
