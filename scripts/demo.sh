@@ -42,8 +42,6 @@ $L history demo/worker:1
 step "Storage: docker shares the base layer; layerfs also stores the library once"
 $L df -v
 
-step "Integrity"
-$L fsck
 
 step "Mount an image as a filesystem; writes land in a copy-on-write upper dir"
 mnt="$work/mnt"; upper="$work/upper"
@@ -73,3 +71,6 @@ done
 $L ps
 $L df -v
 for i in 1 2 3 4 5; do $L rm -f "demo-c$i" >/dev/null; done
+
+step "Integrity: every object re-hashed, every reference resolved"
+$L fsck
