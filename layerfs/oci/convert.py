@@ -177,10 +177,10 @@ def import_layer_blob(store: Store, stream: BinaryIO, desc: media.Descriptor, di
     snap: dict[str, Any] = {"asked": 0, "set": None}
 
     def known(digest: str) -> bool:
-        # Not store.has_object: its pending set assumes the import commits,
-        # and parallel imports in one process must not trust each other.
-        # Called from the tar reader's worker threads: check-and-claim
-        # under the lock, so one content is written once.
+        # Like store.import_claims(), plus a snapshot of committed digests
+        # that saves a query per file on big layers. Called from the tar
+        # reader's worker threads: check-and-claim under the lock, so one
+        # content is written once.
         with lock:
             if digest in local:
                 return True

@@ -22,7 +22,7 @@ import functools
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from layerfs.errors import Conflict, InvalidInput, NotFound
 from layerfs.store import images as img
@@ -64,7 +64,6 @@ class Store:
         self._db_lock = threading.Lock()
         self._lease_lock = threading.Lock()
         self._lease_depth = 0
-        self._pending: set[str] = set()
 
     def close(self) -> None:
         self.db.close()
@@ -107,15 +106,26 @@ class Store:
 
     # -- objects -------------------------------------------------------------
     def has_object(self, digest: str) -> bool:
-        """True if the content is committed or being written by this import
-        (the first asker claims it and writes it; the others skip)."""
+        """True if the content is committed to the store."""
         with self._db_lock:
-            if digest in self._pending:
-                return True
-            known = self.db.one("SELECT 1 FROM objects WHERE digest=?", digest) is not None
-            if not known:
-                self._pending.add(digest)
-            return known
+            return self.db.one("SELECT 1 FROM objects WHERE digest=?", digest) is not None
+
+    def import_claims(self) -> Callable[[str], bool]:
+        """The "already have it?" check of one import: True for committed
+        content and for content this import already claimed (its first
+        sighting writes it, later ones skip). Claims live and die with the
+        import, so a failed import never makes another skip a write."""
+        claimed: set[str] = set()
+        lock = threading.Lock()
+
+        def known(digest: str) -> bool:
+            with lock:
+                if digest in claimed:
+                    return True
+                claimed.add(digest)
+            return self.has_object(digest)
+
+        return known
 
     def _resolve_contents(self, files: list[FileRef], fresh: list[StoredObject],
                           stat_rows: list[tuple]) -> dict[str, str]:
@@ -123,10 +133,13 @@ class Store:
         out = self._stat_cache_hits(files)
         misses = [ref for ref in files if ref.rel not in out]
 
+        known = self.import_claims()
+
         def store_one(ref: FileRef) -> StoredObject:
-            return self.objects.put_file(ref.abspath, known=self.has_object)
+            return self.objects.put_file(ref.abspath, known=known)
 
         racy = time.time_ns() - RACY_NS
+        staged = bool(files) and _within(os.path.realpath(files[0].abspath), os.path.realpath(self.tmp_dir))
         for ref, obj in zip(misses, parallel_map(store_one, misses)):
             out[ref.rel] = obj.digest
             if obj.stored_size >= 0:
@@ -134,7 +147,8 @@ class Store:
             st = ref.st
             # Like git's racy-clean rule: a file changed within the last
             # timestamp tick could change again unseen, so don't cache it.
-            if st.st_ctime_ns < racy:
+            # Trees staged in our tmp/ are deleted right after: no rows.
+            if st.st_ctime_ns < racy and not staged:
                 stat_rows.append((os.fsencode(ref.abspath), st.st_dev, st.st_ino, st.st_size,
                                   st.st_mtime_ns, st.st_ctime_ns, obj.digest))
         return out
@@ -194,12 +208,8 @@ class Store:
             write_bytes(path, mf.pack(data), self.tmp_dir, durable=False)
         if fresh or stat_rows:
             syncfs(self.root)
-        try:
-            with self.db.transaction() as c:
-                self._commit_rows(c, lid, entries, fresh, stat_rows)
-        finally:
-            with self._db_lock:
-                self._pending.clear()
+        with self.db.transaction() as c:
+            self._commit_rows(c, lid, entries, fresh, stat_rows)
         return lid
 
     def _commit_rows(self, c, lid: str, entries: list[Entry], fresh: list[StoredObject],

@@ -38,7 +38,7 @@ def import_layer(store: Store, source: str, base: Image | None = None, as_layer:
 
 
 def _read_tar(store: Store, path: str) -> tuple[list[Entry], list]:
-    reader = TarReader(store.objects, store.has_object)
+    reader = TarReader(store.objects, store.import_claims())
     try:
         with open(path, "rb") as f:
             entries = reader.read(f)
@@ -52,7 +52,7 @@ def _read_tar(store: Store, path: str) -> tuple[list[Entry], list]:
 def import_tar_stream(store: Store, f: BinaryIO) -> str:
     """A layer from an (optionally compressed) layer tar stream."""
     with store.writing():
-        reader = TarReader(store.objects, store.has_object)
+        reader = TarReader(store.objects, store.import_claims())
         entries = reader.read(f)
         return store.commit_layer(entries, reader.fresh)
 
