@@ -37,14 +37,13 @@ import stat
 import blake3
 import pyfuse3
 import trio
-import zstandard
 
 from layerfs.errors import Corrupt, NotFound
 from layerfs.fs.index import LowerIndex
 from layerfs.fs.inodes import InodeTable, Node
 from layerfs.fs.upper import (PRIVATE_PREFIX, RENAME_EXCHANGE, RENAME_NOREPLACE, UpperDir,
                               file_digest, is_whiteout, renameat2)
-from layerfs.store.objects import ObjectStore
+from layerfs.store.objects import ObjectStore, read_object_file, unpack_object
 
 log = logging.getLogger("layerfs.fs")
 
@@ -428,7 +427,7 @@ class Union:
                 raise Corrupt(f"object {h.digest[:12]} is missing from the store") from None
         compressed = h.fd == -2
         if data is None:  # not in the page cache: wait for the disk in a thread
-            data = await trio.to_thread.run_sync(_read_object, h.path, compressed)
+            data = await trio.to_thread.run_sync(read_object_file, h.path, compressed)
         if h.digest not in self.verified:
             if len(data) > 256 << 10:
                 ok = await trio.to_thread.run_sync(_digest_ok, data, h.digest)
@@ -790,17 +789,6 @@ def _remove_quiet(path: bytes) -> None:
         pass
 
 
-def _read_object(path: str, compressed: bool) -> bytes:
-    with open(path, "rb") as f:
-        data = f.read()
-    if compressed:
-        try:
-            data = zstandard.ZstdDecompressor().decompress(data)
-        except zstandard.ZstdError as exc:
-            raise Corrupt(f"object {path}: {exc}") from None
-    return data
-
-
 def _digest_ok(data: bytes, digest: str) -> bool:
     return blake3.blake3(data).hexdigest() == digest
 
@@ -826,12 +814,7 @@ def _read_nowait(path: str, compressed: bool) -> bytes | None:
             return None
     finally:
         os.close(fd)
-    if compressed:
-        try:
-            return zstandard.ZstdDecompressor().decompress(bytes(buf))
-        except zstandard.ZstdError as exc:
-            raise Corrupt(f"object {path}: {exc}") from None
-    return bytes(buf)
+    return unpack_object(bytes(buf), path) if compressed else bytes(buf)
 
 
 async def _pread(fd: int, size: int, off: int) -> bytes:

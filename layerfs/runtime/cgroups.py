@@ -280,16 +280,10 @@ def _kill_tasks(path: str) -> None:
             pass
 
 
-@dataclass(frozen=True)
-class V1Cgroup:
-    """A container's cgroups in the v1 hierarchies, keyed by controller."""
+class _CgroupBase:
+    """What v1 and v2 cgroups share: both are derived from ``paths``."""
 
-    name: str
-    dirs: dict[str, str]
-
-    @property
-    def paths(self) -> tuple[str, ...]:
-        return tuple(sorted(set(self.dirs.values())))
+    paths: tuple[str, ...]
 
     @property
     def procs_files(self) -> tuple[str, ...]:
@@ -300,6 +294,21 @@ class V1Cgroup:
             self._apply(limits)
         except OSError as exc:
             raise ContainerSetupError(f"cannot set cgroup limits: {exc}") from None
+
+    def _apply(self, limits: CgroupLimits) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class V1Cgroup(_CgroupBase):
+    """A container's cgroups in the v1 hierarchies, keyed by controller."""
+
+    name: str
+    dirs: dict[str, str]
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.dirs.values())))
 
     def _apply(self, limits: CgroupLimits) -> None:
         memory = self.dirs["memory"]
@@ -349,7 +358,7 @@ class V1Cgroup:
 
 
 @dataclass(frozen=True)
-class V2Cgroup:
+class V2Cgroup(_CgroupBase):
     """A container's cgroup in the unified hierarchy."""
 
     name: str
@@ -358,16 +367,6 @@ class V2Cgroup:
     @property
     def paths(self) -> tuple[str, ...]:
         return (self.path,)
-
-    @property
-    def procs_files(self) -> tuple[str, ...]:
-        return (os.path.join(self.path, "cgroup.procs"),)
-
-    def apply(self, limits: CgroupLimits) -> None:
-        try:
-            self._apply(limits)
-        except OSError as exc:
-            raise ContainerSetupError(f"cannot set cgroup limits: {exc}") from None
 
     def _apply(self, limits: CgroupLimits) -> None:
         if limits.memory is not None:

@@ -239,14 +239,7 @@ class ObjectStore:
 
     # -- reading -----------------------------------------------------------
     def read(self, digest: str, verify: bool = True) -> bytes:
-        path, compressed = self.locate(digest)
-        with open(path, "rb") as f:
-            data = f.read()
-        if compressed:
-            try:
-                data = zstandard.ZstdDecompressor().decompress(data)
-            except zstandard.ZstdError as exc:
-                raise Corrupt(f"object {digest[:12]}: {exc}") from None
+        data = read_object_file(*self.locate(digest))
         if verify and blake3.blake3(data).hexdigest() != digest:
             raise Corrupt(f"object {digest[:12]} fails its digest check")
         return data
@@ -299,6 +292,21 @@ class ObjectStore:
             for name in os.listdir(d):
                 yield sub + name.removesuffix(".zst"), os.path.join(d, name)
 
+
+
+def read_object_file(path: str, compressed: bool) -> bytes:
+    """The content of one object file (see :meth:`ObjectStore.locate`)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return unpack_object(data, path) if compressed else data
+
+
+def unpack_object(stored: bytes, path: str) -> bytes:
+    """Decompress a ``.zst`` object's bytes; damage is Corrupt, not ZstdError."""
+    try:
+        return zstandard.ZstdDecompressor().decompress(stored)
+    except zstandard.ZstdError as exc:
+        raise Corrupt(f"object {os.path.basename(path)[:12]}: {exc}") from None
 
 
 _AT_FDCWD, _AT_SYMLINK_FOLLOW = -100, 0x400
