@@ -15,7 +15,7 @@ import click
 from layerfs.build import executor
 from layerfs.errors import InvalidInput
 from layerfs.store.store import Store
-from layerfs_cli.common import with_store
+from layerfs_cli.common import ellipsize, with_store
 
 
 def register(cli: click.Group) -> None:
@@ -137,9 +137,7 @@ class TtyProgress:
         line = f"{self.current}  {elapsed:.1f}s"
         if self.last:
             line += "  | " + self.last.replace("\t", " ")
-        width = self._width() - 1
-        if len(line) > width:
-            line = line[: width - 1] + "…"
+        line = ellipsize(line, self._width() - 1)
         self.out.write("\r\x1b[K" + line)
         self.out.flush()
         self.status_shown = True

@@ -61,6 +61,11 @@ def human_ago(ts: float) -> str:
     return "Less than a minute ago" if delta >= 1 else "Less than a second ago"
 
 
+def ellipsize(text: str, width: int) -> str:
+    """*text* cut to *width* characters, the last one an ellipsis, as docker does."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print columns separated by at least three spaces, like docker."""
     cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]

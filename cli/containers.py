@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from layerfs.errors import LayerfsError
-from layerfs_cli.common import (emit_json, format_option, human_ago, human_size, open_store,
+from layerfs_cli.common import (ellipsize, emit_json, format_option, human_ago, human_size, open_store,
                                 table, with_store)
 
 if TYPE_CHECKING:
@@ -200,9 +200,7 @@ def _run_attached(store: Store, c: records.Container) -> int:
 # -- ps -------------------------------------------------------------------------------
 def _command_text(args: tuple[str, ...], no_trunc: bool) -> str:
     text = " ".join(args)
-    if not no_trunc and len(text) > 20:
-        text = text[:19] + "…"
-    return f'"{text}"'
+    return f'"{text if no_trunc else ellipsize(text, 20)}"'
 
 
 @click.command("ps")

@@ -16,7 +16,7 @@ from layerfs.store import images as img
 from layerfs.store import transfer, usage
 from layerfs.store.images import Image
 from layerfs.store.store import Store
-from layerfs_cli.common import emit_json, format_option, human_ago, human_size, table, with_store
+from layerfs_cli.common import ellipsize, emit_json, format_option, human_ago, human_size, table, with_store
 
 
 def register(cli: click.Group) -> None:
@@ -114,7 +114,8 @@ def history_cmd(store: Store, image: str, no_trunc: bool, quiet: bool, fmt: str)
             click.echo(cut(lid) if lid else "<missing>")
         return
     def by(text: str) -> str:
-        return text if no_trunc or len(text) <= 45 else text[:44] + "…"
+        return text if no_trunc else ellipsize(text, 45)
+
     table(["IMAGE", "LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
           [(cut(i) if i else "<missing>", cut(l) if l else "<none>", human_ago(img.parse_timestamp(c)) if c else "",
             by(b), human_size(s), m) for i, l, c, b, s, m in rows])
