@@ -809,16 +809,13 @@ def _forkserver_ensure_running() -> Any:
 def _mount_clean(store_root: str, image_id: str, mp: str, upper: str) -> int:
     """Mount for a RUN step from a fresh process (a forkserver child).
 
-    ``mount_image`` forks its FUSE daemon from the calling process. This
-    process has by now hashed big files with blake3's multi-threaded mode
-    (``store.objects``), which starts rayon's global thread pool; a fork
-    inherits the pool's bookkeeping but not its threads, so the first
-    multi-threaded blake3 call in the daemon (``union._file_digest_ok``,
-    verifying a lower file > 256 KiB on first read) waits forever for workers
-    that do not exist, and every later FUSE request queues behind it (found
-    on ``RUN python3 -m venv``: ensurepip reading the 1.7 MB pip wheel). A
-    forkserver is an exec'd interpreter that never hashes, so daemons forked
-    from it start clean.
+    ``mount_image`` forks its FUSE daemon from the calling process, which by
+    now holds threads, an open database and pipes of earlier steps. Forking
+    from a clean, exec'd interpreter that has the mount code preloaded keeps
+    all of that out of the daemon and makes each RUN's mount cheap. (It
+    first hid a hang: blake3's multi-threaded pool does not survive a fork;
+    the store now hashes single-threaded, which fixes that for every
+    caller.)
     """
     ctx = _forkserver_ensure_running()
     recv, send = ctx.Pipe(duplex=False)
