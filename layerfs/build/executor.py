@@ -758,7 +758,7 @@ class Builder:
             from layerfs.runtime import ContainerSpec, run_container
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise Unsupported(f"RUN needs the layerfs FUSE filesystem and runtime: {exc}") from None
-        from layerfs.build.mount_stubs import MountStubs
+        from layerfs.build.mount_stubs import MountStubs, prune_unchanged_dirs
         from layerfs.runtime.spec import Tmpfs, Volume
         from layerfs.store import transfer
 
@@ -810,6 +810,8 @@ class Builder:
             stubs.remove()
             unmount(self.store.root, mp)
             mounted = False
+            if stubs.created:
+                prune_unchanged_dirs(upper, self.store.merged_tree(st.image))
             return transfer.import_layer(self.store, upper, st.image, as_layer=True)
         finally:
             if w_fd >= 0:

@@ -13,6 +13,12 @@ was made in gets its timestamps back when the command did not touch it
 Paths are kept relative to the rootfs and resolved again with
 ``secure_join`` at cleanup: the command may have swapped a component for a
 symlink meanwhile.
+
+Making a stub copies its parent directories up into the upper dir; once
+the stub is gone they are empty copies of what is below.
+:func:`prune_unchanged_dirs` drops such directories from the upper (after
+unmount), which changes nothing in the union, so the layer holds only what
+the command changed.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from layerfs.runtime.rootpath import make_mountpoint, secure_join
+from layerfs.store import manifest as mf
+from layerfs.store.scan import OPAQUE_XATTR, read_xattrs
+from layerfs.store.tree import MergedTree
 
-__all__ = ["MountStubs"]
+__all__ = ["MountStubs", "prune_unchanged_dirs"]
 
 
 @dataclass
@@ -99,3 +108,23 @@ def _keeping_parent_times(path: str, remove: object) -> None:
     st = os.lstat(parent)
     remove(path)  # type: ignore[operator]
     os.utime(parent, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def prune_unchanged_dirs(upper: str, below: MergedTree) -> None:
+    """Remove, bottom-up, each empty non-opaque directory of the overlay
+    ``upper`` whose metadata equals the directory below it."""
+    for dirpath, _dirs, _files in os.walk(upper, topdown=False):
+        rel = os.path.relpath(dirpath, upper).replace(os.sep, "/")
+        ent = below.entries.get(rel)
+        if rel == "." or ent is None or ent.kind != mf.DIR or os.listdir(dirpath):
+            continue
+        st = os.lstat(dirpath)
+        try:
+            opaque = os.getxattr(dirpath, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+        except OSError:
+            opaque = False
+        if opaque or (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) != \
+                (ent.mode, ent.uid, ent.gid, ent.mtime_ns):
+            continue
+        if read_xattrs(dirpath, True) == tuple(sorted(ent.xattrs)):
+            os.rmdir(dirpath)

@@ -135,7 +135,7 @@ def _fields(spec: str) -> list[str]:
     import csv
 
     try:
-        rows = list(csv.reader([spec]))
+        rows = list(csv.reader([spec], strict=True))
     except csv.Error as exc:
         raise InvalidInput(f"--mount={spec}: {exc}") from None
     return [f for f in (rows[0] if rows else []) if f != ""]
