@@ -347,3 +347,21 @@ def test_cli_bad_mount_specs(store_root, tmp_path, args, dockerfile, message):
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert err.count("\n") == 1 and err.startswith("Error: ") and message in err, err
+
+
+def test_example_pair_mounts_parse_and_differ_only_in_the_pip_step():
+    from layerfs.build import dockerfile as dfm
+
+    examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "numpy-matplotlib")
+    parsed = []
+    for name in ("Dockerfile.numpy", "Dockerfile.matplotlib"):
+        with open(os.path.join(examples, name)) as f:
+            df = dfm.parse(f.read(), file=name)
+        runs = [i for i in df.stages[0].instructions if isinstance(i, dfm.Run)]
+        mounts = [parse_mount(m) for r in runs for m in r.mounts]
+        assert {m.type for m in mounts} == {"cache", "secret"}
+        assert any(m.type == "secret" and m.id == "cacert" and not m.required for m in mounts)
+        parsed.append([i.original for i in df.stages[0].instructions])
+    numpy, matplotlib = parsed
+    assert numpy[:-2] == matplotlib[:-2] and numpy[-2] != matplotlib[-2]
+    assert not os.path.exists(os.path.join(examples, "ca"))
