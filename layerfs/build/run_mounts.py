@@ -35,8 +35,10 @@ import posixpath
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 
@@ -61,6 +63,7 @@ CACHE_MOUNTS_DIR = "cache-mounts"
 MAX_SECRET_SIZE = 500 * 1024
 TYPES = ("bind", "cache", "tmpfs", "secret")
 SHARING = ("shared", "private", "locked")
+_NEW_GRACE = 3600.0
 _TRUE = ("1", "t", "true")
 _FALSE = ("0", "f", "false")
 
@@ -159,8 +162,9 @@ def parse_mount(spec: str, workdir: str = "/") -> RunMount:
     if kind == "ssh":
         raise Unsupported(f"--mount={spec}: type=ssh is not supported")
     if kind not in TYPES:
-        raise InvalidInput(f"--mount={spec}: unsupported mount type {kind!r} (want one of {', '.join(TYPES)})")
-    opts: dict[str, object] = {}
+        raise InvalidInput(f"--mount={spec}: unsupported mount type {kind!r} "
+                           f"(want one of {', '.join(TYPES)})")
+    opts: dict[str, Any] = {}
     readonly: bool | None = None
     for f in fields:
         key, eq, value = f.partition("=")
@@ -210,22 +214,22 @@ _ALLOWED = {
 }
 
 
-def _build(kind: str, opts: dict[str, object], readonly: bool | None, spec: str, workdir: str) -> RunMount:
+def _build(kind: str, opts: dict[str, Any], readonly: bool | None, spec: str, workdir: str) -> RunMount:
     for key in opts:
         if key not in _ALLOWED[kind] and key != "target":
             raise InvalidInput(f"--mount={spec}: {key} is not valid for type={kind}")
-    target = str(opts.get("target", ""))
-    ident = str(opts.get("id", ""))
-    env = opts.get("env")
+    target: str = opts.get("target", "")
+    ident: str = opts.get("id", "")
+    env: str | None = opts.get("env")
     if kind == "secret":
         if opts.get("source") and ident:
             raise InvalidInput(f"--mount={spec}: both source and id are set")
-        ident = ident or str(opts.get("source", "")) or posixpath.basename(target.rstrip("/"))
+        ident = ident or opts.get("source", "") or posixpath.basename(target.rstrip("/"))
         if not ident:
             raise InvalidInput(f"--mount={spec}: a secret mount needs an id or a target")
         if not target and not env:
             target = "/run/secrets/" + posixpath.basename(ident)
-        if env is not None and not str(env):
+        if env is not None and not env:
             raise InvalidInput(f"--mount={spec}: env needs a variable name")
     elif not target:
         raise InvalidInput(f"--mount={spec}: a {kind} mount needs a target")
@@ -238,11 +242,10 @@ def _build(kind: str, opts: dict[str, object], readonly: bool | None, spec: str,
     if readonly is None:
         readonly = kind in ("bind", "secret")
     return RunMount(
-        type=kind, target=target, source=str(opts.get("source", "")) if kind != "secret" else "",
-        from_=str(opts["from"]) if "from" in opts else None, readonly=readonly, id=ident,
-        sharing=str(opts.get("sharing", "shared")), mode=opts.get("mode"),  # type: ignore[arg-type]
-        uid=opts.get("uid"), gid=opts.get("gid"), required=bool(opts.get("required", False)),  # type: ignore[arg-type]
-        env=str(env) if env is not None else None, size=opts.get("size"))  # type: ignore[arg-type]
+        type=kind, target=target, source=opts.get("source", "") if kind != "secret" else "",
+        from_=opts.get("from"), readonly=readonly, id=ident, sharing=opts.get("sharing", "shared"),
+        mode=opts.get("mode"), uid=opts.get("uid"), gid=opts.get("gid"),
+        required=opts.get("required", False), env=env, size=opts.get("size"))
 
 
 def parse_secret(spec: str) -> SecretSource:
@@ -484,7 +487,9 @@ def prune_cache_mounts(store_root: str) -> tuple[int, int]:
         if name.endswith(".lock"):
             continue
         if name.startswith(".new-"):
-            shutil.rmtree(path, ignore_errors=True)
+            # A cache being filled now, or debris of a build that died.
+            if time.time() - os.lstat(path).st_mtime > _NEW_GRACE:
+                shutil.rmtree(path, ignore_errors=True)
             continue
         fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
