@@ -7,21 +7,12 @@ import os
 
 import pytest
 
-from layerfs.fs import mount as fsmount
 from layerfs.snapshotter.service import Snapshotter
-from tests.snapshotter.harness import short_tmpdir
+from tests.snapshotter.harness import short_tmpdir, unmount_all
+from tests.snapshotter.node import images, node, registry  # noqa: F401  (fixtures)
 
 needs_fuse = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
                                 reason="needs root and /dev/fuse")
-
-
-def unmount_all(root: str) -> None:
-    """Stop every layerfs daemon serving a mount of this store."""
-    for m in fsmount.list_mounts(root, clean=True):
-        try:
-            fsmount.unmount(root, m.mountpoint)
-        except Exception:  # noqa: BLE001  (teardown: try them all)
-            pass
 
 
 @pytest.fixture

@@ -174,3 +174,14 @@ class Containerd:
                         os.rmdir(d)
                     except OSError:
                         pass
+
+
+def unmount_all(root: str) -> None:
+    """Stop every layerfs daemon serving a mount of this store."""
+    from layerfs.fs import mount as fsmount
+
+    for m in fsmount.list_mounts(root, clean=True):
+        try:
+            fsmount.unmount(root, m.mountpoint)
+        except Exception:  # noqa: BLE001  (teardown: try them all)
+            pass
