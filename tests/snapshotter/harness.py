@@ -86,7 +86,9 @@ class Containerd:
                  sandbox_image: str | None = None, cri: bool = False) -> None:
         self.base = base
         self.address = os.path.join(base, "c.sock")
-        self.namespace = "lfs" + secrets.token_hex(4)
+        # The CRI plugin always works in containerd's "k8s.io" namespace.
+        self.namespace = "k8s.io" if cri else "lfs" + secrets.token_hex(4)
+        self.cgroup_parent = "lfs" + secrets.token_hex(4)  # for CRI pods
         self.log = os.path.join(base, "containerd.log")
         self.config = os.path.join(base, "config.toml")
         self.proc: subprocess.Popen | None = None
@@ -113,12 +115,18 @@ class Containerd:
                 '[plugins."io.containerd.grpc.v1.cri"]',
                 f'  sandbox_image = "{sandbox_image}"',
                 "  disable_apparmor = true",
+                # Lowering oom_score_adj (the sandbox's -998) needs
+                # CAP_SYS_RESOURCE, which root in a CI container may lack.
+                "  restrict_oom_score_adj = true",
                 "  enable_selinux = false",
                 '[plugins."io.containerd.grpc.v1.cri".containerd]',
                 '  snapshotter = "layerfs"',
                 '  default_runtime_name = "runc"',
                 '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]',
                 '  runtime_type = "io.containerd.runc.v2"',
+                # LFS_RUNC=wrapper: a developer's hook to log runc's calls.
+                *([f'[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]',
+                   f'  BinaryName = "{os.environ["LFS_RUNC"]}"'] if os.environ.get("LFS_RUNC") else []),
                 '[plugins."io.containerd.grpc.v1.cri".cni]',
                 f'  bin_dir = "{base}/cni/bin"',
                 f'  conf_dir = "{base}/cni/conf"',
@@ -166,8 +174,8 @@ class Containerd:
     def cleanup_host(self) -> None:
         """What containerd 1.6 left outside *base* for our namespace."""
         shutil.rmtree(f"/run/containerd/runc/{self.namespace}", ignore_errors=True)
-        for hierarchy in os.listdir("/sys/fs/cgroup"):
-            path = f"/sys/fs/cgroup/{hierarchy}/{self.namespace}"
+        for hierarchy, group in ((h, g) for h in os.listdir("/sys/fs/cgroup") for g in (self.namespace, self.cgroup_parent)):
+            path = f"/sys/fs/cgroup/{hierarchy}/{group}"
             if os.path.isdir(path):
                 for d in sorted((dp for dp, _, _ in os.walk(path)), key=len, reverse=True):
                     try:
