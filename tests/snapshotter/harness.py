@@ -38,6 +38,19 @@ def wait_for(pred, what: str, timeout: float = 30.0, proc: subprocess.Popen | No
         time.sleep(0.05)
 
 
+def _listening(address: str) -> bool:
+    """True once a server accepts on unix socket *address* (a killed
+    server leaves its socket file behind)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(address)
+            return True
+        except OSError:
+            return False
+
+
 def _tail(path: str) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -68,7 +81,7 @@ class Snapshotter:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([LAYERFS, "--root", self.root, "snapshotter", "--address", self.address],
                                          stdout=out, stderr=subprocess.STDOUT)
-        wait_for(lambda: os.path.exists(self.address), "layerfs snapshotter", proc=self.proc, log=self.log)
+        wait_for(lambda: _listening(self.address), "layerfs snapshotter", proc=self.proc, log=self.log)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
