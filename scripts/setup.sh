@@ -8,7 +8,7 @@ what=${1:-runtime}
 
 runtime_pkgs=(fuse3 libfuse3-dev pkg-config busybox-static gcc python3-venv python3-dev debootstrap zstd attr)
 # The tests drive the real tools the issues name, side by side with layerfs.
-test_pkgs=(fuse-overlayfs runc crun skopeo umoci buildah docker-registry fio apache2-utils acl)
+test_pkgs=(fuse-overlayfs runc crun skopeo umoci buildah docker-registry fio apache2-utils acl containerd)
 
 pkgs=("${runtime_pkgs[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
