@@ -186,18 +186,20 @@ class Snapshotter:
     def cleanup(self) -> int:
         """Sweep what no snapshot names: directories, layerfs mounts under
         ROOT/snapshots, chain images; returns how many things went."""
+        # All of it under the lock: a Prepare makes its directory before its
+        # row, and must not see the directory swept in between.
         with self._lock, self._store() as store:
             known = {s.id for s in rec.all_snapshots(store)}
             n = rec.drop_orphan_images(store)
-        for mp in mnt.mounted_under(self.root):
-            if os.path.basename(os.path.dirname(mp)) not in known:
-                mnt.deactivate(self.root, os.path.basename(os.path.dirname(mp)))
-                n += 1
-        for name in os.listdir(mnt.snapshots_dir(self.root)):
-            if name not in known:
-                mnt.deactivate(self.root, name)
-                mnt.remove_dirs(self.root, name)
-                n += 1
+            for mp in mnt.mounted_under(self.root):
+                if os.path.basename(os.path.dirname(mp)) not in known:
+                    mnt.deactivate(self.root, os.path.basename(os.path.dirname(mp)))
+                    n += 1
+            for name in os.listdir(mnt.snapshots_dir(self.root)):
+                if name not in known:
+                    mnt.deactivate(self.root, name)
+                    mnt.remove_dirs(self.root, name)
+                    n += 1
         return n
 
     def restore(self) -> list[str]:

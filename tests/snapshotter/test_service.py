@@ -232,3 +232,37 @@ def test_hostile_names_in_an_upper_stay_inside(sn, short_dir):
     v = sn.view("ns/5/v", "ns/4/c")[0].source
     assert os.readlink(os.path.join(v, "escape")) == "/../../../.."
     assert not os.path.exists(outside)
+
+
+def test_cleanup_racing_prepare_and_remove_spares_live_snapshots(sn):
+    """containerd calls Cleanup after its GC, while other clients prepare
+    snapshots: Cleanup must never sweep a snapshot being made (regression:
+    it swept directories outside the lock, between a Prepare's mkdir and
+    its row)."""
+    import threading
+
+    committed_base(sn)
+    stop = threading.Event()
+    errors: list = []
+
+    def sweeper() -> None:
+        while not stop.is_set():
+            try:
+                sn.cleanup()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    t = threading.Thread(target=sweeper)
+    t.start()
+    try:
+        for i in range(8):
+            ms = sn.prepare(f"ns/9/c{i}", "ns/2/base")
+            assert os.path.isfile(os.path.join(ms[0].source, "etc/hostname"))
+            sn.remove(f"ns/9/c{i}")
+            sn.prepare(f"ns/9/p{i}")
+            assert os.path.isdir(upper_of(sn, f"ns/9/p{i}"))
+    finally:
+        stop.set()
+        t.join()
+    assert errors == []
+    assert sorted(s.key for s in sn.list()) == sorted(["ns/2/base"] + [f"ns/9/p{i}" for i in range(8)])
