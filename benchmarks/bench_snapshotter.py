@@ -176,7 +176,10 @@ def main() -> None:
             refs[name] = f"{registry.host}/bench/{name}:1"
             layerfs(build, "push", "--insecure", "-q", image, refs[name])
         load = os.getloadavg()[0]
-        results = {s: measure(s, registry, refs) for s in SNAPSHOTTERS}
+        results = {}
+        for name in SNAPSHOTTERS:
+            results[name] = measure(name, registry, refs)
+            print(name, results[name], file=sys.stderr, flush=True)
     finally:
         registry.stop()
         shutil.rmtree(reg_dir, ignore_errors=True)

@@ -23,10 +23,12 @@ also runs at start-up.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -44,6 +46,7 @@ from layerfs.store.transfer import import_layer
 # labels them with the chain id it will commit to.
 _EXTRACT_KEY = re.compile(r"(^|/)extract-[^/]*$")
 UNPACK_LABEL = "containerd.io/snapshot.ref"
+log = logging.getLogger("layerfs.snapshotter")
 
 
 class Snapshotter:
@@ -118,20 +121,29 @@ class Snapshotter:
                 raise FailedPrecondition(f"snapshot {key} is not active")
             if rec.find(store, name) is not None:
                 raise rec.AlreadyExists(f"snapshot {name} already exists")
+            start = time.monotonic()
             mnt.deactivate(self.root, snap.id)
-            upper = mnt.dirs(self.root, snap.id).upper
-            if not os.path.isdir(upper):
-                os.mkdir(upper, 0o755)  # a FUSE snapshot never mounted has no upper yet
-            with store.writing():
-                layer_id = import_layer(store, upper, as_layer=True)
-                chain = (store.image(snap.image_id).layers if snap.image_id else []) + [layer_id]
-                image = store.put_image(_chain_config(chain))
-                size, entries, _ = store.layer_info(layer_id)
-                now = rec.now_ns()
-                done = Snapshot(name, snap.id, COMMITTED, snap.parent, dict(labels if labels is not None else snap.labels),
-                                now, now, layer_id, image.id, mnt.BIND, size, entries)
-                rec.commit(store, snap, done)
+            try:
+                self._commit(store, snap, name, labels)
+            except BaseException:
+                mnt.activate(self.root, snap)  # still active: serve it again
+                raise
             mnt.remove_dirs(self.root, snap.id)
+            log.info("committed %s as %s in %.2f s", key, name, time.monotonic() - start)
+
+    def _commit(self, store: Store, snap: Snapshot, name: str, labels: dict[str, str] | None) -> None:
+        upper = mnt.dirs(self.root, snap.id).upper
+        if not os.path.isdir(upper):
+            os.mkdir(upper, 0o755)  # a FUSE snapshot never mounted has no upper yet
+        with store.writing():
+            layer_id = import_layer(store, upper, as_layer=True)
+            chain = (store.image(snap.image_id).layers if snap.image_id else []) + [layer_id]
+            image = store.put_image(_chain_config(chain))
+            size, entries, _ = store.layer_info(layer_id)
+            now = rec.now_ns()
+            done = Snapshot(name, snap.id, COMMITTED, snap.parent, dict(labels if labels is not None else snap.labels),
+                            now, now, layer_id, image.id, mnt.BIND, size, entries)
+            rec.commit(store, snap, done)
 
     def remove(self, key: str) -> None:
         with self._lock, self._store() as store:
