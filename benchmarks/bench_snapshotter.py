@@ -20,7 +20,8 @@ pushed to a local registry, and for each snapshotter a fresh containerd
 Disk is what the snapshotter's own directory takes (``du -sx``: the
 layerfs store root, or containerd's snapshotter dir); containerd's content
 store holds the same compressed blobs for all three and is left out.
-Writes the tables to stdout and benchmarks/results-snapshotter.md.
+Writes the tables to stdout and benchmarks/results-snapshotter.md, keeping
+what the file has from the line ``<!-- notes -->`` on.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from tests.snapshotter.harness import LAYERFS, Containerd, Snapshotter, short_tm
 
 SNAPSHOTTERS = ("overlayfs", "native", "layerfs")
 COUNTS = (1, 5, 20)
+NOTES_MARKER = "<!-- notes -->"
 
 
 def layerfs(root: str, *args: str) -> str:
@@ -191,8 +193,14 @@ def main() -> None:
               f"    sudo .venv/bin/python benchmarks/bench_snapshotter.py {' '.join(sys.argv[1:])}\n\n"
               + table(results) + "\n")
     print(report)
-    with open(os.path.join(HERE, "results-snapshotter.md"), "w") as f:
-        f.write(report)
+    path = os.path.join(HERE, "results-snapshotter.md")
+    notes = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        notes = old[old.index(NOTES_MARKER):] if NOTES_MARKER in old else ""
+    with open(path, "w") as f:
+        f.write(report + ("\n" + notes if notes else ""))
 
 
 if __name__ == "__main__":
