@@ -105,10 +105,14 @@ class Snapshotter:
             return mnt.mounts_of(self.root, snap)
 
     def mounts(self, key: str) -> list[mnt.Mount]:
-        with self._store() as store:
+        """The mounts of an active snapshot or view; a layerfs daemon behind
+        them that died since is started again first (containerd asks for
+        the mounts when it starts a container)."""
+        with self._lock, self._store() as store:
             snap = rec.get(store, key)
-        if snap.kind == COMMITTED:
-            raise FailedPrecondition(f"snapshot {key} is committed: it has no mounts")
+            if snap.kind == COMMITTED:
+                raise FailedPrecondition(f"snapshot {key} is committed: it has no mounts")
+            mnt.activate(self.root, snap)
         return mnt.mounts_of(self.root, snap)
 
     # -- committing and removing -------------------------------------------

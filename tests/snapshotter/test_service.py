@@ -266,3 +266,14 @@ def test_cleanup_racing_prepare_and_remove_spares_live_snapshots(sn):
         t.join()
     assert errors == []
     assert sorted(s.key for s in sn.list()) == sorted(["ns/2/base"] + [f"ns/9/p{i}" for i in range(8)])
+
+
+def test_mounts_restarts_a_dead_daemon(sn, snap_root):
+    committed_base(sn)
+    root = sn.prepare("ns/3/ctr", "ns/2/base")[0].source
+    pid = next(m.pid for m in fsmount.list_mounts(snap_root) if m.mountpoint == root)
+    os.kill(pid, 9)
+    while not fsmount.is_enotconn(root):
+        time.sleep(0.01)
+    assert sn.mounts("ns/3/ctr")[0].source == root
+    assert open(os.path.join(root, "etc/hostname"), "rb").read() == b"base\n"
