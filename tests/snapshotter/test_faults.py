@@ -12,7 +12,6 @@ import signal
 import subprocess
 import tarfile
 import threading
-import time
 
 import grpc
 import pytest
