@@ -45,6 +45,13 @@ def test_pull_run_three_containers_remove_prune_gc(node, images):
     for s in active:
         mp = os.path.join(node.root, "snapshots", s.id, "mnt")
         assert fsmount.mounted_fstype(mp) == "fuse.layerfs"
+    # Usage and Update reach the snapshotter through containerd's metadata
+    # layer (it passes on the labels a snapshotter inherits)
+    usage = node.ctr("snapshots", "--snapshotter", "layerfs", "usage", "c0").stdout
+    assert "c0" in usage
+    node.ctr("snapshots", "--snapshotter", "layerfs", "label", "c0", "containerd.io/snapshot/test=yes")
+    (c0,) = [s for s in store_snapshots(node.root) if s.key.endswith("/c0")]
+    assert c0.labels.get("containerd.io/snapshot/test") == "yes"
     # the image's bytes are stored once, however many containers run it
     with Store(node.root) as store:
         (layer,) = {s.layer_id for s in committed}
