@@ -150,7 +150,11 @@ class Containerd:
         with open(self.config, "w") as f:
             f.write("\n".join(lines) + "\n")
 
+    RUN_DIRS = ("/run/containerd/fifo", "/run/containerd/s", "/run/containerd/runc", "/run/containerd")
+
     def start(self) -> "Containerd":
+        if not hasattr(self, "_had_run_dirs"):
+            self._had_run_dirs = {d for d in self.RUN_DIRS if os.path.exists(d)}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([CONTAINERD, "--config", self.config], stdout=out, stderr=subprocess.STDOUT)
         wait_for(lambda: os.path.exists(self.address) and self.ctr("version", check=False).returncode == 0,
@@ -187,6 +191,12 @@ class Containerd:
     def cleanup_host(self) -> None:
         """What containerd 1.6 left outside *base* for our namespace."""
         shutil.rmtree(f"/run/containerd/runc/{self.namespace}", ignore_errors=True)
+        for d in self.RUN_DIRS:  # made by this instance and now empty
+            if d not in getattr(self, "_had_run_dirs", set(self.RUN_DIRS)):
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
         for hierarchy, group in ((h, g) for h in os.listdir("/sys/fs/cgroup") for g in (self.namespace, self.cgroup_parent)):
             path = f"/sys/fs/cgroup/{hierarchy}/{group}"
             if os.path.isdir(path):
