@@ -345,7 +345,7 @@ class Store:
         if is_tag and len(tags) > 1:
             self.untag(ref)
             return [f"Untagged: {self._as_tag(ref)}"]
-        users = self.db.all("SELECT kind, key FROM refs WHERE image_id=? AND kind IN ('container', 'mount')", image.id)
+        users = self.db.all("SELECT kind, key FROM refs WHERE image_id=? AND kind IN ('container', 'mount', 'snapshot')", image.id)
         if users and not force:
             kind, key = users[0]
             raise Conflict(f"image {image.id[:12]} is used by {kind} {key}; remove it first or use --force")

@@ -277,3 +277,14 @@ def test_mounts_restarts_a_dead_daemon(sn, snap_root):
         time.sleep(0.01)
     assert sn.mounts("ns/3/ctr")[0].source == root
     assert open(os.path.join(root, "etc/hostname"), "rb").read() == b"base\n"
+
+
+def test_rmi_refuses_a_chain_image_containerd_uses(sn):
+    from layerfs.errors import Conflict
+
+    committed_base(sn)
+    image_id = sn.stat("ns/2/base").image_id
+    with Store(sn.root) as store:
+        with pytest.raises(Conflict, match="snapshot"):
+            store.remove_image(image_id)
+        assert store.image(image_id).id == image_id
