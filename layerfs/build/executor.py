@@ -20,7 +20,6 @@ import json
 import os
 import posixpath
 import shutil
-import tarfile
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -30,15 +29,13 @@ from typing import Any
 import blake3
 
 from layerfs.build import dockerfile as dfm
-from layerfs.build import substitution
+from layerfs.build import staging, substitution
 from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.store import images as img
-from layerfs.store import manifest as mf
 from layerfs.store import references
 from layerfs.store.images import Image
 from layerfs.store.store import Store
-from layerfs.store.tree import MergedTree
 
 __all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder", "CACHE_KIND", "build", "prune_cache"]
 
@@ -477,12 +474,13 @@ class Builder:
         elif isinstance(e, dfm.Workdir):
             wd = posixpath.normpath(posixpath.join(rc.get("WorkingDir") or "/", e.path))
             rc["WorkingDir"] = wd
-            tree = self.store.merged_tree(st.image) if st.image else MergedTree()
-            if wd.strip("/") not in tree.entries:
+            stage = self._staging(st.image)
+            path = stage.resolve(wd)
+            if not stage.is_dir(path):
                 # Like BuildKit: directories WORKDIR creates belong to USER.
-                owner = self._chown(tree, rc["User"]) if rc.get("User") else None
-                layer = self._layer_from_staging(
-                    st.image, tree, lambda up: self._ensure_dir(up, tree, wd.strip("/"), owner))
+                owner = staging.owner_ids(stage, rc["User"]) if rc.get("User") else (0, 0)
+                stage.make_dirs(path, staging.NewDirs(*owner, stage.dir_time_ns))
+                layer = stage.commit()
         elif isinstance(e, (dfm.Copy, dfm.Add)):
             layer = self._copy(st, e, rc, sources, from_image)
         elif isinstance(e, dfm.Run):
@@ -497,84 +495,25 @@ class Builder:
             return self.store.put_image(cfg)
         return self._put(base, hist, rc, layer)
 
-    # -- staging layers -----------------------------------------------------
+    # -- COPY / ADD ------------------------------------------------------------
 
-    def _layer_from_staging(self, base: Image | None, tree: MergedTree,
-                            fill: Callable[[str], None]) -> str:
-        from layerfs.store import transfer
-
-        tmp = tempfile.mkdtemp(prefix="build-", dir=self.store.tmp_dir)
-        try:
-            upper = os.path.join(tmp, "upper")
-            os.mkdir(upper)
-            self._times = {}
-            self._mirror(upper, tree, "")
-            fill(upper)
-            self._fix_dir_times(upper, base)
-            return transfer.import_layer(self.store, upper, base, as_layer=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    _times: dict[str, int] = {}
-
-    def _fix_dir_times(self, upper: str, base: Image | None) -> None:
-        """Directory mtimes, set last (filling a dir changes its mtime):
-        as below for mirrored dirs, as in the context for copied ones, and
-        for new ones a time that depends only on the parent image (or
-        SOURCE_DATE_EPOCH), so a rebuild gives the same layer id."""
+    def _staging(self, base: Image | None) -> staging.Staging:
+        """An empty layer on ``base``. Directories it makes get a time that
+        depends only on the parent image (or SOURCE_DATE_EPOCH), so a
+        rebuild gives the same layer id."""
         sde = _sde()
         if sde is not None:
-            default = sde * 10**9
+            made = sde * 10**9
         else:
-            default = int(img.parse_timestamp(base.config.get("created", "")) * 10**9) if base else 0
-        for dirpath, _dirs, _files in os.walk(upper, topdown=False):
-            rel = os.path.relpath(dirpath, upper)
-            rel = "" if rel == "." else rel.replace(os.sep, "/")
-            t = self._times.get(rel, default)
-            if sde is not None:
-                t = min(t, sde * 10**9)
-            os.utime(dirpath, ns=(t, t))
-
-    def _mirror(self, upper: str, tree: MergedTree, rel: str) -> None:
-        """Make ``rel`` (a directory) in the upper look as it does below."""
-        path = os.path.join(upper, rel) if rel else upper
-        ent = tree.entries.get(rel)
-        if not os.path.isdir(path):
-            os.mkdir(path)
-        if ent is not None and ent.kind == mf.DIR:
-            os.chown(path, ent.uid, ent.gid)
-            os.chmod(path, ent.mode & 0o7777)
-            self._times[rel] = ent.mtime_ns
-        else:
-            os.chown(path, 0, 0)
-            os.chmod(path, 0o755)
-
-    def _ensure_dir(self, upper: str, tree: MergedTree, rel: str, owner: tuple[int, int] | None = None) -> None:
-        """Create ``rel`` and its parents in the upper, mirroring existing dirs."""
-        parts = [p for p in rel.split("/") if p]
-        cur = ""
-        for p in parts:
-            cur = f"{cur}/{p}" if cur else p
-            ent = tree.entries.get(cur)
-            if ent is not None and ent.kind == mf.SYMLINK:
-                raise Unsupported(f"destination path /{cur} is a symlink in the base image; not supported yet")
-            if ent is not None and ent.kind != mf.DIR:
-                raise InvalidInput(f"cannot create directory /{cur}: a {ent.kind} of that name exists")
-            fresh = ent is None and not os.path.isdir(os.path.join(upper, cur))
-            self._mirror(upper, tree, cur)
-            if fresh:
-                sde = _sde()
-                if sde is not None:
-                    os.utime(os.path.join(upper, cur), (sde, sde))
-                if owner is not None:
-                    os.chown(os.path.join(upper, cur), *owner)
-
-    # -- COPY / ADD ------------------------------------------------------------
+            made = int(img.parse_timestamp(base.config.get("created", "")) * 10**9) if base else 0
+        tree = self.store.merged_tree(base) if base else None
+        return staging.Staging(self.store, tree, made, None if sde is None else sde * 10**9)
 
     def _copy(self, st: _Stage, e: dfm.Copy | dfm.Add, rc: dict[str, Any],
               sources: ResolvedSources | None, from_image: Image | None) -> str:
-        tree = self.store.merged_tree(st.image) if st.image else MergedTree()
-        owner = self._chown(tree, e.chown) if e.chown else (0, 0)
+        stage = self._staging(st.image)
+        owner = staging.owner_ids(stage, e.chown) if e.chown else (0, 0)
+        new = staging.NewDirs(*owner, stage.dir_time_ns)
         chmod = _parse_chmod(e.chmod, e.keyword) if e.chmod else None
         tmp_src = None
         try:
@@ -591,90 +530,44 @@ class Builder:
                 assert sources is not None and self._ctx is not None
                 src_root = self._ctx.root
             wd = rc.get("WorkingDir") or "/"
-            dest = e.dest
-            as_dir = dest.endswith("/") or dest in (".", "..") or len(sources.sources) > 1 \
+            as_dir = e.dest.endswith("/") or e.dest in (".", "..") or len(sources.sources) > 1 \
                 or any(s.kind == "dir" for s in sources.sources)
-            dest_abs = posixpath.normpath(posixpath.join(wd, dest)).strip("/")
-            existing = tree.entries.get(dest_abs)
-            if existing is not None and existing.kind == mf.DIR:
-                as_dir = True
-            sde = _sde()
-
-            def fill(upper: str) -> None:
-                target_dir = dest_abs if as_dir else posixpath.dirname(dest_abs)
-                self._ensure_dir(upper, tree, target_dir, owner)
-                for src in sources.sources:
-                    for rel, ent in src.entries:
-                        if as_dir:
-                            out_rel = posixpath.join(target_dir, rel) if target_dir else rel
-                        else:
-                            out_rel = dest_abs
-                        out = os.path.join(upper, out_rel)
-                        parent = posixpath.dirname(out_rel)
-                        if parent and not os.path.isdir(os.path.join(upper, parent)):
-                            self._ensure_dir(upper, tree, parent, owner)
-                        abs_src = os.path.join(self._extra_roots.get(src.pattern, src_root), ent.path)
-                        sst = os.lstat(abs_src)
-                        if ent.kind == "dir":
-                            if not os.path.isdir(out):
-                                if os.path.lexists(out):
-                                    os.unlink(out)
-                                os.mkdir(out)
-                            mode = ent.mode
-                            self._times[out_rel] = sst.st_mtime_ns
-                        elif ent.kind == "symlink":
-                            if os.path.lexists(out):
-                                os.unlink(out)
-                            os.symlink(ent.link_target or os.readlink(abs_src), out)
-                            os.lchown(out, *owner)
-                            continue
-                        elif isinstance(e, dfm.Add) and src.kind == "file" and e.unpack is not False \
-                                and not _is_url(src.pattern) and src.pattern not in self._extra_roots \
-                                and _is_local_tar(abs_src):
-                            dest_dir = os.path.join(upper, target_dir if as_dir else parent)
-                            _extract_tar(abs_src, dest_dir)
-                            continue
-                        else:
-                            if os.path.isdir(out) and not os.path.islink(out):
-                                shutil.rmtree(out)
-                            elif os.path.lexists(out):
-                                os.unlink(out)
-                            shutil.copyfile(abs_src, out, follow_symlinks=False)
-                            mode = ent.mode
-                        os.chown(out, *owner)
-                        os.chmod(out, chmod(mode, ent.kind == "dir") if chmod is not None else mode)
-                        mtime = sst.st_mtime_ns
-                        if sde is not None:
-                            mtime = min(mtime, sde * 10**9)
-                        os.utime(out, ns=(mtime, mtime))
-
-            return self._layer_from_staging(st.image, tree, fill)
+            # The destination is resolved inside the image, links followed
+            # (``/lib -> usr/lib`` takes the copy to /usr/lib, as in Docker).
+            dest = stage.resolve(posixpath.normpath(posixpath.join(wd, e.dest)))
+            as_dir = as_dir or stage.is_dir(dest)
+            if as_dir:
+                stage.make_dirs(dest, new)
+            for src in sources.sources:
+                src_dir = self._extra_roots.get(src.pattern, src_root)
+                if isinstance(e, dfm.Add) and src.kind == "file" and e.unpack is not False \
+                        and not _is_url(src.pattern) and src.pattern not in self._extra_roots:
+                    path = os.path.join(src_dir, src.entries[0][1].path)
+                    if staging.is_archive(path):
+                        archive_dir = dest
+                        stage.make_dirs(archive_dir, new)
+                        stage.add_archive(path, archive_dir, src.pattern)
+                        continue
+                items = [self._item(src_dir, rel, ent, owner, chmod) for rel, ent in src.entries]
+                if as_dir:
+                    stage.add_items(items, dest, new)
+                else:
+                    parent, _, name = dest.rpartition("/")
+                    stage.add_items([dataclasses.replace(i, rel=name) for i in items], parent, new)
+            return stage.commit()
         finally:
             if tmp_src is not None:
                 shutil.rmtree(tmp_src, ignore_errors=True)
 
-    def _chown(self, tree: MergedTree, spec: str) -> tuple[int, int]:
-        user, _, group = spec.partition(":")
-
-        def lookup(name: str, path: str, field_no: int = 2) -> int:
-            if name.isdigit():
-                return int(name)
-            ent = tree.entries.get(path)
-            if ent is not None and ent.kind == mf.FILE:
-                for line in self.store.objects.read(ent.digest).decode(errors="replace").splitlines():
-                    parts = line.split(":")
-                    if len(parts) > field_no and parts[0] == name and parts[field_no].isdigit():
-                        return int(parts[field_no])
-            raise InvalidInput(f"--chown={spec}: unable to find {name!r} in /{path} of the image")
-
-        uid = lookup(user, "etc/passwd")
-        if group:
-            gid = lookup(group, "etc/group")
-        elif user.isdigit():
-            gid = uid
-        else:
-            gid = lookup(user, "etc/passwd", 3)
-        return uid, gid
+    @staticmethod
+    def _item(src_dir: str, rel: str, ent: Any, owner: tuple[int, int],
+              chmod: Callable[[int, bool], int] | None) -> staging.Item:
+        mode = ent.mode
+        if chmod is not None and ent.kind != "symlink":
+            mode = chmod(mode, ent.kind == "dir")
+        entry, source = staging.host_entry(rel, os.path.join(src_dir, ent.path), ent.kind, mode, owner,
+                                           ent.link_target, ent.digest)
+        return staging.Item(rel, entry, source)
 
     # -- RUN -------------------------------------------------------------------
 
@@ -754,25 +647,6 @@ class Builder:
                     self._emit("output", line.decode(errors="replace"))
         if buf:
             self._emit("output", buf.decode(errors="replace"))
-
-
-def _is_local_tar(path: str) -> bool:
-    from layerfs.store.tarlayer import is_tar_file
-
-    try:
-        return is_tar_file(path) and tarfile.is_tarfile(path)
-    except (OSError, tarfile.TarError):
-        return False
-
-
-def _extract_tar(path: str, dest: str) -> None:
-    """ADD's auto-extraction, with tar's safety filter (no escapes)."""
-    os.makedirs(dest, exist_ok=True)
-    try:
-        with tarfile.open(path) as tf:
-            tf.extractall(dest, numeric_owner=True, filter="tar")
-    except (tarfile.TarError, OSError) as exc:
-        raise InvalidInput(f"ADD {os.path.basename(path)}: cannot extract: {exc}") from None
 
 
 # -- running a step's container ---------------------------------------------
