@@ -48,11 +48,14 @@ Writer = Callable[[str], None]
 
 
 class BuildError(LayerfsError):
-    """A build step failed; ``exit_code`` is the step's (RUN) exit code."""
+    """A build step failed. The CLI exits with the class's ``exit_code``
+    (1, as ``docker build`` does), never with the step's own status: 3
+    would read as "damaged store". ``step_exit_code`` keeps a RUN step's
+    status, which the message also shows."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, step_exit_code: int | None = None):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.step_exit_code = step_exit_code
 
 
 @dataclass(frozen=True)
@@ -582,7 +585,7 @@ class Builder:
             from layerfs.runtime import ContainerSpec, run_container
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise Unsupported(f"RUN needs the layerfs FUSE filesystem and runtime: {exc}") from None
-        from layerfs.store import transfer
+        from layerfs.runtime.changes import layer_from_upper
 
         argv = list(e.command.args) if e.command.exec_form else shell + list(e.command.args)
         if e.heredocs and not e.command.exec_form:
@@ -618,10 +621,10 @@ class Builder:
             pump.join()
             if result.exit_code != 0 or result.exec_error:
                 why = result.exec_error or f"returned a non-zero code: {result.exit_code}"
-                raise BuildError(f"The command '{' '.join(argv)}' {why}", exit_code=result.exit_code or 1)
+                raise BuildError(f"The command '{' '.join(argv)}' {why}", step_exit_code=result.exit_code)
             unmount(self.store.root, mp)
             mounted = False
-            return transfer.import_layer(self.store, upper, st.image, as_layer=True)
+            return layer_from_upper(self.store, upper, st.image)
         finally:
             if w_fd >= 0:
                 os.close(w_fd)
