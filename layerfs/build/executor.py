@@ -482,7 +482,7 @@ class Builder:
             if not stage.is_dir(path):
                 # Like BuildKit: directories WORKDIR creates belong to USER.
                 owner = staging.owner_ids(stage, rc["User"]) if rc.get("User") else (0, 0)
-                stage.make_dirs(path, staging.NewDirs(*owner, stage.dir_time_ns))
+                stage.make_dirs(path, staging.NewDirs(*owner))
                 layer = stage.commit()
         elif isinstance(e, (dfm.Copy, dfm.Add)):
             layer = self._copy(st, e, rc, sources, from_image)
@@ -501,22 +501,16 @@ class Builder:
     # -- COPY / ADD ------------------------------------------------------------
 
     def _staging(self, base: Image | None) -> staging.Staging:
-        """An empty layer on ``base``. Directories it makes get a time that
-        depends only on the parent image (or SOURCE_DATE_EPOCH), so a
-        rebuild gives the same layer id."""
+        """An empty layer on ``base`` (mtimes clamped to SOURCE_DATE_EPOCH)."""
         sde = _sde()
-        if sde is not None:
-            made = sde * 10**9
-        else:
-            made = int(img.parse_timestamp(base.config.get("created", "")) * 10**9) if base else 0
         tree = self.store.merged_tree(base) if base else None
-        return staging.Staging(self.store, tree, made, None if sde is None else sde * 10**9)
+        return staging.Staging(self.store, tree, None if sde is None else sde * 10**9)
 
     def _copy(self, st: _Stage, e: dfm.Copy | dfm.Add, rc: dict[str, Any],
               sources: ResolvedSources | None, from_image: Image | None) -> str:
         stage = self._staging(st.image)
         owner = staging.owner_ids(stage, e.chown) if e.chown else (0, 0)
-        new = staging.NewDirs(*owner, stage.dir_time_ns)
+        new = staging.NewDirs(*owner)
         chmod = _parse_chmod(e.chmod, e.keyword) if e.chmod else None
         tmp_src = None
         try:

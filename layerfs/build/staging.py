@@ -44,11 +44,10 @@ __all__ = ["Item", "NewDirs", "Staging", "is_archive", "owner_ids"]
 
 @dataclass(frozen=True)
 class NewDirs:
-    """Owner and mtime of the directories a step has to create."""
+    """Owner of the directories a step has to create."""
 
     uid: int = 0
     gid: int = 0
-    mtime_ns: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,17 +70,16 @@ class Staging:
     Args:
         store: where contents go; the caller holds its writer lease.
         tree: the parent image's tree, or None for scratch.
-        dir_time_ns: the mtime of directories the step makes up (one that
-            depends only on the parent, so a rebuild gives the same layer).
         sde_ns: SOURCE_DATE_EPOCH in ns: every mtime of the layer is
             clamped to it (reproducible images).
+
+    A directory the step makes up gets its parent's mtime: a time that
+    depends only on the content below, so a rebuild gives the same layer.
     """
 
-    def __init__(self, store: Store, tree: MergedTree | None, dir_time_ns: int = 0,
-                 sde_ns: int | None = None):
+    def __init__(self, store: Store, tree: MergedTree | None, sde_ns: int | None = None):
         self.store = store
         self.tree = tree if tree is not None else flatten([])
-        self.dir_time_ns = dir_time_ns
         self.sde_ns = sde_ns
         self.entries: dict[str, Entry] = {}
         # Directories of the parent replaced by a non-directory here: what
@@ -129,13 +127,16 @@ class Staging:
     def make_dirs(self, path: str, new: NewDirs) -> None:
         """Create what is missing of ``path`` (resolved, image-relative)."""
         cur = ""
+        parent = self.lookup("")
         for part in path.split("/") if path else ():
             cur = _join(cur, part)
             e = self.lookup(cur)
             if e is None:
-                self.put(Entry(cur, mf.DIR, 0o755, new.uid, new.gid, new.mtime_ns))
+                e = Entry(cur, mf.DIR, 0o755, new.uid, new.gid, parent.mtime_ns if parent else 0)
+                self.put(e)
             elif e.kind != mf.DIR:
                 raise InvalidInput(f"cannot create directory /{cur}: a {e.kind} of that name exists")
+            parent = e
 
     def put(self, e: Entry) -> None:
         """Place ``e`` at its path, whose parent is a directory of the view."""
@@ -216,7 +217,7 @@ class Staging:
         if reader.opaque:
             raise InvalidInput(f"ADD {shown}: {sorted(reader.opaque)[0] or '.'!r} holds an opaque-directory "
                                f"marker ({'.wh..wh..opq'}); an archive cannot delete files of the image")
-        new = NewDirs(mtime_ns=self.dir_time_ns)
+        new = NewDirs()
         placed: dict[str, Entry] = {}
         groups: dict[str, list[Entry]] = {}
         for m in members:
