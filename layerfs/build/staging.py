@@ -17,7 +17,10 @@ Placing a path follows Docker's extraction rules (moby's
 ``archive.Unpack``): its parent is resolved (links followed), its last
 component is not; a directory meeting a directory merges into it, anything
 else replaces what was there. An archive is resolved with its destination
-as the root, as Docker's chrooted extraction does.
+as the root, as Docker's chrooted extraction does. One deviation: a
+directory meeting a link to a directory merges into that directory and the
+link stays (GNU tar's --keep-directory-symlink). moby would replace the
+link, which on a usr-merged base hides all of /usr/lib behind a new /lib.
 """
 
 from __future__ import annotations
@@ -151,6 +154,19 @@ class Staging:
             self._parents.clear()
         self.entries[e.path] = e
 
+    def place(self, e: Entry, root: str) -> Entry:
+        """:meth:`put`, except that a directory meeting a link to a
+        directory (resolved inside ``root``) merges into that directory.
+        Returns the entry as placed."""
+        if e.kind == mf.DIR:
+            old = self.lookup(e.path)
+            if old is not None and old.kind == mf.SYMLINK:
+                target = self.resolve(e.path[len(root) + 1:] if root else e.path, root)
+                if self.is_dir(target):
+                    e = replace(e, path=target)
+        self.put(e)
+        return e
+
     def _hide(self, path: str) -> None:
         prefix = path + "/"
         for p in [p for p in self.entries if p.startswith(prefix)]:
@@ -174,7 +190,7 @@ class Staging:
         for item in self.store_contents(items):
             parent, _, name = item.rel.rpartition("/")
             where = self.parent_dir("", _join(target, parent) if parent else target, new)
-            self.put(replace(item.entry, path=_join(where, name)))
+            self.place(replace(item.entry, path=_join(where, name)), "")
 
     # -- contents ---------------------------------------------------------------
 
@@ -216,7 +232,7 @@ class Staging:
         self._fresh.extend(reader.fresh)
         if reader.opaque:
             raise InvalidInput(f"ADD {shown}: {sorted(reader.opaque)[0] or '.'!r} holds an opaque-directory "
-                               f"marker ({'.wh..wh..opq'}); an archive cannot delete files of the image")
+                               "marker (.wh..wh..opq); an archive cannot delete files of the image")
         new = NewDirs()
         placed: dict[str, Entry] = {}
         groups: dict[str, list[Entry]] = {}
@@ -236,9 +252,9 @@ class Staging:
                                        "which a later member replaced")
                 e = replace(holder, path=where)
                 groups.setdefault(m.target, [holder]).append(e)
+                self.put(e)
             else:
-                e = replace(m, path=where)
-            self.put(e)
+                e = self.place(replace(m, path=where), dest)
             placed[m.path] = e
         self._links.extend(groups.values())
 
