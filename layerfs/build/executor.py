@@ -42,7 +42,9 @@ __all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder",
 CACHE_KIND = "build-cache"
 DEFAULT_SHELL = ("/bin/sh", "-c")
 STAT_CACHE_NAME = "build-stat-cache.sqlite"
-_KEY_VERSION = "layerfs-build-1"
+# Bumped when the same step starts making a different layer (2: COPY/ADD
+# as placed entries, RUN layers without the runtime's mountpoints).
+_KEY_VERSION = "layerfs-build-2"
 
 Writer = Callable[[str], None]
 

@@ -193,7 +193,7 @@ def _usrmerge_base(store, base, tmp_path) -> None:
 def test_destinations_follow_links_inside_the_image(store, base, tmp_path):
     _usrmerge_base(store, base, tmp_path)
     ctx = make_context(tmp_path, "FROM merged:1\nADD x.tar /lib/\nCOPY f /lib/\nCOPY g /lib64\n"
-                                 "COPY h /up/etc/\nADD y.tar /\nWORKDIR /lib/work\n",
+                                 "COPY h /up/etc/\nADD y.tar /\nWORKDIR /lib/work\nADD x.tar /plain\n",
                        {"f": "f\n", "g": "g\n", "h": "h\n"})
     with tarfile.open(os.path.join(ctx, "x.tar"), "w") as t:
         _add(t, "modules/", tarfile.DIRTYPE, mode=0o755)
@@ -207,6 +207,7 @@ def test_destinations_follow_links_inside_the_image(store, base, tmp_path):
     for path in ("usr/lib/modules/m.ko", "usr/lib/f", "usr/lib/g", "usr/lib/from-root.so", "etc/h"):
         assert e[path].kind == mf.FILE, path
     assert e["usr/lib/work"].kind == mf.DIR
+    assert e["plain/modules/m.ko"].kind == mf.FILE   # an archive unpacks into a dest without '/', too
     assert e["usr/lib/libc.so"].kind == mf.FILE    # not hidden under a new /lib dir
     assert result.image.runtime_config["WorkingDir"] == "/lib/work"
     _clean(store)
