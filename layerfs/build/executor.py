@@ -543,9 +543,9 @@ class Builder:
                         and not _is_url(src.pattern) and src.pattern not in self._extra_roots:
                     path = os.path.join(src_dir, src.entries[0][1].path)
                     if staging.is_archive(path):
-                        archive_dir = dest
-                        stage.make_dirs(archive_dir, new)
-                        stage.add_archive(path, archive_dir, src.pattern)
+                        # Unpacked into dest, with or without a trailing '/'.
+                        stage.make_dirs(dest, new)
+                        stage.add_archive(path, dest, src.pattern)
                         continue
                 items = [self._item(src_dir, rel, ent, owner, chmod) for rel, ent in src.entries]
                 if as_dir:

@@ -205,7 +205,10 @@ class Staging:
             return item
         if e.digest and self.store.has_object(e.digest):
             return item  # the bytes the cache key hashed are stored already
-        obj = self.store.objects.put_file(item.source, known=self._known)
+        try:
+            obj = self.store.objects.put_file(item.source, known=self._known)
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {item.source}: {exc.strerror}") from None
         if e.digest and obj.digest != e.digest:
             raise InvalidInput(f"{item.source} changed during the build")
         if obj.stored_size >= 0:
@@ -328,7 +331,10 @@ def host_entry(rel: str, path: str, kind: str, mode: int, owner: tuple[int, int]
                link_target: str | None, digest: str | None) -> tuple[Entry, str]:
     """The entry of a file, dir or symlink of a build source (mtime from the
     host, symlinks included); also the path to read a file's bytes from."""
-    st = os.lstat(path)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
     if kind == "symlink":
         if not stat.S_ISLNK(st.st_mode):
             raise InvalidInput(f"{path} changed during the build")
