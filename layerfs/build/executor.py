@@ -8,6 +8,10 @@ the instruction after substitution, the variables it sees and, for COPY/ADD,
 the digest of the sources -- so any Dockerfile, tag or context path that
 reaches the same step reuses it (moby/buildkit's cache keys, in spirit).
 
+The layers of COPY, ADD and WORKDIR are placed as entries on the parent
+image by :mod:`layerfs.build.staging` (no tree on the host); RUN's come
+from the upper dir of a layerfs mount of the parent.
+
 The library never prints: progress goes to the ``write`` callable the
 caller passes, one line per call, in the classic docker builder's wording,
 and as :class:`BuildEvent` records to ``on_event`` for a live display.

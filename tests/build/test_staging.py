@@ -140,6 +140,45 @@ def test_add_device_refusal_is_one_line(tmp_path, store_root):
     assert layerfs_cmd("fsck", root=store_root).returncode == 0
 
 
+def _truncated(path: str) -> None:
+    with tarfile.open(path, "w") as t:
+        _add(t, "big", data=b"z" * 10_000)
+    with open(path, "r+b") as f:
+        f.truncate(4096)
+
+
+def _relinked(path: str) -> None:
+    with tarfile.open(path, "w") as t:
+        _add(t, "holder", data=b"h")
+        _add(t, "link", tarfile.LNKTYPE, link="holder")
+        _add(t, "holder", tarfile.SYMTYPE, link="elsewhere")
+
+
+@pytest.mark.parametrize("make, expected", [
+    (_truncated, "ADD bad.tar: tar archive is truncated"),
+    (_relinked, "ADD bad.tar: hardlink 'link' names 'holder', which a later member replaced"),
+])
+def test_broken_archives_are_one_clean_error(store, base, tmp_path, make, expected):
+    ctx = make_context(tmp_path, "FROM busybox:latest\nADD bad.tar /x/\n")
+    make(os.path.join(ctx, "bad.tar"))
+    with pytest.raises(InvalidInput) as info:
+        _build(store, ctx)
+    assert str(info.value).startswith(expected)
+    _clean(store)
+
+
+def test_the_archive_root_member_sets_the_destination(store, base, tmp_path):
+    ctx = make_context(tmp_path, "FROM busybox:latest\nADD r.tar /srv/\n")
+    with tarfile.open(os.path.join(ctx, "r.tar"), "w") as t:
+        _add(t, "./", tarfile.DIRTYPE, mode=0o700, uid=33, gid=33)
+        _add(t, "./index.html", data=b"hi")
+    result, _ = _build(store, ctx)
+    e = store.merged_tree(result.image).entries
+    assert (e["srv"].mode, e["srv"].uid) == (0o700, 33)   # as Docker's extraction does
+    assert e["srv/index.html"].kind == mf.FILE
+    _clean(store)
+
+
 def test_add_keeps_modes_devices_links_and_times(store, base, tmp_path):
     ctx = make_context(tmp_path, "FROM busybox:latest\nADD t.tar.gz /x/\n")
     with tarfile.open(os.path.join(ctx, "t.tar.gz"), "w:gz") as t:
