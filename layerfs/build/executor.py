@@ -33,7 +33,7 @@ from typing import Any
 import blake3
 
 from layerfs.build import dockerfile as dfm
-from layerfs.build import staging, substitution
+from layerfs.build import image_sources, staging, substitution
 from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.store import images as img
@@ -491,7 +491,12 @@ class Builder:
                 stage.make_dirs(path, staging.NewDirs(*owner))
                 layer = stage.commit()
         elif isinstance(e, (dfm.Copy, dfm.Add)):
-            layer = self._copy(st, e, rc, sources, from_image)
+            try:
+                layer = self._copy(st, e, rc, sources, from_image)
+            except (BuildContextError, InvalidInput) as exc:
+                if type(exc) not in (BuildContextError, InvalidInput):
+                    raise
+                raise type(exc)(f"{df.file}:{instr.line}: {exc}") from None
         elif isinstance(e, dfm.Run):
             layer = self._run(st, e, rc, shell, scope)
             created_by = f"RUN {' '.join(command(e.command))}" if not e.command.exec_form else instr.original
@@ -518,59 +523,59 @@ class Builder:
         owner = staging.owner_ids(stage, e.chown) if e.chown else (0, 0)
         new = staging.NewDirs(*owner)
         chmod = _parse_chmod(e.chmod, e.keyword) if e.chmod else None
-        tmp_src = None
-        try:
-            if from_image is not None:
-                from layerfs.store import transfer
-
-                tmp_src = tempfile.mkdtemp(prefix="build-from-", dir=self.store.tmp_dir)
-                root = os.path.join(tmp_src, "rootfs")
-                transfer.export_image(self.store, from_image, root)
-                src_ctx = BuildContext(root)
-                sources = src_ctx.resolve(e.sources, instruction=e.keyword, exclude=e.exclude)
-                src_root = src_ctx.root
-            else:
-                assert sources is not None and self._ctx is not None
-                src_root = self._ctx.root
-            wd = rc.get("WorkingDir") or "/"
-            as_dir = e.dest.endswith("/") or e.dest in (".", "..") or len(sources.sources) > 1 \
-                or any(s.kind == "dir" for s in sources.sources)
-            # The destination is resolved inside the image, links followed
-            # (``/lib -> usr/lib`` takes the copy to /usr/lib, as in Docker).
-            dest = stage.resolve(posixpath.normpath(posixpath.join(wd, e.dest)))
-            as_dir = as_dir or stage.is_dir(dest)
-            if as_dir:
+        plan = self._copy_plan(e, sources, from_image, owner, chmod)
+        wd = rc.get("WorkingDir") or "/"
+        as_dir = e.dest.endswith("/") or e.dest in (".", "..") or len(plan) > 1 \
+            or any(kind == "dir" for kind, _ in plan)
+        # The destination is resolved inside the image, links followed
+        # (``/lib -> usr/lib`` takes the copy to /usr/lib, as in Docker).
+        dest = stage.resolve(posixpath.normpath(posixpath.join(wd, e.dest)))
+        as_dir = as_dir or stage.is_dir(dest)
+        if as_dir:
+            stage.make_dirs(dest, new)
+        for kind, what in plan:
+            if kind == "archive":
+                # Unpacked into dest, with or without a trailing '/'.
                 stage.make_dirs(dest, new)
-            for src in sources.sources:
-                src_dir = self._extra_roots.get(src.pattern, src_root)
-                if isinstance(e, dfm.Add) and src.kind == "file" and e.unpack is not False \
-                        and not _is_url(src.pattern) and src.pattern not in self._extra_roots:
-                    path = os.path.join(src_dir, src.entries[0][1].path)
-                    if staging.is_archive(path):
-                        # Unpacked into dest, with or without a trailing '/'.
-                        stage.make_dirs(dest, new)
-                        stage.add_archive(path, dest, src.pattern)
-                        continue
-                items = [self._item(src_dir, rel, ent, owner, chmod) for rel, ent in src.entries]
-                if as_dir:
-                    stage.add_items(items, dest, new)
-                else:
-                    parent, _, name = dest.rpartition("/")
-                    stage.add_items([dataclasses.replace(i, rel=name) for i in items], parent, new)
-            return stage.commit()
-        finally:
-            if tmp_src is not None:
-                shutil.rmtree(tmp_src, ignore_errors=True)
+                stage.add_archive(what[0], dest, what[1])
+            elif as_dir:
+                stage.add_items(what, dest, new)
+            else:
+                parent, _, name = dest.rpartition("/")
+                stage.add_items([dataclasses.replace(i, rel=name) for i in what], parent, new)
+        return stage.commit()
 
-    @staticmethod
-    def _item(src_dir: str, rel: str, ent: Any, owner: tuple[int, int],
-              chmod: Callable[[int, bool], int] | None) -> staging.Item:
-        mode = ent.mode
-        if chmod is not None and ent.kind != "symlink":
-            mode = chmod(mode, ent.kind == "dir")
-        entry, source = staging.host_entry(rel, os.path.join(src_dir, ent.path), ent.kind, mode, owner,
-                                           ent.link_target, ent.digest)
-        return staging.Item(rel, entry, source)
+    def _copy_plan(self, e: dfm.Copy | dfm.Add, sources: ResolvedSources | None,
+                   from_image: Image | None, owner: tuple[int, int],
+                   chmod: Callable[[int, bool], int] | None) -> list[tuple[str, Any]]:
+        """What a COPY/ADD places, source by source: ("file"|"dir", items)
+        or ("archive", (host path, shown name)) for ADD to unpack."""
+
+        def mode(m: int, kind: str) -> int:
+            return chmod(m, kind == "dir") if chmod is not None and kind != "symlink" else m
+
+        if from_image is not None:
+            found = image_sources.resolve(self.store.merged_tree(from_image), e.sources,
+                                          instruction=e.keyword, exclude=e.exclude)
+            return [(src.kind, [staging.Item(rel, dataclasses.replace(
+                        ent, uid=owner[0], gid=owner[1], mode=mode(ent.mode, ent.kind)))
+                     for rel, ent in src.entries]) for src in found]  # fmt: skip
+        assert sources is not None and self._ctx is not None
+        plan: list[tuple[str, Any]] = []
+        for src in sources.sources:
+            src_dir = self._extra_roots.get(src.pattern, self._ctx.root)
+            if isinstance(e, dfm.Add) and src.kind == "file" and e.unpack is not False \
+                    and not _is_url(src.pattern) and src.pattern not in self._extra_roots:
+                path = os.path.join(src_dir, src.entries[0][1].path)
+                if staging.is_archive(path):
+                    plan.append(("archive", (path, src.pattern)))
+                    continue
+            plan.append((src.kind, [
+                staging.Item(rel, *staging.host_entry(rel, os.path.join(src_dir, ent.path), ent.kind,
+                                                      mode(ent.mode, ent.kind), owner, ent.link_target,
+                                                      ent.digest))
+                for rel, ent in src.entries]))
+        return plan
 
     # -- RUN -------------------------------------------------------------------
 

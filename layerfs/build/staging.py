@@ -205,6 +205,8 @@ class Staging:
             return item
         if e.digest and self.store.has_object(e.digest):
             return item  # the bytes the cache key hashed are stored already
+        if not item.source:
+            raise NotFound(f"the store lacks object {e.digest[:12]} of {e.path!r}; run `layerfs fsck`")
         try:
             obj = self.store.objects.put_file(item.source, known=self._known)
         except OSError as exc:

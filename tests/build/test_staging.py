@@ -14,6 +14,7 @@ import tarfile
 
 import pytest
 
+from layerfs.build.context import BuildContextError
 from layerfs.build.executor import BuildOptions, build
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.store import fsck
@@ -135,7 +136,7 @@ def test_add_device_refusal_is_one_line(tmp_path, store_root):
     err = proc.stderr.decode()
     assert proc.returncode == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [
-        "Error: ADD wipe.tar: member 'etc/passwd' is a 0/0 character device, "
+        "Error: Dockerfile:2: ADD wipe.tar: member 'etc/passwd' is a 0/0 character device, "
         "which overlay filesystems reserve for whiteouts"]
     assert layerfs_cmd("fsck", root=store_root).returncode == 0
 
@@ -163,7 +164,7 @@ def test_broken_archives_are_one_clean_error(store, base, tmp_path, make, expect
     make(os.path.join(ctx, "bad.tar"))
     with pytest.raises(InvalidInput) as info:
         _build(store, ctx)
-    assert str(info.value).startswith(expected)
+    assert str(info.value).startswith("Dockerfile:2: " + expected)
     _clean(store)
 
 
@@ -266,6 +267,30 @@ def test_a_directory_meeting_a_link_to_a_directory_merges_into_it(store, base, t
     assert e["lib"].kind == mf.SYMLINK
     for path in ("usr/lib/added.so", "usr/lib/copied.so", "usr/lib/libc.so"):
         assert e[path].kind == mf.FILE, path
+    _clean(store)
+
+
+def test_copy_from_an_image_reads_its_tree(store, base, tmp_path):
+    """Sources of COPY --from are found in the image, links followed inside
+    it (an absolute link is the image's path, not the host's)."""
+    _usrmerge_base(store, base, tmp_path)
+    ctx = make_context(tmp_path, "FROM busybox:latest\n"
+                                 "COPY --from=merged:1 /lib64/libc.so /a\n"
+                                 "COPY --from=merged:1 /up/usr/l*/ /b/\n"
+                                 "COPY --from=merged:1 --chown=5:6 --exclude=lib/*.so /usr /c/\n"
+                                 "COPY --from=merged:1 / /d/\n")
+    result, _ = _build(store, ctx)
+    e = store.merged_tree(result.image).entries
+    libc = store.merged_tree(store.image("merged:1")).entries["usr/lib/libc.so"]
+    assert e["a"].kind == mf.FILE and e["a"].digest == libc.digest and e["a"].mtime_ns == libc.mtime_ns
+    assert e["b/libc.so"].digest == libc.digest
+    assert e["c/lib"].kind == mf.DIR and (e["c/lib"].uid, e["c/lib"].gid) == (5, 6)
+    assert "c/lib/libc.so" not in e
+    assert e["d/lib64"].kind == mf.SYMLINK and e["d/lib64"].target == "/usr/lib"   # links inside stay links
+    assert e["d/bin/busybox"].digest == e["bin/busybox"].digest
+    bad = make_context(tmp_path, "FROM busybox:latest\nCOPY --from=merged:1 /nope /x\n", name="bad")
+    with pytest.raises(BuildContextError, match="Dockerfile:2: COPY failed: file not found in the source image: /nope"):
+        _build(store, bad)
     _clean(store)
 
 
