@@ -28,7 +28,7 @@ def _reference_write_tar(entries, out, open_object, layer=True):
     """The writer as it was: tarfile stream mode + addfile."""
     tf = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
     try:
-        for e in sorted(entries, key=lambda x: mf.sort_key(x.path)):
+        for e in tarlayer.with_link_metadata(sorted(entries, key=lambda x: mf.sort_key(x.path))):
             for ti in tarlayer.tarinfo_for(e, layer):
                 if ti.type == tarfile.REGTYPE and ti.size:
                     with open_object(e.digest) as f:
