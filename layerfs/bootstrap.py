@@ -143,18 +143,35 @@ def _bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | N
         if proc.returncode != 0:
             last = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["failed"]
             raise LayerfsError(f"debootstrap failed: {last[0]}")
-        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            _empty_dir(os.path.join(tree, cache))
+        drop_apt_caches(tree)
         return import_tree(store, tree, f"layerfs bootstrap debian --suite {suite}",
                            {"Env": [DEFAULT_PATH], "Cmd": ["bash"]}, tag or f"debian:{suite}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _empty_dir(path: str) -> None:
-    if not os.path.isdir(path):
-        return
-    for name in os.listdir(path):
-        p = os.path.join(path, name)
-        if os.path.isfile(p) and not os.path.islink(p):
+def drop_apt_caches(tree: str) -> None:
+    """Leave apt's caches out of the image, as Debian's official images do
+    (apt-get clean, then rm -rf /var/lib/apt/lists/*): downloaded .debs,
+    the package caches (*.bin) and the package lists, which are stale the
+    day after anyway. archives/lock and archives/partial/ stay, as after
+    apt-get clean."""
+    cache = os.path.join(tree, "var/cache/apt")
+    for d, suffix in ((cache, ".bin"), (f"{cache}/archives", ".deb"), (f"{cache}/archives/partial", ".deb")):
+        for name in _names(d):
+            if name.endswith(suffix) and os.path.isfile(os.path.join(d, name)):
+                os.unlink(os.path.join(d, name))
+    lists = os.path.join(tree, "var/lib/apt/lists")
+    for name in _names(lists):
+        p = os.path.join(lists, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
             os.unlink(p)
+
+
+def _names(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
