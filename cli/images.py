@@ -329,7 +329,13 @@ def bootstrap_busybox(store: Store, tag: str) -> None:
 @click.option("--suite", default="bookworm", show_default=True)
 @click.option("-t", "--tag", default=None, help="Default debian:SUITE.")
 @click.option("--mirror", default=None, help="Default: the mirror this machine's apt uses.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress; only print the image id.")
 @with_store
-def bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None) -> None:
-    """A debootstrap minbase image (about 30 s and ~200 MB)."""
-    click.echo(boot.bootstrap_debian(store, suite, tag, mirror).id)
+def bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None, quiet: bool) -> None:
+    """A debootstrap minbase image (about a minute and ~120 MB)."""
+    from layerfs_cli import progress
+
+    view = progress.view(progress.BOOTSTRAP, quiet)
+    image = boot.bootstrap_debian(store, suite, tag, mirror, on_step=view.step)
+    view.close()
+    click.echo(image.id)

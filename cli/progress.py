@@ -36,6 +36,7 @@ class Verbs:
 PULL = Verbs("Downloading", "Pull complete")
 PUSH = Verbs("Pushing", "Pushed")
 LOAD = Verbs("Loading", "Loaded")
+BOOTSTRAP = Verbs("Importing", "Imported")
 NOTES = {"already in store": "Already exists", "already exists": "Layer already exists",
          "exists": "Already exists", "prepared": "Prepared"}
 
@@ -60,6 +61,8 @@ class TransferView:
         self.lock = threading.Lock()
         self.drawn = 0          # lines of the last redraw (tty)
         self.last = 0.0
+        self.status = ""        # the current step (tty)
+        self.phase: list[str] = []   # the last step's first words (plain)
 
     # -- the Progress protocol ------------------------------------------
     def start(self, desc: Descriptor, what: str) -> None:
@@ -90,11 +93,18 @@ class TransferView:
 
     # -- bootstrap and other phases ---------------------------------------
     def step(self, text: str) -> None:
-        """A phase of work with no byte count (debootstrap's steps)."""
+        """A phase of work with no byte count (debootstrap's steps). On a
+        terminal it is one status line, replaced by the next step; in a
+        log only a change of phase ("debootstrap: Retrieving", then
+        "debootstrap: Extracting") gets a line, not each package."""
         with self.lock:
-            if self.tty:
-                self._clear()
-            self._line(text)
+            if not self.tty:
+                phase = text.split()[:2]
+                if phase != self.phase:
+                    self.phase = phase
+                    self._line(text)
+                return
+            self.status = text
         self._redraw(force=True)
 
     def close(self) -> None:
@@ -126,7 +136,7 @@ class TransferView:
                 return
             self.last = now
             self._clear()
-            lines = [self._render(r) for r in self.rows.values()]
+            lines = [self._render(r) for r in self.rows.values()] + ([self.status] if self.status else [])
             self.out.write("".join(line + "\n" for line in lines))
             self.out.flush()
             self.drawn = len(lines)
@@ -142,8 +152,18 @@ class TransferView:
         self.out.flush()
 
 
+class Quiet(NoProgress):
+    """-q: no progress at all."""
+
+    def step(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def view(verbs: Verbs, quiet: bool):
     """The progress reporter for a command: silent with -q."""
     if quiet:
-        return NoProgress()
+        return Quiet()
     return TransferView(verbs, sys.stderr.isatty())
