@@ -47,11 +47,8 @@ def full_signature(root: str) -> dict[str, tuple]:
                 extra = str(st.st_rdev)
             xattrs = tuple(sorted((k, os.getxattr(p, k, follow_symlinks=False))
                                   for k in os.listxattr(p, follow_symlinks=False)))
-            # Symlink times are not in the comparison: containerd and
-            # docker set them, buildah does not; layerfs keeps them.
-            mtime = None if stat.S_ISLNK(st.st_mode) else st.st_mtime_ns
             out[rel] = [stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                        mtime, extra, xattrs, ()]
+                        st.st_mtime_ns, extra, xattrs, ()]
     for paths in groups.values():
         for p in paths:
             out[p][7] = tuple(sorted(paths))
