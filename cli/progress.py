@@ -136,6 +136,13 @@ class TransferView:
                 return
             self.last = now
             self._clear()
+            # Finished rows above the first active one are written once and
+            # left behind: the redrawn block stays small enough for the
+            # screen however many layers an image has.
+            for key in list(self.rows):
+                if not self.rows[key].final:
+                    break
+                self.out.write(self._render(self.rows.pop(key)) + "\n")
             lines = [self._render(r) for r in self.rows.values()] + ([self.status] if self.status else [])
             self.out.write("".join(line + "\n" for line in lines))
             self.out.flush()
