@@ -175,3 +175,7 @@ def test_ctrl_c_stops_a_push(bb_store, registry, tmp_path):
     assert re.search(rf"Error: interrupted: 1 of 3 layer\(s\) are complete at {proxy.host}/ux/bigpush:1 and are kept", err), err
     _fsck_clean(bb_store.root)
     assert not [n for n in os.listdir(bb_store.tmp_dir)], "spooled blobs are removed"
+    # What was uploaded is kept: pushing again sends only the rest.
+    p = layerfs_cmd("push", "big:1", f"{registry.host}/ux/bigpush:1", root=bb_store.root, check=True)
+    assert sum(": Layer already exists" in x for x in p.stderr.decode().splitlines()) == 1, p.stderr
+    assert b"(2 blob(s) sent" in p.stdout, p.stdout
