@@ -207,20 +207,23 @@ def export_cmd(store: Store, image: str, output: str) -> None:
 
 @click.command("df")
 @click.option("-v", "--verbose", is_flag=True, help="Per image detail.")
+@click.option("--no-trunc", is_flag=True, help="Don't cut long TAGS columns.")
 @format_option
 @with_store
-def df_cmd(store: Store, verbose: bool, fmt: str) -> None:
+def df_cmd(store: Store, verbose: bool, no_trunc: bool, fmt: str) -> None:
     """Show disk usage and what sharing saves, at layer and at file level."""
     _load_usage_contributors()
     u = usage.measure(store)
+    steps = [r for r in u.images if r.build_step]
     if fmt == "json":
         emit_json({"Logical": u.logical, "LayerLevel": u.layer_level, "FileLevel": u.file_level,
                    "Physical": u.physical, "Objects": u.objects, "Layers": u.layers,
+                   "BuildStepImages": len(steps), "BuildStepOnly": u.build_step_only,
                    "Images": [vars(r) | {"tags": list(r.tags)} for r in u.images],
                    "Extra": _extra_usage(store)})
         return
     table(["TYPE", "BYTES", "WHAT IT COUNTS"], [
-        ("logical", human_size(u.logical), "every image stored alone (full copies)"),
+        ("logical", human_size(u.logical), "every image stored alone (full copies; build steps: their own layers)"),
         ("layer-level", human_size(u.layer_level), f"each distinct layer once, as docker stores ({u.layers} layers)"),
         ("file-level", human_size(u.file_level), f"each distinct file content once ({u.objects} objects)"),
         ("physical", human_size(u.physical), "on disk: objects (zstd, holes) + manifests + db"),
@@ -230,15 +233,29 @@ def df_cmd(store: Store, verbose: bool, fmt: str) -> None:
                f"from sharing files too: {_pct(u.logical, u.file_level)}; "
                f"on disk vs logical: {_pct(u.logical, u.physical)}; "
                f"on disk vs layer-level (docker): {_pct(u.layer_level, u.physical)}")
+    if steps:
+        click.echo(f"Build-step images (hidden like docker's intermediate images): {len(steps)}, "
+                   f"holding {human_size(u.build_step_only)} that no other image holds")
     if verbose:
-        click.echo()
-        table(["IMAGE ID", "TAGS", "LOGICAL", "SHARED LAYERS", "SHARED FILES", "UNIQUE"],
-              [(r.image_id[:12], ",".join(r.tags) or "<none>", human_size(r.logical), human_size(r.shared_layers),
-                human_size(r.shared_files), human_size(r.unique)) for r in u.images])
+        def tags(r: usage.ImageUsage) -> str:
+            text = ",".join(r.tags) or "<none>"
+            return text if no_trunc else ellipsize(text, DF_TAGS_WIDTH)
+
+        headers = ["IMAGE ID", "TAGS", "LOGICAL", "SHARED LAYERS", "SHARED FILES", "UNIQUE"]
+        for title, rows in (("Images:", [r for r in u.images if not r.build_step]), ("Build-step images:", steps)):
+            if not rows:
+                continue
+            click.echo()
+            click.echo(title)
+            table(headers, [(r.image_id[:12], tags(r), human_size(r.logical), human_size(r.shared_layers),
+                             human_size(r.shared_files), human_size(r.unique)) for r in rows])
         for title, headers, rows in _extra_usage_tables(store):
             click.echo()
             click.echo(title)
             table(headers, rows)
+
+
+DF_TAGS_WIDTH = 40   # docker cuts long cells with an ellipsis; --no-trunc shows them whole
 
 
 def _pct(whole: int, part: int) -> str:
@@ -312,7 +329,13 @@ def bootstrap_busybox(store: Store, tag: str) -> None:
 @click.option("--suite", default="bookworm", show_default=True)
 @click.option("-t", "--tag", default=None, help="Default debian:SUITE.")
 @click.option("--mirror", default=None, help="Default: the mirror this machine's apt uses.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress; only print the image id.")
 @with_store
-def bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None) -> None:
-    """A debootstrap minbase image (about 30 s and ~200 MB)."""
-    click.echo(boot.bootstrap_debian(store, suite, tag, mirror).id)
+def bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None, quiet: bool) -> None:
+    """A debootstrap minbase image (about a minute and ~120 MB)."""
+    from layerfs_cli import progress
+
+    view = progress.view(progress.BOOTSTRAP, quiet)
+    image = boot.bootstrap_debian(store, suite, tag, mirror, on_step=view.step)
+    view.close()
+    click.echo(image.id)

@@ -33,7 +33,7 @@ from typing import Any
 import blake3
 
 from layerfs.build import dockerfile as dfm
-from layerfs.build import image_sources, staging, substitution
+from layerfs.build import image_sources, run_mounts, staging, substitution
 from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.store import images as img
@@ -73,6 +73,8 @@ class BuildOptions:
     target: str | None = None
     no_cache: bool = False
     network: str = "host"
+    #: ``--secret`` sources by id, for ``RUN --mount=type=secret``.
+    secrets: Mapping[str, run_mounts.SecretSource] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,9 @@ def build(store: Store, options: BuildOptions, write: Writer | None = None,
 
 
 def prune_cache(store: Store) -> int:
-    """Drop every build-cache record; returns how many. Run gc to free space."""
+    """Drop every build-cache record and every cache mount not in use;
+    returns how many records. Run gc to free the layers' space."""
+    run_mounts.prune_cache_mounts(store.root)
     return store.drop_refs(CACHE_KIND)
 
 
@@ -145,6 +149,15 @@ def _env_list_to_dict(env: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
+def _keyed_env(scope: substitution.Scope) -> dict[str, str]:
+    """The variables a step's cache key holds: the proxy args, unless an
+    ARG declares them, reach RUN but not the key (BuildKit drops ProxyEnv
+    from an exec's cache map; docker's classic builder likewise)."""
+    declared = scope.variables()
+    return {k: v for k, v in scope.run_env().items()
+            if k in declared or k not in substitution.PREDEFINED_ARGS}
+
+
 def _sde() -> int | None:
     v = os.environ.get("SOURCE_DATE_EPOCH")
     return int(v) if v and v.isdigit() else None
@@ -173,6 +186,9 @@ class Builder:
         self._forkserver_started = False
         self.no_cache = False
         self.network = "host"
+        self.secrets: Mapping[str, run_mounts.SecretSource] = {}
+        self._run_from: dict[str, Image] = {}
+        self._run_binds: dict[str, ResolvedSources] = {}
         self.cached = 0
 
     def _emit(self, kind: str, text: str, image_id: str | None = None) -> None:
@@ -187,6 +203,7 @@ class Builder:
     def build(self, options: BuildOptions) -> BuildResult:
         self.no_cache = options.no_cache
         self.network = options.network
+        self.secrets = options.secrets
         for t in options.tags:
             references.parse(t)
         cache_path = os.path.join(self.store.root, STAT_CACHE_NAME)
@@ -306,6 +323,9 @@ class Builder:
                 except BuildContextError as exc:
                     raise BuildContextError(f"{df.file}:{instr.line}: {exc}") from None
                 extra["sources"] = sources.digest
+        elif isinstance(expanded, dfm.Run):
+            where = f"{df.file}:{instr.line}"
+            extra["mounts"] = self._run_inputs(ctx, df, stage, st, expanded, built, where)
         self._cached_or_execute(st, expanded, instr, sources, from_image, df, scope_before, extra)
         if isinstance(expanded, dfm.Cmd):
             st.cmd_set = True
@@ -398,7 +418,7 @@ class Builder:
             "v": _KEY_VERSION,
             "parent": parent.id if parent else "scratch",
             "instruction": _describe(expanded),
-            "env": sorted(scope.run_env().items()),
+            "env": sorted(_keyed_env(scope).items()),
             "extra": dict(extra),
             "sde": _sde(),
         }
@@ -579,10 +599,59 @@ class Builder:
 
     # -- RUN -------------------------------------------------------------------
 
+    def _run_inputs(self, ctx: BuildContext | None, df: dfm.Dockerfile, stage: dfm.Stage, st: _Stage,
+                    e: dfm.Run, built: dict[int, Image | None], where: str) -> list[Any]:
+        """Check a RUN's flags before the cache lookup and return what its
+        mounts read, for the key: a bind's source content, the image a
+        bind or cache comes ``from`` (never a secret's or a cache's content)."""
+        if e.network not in (None, "default", "none", "host"):
+            raise InvalidInput(f"{where}: RUN --network={e.network}: want default, none or host")
+        self._run_from, self._run_binds = {}, {}
+        inputs: list[Any] = []
+        for m in self._parse_run_mounts(e, st, where):
+            if m.from_ is not None and m.from_ not in self._run_from:
+                self._run_from[m.from_] = self._from_image(df, stage, m.from_, built)
+            if m.type == "bind" and m.from_ is None:
+                if ctx is None:
+                    raise InvalidInput(f"{where}: RUN --mount=type=bind needs a build context")
+                try:
+                    got = ctx.resolve([m.source or "."], instruction="RUN --mount")
+                except BuildContextError as exc:
+                    raise BuildContextError(f"{where}: {exc}") from None
+                self._run_binds[m.source] = got
+                inputs.append(["context", m.source, got.digest])
+            elif m.from_ is not None and m.type in ("bind", "cache"):
+                inputs.append([m.type, m.from_, self._run_from[m.from_].id])
+        return inputs
+
+    def _parse_run_mounts(self, e: dfm.Run, st: _Stage, where: str) -> tuple[run_mounts.RunMount, ...]:
+        workdir = (st.image.runtime_config.get("WorkingDir") if st.image else None) or "/"
+        try:
+            return tuple(run_mounts.parse_mount(spec, workdir) for spec in e.mounts)
+        except LayerfsError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+
+    def _fill_mount(self, from_: str | None, source: str, dest: str, copy: bool) -> None:
+        """Materialise a mount's source in ``dest`` (run_mounts.Filler)."""
+        if from_ is None:
+            assert self._ctx is not None
+            run_mounts.stage_context(self._ctx.root, self._run_binds[source], dest, copy)
+            return
+        from layerfs.runtime.rootpath import secure_join
+        from layerfs.store import transfer
+
+        export = dest + ".export"
+        try:
+            transfer.export_image(self.store, self._run_from[from_], export)
+            found = secure_join(export, source or "/")
+            if not os.path.lexists(found):
+                raise InvalidInput(f"--mount from={from_},source={source}: no such file or directory in {from_}")
+            os.rename(found, dest)
+        finally:
+            shutil.rmtree(export, ignore_errors=True)
+
     def _run(self, st: _Stage, e: dfm.Run, rc: dict[str, Any], shell: list[str],
              scope: substitution.Scope) -> str:
-        if e.mounts:
-            raise Unsupported("RUN --mount is not supported yet")
         if st.image is None:
             raise InvalidInput("RUN in a stage FROM scratch: there is no shell to run it with")
         try:
@@ -590,7 +659,9 @@ class Builder:
             from layerfs.runtime import ContainerSpec, run_container
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise Unsupported(f"RUN needs the layerfs FUSE filesystem and runtime: {exc}") from None
-        from layerfs.runtime.changes import layer_from_upper
+        from layerfs.build.mount_stubs import MountStubs, prune_unchanged_dirs
+        from layerfs.runtime.spec import Tmpfs, Volume
+        from layerfs.store import transfer
 
         argv = list(e.command.args) if e.command.exec_form else shell + list(e.command.args)
         if e.heredocs and not e.command.exec_form:
@@ -599,6 +670,7 @@ class Builder:
         env.update(scope.run_env())
         if "PATH" not in env:
             env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        mounts = self._parse_run_mounts(e, st, "RUN")
         tmp = tempfile.mkdtemp(prefix="build-run-", dir=self.store.tmp_dir)
         mp = os.path.join(tmp, "rootfs")
         upper = os.path.join(tmp, "upper")
@@ -609,17 +681,26 @@ class Builder:
         daemon_pid = 0
         w_fd = -1
         pump: threading.Thread | None = None
+        prepared: run_mounts.PreparedMounts | None = None
         try:
+            prepared = run_mounts.prepare(mounts, store_root=self.store.root, tmp_dir=tmp,
+                                          secrets=self.secrets, fill=self._fill_mount,
+                                          from_ids={k: v.id for k, v in self._run_from.items()})
+            env.update(prepared.env)
             daemon_pid = _mount_clean(self.store.root, st.image.id, mp, upper)
             mounted = True
+            stubs = MountStubs.make(mp, prepared.mountpoints())
             # The pipe is made after the FUSE daemon forked, so only the
             # container holds its write end and EOF means the step ended.
             r_fd, w_fd = os.pipe()
             pump = threading.Thread(target=self._pump, args=(r_fd,), daemon=True)
             pump.start()
+            network = self.network if e.network in (None, "default") else e.network
             spec = ContainerSpec(rootfs=mp, args=tuple(argv), env=tuple(f"{k}={v}" for k, v in env.items()),
                                  cwd=rc.get("WorkingDir") or "/", user=rc.get("User") or "",
-                                 network=e.network or self.network, hostname="buildkitsandbox")
+                                 network=network, hostname="buildkitsandbox",
+                                 volumes=tuple(Volume(h, t, ro) for h, t, ro in prepared.binds),
+                                 tmpfs=tuple(Tmpfs(t, size) for t, size in prepared.tmpfs))
             result = _run_interruptibly(run_container, spec, state, w_fd)
             os.close(w_fd)
             w_fd = -1
@@ -627,9 +708,12 @@ class Builder:
             if result.exit_code != 0 or result.exec_error:
                 why = result.exec_error or f"returned a non-zero code: {result.exit_code}"
                 raise BuildError(f"The command '{' '.join(argv)}' {why}", step_exit_code=result.exit_code)
+            stubs.remove()
             unmount(self.store.root, mp)
             mounted = False
-            return layer_from_upper(self.store, upper, st.image)
+            if stubs.created:
+                prune_unchanged_dirs(upper, self.store.merged_tree(st.image))
+            return transfer.import_layer(self.store, upper, st.image, as_layer=True)
         finally:
             if w_fd >= 0:
                 os.close(w_fd)
@@ -637,6 +721,8 @@ class Builder:
                 pump.join(timeout=5)
             if mounted:
                 _unmount_hard(self.store.root, mp, unmount, daemon_pid)
+            if prepared is not None:
+                prepared.close()
             # Never recurse into a mount that is still there: rmtree would
             # delete through it (or hang on a wedged daemon).
             if not _is_mountpoint(mp):

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from layerfs.runtime.containers import RUNTIME_PATHS, Container
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
-from layerfs.store import references
+from layerfs.store import references, transfer
 from layerfs.store.images import Image
-from layerfs.store.manifest import Entry
 from layerfs.store.store import Store
 from layerfs.store.tree import MergedTree
 
@@ -38,54 +37,14 @@ def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def _is_stub(rel: str, tree: MergedTree, kind: str, size: int, has_children: bool) -> bool:
+def _runtime_only(upper: str, rel: str, tree: MergedTree) -> bool:
     """A mountpoint the runtime made: absent from the image and empty."""
     if rel not in RUNTIME_PATHS or rel in tree.entries:
         return False
-    return (kind == mf.FILE and size == 0) or (kind == mf.DIR and not has_children)
-
-
-def _runtime_only(upper: str, rel: str, tree: MergedTree) -> bool:
-    """:func:`_is_stub` for a path of an upper dir on disk."""
-    path = os.path.join(upper, rel)
-    st = os.lstat(path)
+    st = os.lstat(os.path.join(upper, rel))
     if stat.S_ISREG(st.st_mode):
-        return _is_stub(rel, tree, mf.FILE, st.st_size, False)
-    if stat.S_ISDIR(st.st_mode):
-        return _is_stub(rel, tree, mf.DIR, 0, bool(os.listdir(path)))
-    return False
-
-
-def without_runtime_stubs(entries: list[Entry], tree: MergedTree) -> list[Entry]:
-    """A layer's entries without the runtime's mountpoints (:func:`_is_stub`)
-    and without the directories copied up only to hold them: a directory
-    that the image has with the same mode, owner and xattrs and that keeps
-    nothing else below it (making the stub changed its mtime, nothing more).
-    """
-    by_path = {e.path: e for e in entries}
-    parents = {mf.parent_of(p) for p in by_path if p}
-    stubs = {p for p, e in by_path.items()
-             if p and _is_stub(p, tree, e.kind, e.size, e.kind == mf.DIR and p in parents)}
-    for p in stubs:
-        del by_path[p]
-    holders = sorted({a for p in stubs for a in mf.ancestors(p) if a}, key=lambda a: -a.count("/"))
-    for anc in holders:
-        e, base = by_path.get(anc), tree.entries.get(anc)
-        if e is None or base is None or e.kind != mf.DIR or base.kind != mf.DIR or e.opaque:
-            continue
-        if (e.mode, e.uid, e.gid, e.xattrs) != (base.mode, base.uid, base.gid, base.xattrs):
-            continue
-        if not any(p.startswith(anc + "/") for p in by_path):
-            del by_path[anc]
-    return list(by_path.values())
-
-
-def layer_from_upper(store: Store, upper: str, image: Image) -> str:
-    """One layer of ``upper`` (an overlayfs upper dir of ``image``, inside
-    the store's tmp/) without the runtime's mountpoints; returns its id.
-    The caller holds the store's writer lease."""
-    entries, fresh, stat_rows = store.scan_dir(upper, overlay=True)
-    return store.commit_layer(without_runtime_stubs(entries, store.merged_tree(image)), fresh, stat_rows)
+        return st.st_size == 0
+    return stat.S_ISDIR(st.st_mode) and not os.listdir(os.path.join(upper, rel))
 
 
 def _same_dir(st: os.stat_result, tree: MergedTree, rel: str) -> bool:
@@ -136,14 +95,15 @@ def commit_container(store: Store, c: Container, ref: str, message: str = "",
     """
     references.parse(ref)
     image = store.image(c.config.image_id)
+    tree = store.merged_tree(image)
     # The writer lease keeps gc away from the staging dir and from the new
     # layer until the image names it.
     with store.writing():
         stage = tempfile.mkdtemp(prefix="commit-", dir=store.tmp_dir)
         try:
             staged = os.path.join(stage, "upper")
-            _stage_upper(c.upper, staged)
-            layer = layer_from_upper(store, staged, image)
+            _stage_upper(c.upper, staged, tree)
+            layer = transfer.import_layer(store, staged, image, as_layer=True)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         comment = message or (f"author: {author}" if author else "")
@@ -153,11 +113,20 @@ def commit_container(store: Store, c: Container, ref: str, message: str = "",
     return new
 
 
-def _stage_upper(upper: str, dest: str) -> None:
+def _stage_upper(upper: str, dest: str, tree: MergedTree) -> None:
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        rel_dir = os.path.relpath(directory, upper)
+        skipped = set()
+        for name in names:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if _runtime_only(upper, rel, tree):
+                skipped.add(name)
+        return skipped
+
     if not os.path.isdir(upper):
         os.makedirs(dest)
         return
-    shutil.copytree(upper, dest, symlinks=True, copy_function=os.link)
+    shutil.copytree(upper, dest, symlinks=True, copy_function=os.link, ignore=ignore)
     # copytree copies modes, times and xattrs of directories, not owners.
     for directory, dirs, _ in os.walk(upper):
         for name in [""] + dirs:
