@@ -26,7 +26,6 @@ link, which on a usr-merged base hides all of /usr/lib behind a new /lib.
 from __future__ import annotations
 
 import os
-import posixpath
 import stat
 import tarfile
 from collections.abc import Sequence
@@ -42,7 +41,7 @@ from layerfs.store.store import Store
 from layerfs.store.tarlayer import TarReader, decompressed, is_tar_file
 from layerfs.store.tree import MergedTree, flatten
 
-__all__ = ["Item", "NewDirs", "Staging", "is_archive", "owner_ids"]
+__all__ = ["Item", "NewDirs", "Staging", "host_entry", "is_archive", "owner_ids"]
 
 
 @dataclass(frozen=True)
