@@ -557,7 +557,8 @@ class Builder:
             if kind == "archive":
                 # Unpacked into dest, with or without a trailing '/'.
                 stage.make_dirs(dest, new)
-                stage.add_archive(what[0], dest, what[1])
+                path, shown, digest = what
+                stage.add_archive(path, dest, shown, digest)
             elif as_dir:
                 stage.add_items(what, dest, new)
             else:
@@ -569,7 +570,7 @@ class Builder:
                    from_image: Image | None, owner: tuple[int, int],
                    chmod: Callable[[int, bool], int] | None) -> list[tuple[str, Any]]:
         """What a COPY/ADD places, source by source: ("file"|"dir", items)
-        or ("archive", (host path, shown name)) for ADD to unpack."""
+        or ("archive", (host path, shown name, digest)) for ADD to unpack."""
 
         def mode(m: int, kind: str) -> int:
             return chmod(m, kind == "dir") if chmod is not None and kind != "symlink" else m
@@ -588,7 +589,7 @@ class Builder:
                     and not _is_url(src.pattern) and src.pattern not in self._extra_roots:
                 path = os.path.join(src_dir, src.entries[0][1].path)
                 if staging.is_archive(path):
-                    plan.append(("archive", (path, src.pattern)))
+                    plan.append(("archive", (path, src.pattern, src.entries[0][1].digest or "")))
                     continue
             plan.append((src.kind, [
                 staging.Item(rel, *staging.host_entry(rel, os.path.join(src_dir, ent.path), ent.kind,

@@ -25,11 +25,14 @@ link, which on a usr-merged base hides all of /usr/lib behind a new /lib.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+
+import blake3
 
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.store import manifest as mf
@@ -218,21 +221,26 @@ class Staging:
 
     # -- archives ---------------------------------------------------------------
 
-    def add_archive(self, path: str, dest: str, shown: str) -> None:
+    def add_archive(self, path: str, dest: str, shown: str, digest: str = "") -> None:
         """Unpack the tar at host ``path`` into image directory ``dest``.
 
         Read by the store's tar reader, never extracted on the host. Members
         keep their modes (setuid, setgid, sticky, group/other write), owners,
         times and xattrs, as docker keeps them. Refused with InvalidInput:
-        whiteouts and opaque markers (an ADD never deletes) and 0/0
-        character devices (overlayfs reserves them for whiteouts).
+        whiteouts and opaque markers (an ADD never deletes), 0/0 character
+        devices (overlayfs reserves them for whiteouts), and a file whose
+        bytes are not ``digest`` (what the cache key hashed), if given.
         """
         reader = TarReader(self.store.objects, self._known)
         try:
-            with open(path, "rb") as f:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with _Hashing(os.fdopen(fd, "rb", buffering=0)) as f:
                 members = reader.read(f, as_listed=True)
+                read = f.finish()
         except (InvalidInput, OSError) as exc:
             raise InvalidInput(f"ADD {shown}: {exc}") from None
+        if digest and read != digest:
+            raise InvalidInput(f"ADD {shown}: {path} changed during the build")
         self._fresh.extend(reader.fresh)
         if reader.opaque:
             raise InvalidInput(f"ADD {shown}: {sorted(reader.opaque)[0] or '.'!r} holds an opaque-directory "
@@ -288,6 +296,32 @@ class Staging:
             if len(alive) > 1:
                 out[alive[0]] = alive[1:]
         return out
+
+
+class _Hashing(io.RawIOBase):
+    """A file read through, hashed on the way (blake3, as the context)."""
+
+    def __init__(self, f: io.RawIOBase) -> None:
+        self.f = f
+        self.hasher = blake3.blake3()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[no-untyped-def]
+        n = self.f.readinto(b) or 0
+        self.hasher.update(memoryview(b)[:n])
+        return n
+
+    def finish(self) -> str:
+        """Read what the tar reader left (trailing padding) and return the digest."""
+        while self.read(1 << 20):
+            pass
+        return self.hasher.hexdigest()
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def _refuse(m: Entry, shown: str) -> None:

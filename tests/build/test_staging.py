@@ -332,6 +332,26 @@ def test_symlink_times_are_kept_and_builds_reproduce(store, base, tmp_path):
     _clean(store)
 
 
+def test_add_archive_swapped_after_hashing_is_refused(store, base, tmp_path, monkeypatch):
+    """The archive unpacked is the one the cache key hashed."""
+    from layerfs.build import staging
+
+    ctx = make_context(tmp_path, "FROM busybox:latest\nADD a.tar /a/\n")
+    for name, member in (("a.tar", "mine"), ("other.tar", "theirs")):
+        with tarfile.open(os.path.join(ctx, name), "w") as t:
+            _add(t, member, data=b"x")
+    real = staging.Staging.add_archive
+
+    def swap_then_add(self, path, *args):
+        os.replace(os.path.join(ctx, "other.tar"), path)
+        return real(self, path, *args)
+
+    monkeypatch.setattr(staging.Staging, "add_archive", swap_then_add)
+    with pytest.raises(InvalidInput, match="a.tar changed during the build"):
+        _build(store, ctx)
+    _clean(store)
+
+
 def test_chown_names_come_from_the_image(store, base, tmp_path):
     ctx = make_context(tmp_path, "FROM busybox:latest\nCOPY --chown=nobody f /f\nCOPY --chown=123 f /g\n",
                        {"f": "f\n"})
