@@ -46,8 +46,8 @@ __all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder",
 CACHE_KIND = "build-cache"
 DEFAULT_SHELL = ("/bin/sh", "-c")
 STAT_CACHE_NAME = "build-stat-cache.sqlite"
-# Bumped when the same step starts making a different layer (2: COPY/ADD
-# as placed entries, RUN layers without the runtime's mountpoints).
+# Bumped when the same step starts making a different layer (2: COPY, ADD
+# and WORKDIR place entries: links followed in the image, symlink times).
 _KEY_VERSION = "layerfs-build-2"
 
 Writer = Callable[[str], None]
@@ -513,9 +513,9 @@ class Builder:
         elif isinstance(e, (dfm.Copy, dfm.Add)):
             try:
                 layer = self._copy(st, e, rc, sources, from_image)
-            except (BuildContextError, InvalidInput) as exc:
+            except InvalidInput as exc:
                 if type(exc) not in (BuildContextError, InvalidInput):
-                    raise
+                    raise  # errors that say where themselves
                 raise type(exc)(f"{df.file}:{instr.line}: {exc}") from None
         elif isinstance(e, dfm.Run):
             layer = self._run(st, e, rc, shell, scope)
