@@ -65,7 +65,8 @@ class SubstitutionError(InvalidInput):
     or a result over :func:`max_expansion` bytes)."""
 
 
-#: The longest word an expansion may produce, in characters (bytes for ASCII). ``ENV
+#: How much longer than itself an expanded word may get, in characters
+#: (bytes for ASCII); the variables of a stage together are held to it too. ``ENV
 #: A=${A}${A}`` doubles A on every line; without a limit 40 such lines ask
 #: for a terabyte. 1 MiB is 8x what Linux lets one environment string be
 #: (MAX_ARG_STRLEN, 128 KiB), so no word a build can use is refused.
@@ -111,7 +112,7 @@ class _Lexer:
 
     def run(self, stop: str = "") -> str:
         """Process until ``stop`` (consumed) or the end of the text."""
-        out = _Output(self.limit)
+        out = _Output(self.limit, len(self.text))
         while self.pos < len(self.text):
             ch = self.next()
             if stop and ch == stop:
@@ -149,7 +150,7 @@ class _Lexer:
         return chunk
 
     def _double_quoted(self) -> str:
-        out = _Output(self.limit)
+        out = _Output(self.limit, len(self.text))
         while self.pos < len(self.text):
             ch = self.next()
             if ch == '"':
@@ -210,19 +211,22 @@ class _Lexer:
 
 
 class _Output:
-    """The pieces of one expansion, refused as soon as they pass the limit
-    (before they are joined: the join is what would exhaust memory)."""
+    """The pieces of one expansion, refused as soon as they outgrow the word
+    by more than the limit (a long literal word, a heredoc, is fine; growth
+    is what is bounded), before they are joined: the join is what would
+    exhaust memory."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, word: int):
         self.parts: list[str] = []
         self.size = 0
         self.limit = limit
+        self.most = limit + word
 
     def append(self, piece: str) -> None:
         self.size += len(piece)
-        if self.size > self.limit:
+        if self.size > self.most:
             raise SubstitutionError(
-                f"expansion is longer than {self.limit} characters "
+                f"expansion grows the word by more than {self.limit} characters "
                 f"(the limit; {MAX_EXPANSION_ENV} sets it)")
         self.parts.append(piece)
 
