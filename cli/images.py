@@ -72,14 +72,13 @@ def prepare_for_mounts(store: Store, image: Image) -> None:
 def images_cmd(store: Store, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
     """List images."""
     rows = []
-    # Like docker, untagged images that are build steps, or that other
-    # images are made from, are intermediate.
+    # Like docker, untagged images that other images are made from (a
+    # build's steps) are intermediate; an untagged leaf is dangling, shown.
     intermediate: set[str] = set()
     if not show_all:
         from layerfs.store import prune
 
-        intermediate = {iid for _, _, iid, _ in store.refs("build-cache") if iid}
-        intermediate |= set(prune.lineage(store).children)
+        intermediate = set(prune.lineage(store).children)
     for image, tags in store.images():
         if not tags and image.id in intermediate:
             continue
