@@ -1,5 +1,6 @@
-"""kill -9 of ``layerfs build`` during a RUN step leaves nothing behind:
-no mount, no layerfs process, no staging dir; fsck and gc are clean."""
+"""kill -9 of a mount's owner leaves nothing behind: ``layerfs build``
+during a RUN step (no mount, no layerfs process, no staging dir; fsck and
+gc clean), and the owner (shim) of a detached container."""
 
 from __future__ import annotations
 
@@ -93,3 +94,27 @@ def test_kill_9_during_run_leaves_no_mount_process_or_leftover(tmp_path, busybox
     (ctx / "Dockerfile").write_text(f"FROM bb:1\nRUN echo one > /one\nRUN echo again-{token}\n")
     r = layerfs_cmd("build", "--progress", "plain", "-t", "x:1", str(ctx), root=root, check=True)
     assert b"Using cache" in r.stdout and f"again-{token}".encode() in r.stdout
+
+
+@pytest.mark.timeout(180)
+def test_kill_9_of_a_containers_owner_unmounts_its_rootfs(tmp_path, busybox_tree):
+    from layerfs.runtime import containers as records
+    from layerfs.store.store import Store
+
+    root = str(tmp_path / "store")
+    layerfs_cmd("import", busybox_tree, "-t", "bb:1", root=root, check=True)
+    seconds = str(1000 + secrets.randbelow(9000))   # a command line no other process has
+    layerfs_cmd("run", "-d", "--name", "c1", "bb:1", "sleep", seconds, root=root, check=True)
+    with Store(root) as store:
+        c = records.find_container(store, "c1")
+    try:
+        assert procfs.mounted_fstype(c.rootfs) == "fuse.layerfs"
+        os.kill(c.state.owner_pid, 9)
+        assert _settled(lambda: _store_mounts(root)) == []
+        assert _settled(lambda: _leftover_processes(root, f"sleep\0{seconds}")) == []
+        assert layerfs_cmd("mounts", "--format", "json", root=root, check=True).stdout.strip() == b"[]"
+        layerfs_cmd("rm", "c1", root=root, check=True)
+        assert layerfs_cmd("fsck", root=root, check=True).stdout.strip().endswith(b"clean")
+    finally:
+        for mp in reversed(_store_mounts(root)):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
