@@ -3,13 +3,12 @@ they (and ``layerfs gc``) run."""
 
 from __future__ import annotations
 
-import os
-
 import click
 
 from layerfs.store import gc as gc_mod
 from layerfs.store import prune
 from layerfs.store.store import Store
+from layerfs.store.usage import tree_bytes
 from layerfs_cli.common import human_size, with_store
 
 
@@ -100,7 +99,7 @@ def _prune_containers(store: Store) -> tuple[list[str], int]:
     for c in records.list_containers(store):
         if c.running:
             continue
-        freed += records.tree_bytes(c.dir) if os.path.isdir(c.dir) else 0
+        freed += tree_bytes(c.dir)
         lifecycle.remove_container(store, c)
         removed.append(c.id)
     return removed, freed

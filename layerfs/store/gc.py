@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from layerfs import procfs
 from layerfs.store.store import Store
+from layerfs.store.usage import tree_bytes
 
 TMP_GRACE = 3600.0
 # Mappings kept for interop (OCI digests <-> layer ids) describe layers but
@@ -174,29 +175,11 @@ def _disk_bytes(path: str) -> int:
         return 0
 
 
-def _tree_bytes(path: str) -> int:
-    """Allocated bytes of *path* and, for a directory, everything below it
-    (hard links counted once, like du)."""
-    total = _disk_bytes(path)
-    seen: set[tuple[int, int]] = set()
-    for directory, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                st = os.lstat(os.path.join(directory, name))
-            except OSError:
-                continue
-            if st.st_nlink > 1 and (st.st_dev, st.st_ino) in seen:
-                continue
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
-    return total
-
-
 def _remove(path: str, dry_run: bool) -> int:
     """Remove *path* (unless *dry_run*); returns the bytes that frees."""
     import shutil
 
-    size = _tree_bytes(path)
+    size = tree_bytes(path)
     if not dry_run:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
