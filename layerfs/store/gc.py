@@ -95,7 +95,8 @@ def _drop(store: Store, dead_layers: list[str], dead_objects: list[str]) -> None
 def _paths_in_use(store: Store, ignore_refs: Collection[tuple[str, str]]) -> list[str]:
     """Mountpoints and the paths their records list, plus every mountpoint
     the kernel knows: nothing at or around them may be removed."""
-    paths = [mp for mp, _ in procfs.mounts()]
+    gone = {key for kind, key in ignore_refs if kind == MOUNT_KIND}  # the caller detaches these
+    paths = [mp for mp, _ in procfs.mounts() if mp not in gone]
     for key, _l, _i, raw in store.refs(MOUNT_KIND):
         if (MOUNT_KIND, key) in ignore_refs:
             continue

@@ -204,9 +204,9 @@ def test_gc_mounts_and_umount_clean_stale_records(small, tmp_path):
     gc cleans both (its dry run counts as if it had, changing nothing);
     so do mounts and umount."""
     root, image_id = small
-    mp = str(tmp_path / "mnt")
-    os.makedirs(mp)
+    mp = os.path.join(root, "tmp", "staging", "rootfs")  # where a build's RUN mount is
     for cleaner in (("gc",), ("mounts",), ("umount", mp)):
+        os.makedirs(mp, exist_ok=True)
         h = fsmount.mount_image(root, image_id, mp, upper_dir=str(tmp_path / "up"))
         os.kill(h.pid, signal.SIGKILL)
         assert _wait(lambda: registry.is_enotconn(mp))
@@ -221,6 +221,7 @@ def test_gc_mounts_and_umount_clean_stale_records(small, tmp_path):
         assert r.returncode == 0, r.stderr
         if cleaner == ("gc",):
             assert dry.stdout.replace(b"Would remove", b"Removed") == r.stdout
+            assert b"1 leftover" in r.stdout and not os.path.exists(os.path.dirname(mp))
         assert procfs.mounted_fstype(mp) is None, cleaner
         assert fsmount.list_mounts(root, clean=False) == [], cleaner
         assert os.path.isdir(tmp_path / "up")  # not private: it stays
