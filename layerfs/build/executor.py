@@ -32,6 +32,7 @@ from typing import Any
 
 import blake3
 
+from layerfs.build import config as image_config
 from layerfs.build import dockerfile as dfm
 from layerfs.build import image_sources, run_mounts, staging, substitution
 from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
@@ -47,7 +48,6 @@ from layerfs.store.store import Store
 __all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder", "CACHE_KIND", "build", "prune_cache"]
 
 CACHE_KIND = "build-cache"
-DEFAULT_SHELL = ("/bin/sh", "-c")
 STAT_CACHE_NAME = "build-stat-cache.sqlite"
 # Bumped when the same step starts making a different layer (2: COPY, ADD
 # and WORKDIR place entries: links followed in the image, symlink times).
@@ -144,14 +144,6 @@ def _describe(value: Any) -> Any:
     return value
 
 
-def _env_list_to_dict(env: Sequence[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in env or ():
-        k, _, v = item.partition("=")
-        out[k] = v
-    return out
-
-
 def _keyed_env(scope: substitution.Scope) -> dict[str, str]:
     """The variables a step's cache key holds: the proxy args, unless an
     ARG declares them, reach RUN but not the key (BuildKit drops ProxyEnv
@@ -164,6 +156,12 @@ def _keyed_env(scope: substitution.Scope) -> dict[str, str]:
 def _sde() -> int | None:
     v = os.environ.get("SOURCE_DATE_EPOCH")
     return int(v) if v and v.isdigit() else None
+
+
+# Instructions whose whole effect is on the config (image_config.apply),
+# or nothing (ARG's is on the variables, done by substitution.Scope).
+_CONFIG_ONLY = (dfm.Env, dfm.Label, dfm.Maintainer, dfm.Expose, dfm.Volume, dfm.User, dfm.Cmd,
+                dfm.Entrypoint, dfm.Stopsignal, dfm.Shell, dfm.Arg, dfm.Onbuild, dfm.Healthcheck)
 
 
 @dataclass
@@ -268,7 +266,7 @@ class Builder:
                     f"or `layerfs import`)") from None
         if image is not None:
             self._emit("done", f" ---> {_short(image.id)}", image_id=image.id)
-        base_env = _env_list_to_dict(image.runtime_config.get("Env")) if image else {}
+        base_env = image_config.env_dict(image.runtime_config.get("Env")) if image else {}
         st = _Stage(image, substitution.Scope.for_stage(df, build_args, base_env))
         triggers = list((image.runtime_config.get("OnBuild") or []) if image else [])
         if triggers:
@@ -445,74 +443,12 @@ class Builder:
                  sources: ResolvedSources | None, from_image: Image | None,
                  df: dfm.Dockerfile, scope: substitution.Scope) -> Image:
         base = st.image.config if st.image else None
-        rc: dict[str, Any] = json.loads(json.dumps(st.image.runtime_config)) if st.image else {}
+        before: dict[str, Any] = st.image.runtime_config if st.image else {}
+        rc = image_config.apply(before, e, cmd_set=st.cmd_set)
         created_by = instr.original
         layer: str | None = None
-        shell = list(rc.get("Shell") or DEFAULT_SHELL)
-
-        def command(c: dfm.Command) -> list[str]:
-            return list(c.args) if c.exec_form else shell + list(c.args)
-
-        if isinstance(e, dfm.Env):
-            env = _env_list_to_dict(rc.get("Env"))
-            env.update(e.pairs)
-            rc["Env"] = [f"{k}={v}" for k, v in env.items()]
-        elif isinstance(e, dfm.Label):
-            labels = dict(rc.get("Labels") or {})
-            labels.update(e.pairs)
-            rc["Labels"] = labels
-        elif isinstance(e, dfm.Maintainer):
-            pass
-        elif isinstance(e, dfm.Expose):
-            ports = dict(rc.get("ExposedPorts") or {})
-            for p in e.ports:
-                ports[p if "/" in p else f"{p}/tcp"] = {}
-            rc["ExposedPorts"] = ports
-        elif isinstance(e, dfm.Volume):
-            vols = dict(rc.get("Volumes") or {})
-            for p in e.paths:
-                vols[p] = {}
-            rc["Volumes"] = vols
-        elif isinstance(e, dfm.User):
-            rc["User"] = e.user
-        elif isinstance(e, dfm.Cmd):
-            rc["Cmd"] = command(e.command)
-        elif isinstance(e, dfm.Entrypoint):
-            rc["Entrypoint"] = command(e.command)
-            if not st.cmd_set:
-                rc.pop("Cmd", None)
-        elif isinstance(e, dfm.Stopsignal):
-            rc["StopSignal"] = e.signal
-        elif isinstance(e, dfm.Shell):
-            rc["Shell"] = list(e.args)
-        elif isinstance(e, dfm.Arg):
-            pass
-        elif isinstance(e, dfm.Onbuild):
-            rc["OnBuild"] = list(rc.get("OnBuild") or []) + [instr.original.split(None, 1)[1]]
-        elif isinstance(e, dfm.Healthcheck):
-            hc: dict[str, Any] = {}
-            if e.test is None:
-                hc["Test"] = ["NONE"]
-            elif e.test.exec_form:
-                hc["Test"] = ["CMD", *e.test.args]
-            else:
-                hc["Test"] = ["CMD-SHELL", *e.test.args]
-            for name, val in (("Interval", e.interval), ("Timeout", e.timeout),
-                              ("StartPeriod", e.start_period), ("StartInterval", e.start_interval),
-                              ("Retries", e.retries)):
-                if val is not None:
-                    hc[name] = val
-            rc["Healthcheck"] = hc
-        elif isinstance(e, dfm.Workdir):
-            wd = posixpath.normpath(posixpath.join(rc.get("WorkingDir") or "/", e.path))
-            rc["WorkingDir"] = wd
-            stage = self._staging(st.image)
-            path = stage.resolve(wd)
-            if not stage.is_dir(path):
-                # Like BuildKit: directories WORKDIR creates belong to USER.
-                owner = staging.owner_ids(stage, rc["User"]) if rc.get("User") else (0, 0)
-                stage.make_dirs(path, staging.NewDirs(*owner))
-                layer = stage.commit()
+        if isinstance(e, dfm.Workdir):
+            layer = self._workdir(st, rc)
         elif isinstance(e, (dfm.Copy, dfm.Add)):
             try:
                 layer = self._copy(st, e, rc, sources, from_image)
@@ -521,9 +457,10 @@ class Builder:
                     raise  # errors that say where themselves
                 raise type(exc)(f"{df.file}:{instr.line}: {exc}") from None
         elif isinstance(e, dfm.Run):
-            layer = self._run(st, e, rc, shell, scope)
-            created_by = f"RUN {' '.join(command(e.command))}" if not e.command.exec_form else instr.original
-        else:
+            layer = self._run(st, e, rc, list(rc.get("Shell") or image_config.DEFAULT_SHELL), scope)
+            if not e.command.exec_form:
+                created_by = f"RUN {' '.join(image_config.shell_command(rc, e.command))}"
+        elif type(e) not in _CONFIG_ONLY:
             raise Unsupported(f"{df.file}:{instr.line}: {instr.keyword} is not supported")
         hist = img.history_entry(created_by, empty_layer=layer is None)
         if isinstance(e, dfm.Maintainer):
@@ -531,6 +468,17 @@ class Builder:
             cfg["author"] = e.name
             return self.store.put_image(cfg)
         return self._put(base, hist, rc, layer)
+
+    def _workdir(self, st: _Stage, rc: Mapping[str, Any]) -> str | None:
+        """WORKDIR's layer: the directory, if the image lacks it."""
+        stage = self._staging(st.image)
+        path = stage.resolve(rc["WorkingDir"])
+        if stage.is_dir(path):
+            return None
+        # Like BuildKit: directories WORKDIR creates belong to USER.
+        owner = staging.owner_ids(stage, rc["User"]) if rc.get("User") else (0, 0)
+        stage.make_dirs(path, staging.NewDirs(*owner))
+        return stage.commit()
 
     # -- COPY / ADD ------------------------------------------------------------
 
@@ -670,7 +618,7 @@ class Builder:
         argv = list(e.command.args) if e.command.exec_form else shell + list(e.command.args)
         if e.heredocs and not e.command.exec_form:
             argv = shell + _heredoc_script(e.command.args[0] if e.command.args else "", e.heredocs)
-        env = dict(_env_list_to_dict(rc.get("Env")))
+        env = dict(image_config.env_dict(rc.get("Env")))
         env.update(scope.run_env())
         if "PATH" not in env:
             env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
