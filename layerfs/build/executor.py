@@ -34,8 +34,8 @@ import blake3
 
 from layerfs.build import config as image_config
 from layerfs.build import dockerfile as dfm
-from layerfs.build import image_sources, run_mounts, staging, substitution
-from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
+from layerfs.build import image_sources, run_mounts, sources, staging, substitution
+from layerfs.build.context import BuildContext, BuildContextError, ResolvedSources
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.fs.helper import mount_for_owner, start_forkserver
 from layerfs.fs.registry import force_unmount
@@ -181,8 +181,8 @@ class Builder:
         self.on_event = on_event
         self._step_no = 0
         self._total = 0
-        self._extra_roots: dict[str, str] = {}
-        self._generated_dirs: list[str] = []
+        self._ctx: BuildContext | None = None
+        self._generated = sources.GeneratedSources(store.tmp_dir)
         self._has_run = False
         self._forkserver_started = False
         self.no_cache = False
@@ -283,8 +283,6 @@ class Builder:
                 self._run_instruction(self._ctx, df, stage, st, instr, built, trigger=True)
         return st
 
-    _ctx: BuildContext | None = None
-
     # -- one step ------------------------------------------------------------
 
     def _step(self, ctx: BuildContext, df: dfm.Dockerfile, stage: dfm.Stage, st: _Stage,
@@ -297,43 +295,39 @@ class Builder:
     def _run_instruction(self, ctx: BuildContext | None, df: dfm.Dockerfile, stage: dfm.Stage,
                          st: _Stage, instr: dfm.Instruction, built: dict[int, Image | None],
                          trigger: bool = False) -> None:
-        try:
+        with sources.GeneratedSources(self.store.tmp_dir) as self._generated:
             self._run_instruction_body(ctx, df, stage, st, instr, built)
-        finally:
-            for tmp in self._generated_dirs:
-                shutil.rmtree(tmp, ignore_errors=True)
-            self._generated_dirs = []
-            self._extra_roots = {}
 
     def _run_instruction_body(self, ctx: BuildContext | None, df: dfm.Dockerfile, stage: dfm.Stage,
                               st: _Stage, instr: dfm.Instruction, built: dict[int, Image | None]) -> None:
         scope_before = st.scope
         expanded, st.scope = st.scope.apply(instr)
         extra: dict[str, Any] = {}
-        sources: ResolvedSources | None = None
+        resolved: ResolvedSources | None = None
         from_image: Image | None = None
         if isinstance(expanded, (dfm.Copy, dfm.Add)):
             if ctx is None:
                 raise InvalidInput(f"{instr.keyword} needs a build context")
             if isinstance(expanded, dfm.Copy) and expanded.from_:
-                from_image = self._from_image(df, stage, expanded.from_, built)
+                from_image = sources.stage_or_image(self.store, df, stage, expanded.from_, built)
                 extra["from"] = from_image.id
             if from_image is None:
                 try:
-                    sources = self._resolve_sources(ctx, df, instr, expanded, scope_before)
+                    resolved = sources.resolve(ctx, expanded, scope_before, escape=df.escape,
+                                               where=f"{df.file}:{instr.line}", generated=self._generated)
                 except BuildContextError as exc:
                     raise BuildContextError(f"{df.file}:{instr.line}: {exc}") from None
-                extra["sources"] = sources.digest
+                extra["sources"] = resolved.digest
         elif isinstance(expanded, dfm.Run):
             where = f"{df.file}:{instr.line}"
             extra["mounts"] = self._run_inputs(ctx, df, stage, st, expanded, built, where)
-        self._cached_or_execute(st, expanded, instr, sources, from_image, df, scope_before, extra)
+        self._cached_or_execute(st, expanded, instr, resolved, from_image, df, scope_before, extra)
         if isinstance(expanded, dfm.Cmd):
             st.cmd_set = True
         self._emit("done", f" ---> {_short(st.image.id)}", image_id=st.image.id)
 
     def _cached_or_execute(self, st: _Stage, expanded: dfm.Instruction, instr: dfm.Instruction,
-                           sources: ResolvedSources | None, from_image: Image | None,
+                           resolved: ResolvedSources | None, from_image: Image | None,
                            df: dfm.Dockerfile, scope_before: substitution.Scope,
                            extra: dict[str, Any]) -> None:
         key = self._cache_key(st.image, expanded, scope_before, extra)
@@ -349,69 +343,10 @@ class Builder:
             self.cached += 1
             st.image = hit
         else:
-            st.image = self._execute(st, expanded, instr, sources, from_image, df, scope_before)
+            st.image = self._execute(st, expanded, instr, resolved, from_image, df, scope_before)
             self.store.add_ref(CACHE_KIND, key, image_id=st.image.id,
                                layer_id=st.image.layers[-1] if st.image.layers else None,
                                data=json.dumps({"created_by": instr.original}))
-
-    # -- COPY/ADD sources that are not in the context: URLs and heredocs -----
-
-    def _resolve_sources(self, ctx: BuildContext, df: dfm.Dockerfile, instr: dfm.Instruction,
-                         e: dfm.Copy | dfm.Add, scope: substitution.Scope) -> ResolvedSources:
-        """Context sources, ADD URLs (fetched now: the key is their content)
-        and heredocs, in the order written, with one digest over all."""
-        docs = {f"<<{'-' if h.strip_tabs else ''}{h.name}": h for h in e.heredocs}
-        docs.update({f"<<{h.name}": h for h in e.heredocs})
-        special = [p for p in e.sources if _is_url(p) or _heredoc_word(p, docs) is not None]
-        if not special:
-            return ctx.resolve(e.sources, instruction=e.keyword, exclude=e.exclude)
-        if any(_is_url(p) for p in special) and not isinstance(e, dfm.Add):
-            raise InvalidInput(f"{df.file}:{instr.line}: COPY cannot take a URL as source (use ADD)")
-        gen = tempfile.mkdtemp(prefix="build-src-", dir=self.store.tmp_dir)
-        self._generated_dirs.append(gen)
-        out: list[CopySource] = []
-        hasher = blake3.blake3()
-        for n, pattern in enumerate(e.sources):
-            sub = os.path.join(gen, str(n))
-            doc = _heredoc_word(pattern, docs)
-            if doc is not None:
-                os.mkdir(sub)
-                content = doc.content
-                if doc.expand:
-                    content = substitution.expand_raw(content, scope.variables(), df.escape)
-                with open(os.path.join(sub, doc.name), "w") as f:
-                    f.write(content)
-                os.chmod(os.path.join(sub, doc.name), 0o644)
-                name = doc.name
-            elif _is_url(pattern):
-                os.mkdir(sub)
-                assert isinstance(e, dfm.Add)
-                name = _fetch_url(pattern, sub, e.checksum, f"{df.file}:{instr.line}")
-            else:
-                got = ctx.resolve([pattern], instruction=e.keyword, exclude=e.exclude)
-                out.extend(got.sources)
-                hasher.update(got.digest.encode())
-                continue
-            got = BuildContext(sub).resolve([name], instruction=e.keyword)
-            for src in got.sources:
-                src = dataclasses.replace(src, pattern=pattern)
-                self._extra_roots[pattern] = sub
-                out.append(src)
-            hasher.update(got.digest.encode())
-        return ResolvedSources(tuple(out), hasher.hexdigest())
-
-    def _from_image(self, df: dfm.Dockerfile, stage: dfm.Stage, ref: str,
-                    built: dict[int, Image | None]) -> Image:
-        dep = df.stage(ref, before=stage.index)
-        if dep is not None:
-            image = built.get(dep.index)
-            if image is None:
-                raise InvalidInput(f"--from={ref}: stage has no content")
-            return image
-        try:
-            return self.store.image(ref)
-        except NotFound:
-            raise NotFound(f"--from={ref}: no such stage or image; get it with `layerfs pull {ref}`") from None
 
     def _cache_key(self, parent: Image | None, expanded: dfm.Instruction,
                    scope: substitution.Scope, extra: Mapping[str, Any]) -> str:
@@ -440,7 +375,7 @@ class Builder:
     # -- executing a step --------------------------------------------------
 
     def _execute(self, st: _Stage, e: dfm.Instruction, instr: dfm.Instruction,
-                 sources: ResolvedSources | None, from_image: Image | None,
+                 resolved: ResolvedSources | None, from_image: Image | None,
                  df: dfm.Dockerfile, scope: substitution.Scope) -> Image:
         base = st.image.config if st.image else None
         before: dict[str, Any] = st.image.runtime_config if st.image else {}
@@ -451,7 +386,7 @@ class Builder:
             layer = self._workdir(st, rc)
         elif isinstance(e, (dfm.Copy, dfm.Add)):
             try:
-                layer = self._copy(st, e, rc, sources, from_image)
+                layer = self._copy(st, e, rc, resolved, from_image)
             except InvalidInput as exc:
                 if type(exc) not in (BuildContextError, InvalidInput):
                     raise  # errors that say where themselves
@@ -489,12 +424,12 @@ class Builder:
         return staging.Staging(self.store, tree, None if sde is None else sde * 10**9)
 
     def _copy(self, st: _Stage, e: dfm.Copy | dfm.Add, rc: dict[str, Any],
-              sources: ResolvedSources | None, from_image: Image | None) -> str:
+              resolved: ResolvedSources | None, from_image: Image | None) -> str:
         stage = self._staging(st.image)
         owner = staging.owner_ids(stage, e.chown) if e.chown else (0, 0)
         new = staging.NewDirs(*owner)
         chmod = _parse_chmod(e.chmod, e.keyword) if e.chmod else None
-        plan = self._copy_plan(e, sources, from_image, owner, chmod)
+        plan = self._copy_plan(e, resolved, from_image, owner, chmod)
         wd = rc.get("WorkingDir") or "/"
         as_dir = e.dest.endswith("/") or e.dest in (".", "..") or len(plan) > 1 \
             or any(kind == "dir" for kind, _ in plan)
@@ -517,7 +452,7 @@ class Builder:
                 stage.add_items([dataclasses.replace(i, rel=name) for i in what], parent, new)
         return stage.commit()
 
-    def _copy_plan(self, e: dfm.Copy | dfm.Add, sources: ResolvedSources | None,
+    def _copy_plan(self, e: dfm.Copy | dfm.Add, resolved: ResolvedSources | None,
                    from_image: Image | None, owner: tuple[int, int],
                    chmod: Callable[[int, bool], int] | None) -> list[tuple[str, Any]]:
         """What a COPY/ADD places, source by source: ("file"|"dir", items)
@@ -532,12 +467,12 @@ class Builder:
             return [(src.kind, [staging.Item(rel, dataclasses.replace(
                         ent, uid=owner[0], gid=owner[1], mode=mode(ent.mode, ent.kind)))
                      for rel, ent in src.entries]) for src in found]  # fmt: skip
-        assert sources is not None and self._ctx is not None
+        assert resolved is not None and self._ctx is not None
         plan: list[tuple[str, Any]] = []
-        for src in sources.sources:
-            src_dir = self._extra_roots.get(src.pattern, self._ctx.root)
+        for src in resolved.sources:
+            src_dir = self._generated.root(src.pattern, self._ctx.root)
             if isinstance(e, dfm.Add) and src.kind == "file" and e.unpack is not False \
-                    and not _is_url(src.pattern) and src.pattern not in self._extra_roots:
+                    and src.pattern not in self._generated:
                 path = os.path.join(src_dir, src.entries[0][1].path)
                 if staging.is_archive(path):
                     plan.append(("archive", (path, src.pattern, src.entries[0][1].digest or "")))
@@ -562,7 +497,7 @@ class Builder:
         inputs: list[Any] = []
         for m in self._parse_run_mounts(e, st, where):
             if m.from_ is not None and m.from_ not in self._run_from:
-                self._run_from[m.from_] = self._from_image(df, stage, m.from_, built)
+                self._run_from[m.from_] = sources.stage_or_image(self.store, df, stage, m.from_, built)
             if m.type == "bind" and m.from_ is None:
                 if ctx is None:
                     raise InvalidInput(f"{where}: RUN --mount=type=bind needs a build context")
@@ -731,66 +666,7 @@ def _run_interruptibly(run_container: Callable[..., Any], spec: Any, state: str,
     return box["result"]
 
 
-# -- ADD of a URL, heredocs ---------------------------------------------------
-
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
-def _heredoc_word(word: str, docs: Mapping[str, dfm.Heredoc]) -> dfm.Heredoc | None:
-    if not word.startswith("<<"):
-        return None
-    return docs.get(word.replace("'", "").replace('"', ""))
-
-
-URL_TIMEOUT = 60.0
-
-
-def _fetch_url(url: str, dest_dir: str, checksum: str | None, where: str) -> str:
-    """Download ``url`` into ``dest_dir``; returns the file's name (the last
-    path segment, as docker names it), mode 0600, mtime from Last-Modified."""
-    import email.utils
-    import hashlib
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    path = urllib.parse.urlsplit(url).path
-    name = posixpath.basename(path.rstrip("/")) or "index.html"
-    if name in (".", ".."):
-        name = "index.html"
-    target = os.path.join(dest_dir, name)
-    sha256 = hashlib.sha256()
-    try:
-        req = urllib.request.Request(url, headers={"User-Agent": "layerfs-build"})
-        with urllib.request.urlopen(req, timeout=URL_TIMEOUT) as resp, open(target, "wb") as f:
-            while chunk := resp.read(1 << 20):
-                f.write(chunk)
-                sha256.update(chunk)
-            modified = resp.headers.get("Last-Modified")
-    except urllib.error.HTTPError as exc:
-        raise InvalidInput(f"{where}: ADD {url}: cannot fetch: HTTP {exc.code} {exc.reason}") from None
-    except urllib.error.URLError as exc:
-        raise InvalidInput(f"{where}: ADD {url}: cannot fetch: {exc.reason}") from None
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"{where}: ADD {url}: cannot fetch: {exc}") from None
-    if checksum:
-        algo, _, want = checksum.partition(":")
-        if algo != "sha256" or not want:
-            raise InvalidInput(f"{where}: ADD --checksum={checksum}: only sha256:<hex> is supported")
-        if sha256.hexdigest() != want.lower():
-            raise InvalidInput(f"{where}: ADD {url}: checksum mismatch: expected {checksum}, "
-                               f"got sha256:{sha256.hexdigest()}")
-    os.chmod(target, 0o600)
-    mtime = 0
-    if modified:
-        try:
-            mtime = int(email.utils.parsedate_to_datetime(modified).timestamp())
-        except (TypeError, ValueError, OverflowError):
-            mtime = 0
-    os.utime(target, (mtime, mtime))
-    return name
-
+# -- RUN with heredocs ---------------------------------------------------------
 
 def _heredoc_script(command: str, docs: Sequence[dfm.Heredoc]) -> list[str]:
     """The shell arguments for a RUN with heredocs (BuildKit's rules).
