@@ -8,9 +8,11 @@ the instruction after substitution, the variables it sees and, for COPY/ADD,
 the digest of the sources -- so any Dockerfile, tag or context path that
 reaches the same step reuses it (moby/buildkit's cache keys, in spirit).
 
+What a step does to the config is :func:`layerfs.build.config.apply`.
 The layers of COPY, ADD and WORKDIR are placed as entries on the parent
-image by :mod:`layerfs.build.staging` (no tree on the host); RUN's come
-from the upper dir of a layerfs mount of the parent.
+image by :mod:`layerfs.build.staging` (no tree on the host), from sources
+found by :mod:`layerfs.build.sources`; RUN's come from the upper dir of a
+layerfs mount of the parent (:mod:`layerfs.build.run_step`).
 
 The library never prints: progress goes to the ``write`` callable the
 caller passes, one line per call, in the classic docker builder's wording,
@@ -24,9 +26,7 @@ import json
 import os
 import posixpath
 import shutil
-import tempfile
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,12 +34,12 @@ import blake3
 
 from layerfs.build import config as image_config
 from layerfs.build import dockerfile as dfm
-from layerfs.build import image_sources, run_mounts, sources, staging, substitution
+from layerfs.build import image_sources, run_mounts, run_step, sources, staging, substitution
+from layerfs.build.chmod import parse_chmod
 from layerfs.build.context import BuildContext, BuildContextError, ResolvedSources
+from layerfs.build.run_step import BuildError
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
-from layerfs.fs.helper import mount_for_owner, start_forkserver
-from layerfs.fs.registry import force_unmount
-from layerfs.procfs import is_mountpoint
+from layerfs.fs.helper import start_forkserver
 from layerfs.store import images as img
 from layerfs.store import references
 from layerfs.store.images import Image
@@ -54,17 +54,6 @@ STAT_CACHE_NAME = "build-stat-cache.sqlite"
 _KEY_VERSION = "layerfs-build-2"
 
 Writer = Callable[[str], None]
-
-
-class BuildError(LayerfsError):
-    """A build step failed. The CLI exits with the class's ``exit_code``
-    (1, as ``docker build`` does), never with the step's own status: 3
-    would read as "damaged store". ``step_exit_code`` keeps a RUN step's
-    status, which the message also shows."""
-
-    def __init__(self, message: str, step_exit_code: int | None = None):
-        super().__init__(message)
-        self.step_exit_code = step_exit_code
 
 
 @dataclass(frozen=True)
@@ -428,7 +417,7 @@ class Builder:
         stage = self._staging(st.image)
         owner = staging.owner_ids(stage, e.chown) if e.chown else (0, 0)
         new = staging.NewDirs(*owner)
-        chmod = _parse_chmod(e.chmod, e.keyword) if e.chmod else None
+        chmod = parse_chmod(e.chmod, e.keyword) if e.chmod else None
         plan = self._copy_plan(e, resolved, from_image, owner, chmod)
         wd = rc.get("WorkingDir") or "/"
         as_dir = e.dest.endswith("/") or e.dest in (".", "..") or len(plan) > 1 \
@@ -541,203 +530,8 @@ class Builder:
              scope: substitution.Scope) -> str:
         if st.image is None:
             raise InvalidInput("RUN in a stage FROM scratch: there is no shell to run it with")
-        try:
-            from layerfs.fs.mount import unmount
-            from layerfs.runtime import ContainerSpec, run_container
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise Unsupported(f"RUN needs the layerfs FUSE filesystem and runtime: {exc}") from None
-        from layerfs.build.mount_stubs import MountStubs, prune_unchanged_dirs
-        from layerfs.runtime.spec import Tmpfs, Volume
-        from layerfs.store import transfer
-
-        argv = list(e.command.args) if e.command.exec_form else shell + list(e.command.args)
-        if e.heredocs and not e.command.exec_form:
-            argv = shell + _heredoc_script(e.command.args[0] if e.command.args else "", e.heredocs)
-        env = dict(image_config.env_dict(rc.get("Env")))
-        env.update(scope.run_env())
-        if "PATH" not in env:
-            env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-        mounts = self._parse_run_mounts(e, st, "RUN")
-        tmp = tempfile.mkdtemp(prefix="build-run-", dir=self.store.tmp_dir)
-        mp = os.path.join(tmp, "rootfs")
-        upper = os.path.join(tmp, "upper")
-        state = os.path.join(tmp, "state")
-        os.mkdir(mp)
-        os.mkdir(state)
-        mounted = False
-        w_fd = -1
-        pump: threading.Thread | None = None
-        prepared: run_mounts.PreparedMounts | None = None
-        try:
-            prepared = run_mounts.prepare(mounts, store_root=self.store.root, tmp_dir=tmp,
-                                          secrets=self.secrets, fill=self._fill_mount,
-                                          from_ids={k: v.id for k, v in self._run_from.items()})
-            env.update(prepared.env)
-            mount_for_owner(self.store.root, st.image.id, mp, upper, scratch=tmp)
-            mounted = True
-            stubs = MountStubs.make(mp, prepared.mountpoints())
-            # The pipe is made after the FUSE daemon forked, so only the
-            # container holds its write end and EOF means the step ended.
-            r_fd, w_fd = os.pipe()
-            pump = threading.Thread(target=self._pump, args=(r_fd,), daemon=True)
-            pump.start()
-            network = self.network if e.network in (None, "default") else e.network
-            spec = ContainerSpec(rootfs=mp, args=tuple(argv), env=tuple(f"{k}={v}" for k, v in env.items()),
-                                 cwd=rc.get("WorkingDir") or "/", user=rc.get("User") or "",
-                                 network=network, hostname="buildkitsandbox",
-                                 volumes=tuple(Volume(h, t, ro) for h, t, ro in prepared.binds),
-                                 tmpfs=tuple(Tmpfs(t, size) for t, size in prepared.tmpfs))
-            result = _run_interruptibly(run_container, spec, state, w_fd)
-            os.close(w_fd)
-            w_fd = -1
-            pump.join()
-            if result.exit_code != 0 or result.exec_error:
-                why = result.exec_error or f"returned a non-zero code: {result.exit_code}"
-                raise BuildError(f"The command '{' '.join(argv)}' {why}", step_exit_code=result.exit_code)
-            stubs.remove()
-            unmount(self.store.root, mp)
-            mounted = False
-            if stubs.created:
-                prune_unchanged_dirs(upper, self.store.merged_tree(st.image))
-            return transfer.import_layer(self.store, upper, st.image, as_layer=True)
-        finally:
-            if w_fd >= 0:
-                os.close(w_fd)
-            if pump is not None:
-                pump.join(timeout=5)
-            if mounted:
-                force_unmount(self.store.root, mp)
-            if prepared is not None:
-                prepared.close()
-            # Never recurse into a mount that is still there: rmtree would
-            # delete through it (or hang on a wedged daemon).
-            if not is_mountpoint(mp):
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def _pump(self, fd: int) -> None:
-        buf = b""
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            while True:
-                chunk = f.read(65536)
-                if not chunk:
-                    break
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    self._emit("output", line.decode(errors="replace"))
-        if buf:
-            self._emit("output", buf.decode(errors="replace"))
-
-
-# -- running a step's container ---------------------------------------------
-
-def _run_interruptibly(run_container: Callable[..., Any], spec: Any, state: str, out_fd: int) -> Any:
-    """run_container in a worker thread; Ctrl-C (KeyboardInterrupt in the
-    main thread) kills the container instead of being forwarded to it --
-    a ``/bin/sh -c`` PID 1 ignores SIGINT, so forwarding would do nothing."""
-    box: dict[str, Any] = {}
-    cancelled = threading.Event()
-    started: list[Any] = []
-
-    def on_start(proc: Any) -> None:
-        started.append(proc)
-        if cancelled.is_set():
-            raise KeyboardInterrupt
-
-    def target() -> None:
-        try:
-            box["result"] = run_container(spec, state, stdout=out_fd, stderr=out_fd, on_start=on_start)
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    worker = threading.Thread(target=target, name="build-run", daemon=True)
-    worker.start()
-    try:
-        while worker.is_alive():
-            worker.join(0.1)
-    except BaseException:
-        cancelled.set()
-        for proc in started:
-            proc.kill()
-        worker.join()
-        raise
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
-# -- RUN with heredocs ---------------------------------------------------------
-
-def _heredoc_script(command: str, docs: Sequence[dfm.Heredoc]) -> list[str]:
-    """The shell arguments for a RUN with heredocs (BuildKit's rules).
-
-    ``RUN <<EOF`` alone runs the document as the script (a ``#!`` line
-    picks the interpreter: the document goes to a temporary file that is
-    executed and removed). Otherwise the shell gets the command followed by
-    the documents and their delimiters, so it does the redirection itself,
-    and expansion as the (quoted or not) delimiter says.
-    """
-    words = command.strip()
-    if len(docs) == 1 and words.replace("'", "").replace('"', "") in (f"<<{docs[0].name}", f"<<-{docs[0].name}"):
-        body = docs[0].content
-        if body.startswith("#!"):
-            runner = ('t=$(mktemp) && printf %s "$1" > "$t" && chmod 700 "$t" && "$t"; '
-                      'rc=$?; rm -f "$t"; exit $rc')
-            return [runner, "sh", body]
-        return [body]
-    text = command
-    for doc in docs:
-        text += "\n" + doc.content + doc.name
-    return [text + "\n"]
-
-
-def _parse_chmod(spec: str, keyword: str) -> Callable[[int, bool], int]:
-    """``--chmod``: octal (``755``) or symbolic like chmod(1) (``u+x``,
-    ``go-w,a+rX``, ``u=rw,g=r,o=``); returns mode(old_mode, is_dir)."""
-    if spec.isdigit():
-        try:
-            value = int(spec, 8)
-        except ValueError:
-            raise InvalidInput(f"{keyword} --chmod={spec}: invalid mode") from None
-        if value > 0o7777:
-            raise InvalidInput(f"{keyword} --chmod={spec}: invalid mode")
-        return lambda _mode, _is_dir: value
-    import re
-
-    clauses = []
-    for clause in spec.split(","):
-        m = re.fullmatch(r"([ugoa]*)((?:[-+=][rwxXst]*)+)", clause)
-        if not m:
-            raise InvalidInput(f"{keyword} --chmod={spec}: invalid mode (octal, or symbolic like u+x,go-w)")
-        clauses.append((m.group(1) or "a", re.findall(r"([-+=])([rwxXst]*)", m.group(2))))
-
-    def apply(mode: int, is_dir: bool) -> int:
-        mode &= 0o7777
-        for who, ops in clauses:
-            mask = 0
-            for w, bits in (("u", 0o4700), ("g", 0o2070), ("o", 0o0007)):
-                if w in who or "a" in who:
-                    mask |= bits
-            for op, perms in ops:
-                bits = 0
-                for p in perms:
-                    if p == "r":
-                        bits |= 0o444
-                    elif p == "w":
-                        bits |= 0o222
-                    elif p == "x" or (p == "X" and (is_dir or mode & 0o111)):
-                        bits |= 0o111
-                    elif p == "s":
-                        bits |= 0o6000
-                    elif p == "t":
-                        bits |= 0o1000
-                bits &= mask | (0o1000 if "t" in perms and ("o" in who or "a" in who) else 0)
-                if op == "+":
-                    mode |= bits
-                elif op == "-":
-                    mode &= ~bits
-                else:
-                    mode = (mode & ~(mask & 0o777 | mask & 0o6000)) | bits
-        return mode
-
-    return apply
+        return run_step.run(self.store, st.image, e, rc, shell, scope.run_env(),
+                            self._parse_run_mounts(e, st, "RUN"),
+                            network=self.network, secrets=self.secrets, fill=self._fill_mount,
+                            from_ids={k: v.id for k, v in self._run_from.items()},
+                            output=lambda line: self._emit("output", line))
