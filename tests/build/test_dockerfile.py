@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 from layerfs.build import dockerfile as df
+from layerfs.build.instruction_parser import go_duration
 from layerfs.build.dockerfile import (
     Add,
     Arg,
@@ -588,7 +589,7 @@ def test_healthcheck_exec_form_and_defaults() -> None:
      ("1000us", 10**6), ("1000µs", 10**6), ("1s500ms", 1_500_000_000), ("0", 0)],
 )  # fmt: skip
 def test_go_durations(text: str, ns: int) -> None:
-    assert df._go_duration(text) == ns
+    assert go_duration(text) == ns
 
 
 # --------------------------------------------------------------------------
