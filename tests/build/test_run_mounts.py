@@ -284,6 +284,16 @@ def test_plain_run_layer_holds_no_mount_stubs(store, base, tmp_path):
 
 
 @_fuse
+def test_run_keeps_a_stub_it_filled(store, base, tmp_path):
+    # /new and /new/t are stubs for the tmpfs; the command writes into
+    # /new, so /new is the command's (kept) and only the empty /new/t goes:
+    # the same rule commit uses (rootpath.is_unused_mountpoint).
+    ctx = make_context(tmp_path, "FROM busybox:latest\nRUN --mount=type=tmpfs,target=/new/t echo hi > /new/f\n")
+    result, _ = _build(store, ctx)
+    assert _layer_paths(store, result.image) == {"", "new", "new/f"}
+
+
+@_fuse
 def test_run_network_flag(store, base, tmp_path):
     ctx = make_context(tmp_path, "FROM busybox:latest\nRUN --network=none echo \"ifs:$(ls /sys/class/net)\"\n"
                        "RUN --network=default true\n")
