@@ -43,12 +43,12 @@ from layerfs.fs.helper import start_forkserver
 from layerfs.store import images as img
 from layerfs.store import references
 from layerfs.store.images import Image
+from layerfs.store.statcache import StatCache
 from layerfs.store.store import Store
 
 __all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder", "CACHE_KIND", "build", "prune_cache"]
 
 CACHE_KIND = "build-cache"
-STAT_CACHE_NAME = "build-stat-cache.sqlite"
 # Bumped when the same step starts making a different layer (2: COPY, ADD
 # and WORKDIR place entries: links followed in the image, symlink times).
 _KEY_VERSION = "layerfs-build-2"
@@ -196,9 +196,8 @@ class Builder:
         self.secrets = options.secrets
         for t in options.tags:
             references.parse(t)
-        cache_path = os.path.join(self.store.root, STAT_CACHE_NAME)
-        with BuildContext.open(options.context, dockerfile=options.dockerfile,
-                               cache_path=cache_path) as ctx:
+        with BuildContext(options.context, dockerfile=options.dockerfile,
+                          cache=StatCache(self.store.db)) as ctx:
             self._ctx = ctx
             text = ctx.read_dockerfile()
             df = dfm.parse(text, file=options.dockerfile)
