@@ -10,7 +10,7 @@ reaches the same step reuses it (moby/buildkit's cache keys, in spirit).
 
 What a step does to the config is :func:`layerfs.build.config.apply`.
 The layers of COPY, ADD and WORKDIR are placed as entries on the parent
-image by :mod:`layerfs.build.staging` (no tree on the host), from sources
+image (:mod:`layerfs.build.copy_step`, no tree on the host), from sources
 found by :mod:`layerfs.build.sources`; RUN's come from the upper dir of a
 layerfs mount of the parent (:mod:`layerfs.build.run_step`).
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import posixpath
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,8 +33,7 @@ import blake3
 
 from layerfs.build import config as image_config
 from layerfs.build import dockerfile as dfm
-from layerfs.build import image_sources, run_mounts, run_step, sources, staging, substitution
-from layerfs.build.chmod import parse_chmod
+from layerfs.build import copy_step, run_mounts, run_step, sources, substitution
 from layerfs.build.context import BuildContext, BuildContextError, ResolvedSources
 from layerfs.build.run_step import BuildError
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
@@ -145,6 +143,12 @@ def _keyed_env(scope: substitution.Scope) -> dict[str, str]:
 def _sde() -> int | None:
     v = os.environ.get("SOURCE_DATE_EPOCH")
     return int(v) if v and v.isdigit() else None
+
+
+def _sde_ns() -> int | None:
+    """The time new layers' mtimes are clamped to (SOURCE_DATE_EPOCH)."""
+    sde = _sde()
+    return None if sde is None else sde * 10**9
 
 
 # Instructions whose whole effect is on the config (image_config.apply),
@@ -393,84 +397,14 @@ class Builder:
         return self._put(base, hist, rc, layer)
 
     def _workdir(self, st: _Stage, rc: Mapping[str, Any]) -> str | None:
-        """WORKDIR's layer: the directory, if the image lacks it."""
-        stage = self._staging(st.image)
-        path = stage.resolve(rc["WorkingDir"])
-        if stage.is_dir(path):
-            return None
-        # Like BuildKit: directories WORKDIR creates belong to USER.
-        owner = staging.owner_ids(stage, rc["User"]) if rc.get("User") else (0, 0)
-        stage.make_dirs(path, staging.NewDirs(*owner))
-        return stage.commit()
-
-    # -- COPY / ADD ------------------------------------------------------------
-
-    def _staging(self, base: Image | None) -> staging.Staging:
-        """An empty layer on ``base`` (mtimes clamped to SOURCE_DATE_EPOCH)."""
-        sde = _sde()
-        tree = self.store.merged_tree(base) if base else None
-        return staging.Staging(self.store, tree, None if sde is None else sde * 10**9)
+        return copy_step.workdir(self.store, st.image, rc["WorkingDir"], rc.get("User") or "", mtime_ns=_sde_ns())
 
     def _copy(self, st: _Stage, e: dfm.Copy | dfm.Add, rc: dict[str, Any],
               resolved: ResolvedSources | None, from_image: Image | None) -> str:
-        stage = self._staging(st.image)
-        owner = staging.owner_ids(stage, e.chown) if e.chown else (0, 0)
-        new = staging.NewDirs(*owner)
-        chmod = parse_chmod(e.chmod, e.keyword) if e.chmod else None
-        plan = self._copy_plan(e, resolved, from_image, owner, chmod)
-        wd = rc.get("WorkingDir") or "/"
-        as_dir = e.dest.endswith("/") or e.dest in (".", "..") or len(plan) > 1 \
-            or any(kind == "dir" for kind, _ in plan)
-        # The destination is resolved inside the image, links followed
-        # (``/lib -> usr/lib`` takes the copy to /usr/lib, as in Docker).
-        dest = stage.resolve(posixpath.normpath(posixpath.join(wd, e.dest)))
-        as_dir = as_dir or stage.is_dir(dest)
-        if as_dir:
-            stage.make_dirs(dest, new)
-        for kind, what in plan:
-            if kind == "archive":
-                # Unpacked into dest, with or without a trailing '/'.
-                stage.make_dirs(dest, new)
-                path, shown, digest = what
-                stage.add_archive(path, dest, shown, digest)
-            elif as_dir:
-                stage.add_items(what, dest, new)
-            else:
-                parent, _, name = dest.rpartition("/")
-                stage.add_items([dataclasses.replace(i, rel=name) for i in what], parent, new)
-        return stage.commit()
-
-    def _copy_plan(self, e: dfm.Copy | dfm.Add, resolved: ResolvedSources | None,
-                   from_image: Image | None, owner: tuple[int, int],
-                   chmod: Callable[[int, bool], int] | None) -> list[tuple[str, Any]]:
-        """What a COPY/ADD places, source by source: ("file"|"dir", items)
-        or ("archive", (host path, shown name, digest)) for ADD to unpack."""
-
-        def mode(m: int, kind: str) -> int:
-            return chmod(m, kind == "dir") if chmod is not None and kind != "symlink" else m
-
-        if from_image is not None:
-            found = image_sources.resolve(self.store.merged_tree(from_image), e.sources,
-                                          instruction=e.keyword, exclude=e.exclude)
-            return [(src.kind, [staging.Item(rel, dataclasses.replace(
-                        ent, uid=owner[0], gid=owner[1], mode=mode(ent.mode, ent.kind)))
-                     for rel, ent in src.entries]) for src in found]  # fmt: skip
-        assert resolved is not None and self._ctx is not None
-        plan: list[tuple[str, Any]] = []
-        for src in resolved.sources:
-            src_dir = self._generated.root(src.pattern, self._ctx.root)
-            if isinstance(e, dfm.Add) and src.kind == "file" and e.unpack is not False \
-                    and src.pattern not in self._generated:
-                path = os.path.join(src_dir, src.entries[0][1].path)
-                if staging.is_archive(path):
-                    plan.append(("archive", (path, src.pattern, src.entries[0][1].digest or "")))
-                    continue
-            plan.append((src.kind, [
-                staging.Item(rel, *staging.host_entry(rel, os.path.join(src_dir, ent.path), ent.kind,
-                                                      mode(ent.mode, ent.kind), owner, ent.link_target,
-                                                      ent.digest))
-                for rel, ent in src.entries]))
-        return plan
+        assert self._ctx is not None or from_image is not None
+        return copy_step.copy(self.store, st.image, e, rc.get("WorkingDir") or "/", resolved=resolved,
+                              from_image=from_image, context_root=self._ctx.root if self._ctx else "",
+                              generated=self._generated, mtime_ns=_sde_ns())
 
     # -- RUN -------------------------------------------------------------------
 
