@@ -2,8 +2,8 @@
 the stages they form, and :class:`DockerfileError`.
 
 Fields hold the arguments *raw* (quotes and ``$VAR`` not yet resolved):
-:func:`layerfs.build.substitution.expand_instruction` resolves them with
-the variables in effect at that line. :mod:`layerfs.build.dockerfile`
+:func:`layerfs.builder.substitution.expand_instruction` resolves them with
+the variables in effect at that line. :mod:`layerfs.builder.dockerfile`
 parses text into these records and re-exports them.
 """
 

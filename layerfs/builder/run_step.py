@@ -4,7 +4,7 @@ The parent is mounted (read-write, its own upper dir) by the forkserver's
 helper, the command runs there under the thin runtime with the step's
 ``--mount``s, its output goes line by line to ``output``, and the upper
 dir becomes the step's layer, less the mountpoint stubs the runtime made
-(:mod:`layerfs.build.mount_stubs`).
+(:mod:`layerfs.builder.mount_stubs`).
 
 A failing command raises :class:`BuildError`; Ctrl-C kills the container
 (a ``/bin/sh -c`` PID 1 would ignore a forwarded SIGINT).
@@ -19,9 +19,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from layerfs.build import config as image_config
-from layerfs.build import dockerfile as dfm
-from layerfs.build import run_mounts
+from layerfs.builder import config as image_config
+from layerfs.builder import dockerfile as dfm
+from layerfs.builder import run_mounts
 from layerfs.errors import LayerfsError, Unsupported
 from layerfs.fs.helper import mount_for_owner
 from layerfs.fs.registry import force_unmount
@@ -57,7 +57,7 @@ def run(store: Store, image: Image, e: dfm.Run, rc: Mapping[str, Any], shell: Se
         from layerfs.runtime import ContainerSpec, run_container
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise Unsupported(f"RUN needs the layerfs FUSE filesystem and runtime: {exc}") from None
-    from layerfs.build.mount_stubs import MountStubs, prune_unchanged_dirs
+    from layerfs.builder.mount_stubs import MountStubs, prune_unchanged_dirs
     from layerfs.runtime.spec import Tmpfs, Volume
     from layerfs.store import transfer
 

@@ -14,12 +14,12 @@ silent:
   instruction.
 
 Arguments are kept *raw*: quotes and ``$VAR`` references are resolved later
-by :func:`layerfs.build.substitution.expand_instruction`, because their
+by :func:`layerfs.builder.substitution.expand_instruction`, because their
 values depend on ARG/ENV in effect at that line.
 
-The work is split: :mod:`~layerfs.build.dockerfile_lines` reads logical
-lines, :mod:`~layerfs.build.instruction_parser` makes one record of each
-(:mod:`~layerfs.build.instructions`, re-exported here), and this module
+The work is split: :mod:`~layerfs.builder.dockerfile_lines` reads logical
+lines, :mod:`~layerfs.builder.instruction_parser` makes one record of each
+(:mod:`~layerfs.builder.instructions`, re-exported here), and this module
 groups them into stages and finds which stages a target needs.
 """
 
@@ -27,10 +27,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from layerfs.build import substitution
-from layerfs.build.dockerfile_lines import Reader
-from layerfs.build.instruction_parser import parse_instruction
-from layerfs.build.instructions import (
+from layerfs.builder import substitution
+from layerfs.builder.dockerfile_lines import Reader
+from layerfs.builder.instruction_parser import parse_instruction
+from layerfs.builder.instructions import (
     Add,
     Arg,
     ArgDecl,

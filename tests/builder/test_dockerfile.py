@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from layerfs.build import dockerfile as df
-from layerfs.build.instruction_parser import go_duration
-from layerfs.build.dockerfile import (
+from layerfs.builder import dockerfile as df
+from layerfs.builder.instruction_parser import go_duration
+from layerfs.builder.dockerfile import (
     Add,
     Arg,
     ArgDecl,
@@ -34,7 +34,7 @@ from layerfs.build.dockerfile import (
     parse,
     required_stages,
 )
-from layerfs.build.substitution import expand_instruction
+from layerfs.builder.substitution import expand_instruction
 from layerfs.errors import InvalidInput, LayerfsError, NotFound
 
 

@@ -4,7 +4,7 @@ Flags (``--name=value``) come directly after the keyword and are checked
 against what that keyword accepts (BuildKit's ``BFlags``); each keyword's
 arguments are then parsed by its own function (``_p_<keyword>``): JSON
 (exec) or shell form, ``key=value`` pairs, Go durations. Errors are
-``ValueError`` with the reason; :func:`layerfs.build.dockerfile.parse`
+``ValueError`` with the reason; :func:`layerfs.builder.dockerfile.parse`
 adds the file, line and text.
 """
 
@@ -15,9 +15,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from layerfs.build import substitution
-from layerfs.build.dockerfile_lines import Line
-from layerfs.build.instructions import (
+from layerfs.builder import substitution
+from layerfs.builder.dockerfile_lines import Line
+from layerfs.builder.instructions import (
     Add,
     Arg,
     ArgDecl,

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 
-from layerfs.build import config
-from layerfs.build import dockerfile as dfm
-from layerfs.build.substitution import expand_instruction
+from layerfs.builder import config
+from layerfs.builder import dockerfile as dfm
+from layerfs.builder.substitution import expand_instruction
 
 
 def _instr(line: str, variables: dict[str, str] | None = None) -> dfm.Instruction:

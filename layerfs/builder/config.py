@@ -21,7 +21,7 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from layerfs.build import dockerfile as dfm
+from layerfs.builder import dockerfile as dfm
 
 __all__ = ["DEFAULT_SHELL", "apply", "env_dict", "shell_command"]
 

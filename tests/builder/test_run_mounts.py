@@ -10,12 +10,12 @@ import tarfile
 
 import pytest
 
-from layerfs.build import run_mounts
-from layerfs.build.executor import BuildError, BuildOptions, build, prune_cache
-from layerfs.build.run_mounts import RunMount, SecretSource, parse_mount, parse_secret
+from layerfs.builder import run_mounts
+from layerfs.builder.executor import BuildError, BuildOptions, build, prune_cache
+from layerfs.builder.run_mounts import RunMount, SecretSource, parse_mount, parse_secret
 from layerfs.errors import InvalidInput, NotFound, Unsupported
 
-from tests.build.helpers import make_context
+from tests.builder.helpers import make_context
 from tests.conftest import ROOT, layerfs_cmd
 
 needs_fuse = [pytest.mark.fuse,
@@ -362,7 +362,7 @@ def test_cli_bad_mount_specs(store_root, tmp_path, args, dockerfile, message):
 
 
 def test_example_pair_mounts_parse_and_differ_only_in_the_pip_step():
-    from layerfs.build import dockerfile as dfm
+    from layerfs.builder import dockerfile as dfm
 
     examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "numpy-matplotlib")
     parsed = []

@@ -8,11 +8,11 @@ the instruction after substitution, the variables it sees and, for COPY/ADD,
 the digest of the sources -- so any Dockerfile, tag or context path that
 reaches the same step reuses it (moby/buildkit's cache keys, in spirit).
 
-What a step does to the config is :func:`layerfs.build.config.apply`.
+What a step does to the config is :func:`layerfs.builder.config.apply`.
 The layers of COPY, ADD and WORKDIR are placed as entries on the parent
-image (:mod:`layerfs.build.copy_step`, no tree on the host), from sources
-found by :mod:`layerfs.build.sources`; RUN's come from the upper dir of a
-layerfs mount of the parent (:mod:`layerfs.build.run_step`).
+image (:mod:`layerfs.builder.copy_step`, no tree on the host), from sources
+found by :mod:`layerfs.builder.sources`; RUN's come from the upper dir of a
+layerfs mount of the parent (:mod:`layerfs.builder.run_step`).
 
 The library never prints: progress goes to the ``write`` callable the
 caller passes, one line per call, in the classic docker builder's wording,
@@ -31,11 +31,11 @@ from typing import Any
 
 import blake3
 
-from layerfs.build import config as image_config
-from layerfs.build import dockerfile as dfm
-from layerfs.build import copy_step, run_mounts, run_step, sources, substitution
-from layerfs.build.context import BuildContext, BuildContextError, ResolvedSources
-from layerfs.build.run_step import BuildError
+from layerfs.builder import config as image_config
+from layerfs.builder import dockerfile as dfm
+from layerfs.builder import copy_step, run_mounts, run_step, sources, substitution
+from layerfs.builder.context import BuildContext, BuildContextError, ResolvedSources
+from layerfs.builder.run_step import BuildError
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.fs.helper import start_forkserver
 from layerfs.store import images as img

@@ -23,9 +23,9 @@ from collections.abc import Mapping
 
 import blake3
 
-from layerfs.build import dockerfile as dfm
-from layerfs.build import substitution
-from layerfs.build.context import BuildContext, CopySource, ResolvedSources
+from layerfs.builder import dockerfile as dfm
+from layerfs.builder import substitution
+from layerfs.builder.context import BuildContext, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.store.images import Image
 from layerfs.store.store import Store

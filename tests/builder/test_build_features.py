@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from layerfs.build.chmod import parse_chmod
-from layerfs.build.executor import BuildEvent, BuildOptions, build
+from layerfs.builder.chmod import parse_chmod
+from layerfs.builder.executor import BuildEvent, BuildOptions, build
 from layerfs.errors import InvalidInput
 
-from tests.build.helpers import make_context
+from tests.builder.helpers import make_context
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("busybox") is None or not ROOT,
@@ -196,7 +196,7 @@ def test_run_output_events(store, base, tmp_path):
 _RAYON_CHILD = """
 import os, sys, blake3
 from layerfs.bootstrap import bootstrap_busybox
-from layerfs.build.executor import BuildOptions, build
+from layerfs.builder.executor import BuildOptions, build
 from layerfs.store.store import Store
 
 store_root, ctx = sys.argv[1], sys.argv[2]

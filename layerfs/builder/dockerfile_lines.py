@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from layerfs.build import substitution
-from layerfs.build.instructions import DockerfileError, Heredoc
+from layerfs.builder import substitution
+from layerfs.builder.instructions import DockerfileError, Heredoc
 
 __all__ = ["Line", "Reader"]
 

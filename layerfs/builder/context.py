@@ -33,7 +33,7 @@ from typing import Literal
 
 import blake3
 
-from layerfs.build import dockerignore
+from layerfs.builder import dockerignore
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.store.objects import hash_stream
 from layerfs.store.statcache import StatCache

@@ -1,10 +1,10 @@
 """COPY, ADD and WORKDIR: what a step places, and where, as one new layer.
 
-The sources are already resolved (:mod:`layerfs.build.sources` and the
-context, or :mod:`layerfs.build.image_sources` for ``--from``); this turns
+The sources are already resolved (:mod:`layerfs.builder.sources` and the
+context, or :mod:`layerfs.builder.image_sources` for ``--from``); this turns
 them into a plan -- files and directories to place, archives for ADD to
 unpack -- and places it on the parent image with a
-:class:`~layerfs.build.staging.Staging`, following Docker's rules for the
+:class:`~layerfs.builder.staging.Staging`, following Docker's rules for the
 destination: a trailing ``/``, several sources or a directory source make
 it a directory; otherwise a file source takes the destination's name. The
 destination is resolved inside the image, links followed (``/lib ->
@@ -19,11 +19,11 @@ import posixpath
 from collections.abc import Callable
 from typing import Any
 
-from layerfs.build import dockerfile as dfm
-from layerfs.build import image_sources, staging
-from layerfs.build.chmod import parse_chmod
-from layerfs.build.context import ResolvedSources
-from layerfs.build.sources import GeneratedSources
+from layerfs.builder import dockerfile as dfm
+from layerfs.builder import image_sources, staging
+from layerfs.builder.chmod import parse_chmod
+from layerfs.builder.context import ResolvedSources
+from layerfs.builder.sources import GeneratedSources
 from layerfs.store.images import Image
 from layerfs.store.store import Store
 

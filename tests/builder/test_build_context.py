@@ -11,7 +11,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from layerfs.build.context import BuildContext, BuildContextError
+from layerfs.builder.context import BuildContext, BuildContextError
 from layerfs.errors import NotFound
 from layerfs.store.statcache import StatCache
 from layerfs.store.store import Store
@@ -384,7 +384,7 @@ def test_stat_cache_same_size_same_mtime_rewrite_is_detected(ctx_dir: Path, stat
 def test_racy_entries_are_not_cached(tmp_path: Path, stat_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # A wide racy window, so a loaded machine (file made, then read more than
     # one timestamp tick later) cannot make the brand-new file look settled.
-    from layerfs.build import context as context_mod
+    from layerfs.builder import context as context_mod
 
     monkeypatch.setattr(context_mod, "_RACY_FINE_NS", 600 * 10**9)
     monkeypatch.setattr(context_mod, "_RACY_COARSE_NS", 600 * 10**9)
