@@ -10,6 +10,7 @@ Two readings of a directory:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -97,13 +98,20 @@ def walk(root: str) -> list[tuple[str, str, os.stat_result]]:
     stack = [("", root)]
     while stack:
         rel, path = stack.pop()
-        with os.scandir(path) as it:
-            for d in it:
-                crel = f"{rel}/{d.name}" if rel else d.name
-                cst = d.stat(follow_symlinks=False)
-                out.append((crel, d.path, cst))
-                if stat.S_ISDIR(cst.st_mode):
-                    stack.append((crel, d.path))
+        try:
+            with os.scandir(path) as it:
+                for d in it:
+                    crel = f"{rel}/{d.name}" if rel else d.name
+                    mf.check_path(crel)     # NAME_MAX, PATH_MAX: before going deeper
+                    cst = d.stat(follow_symlinks=False)
+                    out.append((crel, d.path, cst))
+                    if stat.S_ISDIR(cst.st_mode):
+                        stack.append((crel, d.path))
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            raise InvalidInput(f"{root}: a path below it is too long to read "
+                               f"({len(os.fsencode(path))} bytes or more with the directory's own path)") from None
     return out
 
 
