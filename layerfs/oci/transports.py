@@ -87,6 +87,10 @@ def copy(src_ref: str, dst_ref: str, ctx: Context, sources=None) -> list[CopyRes
 class Loaded:
     image: Image
     names: list[str]
+    # load: blobs not read because the store held their layer; and what
+    # the source looked suspicious about (it loaded anyway).
+    reused: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 def save(store: Store, images: list[str], output: str, fmt: str = "oci", **kw) -> list[CopyResult]:
@@ -124,8 +128,14 @@ def detect_sources(path: str, ctx: Context):
 def load(store: Store, path: str, **kw) -> list[Loaded]:
     """Load every image of an OCI layout (dir or tar) or docker-archive."""
     ctx = context(store, **kw)
-    results = copy("", "layerfs:", ctx, sources=detect_sources(path, ctx))
-    return [Loaded(store.image(r.destination_ref), _tags(store, r)) for r in results]
+    sources = detect_sources(path, ctx)
+    results = copy("", "layerfs:", ctx, sources=sources)
+    # With verify every blob was read; a note then only marks a blob
+    # shared by two images of the archive, read for the first.
+    return [Loaded(store.image(r.destination_ref), _tags(store, r),
+                   reused=() if ctx.verify else tuple(r.notes),
+                   warnings=tuple(getattr(s, "warnings", ())))
+            for s, r in zip(sources, results)]
 
 
 def _tags(store: Store, r: CopyResult) -> list[str]:

@@ -151,13 +151,8 @@ def check_path(path: str) -> None:
         return
     if path.startswith("/") or path.endswith("/"):
         raise InvalidInput(f"bad path in layer: {_short(path)}")
-    # A str of n characters encodes to at most 4n bytes: most paths need
-    # no encoding to be checked.
-    if 4 * len(path) + 2 > PATH_MAX:
-        size = len(os.fsencode(path)) + 1     # as the absolute path /PATH
-        if size >= PATH_MAX:
-            raise InvalidInput(f"path longer than PATH_MAX: {size} bytes as /PATH "
-                               f"(limit {PATH_MAX - 1}): {_short(path)}")
+    # A str of n characters encodes to at most 4n bytes: most names and
+    # paths need no encoding to be checked.
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise InvalidInput(f"bad path in layer: {_short(path)}")
@@ -166,6 +161,11 @@ def check_path(path: str) -> None:
         if 4 * len(part) > NAME_MAX and len(os.fsencode(part)) > NAME_MAX:
             raise InvalidInput(f"name longer than NAME_MAX: {len(os.fsencode(part))} bytes "
                                f"(limit {NAME_MAX}) in {_short(path)}")
+    if 4 * len(path) + 2 > PATH_MAX:
+        size = len(os.fsencode(path)) + 1     # as the absolute path /PATH
+        if size >= PATH_MAX:
+            raise InvalidInput(f"path longer than PATH_MAX: {size} bytes as /PATH "
+                               f"(limit {PATH_MAX - 1}): {_short(path)}")
 
 
 def check_link_target(path: str, target: str) -> None:

@@ -75,7 +75,7 @@ class UnpackLimits:
 
     max_size: int = 0
     max_ratio: int = 100
-    ratio_from: int = 1 << 30
+    ratio_from: int = 256 << 20
 
     @classmethod
     def from_env(cls) -> "UnpackLimits":
