@@ -110,8 +110,10 @@ def walk(root: str) -> list[tuple[str, str, os.stat_result]]:
         except OSError as exc:
             if exc.errno != errno.ENAMETOOLONG:
                 raise
-            raise InvalidInput(f"{root}: a path below it is too long to read "
-                               f"({len(os.fsencode(path))} bytes or more with the directory's own path)") from None
+            # The tree fits PATH_MAX (checked above) but not below this
+            # directory's own path; tar(1) walks it with *at calls.
+            raise InvalidInput(f"{root}: paths below it pass PATH_MAX together with its own path; "
+                               f"make a tar of it ('tar -C {root} -cf FILE.tar .') and import that") from None
     return out
 
 
