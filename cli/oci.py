@@ -78,10 +78,18 @@ def register(cli: click.Group) -> None:
     @click.option("-i", "--input", "path", required=True, metavar="FILE.tar|DIR",
                   help="OCI layout (tar or dir) or docker-archive.")
     @click.option("-q", "--quiet", is_flag=True, help="Only print image ids.")
+    @click.option("--verify", is_flag=True,
+                  help="Read and check every layer blob, even of layers the store already holds.")
     @with_store
-    def load_cmd(store, path, quiet):
+    def load_cmd(store, path, quiet, verify):
         """Load images from an OCI layout or a docker-archive."""
-        for item in oci.load(store, path, progress=_progress("Loading", quiet)):
+        for item in oci.load(store, path, progress=_progress("Loading", quiet), verify=verify):
+            for w in item.warnings:
+                click.echo(f"Warning: {w}", err=True)
+            if not quiet:
+                for digest in item.reused:
+                    click.echo(f"{digest[7:19]}: reusing verified local layer; the archive's blob was not read "
+                               "(load --verify reads every blob)", err=True)
             if quiet:
                 click.echo(item.image.id)
             elif item.names:
