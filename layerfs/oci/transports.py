@@ -112,7 +112,7 @@ def save(store: Store, images: list[str], output: str, fmt: str = "oci", **kw) -
 
 
 def detect_sources(path: str, ctx: Context):
-    bundle = open_bundle(path)
+    bundle = open_bundle(path, ctx.store.tmp_dir if ctx.store is not None else None)
     try:
         if bundle.exists("oci-layout") and bundle.exists("index.json"):
             return layout_sources(bundle, ctx)

@@ -153,3 +153,32 @@ def test_docker_archive_config_named_for_another_digest_warns(tmp_path):
     (line,) = [x for x in p.stderr.decode().splitlines() if x.startswith("Warning: ")]
     assert "sha256:abababababab" in line and "altered or mislabelled" in line, line
     _fsck_clean(root)
+
+
+def test_compressed_archive_is_unpacked_within_the_limits(bb_store, busybox, tmp_path, monkeypatch):
+    from layerfs import oci
+
+    out = tmp_path / "bb.tar"
+    oci.save(bb_store, ["busybox:test"], str(out))
+    gz = tmp_path / "bb.tar.gz"
+    gz.write_bytes(gzip.compress(out.read_bytes(), mtime=0))
+    root = str(tmp_path / "store")
+    p = layerfs_cmd("load", "-i", str(gz), root=root, check=True)
+    assert p.stdout == b"Loaded image: busybox:test\n"
+    # The whole archive a bomb: a layout file and 256 MiB of zeros, gzipped.
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    parts = []
+    for name, size in (("oci-layout", 30), ("junk", 256 << 20)):
+        ti = tarfile.TarInfo(name)
+        ti.size = size
+        parts.append(c.compress(ti.tobuf(tarfile.PAX_FORMAT)))
+        for _ in range(size >> 20):
+            parts.append(c.compress(bytes(1 << 20)))
+        parts.append(c.compress(bytes(size % (1 << 20) + (-size % 512))))
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(b"".join(parts) + c.compress(bytes(1024)) + c.flush())
+    monkeypatch.setenv("LAYERFS_MAX_RATIO", "50")
+    monkeypatch.setenv("LAYERFS_RATIO_FROM", "4M")
+    _one_line(layerfs_cmd("load", "-i", str(bomb), root=root), 2, "LAYERFS_MAX_RATIO")
+    assert len(_images(root)) == 1
+    _fsck_clean(root)
