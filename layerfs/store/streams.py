@@ -152,15 +152,26 @@ class Peek(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return self.readall()
         if self.head:
-            n = min(len(b), len(self.head))
-            b[:n], self.head = self.head[:n], self.head[n:]
-            return n
-        data = self.f.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self.f.read(n)
 
+    def readinto(self, b) -> int:
+        return _into(b, self.read(len(b)))
+
+
+def _into(b, data: bytes) -> int:
+    b[: len(data)] = data
+    return len(data)
+
+
+# The readers below implement read() itself, not only readinto(): the
+# bytes then move once per layer instead of through a scratch buffer
+# (gunzip through four layers ran at 60% of GzipFile's speed otherwise).
 
 class _Counted(io.RawIOBase):
     """The compressed input, counted into the meter as it is consumed."""
@@ -171,52 +182,55 @@ class _Counted(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:
-        data = self.f.read(len(b))
-        b[: len(data)] = data
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return self.readall()
+        data = self.f.read(n)
         self.meter.took(len(data))
-        return len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        return _into(b, self.read(len(b)))
 
 
 class _Inflate(io.RawIOBase):
-    """Streaming gunzip (multi-member, as gzip(1) reads), bounded output
-    per step so a bomb never sits whole in memory."""
+    """Streaming gunzip (multi-member, as gzip(1) reads). Each read
+    inflates at most what was asked for, so a bomb never sits whole in
+    memory and no output is copied twice."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.d = zlib.decompressobj(31)
-        self.out = b""
-        self.pos = 0
+        self.pending = b""     # compressed bytes read but not yet inflated
         self.done = False
 
     def readable(self) -> bool:
         return True
 
-    def _fill(self) -> None:
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return self.readall()
         try:
-            while self.pos >= len(self.out) and not self.done:
-                self.out, self.pos = b"", 0
+            while n and not self.done:
                 if self.d.eof:
                     rest = self.d.unused_data or self.f.read(CHUNK)
                     if not rest:
                         self.done = True
                         break
-                    self.d = zlib.decompressobj(31)
-                    self.out = self.d.decompress(rest, 4 * CHUNK)
-                    continue
-                data = self.d.unconsumed_tail or self.f.read(CHUNK)
+                    self.d, self.pending = zlib.decompressobj(31), rest
+                data = self.pending or self.f.read(CHUNK)
                 if not data:
                     raise InvalidInput("compressed data is truncated")
-                self.out = self.d.decompress(data, 4 * CHUNK)
+                out = self.d.decompress(data, n)
+                self.pending = self.d.unconsumed_tail
+                if out:
+                    return out
         except zlib.error as exc:
             raise InvalidInput(f"corrupt gzip data: {exc}") from None
+        return b""
 
     def readinto(self, b) -> int:
-        self._fill()
-        n = min(len(b), len(self.out) - self.pos)
-        b[:n] = self.out[self.pos:self.pos + n]
-        self.pos += n
-        return n
+        return _into(b, self.read(len(b)))
 
 
 class _Decoded(io.RawIOBase):
@@ -241,19 +255,22 @@ class _Decoded(io.RawIOBase):
 
         return lzma.LZMAFile(self.f)
 
-    def readinto(self, b) -> int:
+    def read(self, n: int = -1) -> bytes:
         import lzma
 
+        if n is None or n < 0:
+            return self.readall()
         try:
             if self.r is None:
                 self.r = self._open()
-            data = self.r.read(len(b))
+            return self.r.read(n)
         except (zstandard.ZstdError, lzma.LZMAError, EOFError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise   # a real I/O error of the source, not bad data
             raise InvalidInput(f"corrupt {self.kind} data: {exc or 'truncated'}") from None
-        b[: len(data)] = data
-        return len(data)
+
+    def readinto(self, b) -> int:
+        return _into(b, self.read(len(b)))
 
 
 class _Metered(io.RawIOBase):
@@ -265,18 +282,23 @@ class _Metered(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            return self.readall()
+        data = self.f.read(n)
+        if data:
+            self.meter.expand(len(data))
+        return data
+
     def readinto(self, b) -> int:
-        n = self.f.readinto(b)
-        if n:
-            self.meter.expand(n)
-        return n
+        return _into(b, self.read(len(b)))
 
 
 @dataclass(frozen=True)
 class Unpacked:
     """An uncompressed view of a stream: the bytes, what they were, the meter."""
 
-    stream: BinaryIO
+    stream: BinaryIO     # reads may be short, as from a pipe
     kind: str
     meter: Meter
 
@@ -292,8 +314,9 @@ def unpack(f: BinaryIO, limits: UnpackLimits | None = None) -> Unpacked:
     elif kind == NONE:
         raw = peek
     else:
-        raw = _Decoded(kind, io.BufferedReader(peek, CHUNK))
-    return Unpacked(io.BufferedReader(_Metered(raw, meter), CHUNK), kind, meter)
+        raw = _Decoded(kind, peek)
+    # Unbuffered: a read may return fewer bytes than asked, as from a pipe.
+    return Unpacked(_Metered(raw, meter), kind, meter)
 
 
 # -- forward-only plumbing for the tar reader ----------------------------------
