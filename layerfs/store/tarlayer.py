@@ -162,7 +162,12 @@ class TarReader:
                 raise InvalidInput("tar archive is truncated (no end-of-archive marker)") from None
             except tarfile.SubsequentHeaderError as exc:
                 raise InvalidInput(f"{'not a readable tar archive' if first else 'malformed tar archive'}: {exc}") from None
+            except ValueError as exc:
+                # tarfile's GNU sparse map parsers call int() on header text.
+                raise InvalidInput(f"malformed tar header: {exc}") from None
             first = False
+            if m.size < 0:
+                raise InvalidInput(f"malformed tar header: negative size for {m.name!r}")
             self._member(stream, state, m)
 
     def _member(self, stream: ChunkStream, state: _TarState, m: tarfile.TarInfo) -> None:

@@ -317,3 +317,23 @@ def test_manifest_validation_applies_the_limits(store):
     with pytest.raises(InvalidInput, match="PATH_MAX"):
         mf.encode([Entry("", mf.DIR, 0o755), Entry("s", mf.SYMLINK, target="t" * 4096)])
     assert mf.decode(mf.encode([Entry("", mf.DIR, 0o755), Entry("x" * 255, mf.FILE)]))
+
+
+@pytest.mark.parametrize("headers", [
+    {"GNU.sparse.map": "0,zz", "GNU.sparse.size": "100", "GNU.sparse.name": "f"},      # PAX 0.1
+    {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.realsize": "100",  # PAX 1.0: map in the data
+     "GNU.sparse.name": "f"},
+    {"size": "-5"},
+])
+def test_garbled_headers_are_one_line(tmp_path, headers):
+    ti = tarfile.TarInfo("GNUSparseFile.0/f")
+    ti.size = 512
+    ti.pax_headers = headers
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        t.addfile(ti, io.BytesIO(b"not a number\n" + bytes(499)))
+    tar = tmp_path / "garbled.tar"
+    tar.write_bytes(buf.getvalue())
+    root = str(tmp_path / "store")
+    _fails_cleanly(layerfs_cmd("import", str(tar), "-t", "g:1", root=root), 2, "malformed tar")
+    _fsck_clean(root)
