@@ -10,6 +10,7 @@ opaque dirs. Writing is deterministic: same entries, same bytes.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import stat
 import tarfile
@@ -45,6 +46,12 @@ def normalize_name(name: str) -> str:
             raise InvalidInput(f"tar member escapes the layer root: {name!r}")
         parts.append(part)
     return "/".join(parts)
+
+
+def decompressed(f: BinaryIO, limits: UnpackLimits | None = None) -> BinaryIO:
+    """The tar bytes of a plain, gzip, bzip2, xz or zstd stream, within the
+    unpack limits; ``read(n)`` returns *n* bytes unless the data ends."""
+    return io.BufferedReader(streams.unpack(f, limits).stream, streams.CHUNK)
 
 
 def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:

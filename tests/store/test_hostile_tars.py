@@ -23,7 +23,7 @@ from layerfs.store import manifest as mf
 from layerfs.store import transfer
 from layerfs.store.manifest import Entry
 from layerfs.store.streams import UnpackLimits
-from layerfs.store.tarlayer import TarReader
+from layerfs.store.tarlayer import TarReader, decompressed
 from tests.conftest import layerfs_cmd
 
 
@@ -110,6 +110,7 @@ def test_every_compression_is_metered(store, kind):
         TarReader(store.objects, lambda d: False, limits=UnpackLimits(4 << 20, 0, 0)).read(io.BytesIO(data))
     entries = TarReader(store.objects, lambda d: False, limits=UnpackLimits(0, 0, 0)).read(io.BytesIO(data))
     assert [e.size for e in entries if e.kind == mf.FILE] == [16 << 20]
+    assert decompressed(io.BytesIO(data), UnpackLimits(0, 0, 0)).read(512) == _header("zeros", 16 << 20)
 
 
 @pytest.mark.parametrize("value", ["lots", "-3"])
