@@ -30,9 +30,12 @@ from typing import Any
 import blake3
 
 from layerfs.build import dockerfile as dfm
-from layerfs.build import substitution
+from layerfs.build import run_mounts, substitution
 from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
+from layerfs.fs.helper import mount_for_owner, start_forkserver
+from layerfs.fs.registry import force_unmount
+from layerfs.procfs import is_mountpoint
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
 from layerfs.store import references
@@ -67,6 +70,8 @@ class BuildOptions:
     target: str | None = None
     no_cache: bool = False
     network: str = "host"
+    #: ``--secret`` sources by id, for ``RUN --mount=type=secret``.
+    secrets: Mapping[str, run_mounts.SecretSource] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,9 @@ def build(store: Store, options: BuildOptions, write: Writer | None = None,
 
 
 def prune_cache(store: Store) -> int:
-    """Drop every build-cache record; returns how many. Run gc to free space."""
+    """Drop every build-cache record and every cache mount not in use;
+    returns how many records. Run gc to free the layers' space."""
+    run_mounts.prune_cache_mounts(store.root)
     return store.drop_refs(CACHE_KIND)
 
 
@@ -139,6 +146,15 @@ def _env_list_to_dict(env: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
+def _keyed_env(scope: substitution.Scope) -> dict[str, str]:
+    """The variables a step's cache key holds: the proxy args, unless an
+    ARG declares them, reach RUN but not the key (BuildKit drops ProxyEnv
+    from an exec's cache map; docker's classic builder likewise)."""
+    declared = scope.variables()
+    return {k: v for k, v in scope.run_env().items()
+            if k in declared or k not in substitution.PREDEFINED_ARGS}
+
+
 def _sde() -> int | None:
     v = os.environ.get("SOURCE_DATE_EPOCH")
     return int(v) if v and v.isdigit() else None
@@ -167,6 +183,9 @@ class Builder:
         self._forkserver_started = False
         self.no_cache = False
         self.network = "host"
+        self.secrets: Mapping[str, run_mounts.SecretSource] = {}
+        self._run_from: dict[str, Image] = {}
+        self._run_binds: dict[str, ResolvedSources] = {}
         self.cached = 0
 
     def _emit(self, kind: str, text: str, image_id: str | None = None) -> None:
@@ -181,6 +200,7 @@ class Builder:
     def build(self, options: BuildOptions) -> BuildResult:
         self.no_cache = options.no_cache
         self.network = options.network
+        self.secrets = options.secrets
         for t in options.tags:
             references.parse(t)
         cache_path = os.path.join(self.store.root, STAT_CACHE_NAME)
@@ -300,6 +320,9 @@ class Builder:
                 except BuildContextError as exc:
                     raise BuildContextError(f"{df.file}:{instr.line}: {exc}") from None
                 extra["sources"] = sources.digest
+        elif isinstance(expanded, dfm.Run):
+            where = f"{df.file}:{instr.line}"
+            extra["mounts"] = self._run_inputs(ctx, df, stage, st, expanded, built, where)
         self._cached_or_execute(st, expanded, instr, sources, from_image, df, scope_before, extra)
         if isinstance(expanded, dfm.Cmd):
             st.cmd_set = True
@@ -316,7 +339,7 @@ class Builder:
             # now so its start overlaps this step (a fully cached build
             # never pays for it).
             self._forkserver_started = True
-            _forkserver_ensure_running()
+            start_forkserver()
         if hit is not None:
             self._emit("cached", " ---> Using cache")
             self.cached += 1
@@ -392,7 +415,7 @@ class Builder:
             "v": _KEY_VERSION,
             "parent": parent.id if parent else "scratch",
             "instruction": _describe(expanded),
-            "env": sorted(scope.run_env().items()),
+            "env": sorted(_keyed_env(scope).items()),
             "extra": dict(extra),
             "sde": _sde(),
         }
@@ -678,10 +701,59 @@ class Builder:
 
     # -- RUN -------------------------------------------------------------------
 
+    def _run_inputs(self, ctx: BuildContext | None, df: dfm.Dockerfile, stage: dfm.Stage, st: _Stage,
+                    e: dfm.Run, built: dict[int, Image | None], where: str) -> list[Any]:
+        """Check a RUN's flags before the cache lookup and return what its
+        mounts read, for the key: a bind's source content, the image a
+        bind or cache comes ``from`` (never a secret's or a cache's content)."""
+        if e.network not in (None, "default", "none", "host"):
+            raise InvalidInput(f"{where}: RUN --network={e.network}: want default, none or host")
+        self._run_from, self._run_binds = {}, {}
+        inputs: list[Any] = []
+        for m in self._parse_run_mounts(e, st, where):
+            if m.from_ is not None and m.from_ not in self._run_from:
+                self._run_from[m.from_] = self._from_image(df, stage, m.from_, built)
+            if m.type == "bind" and m.from_ is None:
+                if ctx is None:
+                    raise InvalidInput(f"{where}: RUN --mount=type=bind needs a build context")
+                try:
+                    got = ctx.resolve([m.source or "."], instruction="RUN --mount")
+                except BuildContextError as exc:
+                    raise BuildContextError(f"{where}: {exc}") from None
+                self._run_binds[m.source] = got
+                inputs.append(["context", m.source, got.digest])
+            elif m.from_ is not None and m.type in ("bind", "cache"):
+                inputs.append([m.type, m.from_, self._run_from[m.from_].id])
+        return inputs
+
+    def _parse_run_mounts(self, e: dfm.Run, st: _Stage, where: str) -> tuple[run_mounts.RunMount, ...]:
+        workdir = (st.image.runtime_config.get("WorkingDir") if st.image else None) or "/"
+        try:
+            return tuple(run_mounts.parse_mount(spec, workdir) for spec in e.mounts)
+        except LayerfsError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+
+    def _fill_mount(self, from_: str | None, source: str, dest: str, copy: bool) -> None:
+        """Materialise a mount's source in ``dest`` (run_mounts.Filler)."""
+        if from_ is None:
+            assert self._ctx is not None
+            run_mounts.stage_context(self._ctx.root, self._run_binds[source], dest, copy)
+            return
+        from layerfs.runtime.rootpath import secure_join
+        from layerfs.store import transfer
+
+        export = dest + ".export"
+        try:
+            transfer.export_image(self.store, self._run_from[from_], export)
+            found = secure_join(export, source or "/")
+            if not os.path.lexists(found):
+                raise InvalidInput(f"--mount from={from_},source={source}: no such file or directory in {from_}")
+            os.rename(found, dest)
+        finally:
+            shutil.rmtree(export, ignore_errors=True)
+
     def _run(self, st: _Stage, e: dfm.Run, rc: dict[str, Any], shell: list[str],
              scope: substitution.Scope) -> str:
-        if e.mounts:
-            raise Unsupported("RUN --mount is not supported yet")
         if st.image is None:
             raise InvalidInput("RUN in a stage FROM scratch: there is no shell to run it with")
         try:
@@ -689,6 +761,8 @@ class Builder:
             from layerfs.runtime import ContainerSpec, run_container
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise Unsupported(f"RUN needs the layerfs FUSE filesystem and runtime: {exc}") from None
+        from layerfs.build.mount_stubs import MountStubs, prune_unchanged_dirs
+        from layerfs.runtime.spec import Tmpfs, Volume
         from layerfs.store import transfer
 
         argv = list(e.command.args) if e.command.exec_form else shell + list(e.command.args)
@@ -698,6 +772,7 @@ class Builder:
         env.update(scope.run_env())
         if "PATH" not in env:
             env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        mounts = self._parse_run_mounts(e, st, "RUN")
         tmp = tempfile.mkdtemp(prefix="build-run-", dir=self.store.tmp_dir)
         mp = os.path.join(tmp, "rootfs")
         upper = os.path.join(tmp, "upper")
@@ -705,20 +780,28 @@ class Builder:
         os.mkdir(mp)
         os.mkdir(state)
         mounted = False
-        daemon_pid = 0
         w_fd = -1
         pump: threading.Thread | None = None
+        prepared: run_mounts.PreparedMounts | None = None
         try:
-            daemon_pid = _mount_clean(self.store.root, st.image.id, mp, upper)
+            prepared = run_mounts.prepare(mounts, store_root=self.store.root, tmp_dir=tmp,
+                                          secrets=self.secrets, fill=self._fill_mount,
+                                          from_ids={k: v.id for k, v in self._run_from.items()})
+            env.update(prepared.env)
+            mount_for_owner(self.store.root, st.image.id, mp, upper, scratch=tmp)
             mounted = True
+            stubs = MountStubs.make(mp, prepared.mountpoints())
             # The pipe is made after the FUSE daemon forked, so only the
             # container holds its write end and EOF means the step ended.
             r_fd, w_fd = os.pipe()
             pump = threading.Thread(target=self._pump, args=(r_fd,), daemon=True)
             pump.start()
+            network = self.network if e.network in (None, "default") else e.network
             spec = ContainerSpec(rootfs=mp, args=tuple(argv), env=tuple(f"{k}={v}" for k, v in env.items()),
                                  cwd=rc.get("WorkingDir") or "/", user=rc.get("User") or "",
-                                 network=e.network or self.network, hostname="buildkitsandbox")
+                                 network=network, hostname="buildkitsandbox",
+                                 volumes=tuple(Volume(h, t, ro) for h, t, ro in prepared.binds),
+                                 tmpfs=tuple(Tmpfs(t, size) for t, size in prepared.tmpfs))
             result = _run_interruptibly(run_container, spec, state, w_fd)
             os.close(w_fd)
             w_fd = -1
@@ -726,8 +809,11 @@ class Builder:
             if result.exit_code != 0 or result.exec_error:
                 why = result.exec_error or f"returned a non-zero code: {result.exit_code}"
                 raise BuildError(f"The command '{' '.join(argv)}' {why}", exit_code=result.exit_code or 1)
+            stubs.remove()
             unmount(self.store.root, mp)
             mounted = False
+            if stubs.created:
+                prune_unchanged_dirs(upper, self.store.merged_tree(st.image))
             return transfer.import_layer(self.store, upper, st.image, as_layer=True)
         finally:
             if w_fd >= 0:
@@ -735,10 +821,12 @@ class Builder:
             if pump is not None:
                 pump.join(timeout=5)
             if mounted:
-                _unmount_hard(self.store.root, mp, unmount, daemon_pid)
+                force_unmount(self.store.root, mp)
+            if prepared is not None:
+                prepared.close()
             # Never recurse into a mount that is still there: rmtree would
             # delete through it (or hang on a wedged daemon).
-            if not _is_mountpoint(mp):
+            if not is_mountpoint(mp):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _pump(self, fd: int) -> None:
@@ -777,63 +865,6 @@ def _extract_tar(path: str, dest: str) -> None:
 
 # -- running a step's container ---------------------------------------------
 
-def _mount_child(store_root: str, image_id: str, mp: str, upper: str, conn: Any) -> None:
-    try:
-        from layerfs.fs.mount import mount_image
-
-        handle = mount_image(store_root, image_id, mp, upper_dir=upper)
-        conn.send(handle.pid)
-    except BaseException as exc:  # sent to the parent, raised there
-        try:
-            conn.send(exc)
-        except Exception:
-            conn.send(LayerfsError(f"mount failed: {exc}"))
-    finally:
-        conn.close()
-
-
-def _forkserver_ensure_running() -> Any:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["layerfs.fs.mount", "layerfs.build.executor"])
-    try:
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-    except (OSError, ValueError):  # pragma: no cover - started on first use instead
-        pass
-    return ctx
-
-
-def _mount_clean(store_root: str, image_id: str, mp: str, upper: str) -> int:
-    """Mount for a RUN step from a fresh process (a forkserver child).
-
-    ``mount_image`` forks its FUSE daemon from the calling process, which by
-    now holds threads, an open database and pipes of earlier steps. Forking
-    from a clean, exec'd interpreter that has the mount code preloaded keeps
-    all of that out of the daemon and makes each RUN's mount cheap. (It
-    first hid a hang: blake3's multi-threaded pool does not survive a fork;
-    the store now hashes single-threaded, which fixes that for every
-    caller.)
-    """
-    ctx = _forkserver_ensure_running()
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_mount_child, args=(store_root, image_id, mp, upper, send), daemon=False)
-    proc.start()
-    send.close()
-    try:
-        outcome = recv.recv()
-    except EOFError:
-        outcome = LayerfsError(f"the mount helper for {mp} died (exit code {proc.exitcode})")
-    finally:
-        recv.close()
-        proc.join()
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return int(outcome)  # the FUSE daemon's pid
-
-
 def _run_interruptibly(run_container: Callable[..., Any], spec: Any, state: str, out_fd: int) -> Any:
     """run_container in a worker thread; Ctrl-C (KeyboardInterrupt in the
     main thread) kills the container instead of being forwarded to it --
@@ -867,54 +898,6 @@ def _run_interruptibly(run_container: Callable[..., Any], spec: Any, state: str,
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-def _is_mountpoint(path: str) -> bool:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == path for line in f)
-    except (OSError, IndexError):
-        return False
-
-
-def _unmount_hard(store_root: str, mp: str, unmount: Callable[..., None], daemon_pid: int = 0) -> None:
-    """Unmount on the error path; a daemon that does not answer is killed
-    and its mount detached, so nothing is left behind."""
-    import signal
-    import subprocess
-
-    try:
-        unmount(store_root, mp, timeout=10.0)
-        return
-    except (LayerfsError, OSError):
-        pass
-    if _is_mountpoint(mp):
-        for cmd in (["fusermount3", "-uz", mp], ["umount", "-l", mp]):
-            try:
-                if subprocess.run(cmd, capture_output=True).returncode == 0:
-                    break
-            except FileNotFoundError:
-                continue
-    if daemon_pid and _is_layerfs_process(daemon_pid):
-        try:
-            os.kill(daemon_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        unmount(store_root, mp, timeout=5.0)  # drops the mount's record
-    except (LayerfsError, OSError):
-        pass
-
-
-def _is_layerfs_process(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
-    # Forked from the forkserver, the daemon shows the forkserver's command.
-    return b"layerfs" in cmdline or b"forkserver" in cmdline
-
 
 
 # -- ADD of a URL, heredocs ---------------------------------------------------

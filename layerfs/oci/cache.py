@@ -10,7 +10,7 @@ Rows (kind, key -> layer_id, data):
 
     oci-blob    sha256 of a blob     -> layer id, {"media_type","size","diff_id","locations"}
     oci-diffid  sha256 of the tar    -> layer id
-    oci-layer   "<layer id>/<comp>"  -> layer id, {"digest","size","diff_id","media_type"}
+    oci-layer   "<layer id>/<comp>/<tar version>" -> layer id, {"digest","size","diff_id","media_type"}
     oci-image   layerfs image id     -> image id, {"manifest","media_type","config","location"}
 
 The refs pin the layers they name (gc marks from refs).
@@ -27,6 +27,12 @@ from layerfs.errors import NotFound
 from layerfs.store.store import Store
 
 MAX_LOCATIONS = 16
+# The version of the layer tars layerfs writes (tarlayer.write_tar). Bump it
+# whenever their bytes change: a blob digest cached for an older writer is
+# then not offered for a re-push, which would otherwise regenerate different
+# bytes than the manifest promised. 2: hardlink headers carry the file's
+# metadata (1 wrote 0644 / mtime 0, keyed without a version).
+LAYER_TAR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,10 @@ class LayerBlob:
     size: int
     diff_id: str
     media_type: str
+
+
+def layer_key(layer_id: str, compression: str) -> str:
+    return f"{layer_id}/{compression}/{LAYER_TAR_VERSION}"
 
 
 class BlobInfoCache:
@@ -63,7 +73,7 @@ class BlobInfoCache:
 
     def layer_blob(self, layer_id: str, compression: str) -> LayerBlob | None:
         with self.lock:
-            row = self.store.get_ref("oci-layer", f"{layer_id}/{compression}")
+            row = self.store.get_ref("oci-layer", layer_key(layer_id, compression))
         if not row or not row[2]:
             return None
         d = json.loads(row[2])
@@ -71,7 +81,7 @@ class BlobInfoCache:
 
     def record_layer_blob(self, layer_id: str, compression: str, blob: LayerBlob) -> None:
         with self.lock:
-            self.store.add_ref("oci-layer", f"{layer_id}/{compression}", layer_id=layer_id,
+            self.store.add_ref("oci-layer", layer_key(layer_id, compression), layer_id=layer_id,
                                data=json.dumps(blob.__dict__))
             self.record_blob(blob.digest, layer_id, blob.media_type, blob.size, blob.diff_id)
 

@@ -87,6 +87,7 @@ def copy(src_ref: str, dst_ref: str, ctx: Context, sources=None) -> list[CopyRes
 class Loaded:
     image: Image
     names: list[str]
+    reference: str = ""     # what a pull fetched, fully qualified (docker.io/library/x:tag)
     # load: blobs not read because the store held their layer; and what
     # the source looked suspicious about (it loaded anyway).
     reused: tuple[str, ...] = ()
@@ -168,7 +169,7 @@ def pull(store: Store, ref: str, **kw) -> Loaded:
     r = RegistryRef.parse(ref)
     (result,) = copy(f"docker://{r}", "layerfs:", ctx)
     image = store.image(result.destination_ref)
-    return Loaded(image, store.tags_of(image.id) if r.tag else [])
+    return Loaded(image, store.tags_of(image.id) if r.tag else [], str(r))
 
 
 def login(store: Store, registry: str, user: str, password: str, insecure: bool = False) -> None:

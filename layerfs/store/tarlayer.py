@@ -390,6 +390,24 @@ def tarinfo_for(e: Entry, layer: bool) -> list[tarfile.TarInfo]:
     return out
 
 
+def with_link_metadata(entries: list[Entry]) -> list[Entry]:
+    """Hardlink entries carrying their file's mode, owner, times and xattrs.
+
+    A manifest's hardlink entry holds only its target; the metadata is the
+    shared inode's. docker, buildah and containerd apply a link header's
+    mode, owner, times and xattrs to that shared inode, so a link header
+    must repeat the file's (as docker's tar writer does, which stats the
+    inode for every name) or it resets the file to 0644 and mtime 0."""
+    files = {e.path: e for e in entries if e.kind == mf.FILE}
+    out = []
+    for e in entries:
+        f = files.get(e.target) if e.kind == mf.HARDLINK else None
+        if f is not None:
+            e = Entry(e.path, mf.HARDLINK, f.mode, f.uid, f.gid, f.mtime_ns, target=e.target, xattrs=f.xattrs)
+        out.append(e)
+    return out
+
+
 def _plain(name: str) -> tarfile.TarInfo:
     ti = tarfile.TarInfo(name)
     ti.mode, ti.mtime, ti.uname, ti.gname = 0o644, 0, "", ""
@@ -421,7 +439,7 @@ def write_tar(entries: Iterable[Entry], out: BinaryIO, open_object: ObjectOpener
     and zstd, both GIL-free) and output goes out in 1 MiB writes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    ordered = sorted(entries, key=lambda x: mf.sort_key(x.path))
+    ordered = with_link_metadata(sorted(entries, key=lambda x: mf.sort_key(x.path)))
     items = [(e, ti) for e in ordered for ti in tarinfo_for(e, layer)]
     buf = bytearray()
     offset = 0

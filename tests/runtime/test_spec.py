@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.errors import InvalidInput, NotFound
-from layerfs.runtime.spec import (ContainerSpec, IdMap, Volume, container_env, parse_cpus,
+from layerfs.runtime.spec import (ContainerSpec, IdMap, Tmpfs, Volume, container_env, parse_cpus,
                                   parse_env, parse_id_map, parse_memory, parse_pids_limit,
                                   parse_volume, read_env_file)
 from layerfs.runtime.rootpath import make_mountpoint, secure_join
@@ -99,6 +99,7 @@ def test_spec_validation() -> None:
         {"args": []}, {"cwd": "rel"}, {"network": "bridge"}, {"env": ["NOEQUALS"]},
         {"memory": 0}, {"cpus": -1.0}, {"pids_limit": 0}, {"hostname": "bad host"},
         {"cgroup_name": "../escape"}, {"volumes": [Volume("/tmp", "rel")]},
+        {"tmpfs": [Tmpfs("rel")]}, {"tmpfs": [Tmpfs("/")]}, {"tmpfs": [Tmpfs("/t", 0)]},
     ]
     for fields in bad_fields:
         with pytest.raises(InvalidInput):
