@@ -24,6 +24,7 @@ from tests.oci.test_archive import _layout, _tar, _ti
 
 
 def _one_line(p, code: int, *words: str) -> str:
+    """The failure alone on stderr (callers pass -q: no progress lines)."""
     err = p.stderr.decode()
     assert p.returncode == code, err
     assert err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err, err
@@ -57,7 +58,7 @@ def test_gzip_bomb_layer_stops_at_the_ratio_limit(tmp_path, monkeypatch):
     root = str(tmp_path / "store")
     monkeypatch.setenv("LAYERFS_MAX_RATIO", "50")
     monkeypatch.setenv("LAYERFS_RATIO_FROM", "4M")
-    _one_line(layerfs_cmd("load", "-i", str(path), root=root), 2, "more than 50:1", "LAYERFS_MAX_RATIO")
+    _one_line(layerfs_cmd("load", "-q", "-i", str(path), root=root), 2, "more than 50:1", "LAYERFS_MAX_RATIO")
     assert _images(root) == []
     _fsck_clean(root)
 
@@ -66,7 +67,7 @@ def test_gzip_bomb_layer_stops_at_the_ratio_limit(tmp_path, monkeypatch):
 def test_names_past_the_kernel_limits_refused(tmp_path, name, words):
     path = _layout(tmp_path / "l", [gzip.compress(_tar([(_ti(name), b"x")]), mtime=0)])
     root = str(tmp_path / "store")
-    _one_line(layerfs_cmd("load", "-i", str(path), root=root), 2, words)
+    _one_line(layerfs_cmd("load", "-q", "-i", str(path), root=root), 2, words)
     assert _images(root) == []
     _fsck_clean(root)
 
@@ -109,14 +110,14 @@ def test_reused_layer_is_reported_and_verify_reads_every_blob(tmp_path):
     p = layerfs_cmd("load", "-i", str(layout), root=root, check=True)
     assert p.stdout == b"Loaded image: app:1\n"
     _says_reused(p, short)
-    _one_line(layerfs_cmd("load", "--verify", "-i", str(layout), root=root), 3, "does not match")
+    _one_line(layerfs_cmd("load", "-q", "--verify", "-i", str(layout), root=root), 3, "does not match")
     _fsck_clean(root)
 
     # Missing blob: the same.
     _blob_path(layout, blob).unlink()
     p = layerfs_cmd("load", "-i", str(layout), root=root, check=True)
     _says_reused(p, short)
-    _one_line(layerfs_cmd("load", "--verify", "-i", str(layout), root=root), 1, "cannot provide blob")
+    _one_line(layerfs_cmd("load", "-q", "--verify", "-i", str(layout), root=root), 1, "cannot provide blob")
     assert len(_images(root)) == 1
     _fsck_clean(root)
 
@@ -125,7 +126,7 @@ def test_reused_layer_is_reported_and_verify_reads_every_blob(tmp_path):
     other = _layout(tmp_path / "raw", [layer], name="app:2", drop_blob=0)
     p = layerfs_cmd("load", "-i", str(other), root=root, check=True)
     _says_reused(p, media.sha256_digest(layer)[7:19])
-    _one_line(layerfs_cmd("load", "--verify", "-i", str(other), root=root), 1, "cannot provide blob")
+    _one_line(layerfs_cmd("load", "-q", "--verify", "-i", str(other), root=root), 1, "cannot provide blob")
     _fsck_clean(root)
 
 
@@ -184,6 +185,6 @@ def test_compressed_archive_is_unpacked_within_the_limits(bb_store, busybox, tmp
     bomb.write_bytes(b"".join(parts) + c.compress(bytes(1024)) + c.flush())
     monkeypatch.setenv("LAYERFS_MAX_RATIO", "50")
     monkeypatch.setenv("LAYERFS_RATIO_FROM", "4M")
-    _one_line(layerfs_cmd("load", "-i", str(bomb), root=root), 2, "LAYERFS_MAX_RATIO")
+    _one_line(layerfs_cmd("load", "-q", "-i", str(bomb), root=root), 2, "LAYERFS_MAX_RATIO")
     assert len(_images(root)) == 1
     _fsck_clean(root)
