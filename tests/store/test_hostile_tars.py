@@ -20,7 +20,6 @@ import zstandard
 
 from layerfs.errors import InvalidInput
 from layerfs.store import manifest as mf
-from layerfs.store import transfer
 from layerfs.store.manifest import Entry
 from layerfs.store.streams import UnpackLimits
 from layerfs.store.tarlayer import TarReader, decompressed
