@@ -47,7 +47,6 @@ __all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder",
 
 CACHE_KIND = "build-cache"
 DEFAULT_SHELL = ("/bin/sh", "-c")
-STAT_CACHE_NAME = "build-stat-cache.sqlite"
 _KEY_VERSION = "layerfs-build-1"
 
 Writer = Callable[[str], None]
@@ -203,7 +202,7 @@ class Builder:
         self.secrets = options.secrets
         for t in options.tags:
             references.parse(t)
-        cache_path = os.path.join(self.store.root, STAT_CACHE_NAME)
+        cache_path = self.store.layout.build_stat_cache
         with BuildContext.open(options.context, dockerfile=options.dockerfile,
                                cache_path=cache_path) as ctx:
             self._ctx = ctx

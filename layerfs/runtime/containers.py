@@ -38,12 +38,12 @@ from layerfs.procfs import alive as process_alive  # noqa: F401 - the runtime's 
 from layerfs.procfs import start_time as process_start_time  # noqa: F401
 from layerfs.runtime.spec import (DEFAULT_PATH, ContainerSpec, Volume, check_name,
                                   check_volume_sources)
+from layerfs.store.layout import StoreLayout
 from layerfs.store.store import Store
 from layerfs.store.usage import tree_bytes  # noqa: F401 - used by the CLI's prune and df
 
 REF_KIND = "container"
 RUNTIMES = ("builtin", "runc", "crun")
-CONTAINERS_DIR = "containers"
 # Files the runtime creates in the rootfs as mountpoints when the image
 # lacks them; docker hides them (its "init layer"), so do diff and commit.
 RUNTIME_PATHS = ("proc", "dev", "sys", "etc/hosts", "etc/hostname", "etc/resolv.conf")
@@ -172,11 +172,11 @@ class Container:
 
 # -- paths and names -------------------------------------------------------
 def containers_root(root: str) -> str:
-    return os.path.join(os.path.abspath(root), CONTAINERS_DIR)
+    return StoreLayout(root).containers
 
 
 def container_dir(root: str, container_id: str) -> str:
-    return os.path.join(containers_root(root), container_id)
+    return StoreLayout(root).container(container_id)
 
 
 def store_tag(root: str) -> str:

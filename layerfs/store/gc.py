@@ -130,10 +130,9 @@ def sweep_debris(store: Store, in_use: Sequence[str] = (), dry_run: bool = False
         if digest not in known:
             n, freed = n + 1, freed + _remove(path, dry_run)
     layers = {r[0] for r in store.db.all("SELECT id FROM layers")}
-    ldir = os.path.join(store.root, "layers")
-    for name in os.listdir(ldir):
+    for name in os.listdir(store.layout.layers):
         if name not in layers:
-            n, freed = n + 1, freed + _remove(os.path.join(ldir, name), dry_run)
+            n, freed = n + 1, freed + _remove(store.layout.layer(name), dry_run)
     return n, freed
 
 
@@ -142,11 +141,11 @@ def sweep_fs_leftovers(store: Store, in_use: Sequence[str] = (), dry_run: bool =
     names (untouched for a while: a mount being set up has no record yet)."""
     n = freed = 0
     images = {r[0] for r in store.db.all("SELECT id FROM images")}
-    cache = os.path.join(store.root, "fscache")
-    for name in _listdir(cache):
-        if name.split(".")[0] not in images:
-            n, freed = n + 1, freed + _remove(os.path.join(cache, name), dry_run)
-    uppers = os.path.join(store.root, "uppers")
+    layout = store.layout
+    for name in _listdir(layout.fscache):
+        if layout.fscache_image(name) not in images:
+            n, freed = n + 1, freed + _remove(layout.fscache_entry(name), dry_run)
+    uppers = layout.uppers
     now = time.time()
     for name in _listdir(uppers):
         path = os.path.join(uppers, name)

@@ -113,10 +113,9 @@ def physical_bytes(store: Store) -> int:
     total = 0
     for _, path in store.objects.iter_on_disk():
         total += _disk_bytes(path)
-    ldir = os.path.join(store.root, "layers")
-    total += sum(_disk_bytes(os.path.join(ldir, n)) for n in os.listdir(ldir))
-    for name in ("db.sqlite", "db.sqlite-wal"):
-        total += _disk_bytes(os.path.join(store.root, name))
+    layout = store.layout
+    total += sum(_disk_bytes(layout.layer(n)) for n in os.listdir(layout.layers))
+    total += sum(_disk_bytes(path) for path in layout.db_files)
     return total
 
 
