@@ -1,6 +1,20 @@
-"""The metadata schema. Bump VERSION and add a step to MIGRATIONS on change."""
+"""The metadata schema, its version, and the steps that upgrade older ones.
+
+``SCHEMA`` creates a database at ``VERSION``. On a change: bump VERSION,
+change SCHEMA, and add ``MIGRATIONS[old_version]``: the step that turns a
+database at *old_version* into one at *old_version + 1*, run inside the
+transaction that records the new version (SQLite's DDL is transactional,
+so an interrupted upgrade leaves the old database untouched).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
 
 VERSION = 1
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,7 +60,7 @@ CREATE TABLE IF NOT EXISTS stat_cache (
     digest TEXT NOT NULL
 ) WITHOUT ROWID;
 -- Anything outside the core that must keep layers or images alive
--- (containers, build cache, OCI digest maps) registers a reference here;
+-- (containers, build cache, OCI digest maps) registers a reference here:
 -- gc marks from tags, images and these rows.
 CREATE TABLE IF NOT EXISTS refs (
     kind TEXT NOT NULL,             -- 'container', 'build-cache', 'oci', ...
@@ -57,3 +71,20 @@ CREATE TABLE IF NOT EXISTS refs (
     PRIMARY KEY (kind, key)
 ) WITHOUT ROWID;
 """
+
+
+def statements() -> list[str]:
+    """SCHEMA as single statements (executescript would commit on its own)."""
+    out, buf = [], ""
+    for line in SCHEMA.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):  # knows comments and quotes
+            out.append(buf.strip())
+            buf = ""
+    return out
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Upgrade a database at *version* to VERSION, one step at a time."""
+    for old in range(version, VERSION):
+        MIGRATIONS[old](conn)
