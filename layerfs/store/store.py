@@ -27,6 +27,7 @@ from layerfs.store import references
 from layerfs.store.db import Database
 from layerfs.store.images import Image
 from layerfs.store.layout import StoreLayout
+from layerfs.store.refs import BUILD_CACHE, COLUMNS, Ref
 from layerfs.store.manifest import Entry
 from layerfs.store.objects import ObjectStore, StoredObject, syncfs
 from layerfs.store.scan import FileRef, parallel_map, scan
@@ -335,7 +336,7 @@ class Store:
         if is_tag and len(tags) > 1:
             self.untag(ref)
             return [f"Untagged: {self._as_tag(ref)}"]
-        users = self.db.all("SELECT kind, key FROM refs WHERE image_id=? AND kind IN ('container', 'mount')", image.id)
+        users = self.db.all("SELECT kind, key FROM refs WHERE image_id=? AND in_use ORDER BY kind, key", image.id)
         if users and not force:
             kind, key = users[0]
             raise Conflict(f"image {image.id[:12]} is used by {kind} {key}; remove it first or use --force")
@@ -345,7 +346,7 @@ class Store:
             c.execute("DELETE FROM tags WHERE image_id=?", (image.id,))
             if users:
                 return [f"Untagged: {t}" for t in tags]
-            c.execute("DELETE FROM refs WHERE kind='build-cache' AND image_id=?", (image.id,))
+            c.execute("DELETE FROM refs WHERE kind=? AND image_id=?", (BUILD_CACHE, image.id))
             c.execute("DELETE FROM images WHERE id=?", (image.id,))
         return [f"Untagged: {t}" for t in tags] + [f"Deleted: {image.id}"]
 
@@ -353,17 +354,23 @@ class Store:
     def _as_tag(ref: str) -> str:
         return str(references.parse(ref))
 
-    # -- references from other subsystems ---------------------------------
-    def add_ref(self, kind: str, key: str, *, layer_id: str | None = None,
-                image_id: str | None = None, data: str | None = None) -> None:
+    # -- references from other subsystems (see refs.py) -------------------
+    def add_ref(self, ref: Ref) -> None:
+        """Record *ref*, replacing the one of the same kind and key."""
         with self.db.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO refs VALUES (?,?,?,?,?)", (kind, key, layer_id, image_id, data))
+            c.execute(f"INSERT OR REPLACE INTO refs ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", ref.to_row())
 
-    def get_ref(self, kind: str, key: str) -> tuple[str | None, str | None, str | None] | None:
-        return self.db.one("SELECT layer_id, image_id, data FROM refs WHERE kind=? AND key=?", kind, key)
+    def get_ref(self, kind: str, key: str) -> Ref | None:
+        row = self.db.one(f"SELECT {COLUMNS} FROM refs WHERE kind=? AND key=?", kind, key)
+        return None if row is None else Ref.from_row(row)
 
-    def refs(self, kind: str) -> list[tuple[str, str | None, str | None, str | None]]:
-        return self.db.all("SELECT key, layer_id, image_id, data FROM refs WHERE kind=? ORDER BY key", kind)
+    def refs(self, kind: str | None = None) -> list[Ref]:
+        """The references of one *kind* (all of them if None), by key."""
+        if kind is None:
+            rows = self.db.all(f"SELECT {COLUMNS} FROM refs ORDER BY kind, key")
+        else:
+            rows = self.db.all(f"SELECT {COLUMNS} FROM refs WHERE kind=? ORDER BY key", kind)
+        return [Ref.from_row(r) for r in rows]
 
     def drop_refs(self, kind: str, key: str | None = None) -> int:
         with self.db.transaction() as c:

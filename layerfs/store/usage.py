@@ -23,6 +23,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from layerfs.store.refs import BUILD_CACHE
 from layerfs.store.store import Store
 
 
@@ -74,7 +75,7 @@ def measure(store: Store) -> StoreUsage:
     tags: dict[str, list[str]] = {}
     for name, tag, iid in db.all("SELECT name, tag, image_id FROM tags ORDER BY name, tag"):
         tags.setdefault(iid, []).append(f"{name}:{tag}")
-    steps = {iid for _, _, iid, _ in store.refs("build-cache") if iid and iid not in tags}
+    steps = {r.image_id for r in store.refs(BUILD_CACHE) if r.image_id and r.image_id not in tags}
     shown = [iid for (iid,) in images if iid not in steps]
     layer_users = _count_users({iid: set(img_layers[iid]) for iid in shown})
     obj_users = _count_users({iid: img_objs[iid] for iid in shown})
