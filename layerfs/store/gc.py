@@ -10,10 +10,10 @@ Paths in use: a reference's ``paths`` (a mount record lists its
 mountpoint, upper, work dir and its owner's scratch dir) and every
 mountpoint the kernel knows. gc never removes those, nor any directory that
 is or holds one: removing it would delete an upper under a live daemon, or
-delete through the mount into it. gc cannot tell a live owner from a dead
-one (a mount's is the filesystem's business); ``fs.registry.clean_stale``
-drops the records of dead daemons first, and ``ignore_refs`` lets a dry run
-count as if it had.
+delete through the mount into it. gc cannot tell whether a reference's
+owner still lives (for a mount that is the filesystem's business):
+``fs.registry.clean_stale`` drops the records of dead daemons first, and
+``ignore_refs`` lets a dry run count as if it had.
 
 A dry run computes exactly what a real run removes, in the same order, and
 ``bytes_freed`` is the disk space (allocated blocks) of everything removed:

@@ -78,12 +78,13 @@ class StoreLayout:
     def fscache(self) -> str:
         return self._at("fscache")
 
-    def fscache_entry(self, image_id: str) -> str:
-        return self._at("fscache", image_id)
+    def fscache_entry(self, name: str) -> str:
+        """A file of the index cache: the image id, or ``<id>.<suffix>``."""
+        return self._at("fscache", name)
 
     @staticmethod
     def fscache_image(name: str) -> str:
-        """The image id an fscache file name belongs to (``<id>[.suffix]``)."""
+        """The image id an index cache file belongs to."""
         return name.split(".")[0]
 
     @property
