@@ -212,3 +212,27 @@ def test_an_interrupted_upgrade_leaves_version_1_intact(tmp_path, monkeypatch):
     monkeypatch.undo()
     with Store(root) as store:
         assert store.get_ref("mount", "/m").paths == ("/m", "/u")
+
+
+def test_processes_opening_a_version_1_store_at_once_upgrade_it_once(tmp_path):
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "store")
+    Store(root).close()
+    _as_version_1(root, [("mount", "/m", None, None, json.dumps({"paths": ["/u"]}))])
+    # Each waits for the go file, so they open the store together; a second
+    # upgrade would fail on ALTER TABLE (duplicate column).
+    go = tmp_path / "go"
+    code = ("import os, sys, time\n"
+            "from layerfs.store.store import Store\n"
+            "while not os.path.exists(sys.argv[2]): time.sleep(0.001)\n"
+            "Store(sys.argv[1]).close()\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, root, str(go)], stderr=subprocess.PIPE)
+             for _ in range(4)]
+    go.touch()
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    assert _version(root) == str(schema.VERSION)
+    with Store(root) as store:
+        assert store.get_ref("mount", "/m").paths == ("/m", "/u")
