@@ -8,7 +8,6 @@ REST into sources or a destination. save, load, push and pull are all
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from layerfs.errors import InvalidInput, LayerfsError, NotFound
@@ -51,7 +50,7 @@ def context(store: Store | None, **kw) -> Context:
 
 
 def auth_file(store: Store) -> AuthFile:
-    return AuthFile(os.path.join(store.root, "auth.json"))
+    return AuthFile(store.layout.auth_file)
 
 
 def copy(src_ref: str, dst_ref: str, ctx: Context, sources=None) -> list[CopyResult]:
