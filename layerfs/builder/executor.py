@@ -39,14 +39,15 @@ from layerfs.builder.run_step import BuildError
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.fs.helper import start_forkserver
 from layerfs.store import images as img
-from layerfs.store import references
+from layerfs.store import references, refs
 from layerfs.store.images import Image
+from layerfs.store.refs import Ref
 from layerfs.store.statcache import StatCache
 from layerfs.store.store import Store
 
 __all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder", "CACHE_KIND", "build", "prune_cache"]
 
-CACHE_KIND = "build-cache"
+CACHE_KIND = refs.BUILD_CACHE
 # Bumped when the same step starts making a different layer (2: COPY, ADD
 # and WORKDIR place entries: links followed in the image, symlink times).
 _KEY_VERSION = "layerfs-build-2"
@@ -336,9 +337,9 @@ class Builder:
             st.image = hit
         else:
             st.image = self._execute(st, expanded, instr, resolved, from_image, df, scope_before)
-            self.store.add_ref(CACHE_KIND, key, image_id=st.image.id,
-                               layer_id=st.image.layers[-1] if st.image.layers else None,
-                               data=json.dumps({"created_by": instr.original}))
+            self.store.add_ref(Ref(CACHE_KIND, key, image_id=st.image.id,
+                                   layer_id=st.image.layers[-1] if st.image.layers else None,
+                                   data=json.dumps({"created_by": instr.original})))
 
     def _cache_key(self, parent: Image | None, expanded: dfm.Instruction,
                    scope: substitution.Scope, extra: Mapping[str, Any]) -> str:
@@ -353,11 +354,11 @@ class Builder:
         return blake3.blake3(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def _cache_lookup(self, key: str) -> Image | None:
-        row = self.store.get_ref(CACHE_KIND, key)
-        if row is None or row[1] is None:
+        ref = self.store.get_ref(CACHE_KIND, key)
+        if ref is None or ref.image_id is None:
             return None
         try:
-            return self.store.image(row[1])
+            return self.store.image(ref.image_id)
         except NotFound:
             return None
 
