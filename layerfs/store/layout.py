@@ -15,8 +15,9 @@ use::
     uppers/<token>/upper        private uppers of mounts (fs.mount)
     containers/<id>/            container records and uppers (runtime)
     logs/mount-<hash>.log       mount daemon logs (fs.mount)
-    cache-mounts/<name>         RUN --mount=type=cache dirs (build.run_mounts)
-    build-stat-cache.sqlite     the builder's stat cache of context files
+    cache-mounts/<name>         RUN --mount=type=cache dirs (builder.run_mounts)
+    build-stat-cache.sqlite*    the builder's own stat cache before it used
+                                the db's stat_cache table: debris gc removes
     auth.json                   registry credentials (oci.auth)
 """
 
@@ -115,8 +116,11 @@ class StoreLayout:
         return self._at("cache-mounts")
 
     @property
-    def build_stat_cache(self) -> str:
-        return self._at("build-stat-cache.sqlite")
+    def old_build_stat_cache(self) -> tuple[str, ...]:
+        """The files of the builder's former stat cache (with SQLite's WAL
+        and shared-memory files); the builder now uses the db's table."""
+        base = self._at("build-stat-cache.sqlite")
+        return (base, base + "-wal", base + "-shm")
 
     @property
     def auth_file(self) -> str:

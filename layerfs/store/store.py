@@ -31,6 +31,7 @@ from layerfs.store.refs import BUILD_CACHE, COLUMNS, Ref
 from layerfs.store.manifest import Entry
 from layerfs.store.objects import ObjectStore, StoredObject, syncfs
 from layerfs.store.scan import FileRef, parallel_map, scan
+from layerfs.store.statcache import StatCache
 from layerfs.store.tree import MergedTree, flatten
 
 DEFAULT_ROOT = "/var/lib/layerfs"
@@ -156,19 +157,10 @@ class Store:
         """{rel: digest} of files unchanged since they were last stored."""
         if not files:
             return {}
-        prefix = os.fsencode(os.path.commonpath([f.abspath for f in files]))
-        rows = self.db.all(
-            "SELECT s.path, s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.digest FROM stat_cache s"
-            " JOIN objects o ON o.digest = s.digest WHERE s.path >= ? AND s.path < ?",
-            prefix, prefix + b"\xff")
-        cache = {r[0]: r[1:] for r in rows}
-        hits = {}
-        for ref in files:
-            row = cache.get(os.fsencode(ref.abspath))
-            st = ref.st
-            if row and row[:5] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-                hits[ref.rel] = row[5]
-        return hits
+        # Only rows of stored objects: a hit skips storing the file.
+        cache = StatCache(self.db, stored_only=True)
+        cache.preload(os.path.commonpath([f.abspath for f in files]))
+        return {ref.rel: digest for ref in files if (digest := cache.lookup(ref.abspath, ref.st))}
 
     # -- layers --------------------------------------------------------------
     def import_dir(self, path: str, overlay: bool = False) -> str:

@@ -16,8 +16,8 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from layerfs.build import dockerignore
-from layerfs.build.context import BuildContextError
+from layerfs.builder import dockerignore
+from layerfs.builder.context import BuildContextError
 from layerfs.store import manifest as mf
 from layerfs.store.manifest import Entry
 from layerfs.store.resolve import components, resolve_in_root

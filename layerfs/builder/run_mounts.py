@@ -42,7 +42,7 @@ from typing import Any
 
 import blake3
 
-from layerfs.build.context import ResolvedSources
+from layerfs.builder.context import ResolvedSources
 from layerfs.errors import InvalidInput, NotFound, Unsupported
 from layerfs.store.layout import StoreLayout
 

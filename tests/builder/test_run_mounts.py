@@ -10,13 +10,13 @@ import tarfile
 
 import pytest
 
-from layerfs.build import run_mounts
-from layerfs.build.executor import BuildError, BuildOptions, build, prune_cache
-from layerfs.build.run_mounts import RunMount, SecretSource, parse_mount, parse_secret
+from layerfs.builder import run_mounts
+from layerfs.builder.executor import BuildError, BuildOptions, build, prune_cache
+from layerfs.builder.run_mounts import RunMount, SecretSource, parse_mount, parse_secret
 from layerfs.errors import InvalidInput, NotFound, Unsupported
 from layerfs.store.layout import StoreLayout
 
-from tests.build.helpers import make_context
+from tests.builder.helpers import make_context
 from tests.conftest import ROOT, layerfs_cmd
 
 needs_fuse = [pytest.mark.fuse,
@@ -285,6 +285,16 @@ def test_plain_run_layer_holds_no_mount_stubs(store, base, tmp_path):
 
 
 @_fuse
+def test_run_keeps_a_stub_it_filled(store, base, tmp_path):
+    # /new and /new/t are stubs for the tmpfs; the command writes into
+    # /new, so /new is the command's (kept) and only the empty /new/t goes:
+    # the same rule commit uses (rootpath.is_unused_mountpoint).
+    ctx = make_context(tmp_path, "FROM busybox:latest\nRUN --mount=type=tmpfs,target=/new/t echo hi > /new/f\n")
+    result, _ = _build(store, ctx)
+    assert _layer_paths(store, result.image) == {"", "new", "new/f"}
+
+
+@_fuse
 def test_run_network_flag(store, base, tmp_path):
     ctx = make_context(tmp_path, "FROM busybox:latest\nRUN --network=none echo \"ifs:$(ls /sys/class/net)\"\n"
                        "RUN --network=default true\n")
@@ -353,7 +363,7 @@ def test_cli_bad_mount_specs(store_root, tmp_path, args, dockerfile, message):
 
 
 def test_example_pair_mounts_parse_and_differ_only_in_the_pip_step():
-    from layerfs.build import dockerfile as dfm
+    from layerfs.builder import dockerfile as dfm
 
     examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "numpy-matplotlib")
     parsed = []

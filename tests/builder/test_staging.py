@@ -14,13 +14,13 @@ import tarfile
 
 import pytest
 
-from layerfs.build.context import BuildContextError
-from layerfs.build.executor import BuildOptions, build
+from layerfs.builder.context import BuildContextError
+from layerfs.builder.executor import BuildOptions, build
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.store import fsck
 from layerfs.store import manifest as mf
 
-from tests.build.helpers import make_context
+from tests.builder.helpers import make_context
 from tests.conftest import ROOT, layerfs_cmd
 
 pytestmark = pytest.mark.skipif(shutil.which("busybox") is None or not ROOT,
@@ -334,7 +334,7 @@ def test_symlink_times_are_kept_and_builds_reproduce(store, base, tmp_path):
 
 def test_add_archive_swapped_after_hashing_is_refused(store, base, tmp_path, monkeypatch):
     """The archive unpacked is the one the cache key hashed."""
-    from layerfs.build import staging
+    from layerfs.builder import staging
 
     ctx = make_context(tmp_path, "FROM busybox:latest\nADD a.tar /a/\n")
     for name, member in (("a.tar", "mine"), ("other.tar", "theirs")):
@@ -367,7 +367,7 @@ def test_chown_names_come_from_the_image(store, base, tmp_path):
 def test_copy_file_swapped_for_a_link_is_refused(store, base, tmp_path, monkeypatch):
     """The bytes stored are the ones the cache key hashed: a source replaced
     by a link to a host file between hashing and storing is refused."""
-    from layerfs.build import staging
+    from layerfs.builder import staging
 
     ctx = make_context(tmp_path, "FROM busybox:latest\nCOPY secret.txt /s\n", {"secret.txt": "mine\n"})
     (tmp_path / "host-secret").write_text("host only\n")

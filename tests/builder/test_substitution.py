@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from layerfs.build.dockerfile import DockerfileError, parse
-from layerfs.build.substitution import (
+from layerfs.builder.dockerfile import DockerfileError, parse
+from layerfs.builder.substitution import (
     Scope,
     SubstitutionError,
     expand_instruction,
@@ -360,7 +360,7 @@ def test_expose_checks_ports_after_expansion() -> None:
 
 
 def test_expansion_limit(monkeypatch):
-    from layerfs.build.substitution import SubstitutionError, expand_word
+    from layerfs.builder.substitution import SubstitutionError, expand_word
 
     big = {"A": "x" * 600_000}
     assert len(expand_word("${A}", big)) == 600_000

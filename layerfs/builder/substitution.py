@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from layerfs.errors import InvalidInput
 
 if TYPE_CHECKING:  # the records import this module, so only for type hints
-    from layerfs.build.dockerfile import Dockerfile, Instruction, Stage
+    from layerfs.builder.dockerfile import Dockerfile, Instruction, Stage
 
 __all__ = [
     "AUTOMATIC_PLATFORM_ARGS",
@@ -335,7 +335,7 @@ def expand_instruction(
     try:
         return expander(instr, _Words(variables, escape))
     except SubstitutionError as exc:
-        from layerfs.build.dockerfile import DockerfileError
+        from layerfs.builder.dockerfile import DockerfileError
 
         raise DockerfileError(str(exc), file=file, line=instr.line, text=instr.original) from exc
 
@@ -534,7 +534,7 @@ class Scope:
         limit = max_expansion()
         size = sum(len(k) + len(v) + 2 for k, v in self.variables().items())
         if size > limit:
-            from layerfs.build.dockerfile import DockerfileError
+            from layerfs.builder.dockerfile import DockerfileError
 
             raise DockerfileError(f"the variables in scope hold more than {limit} characters "
                                   f"(the limit; {MAX_EXPANSION_ENV} sets it)",

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
-from layerfs.build import executor
-from layerfs.build.context import BuildContextError
-from layerfs.build.executor import BuildError, BuildOptions, build
+from layerfs.builder import executor
+from layerfs.builder.context import BuildContextError
+from layerfs.builder.executor import BuildError, BuildOptions, build
 from layerfs.errors import InvalidInput, LayerfsError, NotFound
 
-from tests.build.helpers import make_context
+from tests.builder.helpers import make_context
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("busybox") is None or not ROOT,
