@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from layerfs.errors import LayerfsError, NotFound
 from layerfs.fs import mount as fsmount
 from layerfs.snapshotter.records import Snapshot
+from layerfs.store.layout import StoreLayout
 
 BIND, OVERLAY, FUSE, VIEW_MODE = "bind", "overlay", "fuse", "view"
 
@@ -70,7 +71,7 @@ class Dirs:
 
 
 def snapshots_dir(root: str) -> str:
-    return os.path.join(root, "snapshots")
+    return StoreLayout(root).snapshots
 
 
 def dirs(root: str, snap_id: str) -> Dirs:

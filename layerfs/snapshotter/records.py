@@ -19,10 +19,13 @@ by a crash between Commit's steps) is swept by :func:`drop_orphan_images`.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 
 from layerfs.errors import Conflict, NotFound
+from layerfs.store.layout import StoreLayout
+from layerfs.store.refs import COLUMNS, Ref
 from layerfs.store.store import Store
 
 REF_KIND = "snapshot"
@@ -58,6 +61,12 @@ class Snapshot:
                            "created": self.created, "updated": self.updated, "mode": self.mode,
                            "size": self.size, "inodes": self.inodes}, sort_keys=True)
 
+    def ref(self, root: str) -> Ref:
+        """The store record: it keeps its layer and chain image alive, makes
+        ``rmi`` refuse the image (in use), and keeps gc off its directory."""
+        return Ref(REF_KIND, self.key, self.layer_id, self.image_id, self.data(), in_use=True,
+                   paths=(os.path.join(StoreLayout(root).snapshots, self.id),))
+
 
 def _decode(key: str, layer_id: str | None, image_id: str | None, data: str | None) -> Snapshot:
     d = json.loads(data or "{}")
@@ -66,24 +75,32 @@ def _decode(key: str, layer_id: str | None, image_id: str | None, data: str | No
                     d.get("inodes", 0))
 
 
+def _from_ref(r: Ref) -> Snapshot:
+    return _decode(r.key, r.layer_id, r.image_id, r.data)
+
+
+def _insert(c, store: Store, snap: Snapshot) -> None:
+    c.execute(f"INSERT INTO refs ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", snap.ref(store.root).to_row())
+
+
 def now_ns() -> int:
     return time.time_ns()
 
 
 def get(store: Store, key: str) -> Snapshot:
-    row = store.get_ref(REF_KIND, key)
-    if row is None:
+    r = store.get_ref(REF_KIND, key)
+    if r is None:
         raise NotFound(f"snapshot {key} does not exist")
-    return _decode(key, *row)
+    return _from_ref(r)
 
 
 def find(store: Store, key: str) -> Snapshot | None:
-    row = store.get_ref(REF_KIND, key)
-    return None if row is None else _decode(key, *row)
+    r = store.get_ref(REF_KIND, key)
+    return None if r is None else _from_ref(r)
 
 
 def all_snapshots(store: Store) -> list[Snapshot]:
-    return [_decode(*row) for row in store.refs(REF_KIND)]
+    return [_from_ref(r) for r in store.refs(REF_KIND)]
 
 
 def children(store: Store, key: str) -> list[str]:
@@ -96,7 +113,7 @@ def insert(store: Store, snap: Snapshot) -> None:
     with store.db.transaction() as c:
         if c.execute("SELECT 1 FROM refs WHERE kind=? AND key=?", (REF_KIND, snap.key)).fetchone():
             raise AlreadyExists(f"snapshot {snap.key} already exists")
-        c.execute("INSERT INTO refs VALUES (?,?,?,?,?)", (REF_KIND, snap.key, snap.layer_id, snap.image_id, snap.data()))
+        _insert(c, store, snap)
 
 
 def update(store: Store, snap: Snapshot) -> Snapshot:
@@ -116,8 +133,7 @@ def commit(store: Store, active: Snapshot, committed: Snapshot) -> None:
             raise AlreadyExists(f"snapshot {committed.key} already exists")
         if c.execute("DELETE FROM refs WHERE kind=? AND key=?", (REF_KIND, active.key)).rowcount == 0:
             raise NotFound(f"snapshot {active.key} does not exist")
-        c.execute("INSERT INTO refs VALUES (?,?,?,?,?)",
-                  (REF_KIND, committed.key, committed.layer_id, committed.image_id, committed.data()))
+        _insert(c, store, committed)
 
 
 def remove(store: Store, key: str) -> Snapshot:
@@ -138,7 +154,7 @@ def remove(store: Store, key: str) -> Snapshot:
 
 
 def _drop_image_if_unused(c, image_id: str) -> None:
-    if c.execute("SELECT 1 FROM refs WHERE image_id=?", (image_id,)).fetchone():
+    if c.execute("SELECT 1 FROM refs WHERE image_id=? AND NOT weak", (image_id,)).fetchone():
         return
     if c.execute("SELECT 1 FROM tags WHERE image_id=?", (image_id,)).fetchone():
         return  # someone tagged it: it is theirs now
@@ -152,7 +168,7 @@ def drop_orphan_images(store: Store) -> int:
     with store.db.transaction() as c:
         for iid, cfg in c.execute("SELECT id, config FROM images").fetchall():
             labels = (json.loads(cfg).get("config") or {}).get("Labels") or {}
-            if labels.get(CHAIN_LABEL) and not c.execute("SELECT 1 FROM refs WHERE image_id=?", (iid,)).fetchone() \
+            if labels.get(CHAIN_LABEL) and not c.execute("SELECT 1 FROM refs WHERE image_id=? AND NOT weak", (iid,)).fetchone() \
                     and not c.execute("SELECT 1 FROM tags WHERE image_id=?", (iid,)).fetchone():
                 c.execute("DELETE FROM images WHERE id=?", (iid,))
                 n += 1

@@ -10,12 +10,13 @@ import tarfile
 
 import pytest
 
-from layerfs.build import run_mounts
-from layerfs.build.executor import BuildError, BuildOptions, build, prune_cache
-from layerfs.build.run_mounts import RunMount, SecretSource, parse_mount, parse_secret
+from layerfs.builder import run_mounts
+from layerfs.builder.executor import BuildError, BuildOptions, build, prune_cache
+from layerfs.builder.run_mounts import RunMount, SecretSource, parse_mount, parse_secret
 from layerfs.errors import InvalidInput, NotFound, Unsupported
+from layerfs.store.layout import StoreLayout
 
-from tests.build.helpers import make_context
+from tests.builder.helpers import make_context
 from tests.conftest import ROOT, layerfs_cmd
 
 needs_fuse = [pytest.mark.fuse,
@@ -136,7 +137,7 @@ def test_cache_sharing_private_takes_a_free_instance(tmp_path):
         for p in shared:
             p.close()
     assert run_mounts.prune_cache_mounts(str(tmp_path))[0] == 1
-    assert not os.listdir(os.path.join(tmp_path, run_mounts.CACHE_MOUNTS_DIR))
+    assert not os.listdir(StoreLayout(str(tmp_path)).cache_mounts)
 
 
 # -- real builds -----------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_cache_mount_persists_and_stays_out_of_the_layer(store, base, tmp_path):
     _, lines = _build(store, ctx, no_cache=True)
     assert "runs:2" in lines
     prune_cache(store)
-    assert not os.path.exists(os.path.join(store.root, run_mounts.CACHE_MOUNTS_DIR, "x"))
+    assert not os.path.exists(os.path.join(store.layout.cache_mounts, "x"))
     _, lines = _build(store, ctx)
     assert "runs:1" in lines
 
@@ -284,6 +285,16 @@ def test_plain_run_layer_holds_no_mount_stubs(store, base, tmp_path):
 
 
 @_fuse
+def test_run_keeps_a_stub_it_filled(store, base, tmp_path):
+    # /new and /new/t are stubs for the tmpfs; the command writes into
+    # /new, so /new is the command's (kept) and only the empty /new/t goes:
+    # the same rule commit uses (rootpath.is_unused_mountpoint).
+    ctx = make_context(tmp_path, "FROM busybox:latest\nRUN --mount=type=tmpfs,target=/new/t echo hi > /new/f\n")
+    result, _ = _build(store, ctx)
+    assert _layer_paths(store, result.image) == {"", "new", "new/f"}
+
+
+@_fuse
 def test_run_network_flag(store, base, tmp_path):
     ctx = make_context(tmp_path, "FROM busybox:latest\nRUN --network=none echo \"ifs:$(ls /sys/class/net)\"\n"
                        "RUN --network=default true\n")
@@ -352,7 +363,7 @@ def test_cli_bad_mount_specs(store_root, tmp_path, args, dockerfile, message):
 
 
 def test_example_pair_mounts_parse_and_differ_only_in_the_pip_step():
-    from layerfs.build import dockerfile as dfm
+    from layerfs.builder import dockerfile as dfm
 
     examples = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "numpy-matplotlib")
     parsed = []

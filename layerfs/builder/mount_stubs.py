@@ -6,7 +6,8 @@ an empty ``/run/secrets/cacert`` or ``/etc/hosts`` nobody asked for.
 BuildKit's ``executor.MountStubsCleaner`` removes such stubs after the
 command; this does the same: every missing path (and missing parent) is
 recorded before the run, and afterwards removed if it is still an empty
-directory or an empty regular file. The directory the first missing path
+directory or an empty regular file -- the rule commit applies too
+(:func:`layerfs.runtime.rootpath.is_unused_mountpoint`). The directory the first missing path
 was made in gets its timestamps back when the command did not touch it
 (moby/buildkit#3148), so the step's layer does not depend on when it ran.
 
@@ -29,7 +30,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from layerfs.runtime.rootpath import make_mountpoint, secure_join
+from layerfs.runtime.rootpath import is_unused_mountpoint, make_mountpoint, secure_join
 from layerfs.store import manifest as mf
 from layerfs.store.scan import OPAQUE_XATTR, read_xattrs
 from layerfs.store.tree import MergedTree
@@ -81,15 +82,13 @@ class MountStubs:
             host = secure_join(self.rootfs, "/" + rel)
             if host == self.rootfs:
                 continue
+            if not is_unused_mountpoint(host):
+                continue  # written, filled or gone: the command's, kept
             try:
-                st = os.lstat(host)
-                if stat.S_ISDIR(st.st_mode):
-                    if not os.listdir(host):
-                        _keeping_parent_times(host, os.rmdir)
-                elif stat.S_ISREG(st.st_mode) and st.st_size == 0:
-                    _keeping_parent_times(host, os.unlink)
+                remove = os.rmdir if stat.S_ISDIR(os.lstat(host).st_mode) else os.unlink
+                _keeping_parent_times(host, remove)
             except OSError:
-                continue  # gone or changed under us: leave it as it is
+                continue  # changed under us: leave it as it is
         for anchor, (atime, mtime_before, mtime_after) in self.anchors.items():
             if seen.get(anchor) == mtime_after:  # the command did not touch it
                 try:
