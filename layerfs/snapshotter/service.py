@@ -78,14 +78,15 @@ class Snapshotter:
         if not key:
             raise InvalidInput("snapshot key must not be empty")
         with self._lock, self._store() as store:
+            # containerd's storage checks the key before the parent
+            if rec.find(store, key) is not None:
+                raise rec.AlreadyExists(f"snapshot {key} already exists")
             image_id = None
             if parent:
                 p = rec.get(store, parent)
                 if p.kind != COMMITTED:
                     raise InvalidInput(f"parent {parent} is not a committed snapshot")
                 image_id = p.image_id
-            if rec.find(store, key) is not None:
-                raise rec.AlreadyExists(f"snapshot {key} already exists")
             mode = _mode(kind, key, parent, labels)
             now = rec.now_ns()
             snap = Snapshot(key, secrets.token_hex(8), kind, parent, dict(labels), now, now, image_id=image_id, mode=mode)
