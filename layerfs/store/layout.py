@@ -13,6 +13,7 @@ use::
     tmp/                        in-flight writes and staging; debris after a crash
     fscache/<image id>...       merged-index caches (fs.index); rebuilt if lost
     uppers/<token>/upper        private uppers of mounts (fs.mount)
+    snapshots/<id>/             containerd snapshots: uppers, mountpoints (snapshotter)
     containers/<id>/            container records and uppers (runtime)
     logs/mount-<hash>.log       mount daemon logs (fs.mount)
     cache-mounts/<name>         RUN --mount=type=cache dirs (builder.run_mounts)
@@ -91,6 +92,12 @@ class StoreLayout:
     @property
     def uppers(self) -> str:
         return self._at("uppers")
+
+    @property
+    def snapshots(self) -> str:
+        """containerd snapshots' dirs; staging like tmp/: their uppers are
+        imported as layers at Commit, then deleted."""
+        return self._at("snapshots")
 
     def private_upper(self, token: str) -> str:
         """The upper of a mount that made its own; its parent goes with it."""

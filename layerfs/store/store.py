@@ -139,7 +139,7 @@ class Store:
             return self.objects.put_file(ref.abspath, known=known)
 
         racy = time.time_ns() - RACY_NS
-        staged = bool(files) and _within(os.path.realpath(files[0].abspath), os.path.realpath(self.tmp_dir))
+        staged = bool(files) and self._staged(os.path.realpath(files[0].abspath))
         for ref, obj in zip(misses, parallel_map(store_one, misses)):
             out[ref.rel] = obj.digest
             if obj.stored_size >= 0:
@@ -169,12 +169,17 @@ class Store:
             scanned = self.scan_dir(path, overlay)
             return self.commit_layer(*scanned)
 
+    def _staged(self, realpath: str) -> bool:
+        """Inside a tree the store stages and deletes once imported: tmp/,
+        or a containerd snapshot's upper (imported at Commit)."""
+        return any(_within(realpath, os.path.realpath(d)) for d in (self.tmp_dir, self.layout.snapshots))
+
     def scan_dir(self, path: str, overlay: bool = False) -> tuple[list[Entry], list[StoredObject], list[tuple]]:
         """Entries of *path* with contents stored but no layer committed yet:
         (entries, new objects, stat-cache rows) for :meth:`commit_layer`."""
         src = os.path.realpath(path)
         root = os.path.realpath(self.root)
-        staged = _within(src, os.path.realpath(self.tmp_dir))  # our own staging area
+        staged = self._staged(src)  # our own staging areas
         if not staged and (_within(src, root) or _within(root, src)):
             raise InvalidInput(f"{path} overlaps the store at {self.root}; refusing to import the store into itself")
         fresh: list[StoredObject] = []
