@@ -12,10 +12,10 @@ from typing import TextIO
 
 import click
 
-from layerfs.build import executor
+from layerfs.builder import executor, run_mounts
 from layerfs.errors import InvalidInput
 from layerfs.store.store import Store
-from layerfs_cli.common import ellipsize, with_store
+from layerfs_cli.common import ellipsize, human_size, with_store
 
 
 def register(cli: click.Group) -> None:
@@ -44,6 +44,8 @@ def _build_args(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("-f", "--file", "dockerfile", default=None, metavar="PATH",
               help="The Dockerfile (default CONTEXT/Dockerfile).")
 @click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="Set a build-time variable.")
+@click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=PATH|env=VAR",
+              help="A secret for RUN --mount=type=secret (repeatable); never stored in the image.")
 @click.option("--target", default=None, metavar="STAGE", help="Build this stage (and what it needs) only.")
 @click.option("--no-cache", is_flag=True, help="Do not use the build cache.")
 @click.option("--pull", type=click.Choice(["never"]), default="never", help="Only 'never' (images come from the store).")
@@ -55,7 +57,7 @@ def _build_args(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
 @with_store
 def build_cmd(store: Store, context: str, tags: tuple[str, ...], dockerfile: str | None,
-              build_args: tuple[str, ...], target: str | None, no_cache: bool, pull: str,
+              build_args: tuple[str, ...], secrets: tuple[str, ...], target: str | None, no_cache: bool, pull: str,
               network: str, progress: str, quiet: bool) -> None:
     """Build an image from a Dockerfile and a context directory."""
     if dockerfile is None:
@@ -68,7 +70,8 @@ def build_cmd(store: Store, context: str, tags: tuple[str, ...], dockerfile: str
             df_rel = os.path.relpath(os.path.realpath(dockerfile), os.path.realpath(context))
     options = executor.BuildOptions(context=context, dockerfile=df_rel, tags=tags,
                                     build_args=_build_args(build_args), target=target,
-                                    no_cache=no_cache, network=network)
+                                    no_cache=no_cache, network=network,
+                                    secrets={s.id: s for s in map(run_mounts.parse_secret, secrets)})
     if quiet:
         result = executor.build(store, options)
         click.echo(result.image.id)
@@ -211,6 +214,9 @@ def builder_grp() -> None:
 @click.option("-f", "--force", is_flag=True, help="Do not ask (accepted for docker compatibility).")
 @with_store
 def prune_cmd(store: Store, force: bool) -> None:
-    """Drop the build cache (run `layerfs gc` to free the space)."""
+    """Drop the build cache and cache mounts (run `layerfs gc` to free the layers' space)."""
+    mounts, freed = run_mounts.prune_cache_mounts(store.root)
     n = executor.prune_cache(store)
     click.echo(f"Deleted {n} build cache record{'s' if n != 1 else ''}")
+    if mounts:
+        click.echo(f"Deleted {mounts} cache mount{'s' if mounts != 1 else ''} ({human_size(freed)})")

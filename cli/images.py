@@ -11,7 +11,6 @@ import click
 from layerfs import bootstrap as boot
 from layerfs.errors import Corrupt, InvalidInput
 from layerfs.store import fsck as fsck_mod
-from layerfs.store import gc as gc_mod
 from layerfs.store import images as img
 from layerfs.store import transfer, usage
 from layerfs.store.images import Image
@@ -73,8 +72,13 @@ def prepare_for_mounts(store: Store, image: Image) -> None:
 def images_cmd(store: Store, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
     """List images."""
     rows = []
-    # Like docker, untagged images that are build steps are intermediate.
-    intermediate = set() if show_all else {iid for _, _, iid, _ in store.refs("build-cache") if iid}
+    # Like docker, untagged images that other images are made from (a
+    # build's steps) are intermediate; an untagged leaf is dangling, shown.
+    intermediate: set[str] = set()
+    if not show_all:
+        from layerfs.store import prune
+
+        intermediate = set(prune.lineage(store).children)
     for image, tags in store.images():
         if not tags and image.id in intermediate:
             continue
@@ -183,9 +187,12 @@ def tag_cmd(store: Store, source: str, target: str) -> None:
 @click.option("-f", "--force", is_flag=True, help="Remove even if tagged in several repositories.")
 @with_store
 def rmi_cmd(store: Store, images: tuple[str, ...], force: bool) -> None:
-    """Remove images (their bytes are reclaimed by gc)."""
+    """Remove images, with their untagged parents nothing else uses (a
+    build's intermediate steps); gc then reclaims their bytes."""
+    from layerfs.store import prune
+
     for name in images:
-        for line in store.remove_image(name, force=force):
+        for line in prune.remove_image(store, name, force=force):
             click.echo(line)
 
 
@@ -207,20 +214,23 @@ def export_cmd(store: Store, image: str, output: str) -> None:
 
 @click.command("df")
 @click.option("-v", "--verbose", is_flag=True, help="Per image detail.")
+@click.option("--no-trunc", is_flag=True, help="Don't cut long TAGS columns.")
 @format_option
 @with_store
-def df_cmd(store: Store, verbose: bool, fmt: str) -> None:
+def df_cmd(store: Store, verbose: bool, no_trunc: bool, fmt: str) -> None:
     """Show disk usage and what sharing saves, at layer and at file level."""
     _load_usage_contributors()
     u = usage.measure(store)
+    steps = [r for r in u.images if r.build_step]
     if fmt == "json":
         emit_json({"Logical": u.logical, "LayerLevel": u.layer_level, "FileLevel": u.file_level,
                    "Physical": u.physical, "Objects": u.objects, "Layers": u.layers,
+                   "BuildStepImages": len(steps), "BuildStepOnly": u.build_step_only,
                    "Images": [vars(r) | {"tags": list(r.tags)} for r in u.images],
                    "Extra": _extra_usage(store)})
         return
     table(["TYPE", "BYTES", "WHAT IT COUNTS"], [
-        ("logical", human_size(u.logical), "every image stored alone (full copies)"),
+        ("logical", human_size(u.logical), "every image stored alone (full copies; build steps: their own layers)"),
         ("layer-level", human_size(u.layer_level), f"each distinct layer once, as docker stores ({u.layers} layers)"),
         ("file-level", human_size(u.file_level), f"each distinct file content once ({u.objects} objects)"),
         ("physical", human_size(u.physical), "on disk: objects (zstd, holes) + manifests + db"),
@@ -230,15 +240,29 @@ def df_cmd(store: Store, verbose: bool, fmt: str) -> None:
                f"from sharing files too: {_pct(u.logical, u.file_level)}; "
                f"on disk vs logical: {_pct(u.logical, u.physical)}; "
                f"on disk vs layer-level (docker): {_pct(u.layer_level, u.physical)}")
+    if steps:
+        click.echo(f"Build-step images (hidden like docker's intermediate images): {len(steps)}, "
+                   f"holding {human_size(u.build_step_only)} that no other image holds")
     if verbose:
-        click.echo()
-        table(["IMAGE ID", "TAGS", "LOGICAL", "SHARED LAYERS", "SHARED FILES", "UNIQUE"],
-              [(r.image_id[:12], ",".join(r.tags) or "<none>", human_size(r.logical), human_size(r.shared_layers),
-                human_size(r.shared_files), human_size(r.unique)) for r in u.images])
+        def tags(r: usage.ImageUsage) -> str:
+            text = ",".join(r.tags) or "<none>"
+            return text if no_trunc else ellipsize(text, DF_TAGS_WIDTH)
+
+        headers = ["IMAGE ID", "TAGS", "LOGICAL", "SHARED LAYERS", "SHARED FILES", "UNIQUE"]
+        for title, rows in (("Images:", [r for r in u.images if not r.build_step]), ("Build-step images:", steps)):
+            if not rows:
+                continue
+            click.echo()
+            click.echo(title)
+            table(headers, [(r.image_id[:12], tags(r), human_size(r.logical), human_size(r.shared_layers),
+                             human_size(r.shared_files), human_size(r.unique)) for r in rows])
         for title, headers, rows in _extra_usage_tables(store):
             click.echo()
             click.echo(title)
             table(headers, rows)
+
+
+DF_TAGS_WIDTH = 40   # docker cuts long cells with an ellipsis; --no-trunc shows them whole
 
 
 def _pct(whole: int, part: int) -> str:
@@ -271,11 +295,14 @@ def _extra_usage_tables(store: Store) -> list:
 
 
 @click.command("gc")
-@click.option("--dry-run", is_flag=True, help="Only report what would go.")
+@click.option("--dry-run", is_flag=True, help="Only report what would go (exactly what gc then does).")
 @with_store
 def gc_cmd(store: Store, dry_run: bool) -> None:
-    """Remove layers and objects nothing references any more."""
-    r = gc_mod.collect(store, dry_run=dry_run)
+    """Remove layers and objects nothing references any more, and leftovers
+    (records of dead mounts, interrupted writes); never what a live mount uses."""
+    from layerfs_cli.prune import collect_garbage
+
+    r = collect_garbage(store, dry_run=dry_run)
     verb = "Would remove" if dry_run else "Removed"
     click.echo(f"{verb} {r.layers_removed} layers, {r.objects_removed} objects, "
                f"{human_size(r.bytes_freed)} freed; {r.debris_removed} leftover files swept")
@@ -312,7 +339,13 @@ def bootstrap_busybox(store: Store, tag: str) -> None:
 @click.option("--suite", default="bookworm", show_default=True)
 @click.option("-t", "--tag", default=None, help="Default debian:SUITE.")
 @click.option("--mirror", default=None, help="Default: the mirror this machine's apt uses.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress; only print the image id.")
 @with_store
-def bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None) -> None:
-    """A debootstrap minbase image (about 30 s and ~200 MB)."""
-    click.echo(boot.bootstrap_debian(store, suite, tag, mirror).id)
+def bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None, quiet: bool) -> None:
+    """A debootstrap minbase image (about a minute and ~120 MB)."""
+    from layerfs_cli import progress
+
+    view = progress.view(progress.BOOTSTRAP, quiet)
+    image = boot.bootstrap_debian(store, suite, tag, mirror, on_step=view.step)
+    view.close()
+    click.echo(image.id)

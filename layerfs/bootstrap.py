@@ -13,6 +13,8 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.store import images as img
@@ -23,6 +25,7 @@ from layerfs.store.store import Store
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 PASSWD = "root:x:0:0:root:/root:/bin/sh\ndaemon:x:1:1:daemon:/usr/sbin:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
 GROUP = "root:x:0:\ndaemon:x:1:\ntty:x:5:\nnogroup:x:65534:\n"
+Step = Callable[[str], None]   # told what a long operation is doing now
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -125,36 +128,89 @@ def apt_mirror() -> str:
 
 
 def bootstrap_debian(store: Store, suite: str = "bookworm", tag: str | None = None,
-                     mirror: str | None = None) -> Image:
+                     mirror: str | None = None, on_step: Step | None = None) -> Image:
+    """A debootstrap minbase image. *on_step* is told each phase as it
+    starts (debootstrap's own "I:" lines, then the import), for progress."""
     if not re.fullmatch(r"[a-z0-9-]+", suite):
         raise InvalidInput(f"invalid suite name: {suite!r}")
     if shutil.which("debootstrap") is None:
         raise Unsupported("debootstrap is not installed (apt-get install debootstrap)")
     with store.writing():  # gc must not sweep the staging tree under tmp/
-        return _bootstrap_debian(store, suite, tag, mirror)
+        return _bootstrap_debian(store, suite, tag, mirror, on_step or (lambda text: None))
 
 
-def _bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None) -> Image:
+def _bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None, on_step: Step) -> Image:
     work = tempfile.mkdtemp(prefix="bootstrap-", dir=store.tmp_dir)
     try:
         tree = os.path.join(work, "rootfs")
-        cmd = ["debootstrap", "--variant=minbase", suite, tree, mirror or apt_mirror()]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["failed"]
-            raise LayerfsError(f"debootstrap failed: {last[0]}")
-        for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            _empty_dir(os.path.join(tree, cache))
-        return import_tree(store, tree, f"layerfs bootstrap debian --suite {suite}",
+        _debootstrap(["debootstrap", "--variant=minbase", suite, tree, mirror or apt_mirror()], on_step)
+        drop_apt_caches(tree)
+        size, files = _tree_size(tree)
+        on_step(f"Importing the root filesystem ({files} files, {size / 1e6:.1f} MB)")
+        start = time.monotonic()
+        image = import_tree(store, tree, f"layerfs bootstrap debian --suite {suite}",
                            {"Env": [DEFAULT_PATH], "Cmd": ["bash"]}, tag or f"debian:{suite}")
+        secs = time.monotonic() - start
+        on_step(f"Imported in {secs:.1f}s ({size / 1e6 / max(secs, 1e-3):.0f} MB/s)")
+        return image
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _empty_dir(path: str) -> None:
-    if not os.path.isdir(path):
-        return
-    for name in os.listdir(path):
-        p = os.path.join(path, name)
-        if os.path.isfile(p) and not os.path.islink(p):
+def _debootstrap(cmd: list[str], on_step: Step) -> None:
+    """Run debootstrap, passing its "I:" progress lines on as steps."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                tail = (tail + [line])[-5:]
+            if line.startswith("I: "):
+                on_step("debootstrap: " + line[3:])
+        code = proc.wait()
+    except BaseException:
+        # Interrupted: debootstrap got the same SIGINT from the terminal;
+        # wait for it so it does not write into a tree being removed.
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        raise LayerfsError(f"debootstrap failed: {(tail or ['failed'])[-1]}")
+
+
+def _tree_size(tree: str) -> tuple[int, int]:
+    size = files = 0
+    for dp, _, fns in os.walk(tree):
+        for n in fns:
+            st = os.lstat(os.path.join(dp, n))
+            size += st.st_size
+            files += 1
+    return size, files
+
+
+def drop_apt_caches(tree: str) -> None:
+    """Leave apt's caches out of the image, as Debian's official images do
+    (apt-get clean, then rm -rf /var/lib/apt/lists/*): downloaded .debs,
+    the package caches (*.bin) and the package lists, which are stale the
+    day after anyway. archives/lock and archives/partial/ stay, as after
+    apt-get clean."""
+    cache = os.path.join(tree, "var/cache/apt")
+    for d, suffix in ((cache, ".bin"), (f"{cache}/archives", ".deb"), (f"{cache}/archives/partial", ".deb")):
+        for name in _names(d):
+            if name.endswith(suffix) and os.path.isfile(os.path.join(d, name)):
+                os.unlink(os.path.join(d, name))
+    lists = os.path.join(tree, "var/lib/apt/lists")
+    for name in _names(lists):
+        p = os.path.join(lists, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
             os.unlink(p)
+
+
+def _names(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []

@@ -36,3 +36,9 @@ class Conflict(LayerfsError):
 
 class Unsupported(LayerfsError):
     """The machine lacks a capability the operation needs."""
+
+
+class Interrupted(LayerfsError):
+    """The user interrupted the operation (Ctrl-C); the message says what was kept."""
+
+    exit_code = 130

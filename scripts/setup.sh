@@ -8,7 +8,7 @@ what=${1:-runtime}
 
 runtime_pkgs=(fuse3 libfuse3-dev pkg-config busybox-static gcc python3-venv python3-dev debootstrap zstd attr)
 # The tests drive the real tools the issues name, side by side with layerfs.
-test_pkgs=(fuse-overlayfs runc crun skopeo umoci buildah docker-registry fio apache2-utils acl)
+test_pkgs=(fuse-overlayfs runc crun skopeo umoci buildah docker-registry containerd fio apache2-utils acl)
 
 pkgs=("${runtime_pkgs[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
@@ -27,11 +27,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# docker-registry's package starts a service listening on every interface;
-# the tests start their own on 127.0.0.1, so keep the packaged one off.
-if command -v systemctl >/dev/null && systemctl is-active -q docker-registry 2>/dev/null; then
-  systemctl stop docker-registry || true
-fi
+# docker-registry's and containerd's packages start services (the
+# registry on every interface); the tests start their own instances on
+# 127.0.0.1 and temp sockets, so keep the packaged ones off.
+for svc in docker-registry containerd; do
+  if command -v systemctl >/dev/null && systemctl is-active -q "$svc" 2>/dev/null; then
+    systemctl stop "$svc" || true
+  fi
+done
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then

@@ -94,6 +94,12 @@ class ParallelGzip:
             out += self.pending.popleft().result()
         return out
 
+    def abort(self) -> None:
+        """Drop the queued chunks: an interrupted push must not leave the
+        shared pool deflating (the interpreter waits for it at exit)."""
+        while self.pending:
+            self.pending.popleft().cancel()
+
     def flush(self) -> bytes:
         out = b"" if self.started else self.HEADER
         while self.pending:
@@ -150,8 +156,13 @@ def write_layer_blob(store: Store, layer_id: str, compression: str, out: BinaryI
                      docker: bool = False, on_write: Callable[[int], None] | None = None) -> LayerBlob:
     """Write the layer's blob to *out*; returns its digests."""
     sink = _Sink(out, compression, on_write)
-    write_tar(store.layer_entries(layer_id), sink, store.objects.open, layer=True)
-    sink.close()
+    try:
+        write_tar(store.layer_entries(layer_id), sink, store.objects.open, layer=True)
+        sink.close()
+    except BaseException:
+        if isinstance(sink.comp, ParallelGzip):
+            sink.comp.abort()
+        raise
     return LayerBlob("sha256:" + sink.blob_hash.hexdigest(), sink.size,
                      "sha256:" + sink.tar_hash.hexdigest(), media.layer_media_type(compression, docker))
 

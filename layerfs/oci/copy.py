@@ -5,14 +5,22 @@ be given, read and check the config, reuse or send every layer (in
 parallel), then the config, then the manifest. Any failure before the
 manifest leaves nothing visible at the destination; errors name the step
 and the source/destination they happened in.
+
+Interruption (Ctrl-C): the main thread sets ``ctx.cancel``; every worker
+stops at its next read of a blob stream, so a copy stops within one read
+of a chunk. Blobs already complete stay at the destination (committed
+layers in the store, uploaded blobs in a registry) and are reused by the
+next copy; :class:`~layerfs.errors.Interrupted` says how many.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
-from layerfs.errors import LayerfsError, NotFound
+from layerfs.errors import Interrupted, LayerfsError, NotFound
 from layerfs.oci import media
 from layerfs.oci.media import Descriptor, Manifest
 from layerfs.oci.types import Context, CopyResult, ImageDestination, ImageSource
@@ -22,6 +30,22 @@ def copy_image(src: ImageSource, dst: ImageDestination, ctx: Context,
                names: list[str] | None = None) -> CopyResult:
     """Copy one image; *names* default to the source's names."""
     result = CopyResult(names=list(src.names if names is None else names))
+    try:
+        return _copy(src, dst, ctx, result)
+    except KeyboardInterrupt:
+        ctx.cancel.set()
+        raise Interrupted(_kept(result, dst)) from None
+
+
+def _kept(result: CopyResult, dst: ImageDestination) -> str:
+    done = result.blobs_sent + result.blobs_reused
+    if not result.blobs_total:
+        return "interrupted before any layer was copied"
+    return (f"interrupted: {done} of {result.blobs_total} layer(s) are complete at {dst.description} "
+            f"and are kept there ({result.blobs_sent} copied now); run the same command again to finish")
+
+
+def _copy(src: ImageSource, dst: ImageDestination, ctx: Context, result: CopyResult) -> CopyResult:
     manifest, config, diff_ids = _choose(src, dst, ctx, result)
     todo = [(d, diff) for d, diff in zip(manifest.layers, diff_ids) if d.digest not in result.notes]
     seen: set[str] = set()
@@ -30,11 +54,16 @@ def copy_image(src: ImageSource, dst: ImageDestination, ctx: Context,
         if d.digest not in seen:
             seen.add(d.digest)
             unique.append((d, diff))
-    if unique:
-        with ThreadPoolExecutor(max(1, min(ctx.jobs, len(unique)))) as pool:
-            for sent in pool.map(lambda a: _send(src, dst, ctx, *a), unique):
-                result.bytes_sent += sent
-                result.blobs_sent += 1
+    result.blobs_total = len(unique) + result.blobs_reused
+    lock = threading.Lock()
+
+    def send(desc: Descriptor, diff_id: str) -> None:
+        sent = _send(src, dst, ctx, desc, diff_id)
+        with lock:   # counted as each blob lands: an interruption reports what is kept
+            result.bytes_sent += sent
+            result.blobs_sent += 1
+
+    parallel(send, unique, ctx)
     cfg_note = dst.try_reuse(manifest.config, "")
     if cfg_note is None:
         _step(f"writing config to {dst.description}", dst.put_blob, manifest.config,
@@ -98,10 +127,33 @@ def _read_config(src: ImageSource, manifest: Manifest) -> bytes:
     return _step(f"reading config {manifest.config.digest} from {src.description}", read)
 
 
+def parallel(fn: Callable, items: Iterable[tuple], ctx: Context) -> list:
+    """``fn(*item)`` for every item on ``ctx.jobs`` threads; the results in order.
+
+    If the caller is interrupted (KeyboardInterrupt lands in the main
+    thread, which waits here) or one item fails, ``ctx.cancel`` is set and
+    the workers are waited for: they stop at their next blob read, so no
+    thread outlives the copy and nothing writes after it returned."""
+    items = list(items)
+    if not items:
+        return []
+    pool = ThreadPoolExecutor(max(1, min(ctx.jobs, len(items))))
+    futures = [pool.submit(fn, *a) for a in items]
+    try:
+        return [f.result() for f in futures]
+    except BaseException:
+        ctx.cancel.set()
+        for f in futures:
+            f.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
 def _send(src: ImageSource, dst: ImageDestination, ctx: Context, desc: Descriptor, diff_id: str) -> int:
     ctx.progress.start(desc, "layer")
     f = _step(f"reading blob {desc.digest} from {src.description}", src.open_blob, desc)
-    counted = _Counting(f, lambda n: ctx.progress.advance(desc, n))
+    counted = _Counting(f, lambda n: ctx.progress.advance(desc, n), ctx.cancel)
     try:
         _step(f"copying blob {desc.digest} to {dst.description}", dst.put_blob, desc, counted, diff_id)
     finally:
@@ -123,10 +175,14 @@ def _step(what: str, fn, *args):
 
 
 class _Counting:
-    def __init__(self, f: BinaryIO, cb) -> None:
-        self.f, self.cb, self.count = f, cb, 0
+    """A blob stream that reports progress and stops when the copy is cancelled."""
+
+    def __init__(self, f: BinaryIO, cb, cancel=None) -> None:
+        self.f, self.cb, self.count, self.cancel = f, cb, 0, cancel
 
     def read(self, n: int = -1) -> bytes:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Interrupted("copy cancelled")
         data = self.f.read(n)
         self.count += len(data)
         if data:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import http.client
 import io
+import ipaddress
 import json
 import re
 import socket
@@ -56,9 +57,31 @@ class Response:
     body: bytes = b""
 
 
+# What OpenSSL says when the server answered a TLS hello in plain http.
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST", "PACKET_LENGTH_TOO_LONG")
+
+
 def is_loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
-    return name in ("localhost", "[::1]", "::1") or name.startswith("127.")
+    """Whether HOST[:PORT] names this machine: localhost, 127.0.0.0/8 or ::1.
+
+    An address is parsed, not prefix-matched: "127.example.com" is a
+    remote name like any other."""
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_allowed(host: str, insecure: bool) -> bool:
+    """docker's rule: plain http (after TLS failed) only for registries
+    the user marked insecure or for loopback ones."""
+    return insecure or is_loopback(host)
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -104,7 +127,7 @@ class Client:
         if self.scheme:
             return self.scheme
         scheme = "https"
-        if self.insecure or is_loopback(self.host):
+        if plain_http_allowed(self.host, self.insecure):
             conn = self._new_conn("https", self.host, timeout=min(self.timeout, 10))
             try:
                 conn.request("GET", "/v2/", headers={"User-Agent": USER_AGENT})
@@ -157,7 +180,7 @@ class Client:
         url = urllib.parse.urlsplit(realm)
         if url.scheme not in ("http", "https") or not url.netloc:
             raise AuthError(f"registry {self.host} sent an unusable token realm {realm!r}")
-        if url.scheme == "http" and not (self.insecure or is_loopback(url.netloc)):
+        if url.scheme == "http" and not plain_http_allowed(url.netloc, self.insecure):
             raise AuthError(f"refusing to send credentials to a plain-http token realm {realm!r}")
         query = [("service", params["service"])] if params.get("service") else []
         for s in (scope or "").split(" "):
@@ -242,6 +265,9 @@ class Client:
                 if isinstance(exc, ssl.SSLCertVerificationError):
                     raise RegistryError(f"{self.host}: TLS certificate not trusted ({exc.verify_message}); "
                                         "use --insecure for a test registry") from None
+                if isinstance(exc, ssl.SSLError) and exc.reason in _NOT_TLS:
+                    raise RegistryError(f"{self.host} does not speak TLS; use --insecure for a "
+                                        "plain-http registry") from None
                 self._drop()
                 last = f"connection failed: {exc or type(exc).__name__}"
                 self._sleep(attempt, None)

@@ -7,17 +7,21 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
-from layerfs.errors import InvalidInput, NotFound
+from layerfs.errors import InvalidInput, Interrupted, NotFound
 from layerfs.oci import convert, media
 from layerfs.oci.cache import BlobInfoCache, LayerBlob
+from layerfs.oci.copy import parallel
 from layerfs.oci.media import Descriptor, Manifest
 from layerfs.oci.types import Context, ImageSource
 from layerfs.store import references
 from layerfs.store.images import Image
 from layerfs.store.store import Store
+
+
+# The media type of progress reports for a layer whose blob is being made.
+PREPARING = "application/vnd.layerfs.layer.preparing"
 
 
 def _cache(ctx: Context) -> BlobInfoCache:
@@ -74,8 +78,7 @@ class StoreSource:
             self._layer_of[blob.digest] = (lid, comp)
             return blob
 
-        with ThreadPoolExecutor(max(1, min(self.ctx.jobs, len(layers) or 1))) as pool:
-            blobs = list(pool.map(one, layers))
+        blobs = parallel(one, [(lid,) for lid in layers], self.ctx)
         config = convert.to_oci_config(self.image.config, [b.diff_id for b in blobs])
         cdesc = Descriptor(media.DOCKER_CONFIG if docker else media.OCI_CONFIG,
                            media.sha256_digest(config), len(config))
@@ -85,12 +88,24 @@ class StoreSource:
 
     def _spool(self, lid: str, comp: str) -> LayerBlob:
         fd, path = tempfile.mkstemp(dir=self.store.tmp_dir, prefix="oci-")
+        # Reported as the layer being prepared (docker's "Preparing"): the
+        # blob's digest is known only once it is written.
+        desc = Descriptor(PREPARING, "blake3:" + lid, self.store.layer_info(lid)[0])
+        progress, cancel = self.ctx.progress, self.ctx.cancel
+
+        def wrote(n: int) -> None:
+            if cancel.is_set():
+                raise Interrupted("copy cancelled")
+            progress.advance(desc, n)
+
+        progress.start(desc, "prepare")
         try:
             with os.fdopen(fd, "wb") as out:
-                blob = convert.write_layer_blob(self.store, lid, comp, out)
+                blob = convert.write_layer_blob(self.store, lid, comp, out, on_write=wrote)
         except BaseException:
             os.unlink(path)
             raise
+        progress.done(desc, "prepared")
         with self._lock:
             if blob.digest in self._spools:
                 os.unlink(path)
@@ -178,8 +193,14 @@ class StoreDestination:
         self._writing.__enter__()
 
     def try_reuse(self, desc: Descriptor, diff_id: str) -> str | None:
+        """A layer the store holds (by blob digest or diff_id) is reused
+        without reading the source's blob, as docker does: the layer was
+        verified when it was stored, the source's blob may even be missing.
+        With ``ctx.verify`` only blobs read during this copy are reused."""
         if not diff_id:
             return None   # configs are always read
+        if self.ctx.verify:
+            return "already in store" if desc.digest in self._layers else None
         lid = self.cache.layer_of(desc.digest) or self.cache.layer_of(diff_id)
         if lid is None:
             return None

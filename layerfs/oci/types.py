@@ -24,6 +24,7 @@ ImageDestination contract
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO, Protocol
@@ -100,11 +101,15 @@ class Context:
     platform: Platform = field(default_factory=Platform)
     compression: str = "gzip"
     manifest_format: str = "oci"     # oci | docker (for manifests layerfs generates)
+    # load --verify: read and check every layer blob, reuse none unread.
+    verify: bool = False
     progress: Progress = field(default_factory=NoProgress)
     retries: int = 5
     backoff: float = 0.5
     timeout: float = 120.0
     jobs: int = 3
+    # Set to stop a copy: workers check it at every blob read (Ctrl-C).
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -117,4 +122,5 @@ class CopyResult:
     blobs_sent: int = 0
     bytes_sent: int = 0
     blobs_reused: int = 0
+    blobs_total: int = 0            # distinct layer blobs of the image
     notes: dict[str, str] = field(default_factory=dict)

@@ -153,6 +153,10 @@ def _mounts(spec: ContainerSpec, hostname: str, state_dir: str | None) -> list[d
                 mounts.append(_bind(host, target, readonly=False))
     for volume in sorted(spec.volumes, key=lambda v: v.container.count("/")):
         mounts.append(_bind(volume.host, volume.container, volume.readonly))
+    for tmpfs in spec.tmpfs:
+        size = [f"size={tmpfs.size}"] if tmpfs.size else []
+        mounts.append({"destination": tmpfs.container, "type": "tmpfs", "source": "tmpfs",
+                       "options": ["nosuid", "nodev", "mode=1777", *size]})
     return mounts
 
 

@@ -211,7 +211,8 @@ def _plan(spec: ContainerSpec, rootfs: str, state_dir: str, container_id: str) -
              if target not in volume_targets]
     binds += [(v.host, v.container, v.readonly) for v in spec.volumes]
     gid = _TTY_GID if spec.userns is None or spec.userns.maps_gid(_TTY_GID) else None
-    mounts = prepare_mountpoints(rootfs, binds, spec.read_only, gid, spec.tty)
+    mounts = prepare_mountpoints(rootfs, binds, spec.read_only, gid, spec.tty,
+                                 tuple((t.container, t.size) for t in spec.tmpfs))
     if spec.cwd != "/":
         # docker creates a missing WORKDIR rather than failing the run.
         make_mountpoint(rootfs, spec.cwd, directory=True)

@@ -57,26 +57,43 @@ class BindMount:
 
 
 @dataclass(frozen=True)
+class TmpfsMount:
+    """A fresh tmpfs on ``target``, a path relative to the rootfs."""
+
+    target: str
+    size: int | None = None
+
+
+@dataclass(frozen=True)
 class MountPlan:
     """The rootfs and the resolved mountpoints in it (relative to it)."""
 
     rootfs: str
-    binds: tuple[BindMount, ...]
+    binds: tuple[BindMount | TmpfsMount, ...]
     read_only: bool
     devpts_gid: int | None
     console: bool
 
 
 def prepare_mountpoints(rootfs: str, binds: list[tuple[str, str, bool]], read_only: bool,
-                        devpts_gid: int | None, console: bool) -> MountPlan:
-    """Resolve and create every mountpoint; ``binds`` is (host, ctr path, ro)."""
+                        devpts_gid: int | None, console: bool,
+                        tmpfs: tuple[tuple[str, int | None], ...] = ()) -> MountPlan:
+    """Resolve and create every mountpoint; ``binds`` is (host, ctr path, ro),
+    ``tmpfs`` (ctr path, size or None)."""
     for name in ("proc", "dev", "sys"):
         _system_dir(rootfs, name)
-    resolved = []
+    resolved: list[BindMount | TmpfsMount] = []
+    wanted = [(target, (source, readonly)) for source, target, readonly in binds]
+    wanted += [(target, size) for target, size in tmpfs]
     # Parents before children, so a volume at /a/b lands on top of one at /a.
-    for source, target, readonly in sorted(binds, key=lambda b: b[1].count("/")):
-        path = make_mountpoint(rootfs, target, os.path.isdir(source))
-        resolved.append(BindMount(source, os.path.relpath(path, rootfs), readonly))
+    for target, what in sorted(wanted, key=lambda w: w[0].count("/")):
+        if isinstance(what, tuple):
+            source, readonly = what
+            path = make_mountpoint(rootfs, target, os.path.isdir(source))
+            resolved.append(BindMount(source, os.path.relpath(path, rootfs), readonly))
+        else:
+            path = make_mountpoint(rootfs, target, directory=True)
+            resolved.append(TmpfsMount(os.path.relpath(path, rootfs), what))
     return MountPlan(rootfs, tuple(resolved), read_only, devpts_gid, console)
 
 
@@ -186,7 +203,11 @@ def bind_console(slave_path: str) -> None:
     mount(slave_path, os.path.join("dev", "console"), None, MS_BIND)
 
 
-def _bind(bind: BindMount) -> None:
+def _bind(bind: BindMount | TmpfsMount) -> None:
+    if isinstance(bind, TmpfsMount):
+        size = f",size={bind.size}" if bind.size else ""
+        mount("tmpfs", bind.target, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777" + size)
+        return
     if not os.path.lexists(bind.target):
         # The target sits on the tmpfs we mounted (/dev/...), not the rootfs.
         if os.path.isdir(bind.source):

@@ -40,6 +40,15 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class Tmpfs:
+    """A fresh tmpfs at ``container`` (docker's ``--tmpfs``, ``RUN --mount=type=tmpfs``);
+    ``size`` in bytes, None for the kernel's default (half of RAM)."""
+
+    container: str
+    size: int | None = None
+
+
+@dataclass(frozen=True)
 class IdMap:
     """One line of a uid_map/gid_map: ``size`` ids from ``container_id`` on."""
 
@@ -90,6 +99,7 @@ class ContainerSpec:
     cpus: float | None = None
     pids_limit: int | None = None
     volumes: tuple[Volume, ...] = ()
+    tmpfs: tuple[Tmpfs, ...] = ()
     read_only: bool = False
     tty: bool = False
     interactive: bool = False
@@ -100,7 +110,7 @@ class ContainerSpec:
 
     def __post_init__(self) -> None:
         # Accept lists from callers but keep the record immutable.
-        for name in ("args", "env", "volumes", "rlimits"):
+        for name in ("args", "env", "volumes", "tmpfs", "rlimits"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _validate(self)
 
@@ -127,6 +137,10 @@ def _validate(spec: ContainerSpec) -> None:
         check_name(spec.cgroup_name, "cgroup name")
     for volume in spec.volumes:
         _check_container_path(volume.container)
+    for tmpfs in spec.tmpfs:
+        _check_container_path(tmpfs.container)
+        if tmpfs.size is not None and tmpfs.size <= 0:
+            raise InvalidInput(f"tmpfs size must be positive, got {tmpfs.size}")
 
 
 def check_name(name: str, what: str) -> str:

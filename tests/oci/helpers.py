@@ -9,6 +9,10 @@ import json
 import os
 import stat
 import threading
+import time
+
+SLOW_RATE = 4 << 20     # bytes a second through a "slow" rule
+SLOW_CHUNK = 64 << 10
 
 
 def tree_signature(root: str) -> dict[str, tuple]:
@@ -36,7 +40,9 @@ class FaultProxy:
     """An HTTP proxy in front of a real registry that misbehaves on request.
 
     ``rules`` is a list of dicts: {"match": substring of "METHOD path",
-    "action": "503" | "drop" | "cut" | "corrupt" | "404", "times": n}.
+    "action": "503" | "drop" | "cut" | "corrupt" | "404" | "slow", "times": n}.
+    "slow" passes the request body and the reply through at ``SLOW_RATE``
+    bytes a second (a far registry, for interrupting transfers).
     With ``bearer`` set it also plays a token server: /v2/ needs
     ``Authorization: Bearer good-token``, handed out by /token for the
     given basic credentials.
@@ -79,8 +85,9 @@ class FaultProxy:
     def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         key = f"{h.command} {h.path}"
         self.log.append(key + (f" Range={h.headers['Range']}" if h.headers.get("Range") else ""))
+        action = self._rule(key)
         length = int(h.headers.get("Content-Length") or 0)
-        body = h.rfile.read(length) if length else b""
+        body = self._slow_read(h.rfile, length) if action == "slow" else (h.rfile.read(length) if length else b"")
         if self.bearer is not None:
             if h.path.startswith("/token"):
                 import base64
@@ -92,7 +99,6 @@ class FaultProxy:
             if h.headers.get("Authorization") != "Bearer good-token":
                 return self._reply(h, 401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', {
                     "WWW-Authenticate": f'Bearer realm="http://{self.host}/token",service="test"'})
-        action = self._rule(key)
         if action == "503":
             return self._reply(h, 503, b"busy")
         if action == "404":
@@ -124,8 +130,33 @@ class FaultProxy:
             h.close_connection = True
             h.connection.shutdown(2)
             return
+        if action == "slow" and h.command != "HEAD":
+            h.send_response(r.status)
+            for k, v in out_headers.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            try:
+                for i in range(0, len(data), SLOW_CHUNK):
+                    h.wfile.write(data[i:i + SLOW_CHUNK])
+                    time.sleep(SLOW_CHUNK / SLOW_RATE)
+            except OSError:
+                h.close_connection = True   # the client went away
+            return
         self._reply(h, r.status, data, out_headers, head=h.command == "HEAD",
                     length=int(r.getheader("Content-Length") or len(data)))
+
+    @staticmethod
+    def _slow_read(f, length: int) -> bytes:
+        parts = []
+        while length > 0:
+            part = f.read(min(SLOW_CHUNK, length))
+            if not part:
+                break
+            parts.append(part)
+            length -= len(part)
+            time.sleep(len(part) / SLOW_RATE)
+        return b"".join(parts)
 
     @staticmethod
     def _reply(h, status: int, data: bytes, headers: dict | None = None, head: bool = False,

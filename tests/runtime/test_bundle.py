@@ -15,6 +15,7 @@ from tests.runtime.conftest import root_skip_reason
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.runtime import (ContainerSpec, IdMap, UserNamespace, Volume, bundle_config,
                              run_bundle, write_bundle)
+from layerfs.runtime.spec import Tmpfs
 
 DOCKER_DEFAULT_CAPS = "00000000a80425fb"
 
@@ -126,6 +127,17 @@ def test_crun_runs_the_bundle(rootfs: Path, tmp_path: Path) -> None:
         pytest.skip("crun: cgroups in hybrid mode not supported here, even with cgroup2 hidden")
     assert code == 3, err
     _check_output(out)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(root_skip_reason() is not None or not shutil.which("runc"),
+                    reason=root_skip_reason() or "runc is not installed")
+def test_runc_mounts_a_tmpfs(rootfs: Path, tmp_path: Path) -> None:
+    bundle = _bundle(rootfs, tmp_path, "grep ' /scratch tmpfs ' /proc/mounts",
+                     tmpfs=[Tmpfs("/scratch", 1 << 20)])
+    code, out, err = _run("runc", bundle, tmp_path)
+    assert code == 0, err
+    assert "size=1024k" in out and "nosuid" in out
 
 
 @pytest.mark.root

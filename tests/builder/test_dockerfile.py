@@ -6,8 +6,9 @@ import textwrap
 
 import pytest
 
-from layerfs.build import dockerfile as df
-from layerfs.build.dockerfile import (
+from layerfs.builder import dockerfile as df
+from layerfs.builder.instruction_parser import go_duration
+from layerfs.builder.dockerfile import (
     Add,
     Arg,
     ArgDecl,
@@ -33,7 +34,7 @@ from layerfs.build.dockerfile import (
     parse,
     required_stages,
 )
-from layerfs.build.substitution import expand_instruction
+from layerfs.builder.substitution import expand_instruction
 from layerfs.errors import InvalidInput, LayerfsError, NotFound
 
 
@@ -588,7 +589,7 @@ def test_healthcheck_exec_form_and_defaults() -> None:
      ("1000us", 10**6), ("1000µs", 10**6), ("1s500ms", 1_500_000_000), ("0", 0)],
 )  # fmt: skip
 def test_go_durations(text: str, ns: int) -> None:
-    assert df._go_duration(text) == ns
+    assert go_duration(text) == ns
 
 
 # --------------------------------------------------------------------------

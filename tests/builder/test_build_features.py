@@ -10,10 +10,11 @@ import threading
 
 import pytest
 
-from layerfs.build.executor import BuildEvent, BuildOptions, _parse_chmod, build
+from layerfs.builder.chmod import parse_chmod
+from layerfs.builder.executor import BuildEvent, BuildOptions, build
 from layerfs.errors import InvalidInput
 
-from tests.build.helpers import make_context
+from tests.builder.helpers import make_context
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.skipif(shutil.which("busybox") is None or not ROOT,
@@ -123,14 +124,14 @@ def test_copy_heredoc(store, base, tmp_path):
 
 
 def test_chmod_symbolic():
-    assert _parse_chmod("u+x", "COPY")(0o644, False) == 0o744
-    assert _parse_chmod("go-w,a+rX", "COPY")(0o660, True) == 0o755
-    assert _parse_chmod("a+X", "COPY")(0o644, False) == 0o644
-    assert _parse_chmod("u=rw,g=r,o=", "COPY")(0o777, False) == 0o640
-    assert _parse_chmod("0755", "COPY")(0, False) == 0o755
+    assert parse_chmod("u+x", "COPY")(0o644, False) == 0o744
+    assert parse_chmod("go-w,a+rX", "COPY")(0o660, True) == 0o755
+    assert parse_chmod("a+X", "COPY")(0o644, False) == 0o644
+    assert parse_chmod("u=rw,g=r,o=", "COPY")(0o777, False) == 0o640
+    assert parse_chmod("0755", "COPY")(0, False) == 0o755
     for bad in ("u+q", "999", "rwx", ""):
         with pytest.raises(InvalidInput):
-            _parse_chmod(bad, "COPY")(0, False)
+            parse_chmod(bad, "COPY")(0, False)
 
 
 def test_copy_chmod_symbolic(store, base, tmp_path):
@@ -195,7 +196,7 @@ def test_run_output_events(store, base, tmp_path):
 _RAYON_CHILD = """
 import os, sys, blake3
 from layerfs.bootstrap import bootstrap_busybox
-from layerfs.build.executor import BuildOptions, build
+from layerfs.builder.executor import BuildOptions, build
 from layerfs.store.store import Store
 
 store_root, ctx = sys.argv[1], sys.argv[2]
@@ -227,41 +228,3 @@ def test_run_after_multithreaded_hashing_does_not_hang(tmp_path):
                           capture_output=True, timeout=200)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert proc.stdout.decode().strip() == str(3 << 20)
-
-
-@_fuse
-@pytest.mark.timeout(120)
-def test_unmount_hard_kills_a_wedged_daemon(store, base, tmp_path):
-    import signal
-
-    from layerfs.build.executor import _is_mountpoint, _mount_clean, _unmount_hard
-    from layerfs.fs.mount import unmount
-
-    mp = tmp_path / "mnt"
-    mp.mkdir()
-    pid = _mount_clean(store.root, base.id, str(mp), str(tmp_path / "upper"))
-    assert _is_mountpoint(str(mp))
-    os.kill(pid, signal.SIGSTOP)  # a daemon that answers nothing
-    try:
-        _unmount_hard(store.root, str(mp), lambda root, path, timeout: unmount(root, path, timeout=1.0), pid)
-        assert not _is_mountpoint(str(mp))
-        assert _dead(pid), "the daemon is still alive"
-    finally:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _dead(pid: int) -> bool:
-    import time
-
-    for _ in range(100):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rpartition(")")[2].split()[0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from layerfs.build import dockerignore
-from layerfs.build.dockerignore import (
+from layerfs.builder import dockerignore
+from layerfs.builder.dockerignore import (
     IgnoreMatcher,
     PatternError,
     go_clean,

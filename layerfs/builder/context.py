@@ -9,7 +9,8 @@ A :class:`BuildContext` is a directory seen through its .dockerignore. It
   what changes the result -- relative path, kind, mode, size, content,
   symlink target -- but not mtime or owner, so a fresh checkout of the same
   tree hits the build cache (docker's classic builder ignores mtime too);
-* remembers digests in a :class:`StatCache`, so re-hashing an unchanged
+* remembers digests in the store's stat cache
+  (:class:`layerfs.store.statcache.StatCache`), so re-hashing an unchanged
   context costs one ``lstat`` per file and no reads.
 
 The Dockerfile and the .dockerignore are read for parsing even when the
@@ -23,19 +24,19 @@ import dataclasses
 import os
 import posixpath
 import re
-import sqlite3
 import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
 import blake3
 
-from layerfs.build import dockerignore
+from layerfs.builder import dockerignore
 from layerfs.errors import InvalidInput, NotFound
+from layerfs.store.objects import hash_stream
+from layerfs.store.statcache import StatCache
 
 __all__ = [
     "BuildContext",
@@ -44,12 +45,9 @@ __all__ = [
     "CopySource",
     "HashStats",
     "ResolvedSources",
-    "StatCache",
-    "hash_file",
 ]
 
 Kind = Literal["file", "dir", "symlink"]
-_CHUNK = 1 << 20
 
 
 class BuildContextError(InvalidInput):
@@ -114,23 +112,6 @@ class HashStats:
 # hashing and the stat cache
 
 
-def hash_file(fd: int) -> tuple[str, int]:
-    """blake3 hex digest and byte count of an open file descriptor."""
-    hasher = blake3.blake3()
-    total = 0
-    while chunk := os.read(fd, _CHUNK):
-        hasher.update(chunk)
-        total += len(chunk)
-    return hasher.hexdigest(), total
-
-
-_StatKey = tuple[int, int, int, int]  # size, mtime_ns, inode, ctime_ns
-
-
-def _stat_key(st: os.stat_result) -> _StatKey:
-    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-
-
 # A write within one timestamp tick of our read would leave mtime/ctime
 # unchanged ("racy git"); an entry is cached only once its timestamps are
 # older than the tick. Whole-second timestamps mean a coarse filesystem.
@@ -142,122 +123,6 @@ def _is_racy(st: os.stat_result, started_ns: int) -> bool:
     newest = max(st.st_mtime_ns, st.st_ctime_ns)
     coarse = st.st_mtime_ns % 1_000_000_000 == 0 and st.st_ctime_ns % 1_000_000_000 == 0
     return newest >= started_ns - (_RACY_COARSE_NS if coarse else _RACY_FINE_NS)
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS stat_cache (
-    path     TEXT PRIMARY KEY,
-    size     INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    inode    INTEGER NOT NULL,
-    ctime_ns INTEGER NOT NULL,
-    digest   TEXT NOT NULL
-) WITHOUT ROWID
-"""
-
-
-class StatCache:
-    """(path, size, mtime_ns, inode, ctime_ns) -> blake3 digest, in SQLite.
-
-    Like git's index: a file whose stat data is unchanged is not read
-    again. The database opens on first use and the rows under a context
-    root are loaded in one query (:meth:`preload`); new digests are kept in
-    memory and written by :meth:`commit` in a single transaction, so a
-    build costs one write transaction whatever its size. Losing the file
-    only costs re-hashing; it is a cache, never the truth.
-
-    Use as a context manager: commit on success, close always.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        self._db: sqlite3.Connection | None = None
-        self._rows: dict[str, tuple[_StatKey, str]] = {}
-        self._loaded: set[str] = set()
-        self._dirty: dict[str, tuple[_StatKey, str]] = {}
-
-    def _conn(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            # WAL: concurrent builds read while one writes.
-            db.execute("PRAGMA journal_mode=WAL")
-            # A lost last transaction only means re-hashing; skip the fsyncs.
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute(_SCHEMA)
-            self._db = db
-        return self._db
-
-    def preload(self, root: str) -> None:
-        """Load every row under directory ``root`` (absolute) at once."""
-        root = root.rstrip("/")
-        if root in self._loaded:
-            return
-        self._loaded.add(root)
-        # '/' + 1 == '0': the half-open range holds exactly root/...
-        rows = self._conn().execute(
-            "SELECT path, size, mtime_ns, inode, ctime_ns, digest FROM stat_cache"
-            " WHERE path > ? AND path < ?",
-            (root + "/", root + "0"),
-        )
-        for path, size, mtime_ns, inode, ctime_ns, digest in rows:
-            self._rows[path] = ((size, mtime_ns, inode, ctime_ns), digest)
-
-    def lookup(self, path: str, st: os.stat_result) -> str | None:
-        """The cached digest of ``path`` if its stat data is unchanged."""
-        row = self._rows.get(path)
-        if row is None and not any(path.startswith(r + "/") for r in self._loaded):
-            found = self._conn().execute(
-                "SELECT size, mtime_ns, inode, ctime_ns, digest FROM stat_cache WHERE path = ?",
-                (path,),
-            ).fetchone()
-            if found:
-                row = (tuple(found[:4]), found[4])  # type: ignore[assignment]
-                self._rows[path] = row  # type: ignore[assignment]
-        if row is not None and row[0] == _stat_key(st):
-            return row[1]
-        return None
-
-    def store(self, path: str, st: os.stat_result, digest: str) -> None:
-        """Remember ``digest`` for ``path`` as of ``st`` (written on commit)."""
-        entry = (_stat_key(st), digest)
-        self._rows[path] = entry
-        self._dirty[path] = entry
-
-    def commit(self) -> None:
-        """Write the new digests in one transaction."""
-        if not self._dirty:
-            return
-        db = self._conn()
-        with_rows = [(p, *key, digest) for p, (key, digest) in self._dirty.items()]
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany("INSERT OR REPLACE INTO stat_cache VALUES (?, ?, ?, ?, ?, ?)", with_rows)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        self._dirty.clear()
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-    def __enter__(self) -> StatCache:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            if exc_type is None:
-                self.commit()
-        finally:
-            self.close()
 
 
 # --------------------------------------------------------------------------
@@ -291,7 +156,9 @@ class BuildContext:
         root: the context directory.
         dockerfile: the Dockerfile's path relative to ``root`` (also picks
             ``<dockerfile>.dockerignore`` when present).
-        cache: a :class:`StatCache`, or None to hash every time.
+        cache: the store's :class:`StatCache`, or None to hash every
+            time. Use the context as a context manager so the new digests
+            are committed once, at the end, and only if the build got there.
     """
 
     def __init__(
@@ -312,20 +179,6 @@ class BuildContext:
         self._bytes = 0
         self._hits = 0
         self._preloaded = False
-
-    @classmethod
-    def open(
-        cls,
-        root: str | os.PathLike[str],
-        *,
-        dockerfile: str = "Dockerfile",
-        cache_path: str | os.PathLike[str] | None = None,
-    ) -> BuildContext:
-        """A context whose stat cache lives at ``cache_path`` (if given).
-
-        Use it as a context manager so the cache commits once at the end.
-        """
-        return cls(root, dockerfile=dockerfile, cache=StatCache(cache_path) if cache_path else None)
 
     def __enter__(self) -> BuildContext:
         return self
@@ -438,7 +291,8 @@ class BuildContext:
             # cache by what we actually read.
             if not stat.S_ISREG(opened.st_mode):
                 raise BuildContextError(f"{abs_path!r} changed while hashing")
-            digest, size = hash_file(fd)
+            with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+                digest, size = hash_stream(f)
         finally:
             os.close(fd)
         self._hashed += 1

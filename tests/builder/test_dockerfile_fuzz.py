@@ -12,9 +12,9 @@ import textwrap
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from layerfs.build.dockerfile import DockerfileError, parse, required_stages
-from layerfs.build.dockerignore import IgnoreMatcher, PatternError, parse_ignore_file
-from layerfs.build.substitution import (
+from layerfs.builder.dockerfile import DockerfileError, parse, required_stages
+from layerfs.builder.dockerignore import IgnoreMatcher, PatternError, parse_ignore_file
+from layerfs.builder.substitution import (
     Scope,
     SubstitutionError,
     expand_instruction,

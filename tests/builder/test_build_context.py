@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sqlite3
 import stat
 import time
 from pathlib import Path
@@ -12,8 +11,10 @@ from pathlib import Path
 import blake3
 import pytest
 
-from layerfs.build.context import BuildContext, BuildContextError, StatCache
+from layerfs.builder.context import BuildContext, BuildContextError
 from layerfs.errors import NotFound
+from layerfs.store.statcache import StatCache
+from layerfs.store.store import Store
 
 # The stat cache refuses entries touched within the last timestamp tick
 # ("racy git"); tests that expect cache hits let that window pass first.
@@ -22,6 +23,22 @@ RACY_WINDOW_S = 0.06
 
 def settle() -> None:
     time.sleep(RACY_WINDOW_S)
+
+
+@pytest.fixture
+def stat_store(tmp_path: Path):
+    """A store whose stat cache the contexts share (the builder's is the
+    store's own table)."""
+    with Store(str(tmp_path / "store")) as store:
+        yield store
+
+
+def opened(root: Path, store: Store) -> BuildContext:
+    return BuildContext(root, cache=StatCache(store.db))
+
+
+def stat_rows(store: Store) -> int:
+    return store.db.value("SELECT count(*) FROM stat_cache")
 
 
 def make_tree(root: Path, files: dict[str, str | bytes]) -> Path:
@@ -325,126 +342,126 @@ def test_context_digest(ctx_dir: Path, tmp_path: Path) -> None:
 # the stat cache
 
 
-def test_stat_cache_second_pass_reads_nothing(ctx_dir: Path, tmp_path: Path) -> None:
-    cache_path = tmp_path / "cache" / "stat.db"
+def test_stat_cache_second_pass_reads_nothing(ctx_dir: Path, stat_store: Store) -> None:
     settle()
-    with BuildContext.open(ctx_dir, cache_path=cache_path) as ctx:
+    with opened(ctx_dir, stat_store) as ctx:
         first = ctx.resolve(["."]).digest
         stats = ctx.statistics()
     assert stats.files_hashed == 10 and stats.cache_hits == 0
-    with BuildContext.open(ctx_dir, cache_path=cache_path) as ctx:
+    with opened(ctx_dir, stat_store) as ctx:
         assert ctx.resolve(["."]).digest == first
         stats = ctx.statistics()
     assert (stats.files_hashed, stats.bytes_hashed, stats.cache_hits) == (0, 0, 10)
 
 
-def test_stat_cache_rehashes_only_what_changed(ctx_dir: Path, tmp_path: Path) -> None:
-    cache_path = tmp_path / "stat.db"
+def test_stat_cache_rehashes_only_what_changed(ctx_dir: Path, stat_store: Store) -> None:
     settle()
-    with BuildContext.open(ctx_dir, cache_path=cache_path) as ctx:
+    with opened(ctx_dir, stat_store) as ctx:
         before = ctx.resolve(["src"]).digest
     (ctx_dir / "src" / "a.txt").write_text("changed!\n")
     settle()
-    with BuildContext.open(ctx_dir, cache_path=cache_path) as ctx:
+    with opened(ctx_dir, stat_store) as ctx:
         after = ctx.resolve(["src"]).digest
         stats = ctx.statistics()
     assert after != before
     assert (stats.files_hashed, stats.bytes_hashed, stats.cache_hits) == (1, 9, 3)
 
 
-def test_stat_cache_same_size_same_mtime_rewrite_is_detected(ctx_dir: Path, tmp_path: Path) -> None:
+def test_stat_cache_same_size_same_mtime_rewrite_is_detected(ctx_dir: Path, stat_store: Store) -> None:
     """Rewriting with equal size and a forged mtime still changes ctime."""
-    cache_path = tmp_path / "stat.db"
     target = ctx_dir / "src" / "a.txt"
     settle()
-    with BuildContext.open(ctx_dir, cache_path=cache_path) as ctx:
+    with opened(ctx_dir, stat_store) as ctx:
         before = ctx.resolve(["src/a.txt"]).digest
     st = target.stat()
     target.write_text("z\n")
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    with BuildContext.open(ctx_dir, cache_path=cache_path) as ctx:
+    with opened(ctx_dir, stat_store) as ctx:
         assert ctx.resolve(["src/a.txt"]).digest != before
         assert ctx.statistics().files_hashed == 1
 
 
-def test_racy_entries_are_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_racy_entries_are_not_cached(tmp_path: Path, stat_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     # A wide racy window, so a loaded machine (file made, then read more than
     # one timestamp tick later) cannot make the brand-new file look settled.
-    from layerfs.build import context as context_mod
+    from layerfs.builder import context as context_mod
 
     monkeypatch.setattr(context_mod, "_RACY_FINE_NS", 600 * 10**9)
     monkeypatch.setattr(context_mod, "_RACY_COARSE_NS", 600 * 10**9)
     root = make_tree(tmp_path / "c", {"f": "x"})
-    cache_path = tmp_path / "stat.db"
-    with BuildContext.open(root, cache_path=cache_path) as ctx:  # no settle: f is brand new
+    with opened(root, stat_store) as ctx:  # no settle: f is brand new
         ctx.resolve(["f"])
-    with BuildContext.open(root, cache_path=cache_path) as ctx:
+    with opened(root, stat_store) as ctx:
         ctx.resolve(["f"])
         assert ctx.statistics().files_hashed == 1
 
 
-def test_stat_cache_is_sqlite_wal_and_commits_once(ctx_dir: Path, tmp_path: Path) -> None:
-    cache_path = tmp_path / "stat.db"
+def test_stat_cache_is_the_stores_table_and_commits_once(ctx_dir: Path, stat_store: Store) -> None:
     settle()
-    with BuildContext.open(ctx_dir, cache_path=cache_path) as ctx:
+    with opened(ctx_dir, stat_store) as ctx:
         ctx.resolve(["."])
         # Nothing is written until the build ends: one transaction per build.
-        if cache_path.exists():
-            db = sqlite3.connect(cache_path)
-            assert db.execute("SELECT count(*) FROM stat_cache").fetchone() == (0,)
-            db.close()
-    db = sqlite3.connect(cache_path)
-    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-    assert db.execute("SELECT count(*) FROM stat_cache").fetchone() == (10,)
-    db.close()
+        assert stat_rows(stat_store) == 0
+    assert stat_rows(stat_store) == 10
+    assert not [n for n in os.listdir(stat_store.root) if "stat" in n]  # no file of its own
 
 
-def test_stat_cache_not_committed_when_build_fails(ctx_dir: Path, tmp_path: Path) -> None:
-    cache_path = tmp_path / "stat.db"
+def test_stat_cache_not_committed_when_build_fails(ctx_dir: Path, stat_store: Store) -> None:
     settle()
     with pytest.raises(BuildContextError):
-        with BuildContext.open(ctx_dir, cache_path=cache_path) as ctx:
+        with opened(ctx_dir, stat_store) as ctx:
             ctx.resolve(["src"])
             ctx.resolve(["missing"])
-    with BuildContext.open(ctx_dir, cache_path=cache_path) as ctx:
+    assert stat_rows(stat_store) == 0
+    with opened(ctx_dir, stat_store) as ctx:
         ctx.resolve(["src"])
         assert ctx.statistics().cache_hits == 0
 
 
-def test_stat_cache_is_lazy(tmp_path: Path) -> None:
-    cache_path = tmp_path / "never" / "stat.db"
-    with BuildContext.open(tmp_path, cache_path=cache_path) as ctx:
-        list(ctx.walk())  # walking hashes nothing, so the cache is never opened
-    assert not cache_path.exists()
-
-
-def test_stat_cache_lookup_outside_preloaded_root(tmp_path: Path) -> None:
+def test_stat_cache_lookup_outside_preloaded_root(tmp_path: Path, stat_store: Store) -> None:
     f = tmp_path / "f"
     f.write_text("x")
     st = f.stat()
-    with StatCache(tmp_path / "db") as cache:
+    with StatCache(stat_store.db) as cache:
         cache.store(str(f), st, "d1")
-    with StatCache(tmp_path / "db") as cache:
+    with StatCache(stat_store.db) as cache:
         assert cache.lookup(str(f), st) == "d1"
         assert cache.lookup(str(tmp_path / "other"), st) is None
+    # Import only trusts rows whose digest is a stored object ("d1" is not).
+    assert StatCache(stat_store.db, stored_only=True).lookup(str(f), st) is None
 
 
-def test_stat_cache_shared_by_two_contexts(tmp_path: Path) -> None:
+def test_import_and_build_share_the_stat_cache(tmp_path: Path, stat_store: Store,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context the store imported before is hashed from the import's rows."""
+    from layerfs.store import store as store_mod
+
+    monkeypatch.setattr(store_mod, "RACY_NS", 0)  # the files are brand new
+    root = make_tree(tmp_path / "imp", {"a": "1" * 100, "d/b": "2" * 100})
+    settle()
+    stat_store.import_dir(str(root))
+    assert stat_rows(stat_store) == 2
+    settle()
+    with opened(root, stat_store) as ctx:
+        ctx.resolve(["."])
+        assert (ctx.statistics().files_hashed, ctx.statistics().cache_hits) == (0, 2)
+
+
+def test_stat_cache_shared_by_two_contexts(tmp_path: Path, stat_store: Store) -> None:
     one = make_tree(tmp_path / "one", {"a": "1"})
     two = make_tree(tmp_path / "one2", {"b": "2"})  # shares a string prefix with "one"
-    cache_path = tmp_path / "stat.db"
     settle()
     for root in (one, two):
-        with BuildContext.open(root, cache_path=cache_path) as ctx:
+        with opened(root, stat_store) as ctx:
             ctx.resolve(["."])
     for root in (one, two):
-        with BuildContext.open(root, cache_path=cache_path) as ctx:
+        with opened(root, stat_store) as ctx:
             ctx.resolve(["."])
             assert ctx.statistics().cache_hits == 1 and ctx.statistics().files_hashed == 0
 
 
 @pytest.mark.slow
-def test_large_unchanged_context_rehash_reads_no_content(tmp_path: Path) -> None:
+def test_large_unchanged_context_rehash_reads_no_content(tmp_path: Path, stat_store: Store) -> None:
     """10,000 files / 200 MB: the second pass is stat-only (counted, not timed)."""
     root = tmp_path / "big"
     chunk = os.urandom(20_000)
@@ -453,13 +470,12 @@ def test_large_unchanged_context_rehash_reads_no_content(tmp_path: Path) -> None
         if i < 100:
             d.mkdir(parents=True)
         (d / f"f{i}.bin").write_bytes(chunk[i % 1000 :] + i.to_bytes(4, "big") + chunk[: i % 1000])
-    cache_path = tmp_path / "stat.db"
     settle()
-    with BuildContext.open(root, cache_path=cache_path) as ctx:
+    with opened(root, stat_store) as ctx:
         first = ctx.resolve(["."]).digest
         cold = ctx.statistics()
     assert cold.files_hashed == 10_000 and cold.bytes_hashed == 10_000 * 20_004
-    with BuildContext.open(root, cache_path=cache_path) as ctx:
+    with opened(root, stat_store) as ctx:
         assert ctx.resolve(["."]).digest == first
         warm = ctx.statistics()
     assert (warm.files_hashed, warm.bytes_hashed, warm.cache_hits) == (0, 0, 10_000)
