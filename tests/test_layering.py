@@ -1,7 +1,8 @@
 """The package layering is the architecture: check it on every run.
 
-store is the bottom; fs mounts what the store holds; runtime runs processes
-on fs mounts; build(er) drives runtime and fs; oci moves images in and out
+procfs (what /proc says) and errors sit below everything; store is the
+bottom; fs mounts what the store holds; runtime runs processes on fs
+mounts; the builder drives runtime and fs; oci moves images in and out
 of the store. Nothing in layerfs/ imports the CLI. Imports inside functions
 count too: a lazy import is still a dependency.
 """
@@ -19,13 +20,13 @@ PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "__init__": set(),
-    "store": {"errors", "store", "__init__"},
-    "fs": {"errors", "store", "fs"},
-    "runtime": {"errors", "store", "fs", "runtime"},
-    "build": {"errors", "store", "fs", "runtime", "build"},
-    "builder": {"errors", "store", "fs", "runtime", "builder"},
+    "procfs": {"errors"},
+    "store": {"errors", "procfs", "store", "__init__"},
+    "fs": {"errors", "procfs", "store", "fs"},
+    "runtime": {"errors", "procfs", "store", "fs", "runtime"},
+    "builder": {"errors", "procfs", "store", "fs", "runtime", "builder"},
     "oci": {"errors", "store", "oci", "__init__"},
-    "snapshotter": {"errors", "store", "fs", "runtime", "snapshotter"},
+    "snapshotter": {"errors", "procfs", "store", "fs", "runtime", "snapshotter"},
     "bootstrap": {"errors", "store"},
 }
 
