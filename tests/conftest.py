@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,8 +10,19 @@ import pytest
 
 from layerfs.store.store import Store
 
+from tests import capabilities
+
 ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not ROOT, reason="needs root (device nodes, chown, trusted.* xattrs)")
+needs_root = pytest.mark.root
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The one skip hook: a test's markers say what it needs."""
+    for mark in item.iter_markers():
+        reason = capabilities.missing(mark)
+        if reason is not None:
+            pytest.skip(reason)
 
 
 @pytest.fixture
@@ -41,8 +51,8 @@ def layerfs_cmd(*args: str, root: str, input: bytes | None = None, check: bool =
 def busybox_tree(tmp_path):
     from layerfs.bootstrap import busybox_tree as make
 
-    if shutil.which("busybox") is None:
-        pytest.skip("busybox-static is not installed")
+    if (reason := capabilities.tools("busybox")) is not None:
+        pytest.skip(reason)
     dest = str(tmp_path / "busybox-rootfs")
     make(dest)
     return dest
