@@ -25,6 +25,44 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytest.skip(reason)
 
 
+# Parts of the suite whose tests write stores through mounts, builds and
+# containers: every store such a test leaves under its tmp_path is fsck'ed.
+FSCK_AFTER = ("fs", "builder", "runtime", "cli", "snapshotter")
+
+
+def _stores_under(top: str, depth: int = 3) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        if "db.sqlite" in filenames and "objects" in dirnames:
+            found.append(dirpath)
+            dirnames[:] = []
+        elif dirpath[len(top):].count(os.sep) >= depth:
+            dirnames[:] = []
+        else:
+            # never walk into a mount a failed test left behind
+            dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def fsck_stores_after(request: pytest.FixtureRequest):
+    """After each fs/builder/runtime/cli test, every store it wrote must
+    pass fsck: kill -9 paths, failed builds and unmounts included. A test
+    that damages a store on purpose says so with @pytest.mark.damages_store."""
+    part = os.path.relpath(str(request.path), os.path.dirname(__file__)).split(os.sep)[0]
+    if part not in FSCK_AFTER or request.node.get_closest_marker("damages_store"):
+        yield
+        return
+    top = str(request.getfixturevalue("tmp_path"))
+    yield
+    from layerfs.store import fsck
+
+    for root in _stores_under(top):
+        with Store(root) as st:
+            report = fsck.check(st)
+        assert report.clean, f"fsck of {root} after the test: {report.problems[:5]}"
+
+
 @pytest.fixture
 def store(tmp_path):
     with Store(str(tmp_path / "store")) as s:
