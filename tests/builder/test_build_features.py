@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import shutil
 import threading
 
 import pytest
@@ -15,17 +14,12 @@ from layerfs.builder.executor import BuildEvent, BuildOptions, build
 from layerfs.errors import InvalidInput
 
 from tests.builder.helpers import make_context
-from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(shutil.which("busybox") is None or not ROOT,
-                                reason="needs busybox-static and root")
+pytestmark = [pytest.mark.root, pytest.mark.tools("busybox")]
 
 
-def _fuse_ok() -> bool:
-    return os.path.exists("/dev/fuse") and ROOT
 
-
-needs_fuse = [pytest.mark.fuse, pytest.mark.skipif(not _fuse_ok(), reason="needs /dev/fuse and root")]
+needs_fuse = [pytest.mark.fuse]
 
 
 _ctx = make_context

@@ -4,7 +4,6 @@ a non-zero exit, no traceback, nothing tagged; and Ctrl-C during a RUN."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +11,9 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, layerfs_cmd
+from tests.conftest import layerfs_cmd
 
-pytestmark = pytest.mark.skipif(shutil.which("busybox") is None or not ROOT,
-                                reason="needs busybox-static and root")
+pytestmark = [pytest.mark.root, pytest.mark.tools("busybox")]
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +124,7 @@ def test_variables_in_scope_are_limited_too(seeded, tmp_path):
 
 
 @pytest.mark.fuse
-@pytest.mark.skipif(not ROOT or not os.path.exists("/dev/fuse"), reason="needs /dev/fuse and root")
+@pytest.mark.fuse
 def test_failed_run_exits_1_with_the_steps_code_in_the_message(seeded, tmp_path):
     proc = layerfs_cmd("build", "--progress", "plain", "-t", "bad:1",
                        _ctx(tmp_path, "FROM busybox:latest\nRUN exit 3\n"), root=seeded)
@@ -160,9 +158,6 @@ def test_progress_tty_and_plain(seeded, tmp_path):
     assert "Step 2/2 : LABEL p=1" in plain and " ---> Using cache" in plain and "\x1b" not in plain
 
 
-def _fuse_ok() -> bool:
-    return os.path.exists("/dev/fuse") and ROOT
-
 
 def _cgroup_dirs() -> set[str]:
     found = set()
@@ -188,7 +183,6 @@ def _marker_procs(marker: str) -> list[int]:
 
 
 @pytest.mark.fuse
-@pytest.mark.skipif(not _fuse_ok(), reason="needs /dev/fuse and root")
 def test_ctrl_c_during_run_leaves_nothing(seeded, tmp_path):
     marker = "417.25"  # an unusual sleep length, to find the container's process
     ctx = _ctx(tmp_path, f"FROM busybox:latest\nRUN echo started; sleep {marker}\n")

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
 from layerfs.builder import executor
 from layerfs.builder.context import BuildContextError
 from layerfs.builder.executor import BuildError, BuildOptions, build
-from layerfs.errors import InvalidInput, LayerfsError, NotFound
+from layerfs.errors import InvalidInput, NotFound
 
 from tests.builder.helpers import make_context
-from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(shutil.which("busybox") is None or not ROOT,
-                                reason="needs busybox-static and root")
+pytestmark = [pytest.mark.root, pytest.mark.tools("busybox")]
 
 
 _ctx = make_context
@@ -160,12 +157,8 @@ def test_bad_tag_rejected_before_building(store, base, tmp_path):
         _build(store, ctx, tags=("Bad Tag",))
 
 
-def _fuse_ok() -> bool:
-    return os.path.exists("/dev/fuse") and ROOT
-
 
 @pytest.mark.fuse
-@pytest.mark.skipif(not _fuse_ok(), reason="needs /dev/fuse and root")
 def test_run_step(store, base, tmp_path):
     ctx = _ctx(tmp_path, "FROM busybox:latest\nRUN echo hi > /x\n")
     result, lines = _build(store, ctx, tags=("run:1",))
@@ -175,7 +168,6 @@ def test_run_step(store, base, tmp_path):
 
 
 @pytest.mark.fuse
-@pytest.mark.skipif(not _fuse_ok(), reason="needs /dev/fuse and root")
 def test_run_layer_has_no_runtime_mountpoints(store, base, tmp_path):
     """The runtime makes /etc/hosts, /etc/hostname, /etc/resolv.conf (and
     /proc, /dev, /sys on bases without them) to mount on; like commit, and
@@ -192,7 +184,6 @@ def test_run_layer_has_no_runtime_mountpoints(store, base, tmp_path):
 
 
 @pytest.mark.fuse
-@pytest.mark.skipif(not _fuse_ok(), reason="needs /dev/fuse and root")
 def test_failed_run_tags_nothing(store, base, tmp_path):
     ctx = _ctx(tmp_path, "FROM busybox:latest\nRUN echo oops; exit 3\n")
     lines: list[str] = []
@@ -254,7 +245,6 @@ EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "busy
 
 
 @pytest.mark.fuse
-@pytest.mark.skipif(not _fuse_ok(), reason="needs /dev/fuse and root")
 def test_busybox_pair_example_shares_layers(store, base):
     a, _ = _build(store, EXAMPLES, dockerfile="Dockerfile.first", tags=("pair:first",))
     b, lines = _build(store, EXAMPLES, dockerfile="Dockerfile.second", tags=("pair:second",))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tarfile
 
 import pytest
@@ -17,11 +16,9 @@ from layerfs.errors import InvalidInput, NotFound, Unsupported
 from layerfs.store.layout import StoreLayout
 
 from tests.builder.helpers import make_context
-from tests.conftest import ROOT, layerfs_cmd
+from tests.conftest import layerfs_cmd
 
-needs_fuse = [pytest.mark.fuse,
-              pytest.mark.skipif(shutil.which("busybox") is None or not ROOT or not os.path.exists("/dev/fuse"),
-                                 reason="needs busybox-static, /dev/fuse and root")]
+needs_fuse = [pytest.mark.fuse, pytest.mark.tools("busybox")]
 
 
 def _fuse(fn):
@@ -345,7 +342,8 @@ def test_cli_secret_and_prune(store_root, tmp_path):
     assert "Deleted 1 cache mount" in out
 
 
-@pytest.mark.skipif(shutil.which("busybox") is None or not ROOT, reason="needs busybox-static and root")
+@pytest.mark.root
+@pytest.mark.tools("busybox")
 @pytest.mark.parametrize("args, dockerfile, message", [
     ((), "FROM busybox:latest\nRUN --mount=type=cache,sharing=all,target=/x true\n",
      "Dockerfile:2: --mount=type=cache,sharing=all,target=/x: unsupported sharing value 'all'"),

@@ -21,10 +21,9 @@ from layerfs.store import fsck
 from layerfs.store import manifest as mf
 
 from tests.builder.helpers import make_context
-from tests.conftest import ROOT, layerfs_cmd
+from tests.conftest import layerfs_cmd
 
-pytestmark = pytest.mark.skipif(shutil.which("busybox") is None or not ROOT,
-                                reason="needs busybox-static and root")
+pytestmark = [pytest.mark.root, pytest.mark.tools("busybox")]
 
 
 def _build(store, ctx, **kw):
