@@ -92,7 +92,8 @@ def test_name_length(fs_env, tmp_path, length):
         got = _name_ops(lm, name)
     assert got == want
     if length > NAME_MAX:
-        assert {r for label, r in want if label != "rename-back"} <= {("err", "ENAMETOOLONG")}
+        # (rename-to: its source, "renamed", was never made: ENOENT first)
+        assert {r for label, r in want if label != "rename-to"} == {("err", "ENAMETOOLONG")}
     else:
         assert all(r[0] == "ok" for label, r in want if not label.startswith(("mknod-0", "lookup")))
         assert dict(want)["mknod-0:0"] == ("err", "EPERM")
@@ -202,7 +203,7 @@ def _remove_deep(root: str) -> list[tuple]:
 
 def _shell_repro(root: str) -> tuple:
     """The issue's repro, as a shell would do it: cd one level at a time."""
-    script = ("set -e; cd \"$1\"; for i in $(seq 16); do mkdir $(printf 'e%.0s' $(seq 250)); cd e*; done; "
+    script = ("set -e; cd \"$1\"; for i in $(seq 16); do mkdir $(printf 'q%.0s' $(seq 250)); cd q*; done; "
               "touch $(printf 'f%.0s' $(seq 100)); echo hi > x; cat x; ls | wc -l")
     proc = subprocess.run(["bash", "-c", script, "-", root], capture_output=True, text=True)
     return proc.returncode, proc.stdout, proc.stderr
