@@ -44,6 +44,7 @@ import errno
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
 import trio
@@ -658,7 +659,10 @@ class Union(FileIO):
         async with self.lock:
             node = self.node(ino)
             truncating = fields.update_size and attr.st_size == 0
+            emptied = None  # (atime, mtime) of a lower file that a truncate to 0 copies up empty
             if not node.upper:
+                if truncating and self.index.meta[node.lower][4]:
+                    emptied = self.index.meta[node.lower][3]
                 await self.copy_up(node, data=not truncating)
             h = self.handles.get(fh) if fh is not None else None
             target = h.fd if h is not None and h.kind == "upper" else None
@@ -671,6 +675,10 @@ class Union(FileIO):
                     up.truncate(path, attr.st_size)
                 else:
                     os.truncate(target, attr.st_size)
+                if emptied is not None and not fields.update_mtime:
+                    # The size did change, but not in the upper dir (the copy
+                    # is empty already): set the mtime the truncate would have.
+                    up.utime(path, (emptied, time.time_ns()))
             if fields.update_uid or fields.update_gid:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
