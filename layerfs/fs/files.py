@@ -30,6 +30,7 @@ import trio
 
 from layerfs.errors import Corrupt, NotFound
 from layerfs.fs.inodes import Node
+from layerfs.fs.names import _err
 from layerfs.fs.upper import file_digest, fs_magic
 from layerfs.store.objects import read_object_file, unpack_object
 
@@ -39,10 +40,6 @@ SMALL_OBJECT = 1 << 20    # read whole (and verify inline) up to this size
 INLINE_READ = 256 << 10   # objects read whole in the trio thread when cached, up to this size
 NOWAIT, INLINE, THREAD = 0, 1, 2   # how reads from a filesystem are done (see module docstring)
 MEMORY_FS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
-
-
-def _err(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
 
 
 class Handle:

@@ -22,7 +22,8 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from layerfs.errors import Corrupt, InvalidInput, LayerfsError, NotFound, Unsupported
-from layerfs.fs.union import LOWER_TIMEOUT, NAME_MAX, Union
+from layerfs.fs.names import NAME_MAX
+from layerfs.fs.union import LOWER_TIMEOUT, Union
 
 log = logging.getLogger("layerfs.fs")
 

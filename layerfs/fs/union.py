@@ -52,7 +52,8 @@ import trio
 from layerfs.fs.files import FileIO
 from layerfs.fs.index import LowerIndex
 from layerfs.fs.inodes import InodeTable, Node
-from layerfs.fs.upper import OPAQUE, PRIVATE_PREFIX, RENAME_EXCHANGE, RENAME_NOREPLACE, UpperDir, is_whiteout
+from layerfs.fs.names import NameOps, _err, _join
+from layerfs.fs.upper import PRIVATE_PREFIX, RENAME_NOREPLACE, UpperDir, discard, is_whiteout
 from layerfs.store.objects import ObjectStore
 
 log = logging.getLogger("layerfs.fs")
@@ -61,22 +62,7 @@ LOWER_TIMEOUT = 86400.0   # lower-only nodes never change behind the kernel's ba
 UPPER_TIMEOUT = 60.0      # upper nodes change only through this mount, too; a hedge
 CAPABILITY = b"security.capability"
 THREAD_COPY = 1 << 20     # copy-ups bigger than this run in a worker thread
-NAME_MAX = 255            # what ext4, xfs, btrfs and tmpfs allow, and so overlayfs over them
 ROOT = pyfuse3.ROOT_INODE
-
-
-def _err(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
-
-
-def _join(base: bytes, name: bytes) -> bytes:
-    return base + b"/" + name if base else name
-
-
-def check_name(name: bytes) -> None:
-    """ENAMETOOLONG for a name no backing filesystem takes, before anything else."""
-    if len(name) > NAME_MAX:
-        raise _err(errno.ENAMETOOLONG)
 
 
 class WriteLock:
@@ -107,7 +93,7 @@ class WriteLock:
         self._lock.release()
 
 
-class Union(FileIO):
+class Union(FileIO, NameOps):
     def __init__(self, index: LowerIndex, objects: ObjectStore, upper: UpperDir | None,
                  read_only: bool = False) -> None:
         self.index = index
@@ -311,7 +297,7 @@ class Union(FileIO):
             # Never over something: what is in the upper dir is newer than below.
             self.upper.place(tmp, first, RENAME_NOREPLACE)
         except BaseException as exc:
-            _remove_quiet(tmp)
+            discard(tmp)
             if isinstance(exc, FileExistsError):
                 self._adopt(node, first)
                 return
@@ -438,222 +424,6 @@ class Union(FileIO):
     def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
 
-    # -- namespace changes --------------------------------------------------------
-    async def create(self, parent: int, name: bytes, fmt: int, mode: int, uid: int, gid: int,
-                     rdev: int = 0, target: bytes = b"", flags: int = 0) -> tuple[Node, int]:
-        """Make a new node; returns it and, for regular files, an open fd."""
-        check_name(name)
-        self._writable()
-        async with self.lock:
-            d = self.node(parent)
-            if self.child(d, name):
-                raise _err(errno.EEXIST)
-            if fmt == stat.S_IFCHR and rdev == 0:
-                raise _err(errno.EPERM)  # would read back as a whiteout; overlayfs refuses it too
-            await self.copy_up(d)
-            kids = self.children(d)
-            base = self.path(d)
-            rel = _join(base, name)
-            pst = self.upper.lstat(base)
-            if pst.st_mode & stat.S_ISGID:
-                gid = pst.st_gid
-                if fmt == stat.S_IFDIR:
-                    mode |= stat.S_ISGID
-            over_whiteout = self.lower_has(d, name)
-            # Over a whiteout the node is made in the work dir and swapped in.
-            if over_whiteout:
-                dst, at = self.upper.temp(), _at_cwd
-            else:
-                dst, at = rel, self.upper.at
-            fd = -1
-            perm = stat.S_IMODE(mode)
-            try:
-                if fmt == stat.S_IFREG:
-                    acc = flags & os.O_ACCMODE if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDWR
-                    fd = at(os.open, dst, os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | acc, perm)
-                elif fmt == stat.S_IFDIR:
-                    at(os.mkdir, dst, perm)
-                elif fmt == stat.S_IFLNK:
-                    at(_symlink, dst, target)
-                else:
-                    at(os.mknod, dst, fmt | perm, rdev)
-                if fd >= 0:
-                    os.fchown(fd, uid, gid)
-                else:
-                    at(os.chown, dst, uid, gid, follow_symlinks=False)
-                if fmt != stat.S_IFLNK and perm & 0o7000:
-                    at(os.chmod, dst, perm)
-                if over_whiteout:
-                    if fmt == stat.S_IFDIR:
-                        os.setxattr(dst, OPAQUE, b"y")
-                    self.upper.put_over_whiteout(dst, rel, fmt == stat.S_IFDIR)
-            except BaseException:
-                if fd >= 0:
-                    os.close(fd)
-                if over_whiteout:
-                    _remove_quiet(dst)
-                else:
-                    self.upper.remove_quiet(rel)
-                raise
-            node = self.table.add(Node(self.table.new_ino(), d.ino, name, fmt, -1, True))
-            node.nocaps = fmt == stat.S_IFREG
-            if fmt == stat.S_IFDIR:
-                node.children = {}
-                d.nsubdirs += 1
-            kids[name] = node.ino
-            return node, fd
-
-    async def link(self, ino: int, parent: int, name: bytes) -> Node:
-        check_name(name)
-        self._writable()
-        async with self.lock:
-            node = self.node(ino)
-            d = self.node(parent)
-            if self.child(d, name):
-                raise _err(errno.EEXIST)
-            if node.is_dir:
-                raise _err(errno.EPERM)
-            await self.copy_up(node)
-            await self.copy_up(d)
-            kids = self.children(d)
-            rel = _join(self.path(d), name)
-            src = self.path(node)
-            if self.lower_has(d, name):
-                tmp = self.upper.temp()
-                self.upper.at(_link_out, src, tmp)
-                try:
-                    self.upper.place(tmp, rel)
-                except BaseException:
-                    _remove_quiet(tmp)
-                    raise
-            else:
-                self.upper.link(src, rel)
-            kids[name] = node.ino
-            node.add_link(d.ino, name)
-            return node
-
-    async def unlink(self, parent: int, name: bytes, want_dir: bool) -> None:
-        check_name(name)
-        self._writable()
-        async with self.lock:
-            d = self.node(parent)
-            ino = self.child(d, name)
-            if not ino:
-                raise _err(errno.ENOENT)
-            node = self.node(ino)
-            if want_dir and not node.is_dir:
-                raise _err(errno.ENOTDIR)
-            if not want_dir and node.is_dir:
-                raise _err(errno.EISDIR)
-            if want_dir and not self.is_empty(node):
-                raise _err(errno.ENOTEMPTY)
-            if not node.upper and node.links:
-                await self.copy_up(node)  # keep the rest of the hardlink group one inode
-            await self.copy_up(d)
-            kids = self.children(d)
-            rel = _join(self.path(d), name)
-            whiteout = self.lower_has(d, name)
-            if node.upper:
-                if want_dir:
-                    self.upper.clear_whiteouts(rel)
-                if whiteout:
-                    self.upper.whiteout(rel, replace=True)
-                elif want_dir:
-                    self.upper.rmdir(rel)
-                else:
-                    self.upper.unlink(rel)
-            else:
-                self.upper.whiteout(rel, replace=False)
-            del kids[name]
-            if node.is_dir:
-                d.nsubdirs -= 1
-            node.drop_link(d.ino, name)
-            self.table.maybe_drop(ino)
-
-    async def _prepare_move(self, node: Node) -> None:
-        if node.is_dir:
-            if not node.upper or node.lower >= 0:
-                await self.copy_up_tree(node)
-        else:
-            await self.copy_up(node)
-
-    async def rename(self, op: int, oname: bytes, np_: int, nname: bytes, flags: int) -> None:
-        check_name(oname)
-        check_name(nname)
-        self._writable()
-        async with self.lock:
-            od, nd = self.node(op), self.node(np_)
-            sino = self.child(od, oname)
-            if not sino:
-                raise _err(errno.ENOENT)
-            tino = self.child(nd, nname)
-            if flags & RENAME_NOREPLACE and tino:
-                raise _err(errno.EEXIST)
-            if flags & RENAME_EXCHANGE and not tino:
-                raise _err(errno.ENOENT)
-            s = self.node(sino)
-            t = self.node(tino) if tino else None
-            if t is s:
-                return
-            if t is not None and not flags & RENAME_EXCHANGE:
-                if s.is_dir and not t.is_dir:
-                    raise _err(errno.ENOTDIR)
-                if not s.is_dir and t.is_dir:
-                    raise _err(errno.EISDIR)
-                if t.is_dir and not self.is_empty(t):
-                    raise _err(errno.ENOTEMPTY)
-            await self._prepare_move(s)
-            if t is not None and (flags & RENAME_EXCHANGE or (not t.upper and t.links)):
-                await self._prepare_move(t)
-            await self.copy_up(od)
-            await self.copy_up(nd)
-            okids, nkids = self.children(od), self.children(nd)
-            orel, nrel = _join(self.path(od), oname), _join(self.path(nd), nname)
-            if flags & RENAME_EXCHANGE:
-                self.upper.rename(orel, nrel, RENAME_EXCHANGE)
-                for n, (dd, nm, rel) in ((s, (nd, nname, nrel)), (t, (od, oname, orel))):
-                    if n.is_dir and self.lower_has(dd, nm):
-                        self.upper.set_opaque(rel)
-                okids[oname], nkids[nname] = t.ino, s.ino
-                if s.is_dir != t.is_dir:
-                    delta = 1 if s.is_dir else -1
-                    od.nsubdirs -= delta
-                    nd.nsubdirs += delta
-                s.move_link((od.ino, oname), (nd.ino, nname))
-                t.move_link((nd.ino, nname), (od.ino, oname))
-                return
-            need_whiteout = self.lower_has(od, oname)
-            if t is not None:
-                if t.is_dir and t.upper:
-                    self.upper.clear_whiteouts(nrel)
-                self.upper.rename(orel, nrel)
-            elif self.lower_has(nd, nname) and s.is_dir:
-                # A whiteout sits at the target: swap it with the dir and
-                # reuse it at the old place when one is needed there.
-                self.upper.rename(orel, nrel, RENAME_EXCHANGE)
-                if need_whiteout:
-                    need_whiteout = False
-                else:
-                    self.upper.unlink(orel)
-            else:
-                self.upper.rename(orel, nrel)
-            if need_whiteout:
-                self.upper.whiteout(orel, replace=False)
-            if s.is_dir and self.lower_has(nd, nname):
-                self.upper.set_opaque(nrel)
-            del okids[oname]
-            nkids[nname] = s.ino
-            if s.is_dir:
-                od.nsubdirs -= 1
-                nd.nsubdirs += 1
-            if t is not None:
-                if t.is_dir:
-                    nd.nsubdirs -= 1
-                t.drop_link(nd.ino, nname)
-            s.move_link((od.ino, oname), (nd.ino, nname))
-            if t is not None:
-                self.table.maybe_drop(t.ino)
-
     async def setattr(self, ino: int, fields, attr, fh: int | None) -> pyfuse3.EntryAttributes:
         self._writable()
         async with self.lock:
@@ -725,28 +495,3 @@ class Union(FileIO):
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.upper.root if self.upper is not None else self.objects.root)
-
-
-# -- helpers ------------------------------------------------------------------------
-def _at_cwd(fn, path: bytes, *args, **kwargs):
-    """``UpperDir.at`` for an absolute path (a node made in the work dir)."""
-    return fn(path, *args, dir_fd=None, **kwargs)
-
-
-def _symlink(name: bytes, target: bytes, dir_fd: int | None) -> None:
-    os.symlink(target, name, dir_fd=dir_fd)
-
-
-def _link_out(name: bytes, path: bytes, dir_fd: int) -> None:
-    """Hard-link *name* (under *dir_fd*) as the absolute *path*."""
-    os.link(name, path, src_dir_fd=dir_fd, follow_symlinks=False)
-
-
-def _remove_quiet(path: bytes) -> None:
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.rmdir(path)
-        else:
-            os.unlink(path)
-    except OSError:
-        pass

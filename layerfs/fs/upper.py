@@ -440,6 +440,14 @@ def _unlink_quiet(path: bytes) -> None:
         pass
 
 
+def discard(path: bytes) -> None:
+    """Remove a node of the work dir, quietly: cleanup after a failure."""
+    try:
+        _remove_tree(path)
+    except OSError:
+        pass
+
+
 def _remove_tree(path) -> None:
     try:
         st = os.lstat(path)
