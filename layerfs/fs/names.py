@@ -69,6 +69,7 @@ class NameOps:
             else:
                 dst, at = rel, self.upper.at
             fd = -1
+            made = False  # on failure, remove only what this call made
             perm = stat.S_IMODE(mode)
             try:
                 if fmt == stat.S_IFREG:
@@ -80,6 +81,7 @@ class NameOps:
                     at(_symlink, dst, target)
                 else:
                     at(os.mknod, dst, fmt | perm, rdev)
+                made = True
                 if fd >= 0:
                     os.fchown(fd, uid, gid)
                 else:
@@ -95,7 +97,7 @@ class NameOps:
                     os.close(fd)
                 if over_whiteout:
                     discard(dst)
-                else:
+                elif made:
                     self.upper.remove_quiet(rel)
                 raise
             node = self.table.add(Node(self.table.new_ino(), d.ino, name, fmt, -1, True))
