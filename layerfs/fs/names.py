@@ -20,9 +20,7 @@ import os
 import stat
 
 from layerfs.fs.inodes import Node
-from layerfs.fs.upper import OPAQUE, RENAME_EXCHANGE, RENAME_NOREPLACE, discard
-
-NAME_MAX = 255            # what ext4, xfs, btrfs and tmpfs allow, and so overlayfs over them
+from layerfs.fs.upper import NAME_MAX, OPAQUE, RENAME_EXCHANGE, RENAME_NOREPLACE, discard
 
 
 def _err(code: int) -> OSError:

@@ -50,6 +50,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
 PATH_MAX = 4096           # bytes of a path argument, the terminating NUL included
+NAME_MAX = 255            # bytes of a name: what ext4, xfs, btrfs and tmpfs allow, so overlayfs too
 _ZERO = bytes(HOLE)
 PARALLEL_HASH = 4 << 20   # copy-ups of unverified objects above this hash in a second thread
 
@@ -247,6 +248,10 @@ class UpperDir:
 
     # -- listing --------------------------------------------------------------
     def scan(self, rel: bytes) -> list[tuple[bytes, os.stat_result]]:
+        path = self.abspath(rel)
+        if len(path) + NAME_MAX < PATH_MAX:  # each entry's stat takes its full path
+            with os.scandir(path) as it:
+                return [(d.name, d.stat(follow_symlinks=False)) for d in it]
         fd = self.open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             with os.scandir(fd) as it:
