@@ -189,7 +189,7 @@ class FileIO:
             if exc.errno != errno.EOPNOTSUPP:
                 raise
         mode = INLINE if fs_magic(fd) in MEMORY_FS else THREAD
-        log.info("%s files: no RWF_NOWAIT reads, reading %s", kind,
+        log.info("%s: no RWF_NOWAIT reads, reading %s", "upper dir" if kind == "upper" else "store",
                  "in the loop (memory filesystem)" if mode == INLINE else "in worker threads")
         self.read_modes[kind] = mode
         return os.preadv(fd, [buf], off) if mode == INLINE else 0
