@@ -127,3 +127,34 @@ def test_dir_metadata_survives_remounts(usr_env, tmp_path):
             os.mkdir(f"{m}/usr/lib/n{i}")
     st = os.lstat(f"{upper}/usr")
     assert stat.S_IMODE(st.st_mode) == 0o700 and sorted(os.listdir(f"{upper}/usr")) == ["lib", "share"]
+
+
+def test_copy_up_never_replaces_what_the_upper_has(usr_env, tmp_path):
+    """The last line of defence, without FUSE: a node that (wrongly)
+    believes it is lower only is copied up over an upper dir that has it.
+    The directory there is kept as it is; anything else there is EIO."""
+    import errno
+
+    import trio
+
+    from layerfs.fs.index import LowerIndex
+    from layerfs.fs.union import Union
+    from layerfs.fs.upper import UpperDir
+
+    upper = tmp_path / "u"
+    (upper / "usr" / "lib").mkdir(parents=True)
+    os.chmod(upper / "usr", 0o700)
+    (upper / "usr" / "lib" / "f").write_bytes(b"upper\n")
+    with Store(usr_env["root"]) as store:
+        index = LowerIndex.from_tree(store.merged_tree(store.image(usr_env["image"])))
+        union = Union(index, store.objects, UpperDir(str(upper), str(tmp_path / "u.work"), store.objects))
+    usr = union.table.get(index.ino(index.child(0, b"usr")))       # a phantom: made from the index alone
+    lib = union.table.get(index.ino(index.child(usr.lower, b"lib")))
+    f = union.table.get(index.ino(index.child(lib.lower, b"f")))
+    assert not usr.upper and not f.upper
+    trio.run(union.copy_up, usr)
+    assert usr.upper and stat.S_IMODE(os.lstat(upper / "usr").st_mode) == 0o700
+    with pytest.raises(OSError) as exc:
+        trio.run(union.copy_up, f)                                   # upper/usr/lib/f is there
+    assert exc.value.errno == errno.EIO
+    assert (upper / "usr" / "lib" / "f").read_bytes() == b"upper\n"
