@@ -194,13 +194,14 @@ def kernel_overlay(lowers: list[str], upper: str, work: str, mp: str):
     opts = f"lowerdir={':'.join(reversed(lowers))},upperdir={upper},workdir={work},index=on,redirect_dir=on"
     # Mounting the same upper again right after an umount is refused now
     # and then for a moment ("upperdir is in-use") while the old mount's
-    # last reference goes away; that is the oracle's hiccup, not a result.
-    for _ in range(200):
+    # last reference goes away (seen on a machine busy with other mounts);
+    # that is the oracle's hiccup, not a result.
+    for _ in range(600):
         r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mp], capture_output=True)
         if r.returncode == 0 or not (b"busy" in r.stderr or b"already mounted" in r.stderr):
             break
         time.sleep(0.05)
-    assert r.returncode == 0, r.stderr.decode()
+    assert r.returncode == 0, f"kernel overlay mount of {upper}: {r.stderr.decode()}"
     try:
         yield mp
     finally:
