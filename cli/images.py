@@ -257,6 +257,8 @@ def df_cmd(store: Store, verbose: bool, no_trunc: bool, fmt: str) -> None:
             table(headers, [(r.image_id[:12], tags(r), human_size(r.logical), human_size(r.shared_layers),
                              human_size(r.shared_files), human_size(r.unique)) for r in rows])
         for title, headers, rows in _extra_usage_tables(store):
+            if not rows:
+                continue    # no containers, no snapshots: no empty table
             click.echo()
             click.echo(title)
             table(headers, rows)
