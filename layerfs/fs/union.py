@@ -236,6 +236,8 @@ class Union(FileIO, NameOps):
         """getattr: the attributes of *ino* (no lookup counted)."""
         node = self.table.nodes.get(ino)
         if node is None:
+            if not 0 < ino <= len(self.index):
+                raise _err(errno.ESTALE)
             return self.lower_attr(ino - 1)
         if not node.upper:
             return self.lower_attr(node.lower)
