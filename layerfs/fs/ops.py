@@ -65,7 +65,8 @@ def _negative() -> pyfuse3.EntryAttributes:
 
 _NEGATIVE = _negative()  # pyfuse3 only reads it: one for every miss
 
-assert ROOT == pyfuse3.ROOT_INODE, "the union's root inode must be FUSE's"
+if ROOT != pyfuse3.ROOT_INODE:  # checked once, at import, even under python -O
+    raise ImportError(f"the union's root inode {ROOT} is not FUSE's {pyfuse3.ROOT_INODE}")
 
 
 def _build(a: Attr) -> pyfuse3.EntryAttributes:

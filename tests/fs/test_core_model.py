@@ -270,4 +270,4 @@ def test_union_core_against_a_directory(tmp_path):
         image = make_image(store, build_layers(str(tmp_path / "src")), "model:latest")
     UnionVsDirectory.env = (root, image)
     run_state_machine_as_test(UnionVsDirectory, settings=settings(
-        max_examples=20, stateful_step_count=20, deadline=None, suppress_health_check=list(HealthCheck)))
+        max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)))
