@@ -97,18 +97,23 @@ class Operations(pyfuse3.Operations):
     def __init__(self, union: Union) -> None:
         super().__init__()
         self.u = union
-        # Replies for lower-only attrs, which never change: made once, as
-        # the union did before it spoke its own records. Keyed by value, so
-        # an entry can never answer for other attrs; bounded by the lower
-        # inodes (plus those whose attrs a copy-up replaced).
-        self._lower_replies: dict[Attr, pyfuse3.EntryAttributes] = {}
+        # Replies for lower-only attrs (the union caches those records per
+        # slot and they never change): made once, as the union did before it
+        # spoke its own records. Keyed by the record's id, which stays its
+        # own while the entry holds the record; the identity check makes a
+        # hit exact. Bounded by the lower inodes (plus those a copy-up
+        # replaced). Hashing the record's value instead costs more than a
+        # reply's construction saves.
+        self._lower_replies: dict[int, tuple[Attr, pyfuse3.EntryAttributes]] = {}
 
     def _reply(self, a: Attr) -> pyfuse3.EntryAttributes:
         if not a.lower:
             return _build(a)
-        e = self._lower_replies.get(a)
-        if e is None:
-            e = self._lower_replies[a] = _build(a)
+        hit = self._lower_replies.get(id(a))
+        if hit is not None and hit[0] is a:
+            return hit[1]
+        e = _build(a)
+        self._lower_replies[id(a)] = (a, e)
         return e
 
     # -- lookups and attributes -----------------------------------------

@@ -60,8 +60,8 @@ import trio
 from layerfs.fs.files import FileIO
 from layerfs.fs.index import LowerIndex
 from layerfs.fs.inodes import ROOT, Attr, InodeTable, Node, SetAttr
-from layerfs.fs.names import NameOps, _err, _join, check_name
-from layerfs.fs.upper import PRIVATE_PREFIX, RENAME_NOREPLACE, UpperDir, discard, is_whiteout
+from layerfs.fs.names import NameOps, _err, _join
+from layerfs.fs.upper import NAME_MAX, PRIVATE_PREFIX, RENAME_NOREPLACE, UpperDir, discard, is_whiteout
 from layerfs.store.objects import ObjectStore
 
 log = logging.getLogger("layerfs.fs")
@@ -104,6 +104,7 @@ class Union(FileIO, NameOps):
     def __init__(self, index: LowerIndex, objects: ObjectStore, upper: UpperDir | None,
                  read_only: bool = False) -> None:
         self.index = index
+        self.nslots = len(index)  # the index never changes
         self.objects = objects
         self.upper = upper
         self.read_only = read_only or upper is None
@@ -236,7 +237,7 @@ class Union(FileIO, NameOps):
         """getattr: the attributes of *ino* (no lookup counted)."""
         node = self.table.nodes.get(ino)
         if node is None:
-            if not 0 < ino <= len(self.index):
+            if not 0 < ino <= self.nslots:
                 raise _err(errno.ESTALE)
             return self.lower_attr(ino - 1)
         if not node.upper:
@@ -266,7 +267,8 @@ class Union(FileIO, NameOps):
     def lookup(self, parent: int, name: bytes) -> Attr | None:
         """The entry *name* in dir *parent*, counted as one lookup; None
         when there is no such name (a negative entry the kernel may cache)."""
-        check_name(name)
+        if len(name) > NAME_MAX:  # check_name, inline: a lookup is the commonest request
+            raise _err(errno.ENAMETOOLONG)
         ino = self.child(self.node(parent), name)
         if not ino:
             if name == b"." or name == b"..":
