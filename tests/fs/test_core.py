@@ -472,3 +472,14 @@ def test_index_is_the_core_root(image_env):
     with Store(root) as store:
         index = LowerIndex.from_tree(store.merged_tree(image))
     assert index.ino(0) == ROOT
+
+
+def test_the_core_does_not_load_pyfuse3():
+    """The core is shared by other data paths: only fs.ops may import pyfuse3."""
+    import subprocess
+    import sys
+
+    core = ("union", "names", "files", "upper", "inodes", "index")
+    code = "import sys\n" + "".join(f"import layerfs.fs.{m}\n" for m in core) + \
+        "sys.exit('pyfuse3' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
