@@ -6,7 +6,7 @@ into flat arrays indexed by a *slot*:
 
 * slots are the merged paths in bytewise order, so slot 0 is the root;
 * the inode number of a lower path is ``slot + 1`` (the root is inode 1,
-  ``pyfuse3.ROOT_INODE``); the members of a hardlink group all use the
+  ``fs.inodes.ROOT``, as FUSE's); the members of a hardlink group all use the
   inode of their first member, so they are one inode with the right
   ``st_nlink``;
 * a directory slot maps child names (bytes, as FUSE gives them) to slots.

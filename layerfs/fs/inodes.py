@@ -18,8 +18,49 @@ from __future__ import annotations
 
 import stat
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from layerfs.fs.index import LowerIndex
+
+ROOT = 1  # the root's inode number; FUSE's too (ops checks pyfuse3.ROOT_INODE against it)
+
+
+class Attr(NamedTuple):
+    """What the union says about an inode (a getattr/lookup reply).
+
+    A NamedTuple rather than a frozen dataclass: it is made on every
+    getattr of an upper node, and a frozen dataclass's ``__init__``
+    (``object.__setattr__`` per field) costs several times as much.
+    ``lower`` marks the attrs of lower-only inodes, which never change
+    (they are cached per slot, and adapters may cache what they make of them).
+    """
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blksize: int
+    blocks: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    timeout: float  # how long a kernel may cache the entry and its attrs
+    lower: bool
+
+
+@dataclass(frozen=True)
+class SetAttr:
+    """The changes of one setattr request; None leaves a field as it is."""
+
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
 
 
 class Node:

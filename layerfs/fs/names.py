@@ -19,7 +19,7 @@ import errno
 import os
 import stat
 
-from layerfs.fs.inodes import Node
+from layerfs.fs.inodes import Attr, Node
 from layerfs.fs.upper import NAME_MAX, OPAQUE, RENAME_EXCHANGE, RENAME_NOREPLACE, discard
 
 
@@ -38,7 +38,35 @@ def check_name(name: bytes) -> None:
 
 
 class NameOps:
-    """create/link/unlink/rename of :class:`Union` (see the module docstring)."""
+    """create/link/unlink/rename of :class:`Union` (see the module docstring).
+
+    The kernel-shaped entry points (``mkdir``, ``mknod``, ``symlink``,
+    ``create_file``, ``link``) reply with the new entry's :class:`Attr`
+    and count it as a lookup; ``create`` is the shared body.
+    """
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        node, _ = await self.create(parent, name, stat.S_IFDIR, mode, uid, gid)
+        return self.entry(node.ino)
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
+        node, fd = await self.create(parent, name, stat.S_IFMT(mode), mode, uid, gid, rdev=rdev)
+        if fd >= 0:
+            os.close(fd)
+        return self.entry(node.ino)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        node, _ = await self.create(parent, name, stat.S_IFLNK, 0o777, uid, gid, target=target)
+        return self.entry(node.ino)
+
+    async def create_file(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
+                          gid: int) -> tuple[int, Attr]:
+        """Make and open a regular file: (file handle, entry)."""
+        node, fd = await self.create(parent, name, stat.S_IFREG, mode, uid, gid, flags=flags)
+        fh = self.adopt_fd(node, fd)
+        attr = self.upper_attr(node, os.fstat(fd))  # the new fd: no path walk, no lstat
+        self.table.looked_up(node.ino)
+        return fh, attr
 
     async def create(self, parent: int, name: bytes, fmt: int, mode: int, uid: int, gid: int,
                      rdev: int = 0, target: bytes = b"", flags: int = 0) -> tuple[Node, int]:
@@ -106,7 +134,11 @@ class NameOps:
             kids[name] = node.ino
             return node, fd
 
-    async def link(self, ino: int, parent: int, name: bytes) -> Node:
+    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        node = await self._link(ino, parent, name)
+        return self.entry(node.ino)
+
+    async def _link(self, ino: int, parent: int, name: bytes) -> Node:
         check_name(name)
         self._writable()
         async with self.lock:

@@ -1,7 +1,10 @@
 """The pyfuse3 Operations of a layerfs mount: a thin adapter over Union.
 
-Each handler converts arguments, calls :class:`layerfs.fs.union.Union` and
-shapes the reply. Errors are mapped in one place, :func:`fuse_errors`:
+The only module of the union that knows pyfuse3. Each handler converts
+arguments (``SetattrFields`` to a :class:`SetAttr`, ``ctx`` to uid/gid),
+calls :class:`layerfs.fs.union.Union` and shapes the reply (an
+:class:`Attr` becomes ``EntryAttributes``; readdir entries go to
+``readdir_reply``). Errors are mapped in one place, :func:`fuse_errors`:
 ``OSError`` keeps its errno, store errors get the errno that fits
 (``Corrupt`` -> EIO plus a log line), and anything unexpected is logged
 with its traceback and answered with EIO -- a bad request never takes the
@@ -13,8 +16,6 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from layerfs.errors import Corrupt, InvalidInput, LayerfsError, NotFound, Unsupported
-from layerfs.fs.names import NAME_MAX
+from layerfs.fs.inodes import ROOT, Attr, SetAttr
 from layerfs.fs.union import LOWER_TIMEOUT, Union
 
 log = logging.getLogger("layerfs.fs")
@@ -64,6 +65,27 @@ def _negative() -> pyfuse3.EntryAttributes:
 
 _NEGATIVE = _negative()  # pyfuse3 only reads it: one for every miss
 
+if ROOT != pyfuse3.ROOT_INODE:  # checked once, at import, even under python -O
+    raise ImportError(f"the union's root inode {ROOT} is not FUSE's {pyfuse3.ROOT_INODE}")
+
+
+def _build(a: Attr) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino, e.st_mode, e.st_nlink, e.st_uid, e.st_gid, e.st_rdev = a[:6]
+    e.st_size, e.st_blksize, e.st_blocks = a.size, a.blksize, a.blocks
+    e.st_atime_ns, e.st_mtime_ns, e.st_ctime_ns = a.atime_ns, a.mtime_ns, a.ctime_ns
+    e.entry_timeout = e.attr_timeout = a.timeout
+    return e
+
+
+def _setattr_request(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> SetAttr:
+    return SetAttr(size=attr.st_size if fields.update_size else None,
+                   mode=attr.st_mode if fields.update_mode else None,
+                   uid=attr.st_uid if fields.update_uid else None,
+                   gid=attr.st_gid if fields.update_gid else None,
+                   atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                   mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+
 
 class Operations(pyfuse3.Operations):
     """pyfuse3 handlers for one :class:`Union`."""
@@ -75,38 +97,45 @@ class Operations(pyfuse3.Operations):
     def __init__(self, union: Union) -> None:
         super().__init__()
         self.u = union
+        # Replies for lower-only attrs (the union caches those records per
+        # slot and they never change): made once, as the union did before it
+        # spoke its own records. Keyed by the record's id, which stays its
+        # own while the entry holds the record; the identity check makes a
+        # hit exact. Bounded by the lower inodes (plus those a copy-up
+        # replaced). Hashing the record's value instead costs more than a
+        # reply's construction saves.
+        self._lower_replies: dict[int, tuple[Attr, pyfuse3.EntryAttributes]] = {}
 
-    def _entry(self, ino: int) -> pyfuse3.EntryAttributes:
-        a = self.u.attr(ino)
-        self.u.table.looked_up(ino)
-        return a
+    def _reply(self, a: Attr) -> pyfuse3.EntryAttributes:
+        if not a.lower:
+            return _build(a)
+        hit = self._lower_replies.get(id(a))
+        if hit is not None and hit[0] is a:
+            return hit[1]
+        e = _build(a)
+        self._lower_replies[id(a)] = (a, e)
+        return e
 
     # -- lookups and attributes -----------------------------------------
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        if len(name) > NAME_MAX:
-            raise FUSEError(errno.ENAMETOOLONG)
-        ino = self.u.child(self.u.node(parent_inode), name)
-        if not ino:
-            if name == b"." or name == b"..":
-                raise FUSEError(errno.ENOENT)
-            return _NEGATIVE
-        return self._entry(ino)
+        a = self.u.lookup(parent_inode, name)
+        return _NEGATIVE if a is None else self._reply(a)
 
     async def forget(self, inode_list):
         try:
             for ino, n in inode_list:
-                self.u.table.forget(ino, n)
+                self.u.forget(ino, n)
         except Exception:  # forget must never raise
             log.exception("forget")
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
-        return self.u.attr(inode)
+        return self._reply(self.u.attr(inode))
 
     @fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        return await self.u.setattr(inode, fields, attr, fh)
+        return self._reply(await self.u.setattr(inode, _setattr_request(attr, fields), fh))
 
     @fuse_errors
     async def readlink(self, inode, ctx):
@@ -171,12 +200,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        node, fd = await self.u.create(parent_inode, name, stat.S_IFREG, mode, ctx.uid, ctx.gid,
-                                       flags=flags)
-        fh = self.u.adopt_fd(node, fd)
-        attr = self.u.upper_attr(node, os.fstat(fd))  # the new fd: no path walk, no lstat
-        self.u.table.looked_up(node.ino)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), attr
+        fh, attr = await self.u.create_file(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._reply(attr)
 
     # -- directories ------------------------------------------------------
     @fuse_errors
@@ -185,7 +210,10 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):
-        self.u.readdir(fh, start_id, token)
+        reply, convert = pyfuse3.readdir_reply, self._reply
+        for name, attr, next_id in self.u.readdir(fh, start_id):
+            if not reply(token, name, convert(attr), next_id):
+                break  # the buffer is full: the union does not count this entry
 
     @fuse_errors
     async def releasedir(self, fh):
@@ -198,27 +226,19 @@ class Operations(pyfuse3.Operations):
     # -- namespace ------------------------------------------------------
     @fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        node, _ = await self.u.create(parent_inode, name, stat.S_IFDIR, mode, ctx.uid, ctx.gid)
-        return self._entry(node.ino)
+        return self._reply(await self.u.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        node, fd = await self.u.create(parent_inode, name, stat.S_IFMT(mode), mode, ctx.uid, ctx.gid,
-                                       rdev=rdev)
-        if fd >= 0:
-            os.close(fd)
-        return self._entry(node.ino)
+        return self._reply(await self.u.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        node, _ = await self.u.create(parent_inode, name, stat.S_IFLNK, 0o777, ctx.uid, ctx.gid,
-                                      target=target)
-        return self._entry(node.ino)
+        return self._reply(await self.u.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        node = await self.u.link(inode, new_parent_inode, new_name)
-        return self._entry(node.ino)
+        return self._reply(await self.u.link(inode, new_parent_inode, new_name))
 
     @fuse_errors
     async def unlink(self, parent_inode, name, ctx):

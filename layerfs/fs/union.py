@@ -1,7 +1,15 @@
 """The union of an image's layers and an upper dir: overlayfs semantics.
 
-This is the filesystem proper, independent of FUSE plumbing (``fs.ops``
-is the thin pyfuse3 adapter over it). Rules, from
+This is the filesystem proper, independent of FUSE plumbing: nothing in
+the core (this module, ``names``, ``files``, ``upper``, ``inodes``,
+``index``) knows pyfuse3. Requests come in as the kernel shapes them
+(inode numbers, names as bytes), replies go out as :class:`Attr` records,
+readdir yields ``(name, attr, next offset)`` and failures are ``OSError``
+with an errno (or a ``LayerfsError`` from the store). ``fs.ops`` is the
+thin pyfuse3 adapter over it; tests drive the core in-process. The core
+keeps the kernel's lookup counts itself: every reply that hands the
+kernel an entry (lookup, mkdir, create, ..., readdir entries) counts one,
+``forget`` takes them back. Rules, from
 Documentation/filesystems/overlayfs.rst:
 
 * lookup goes top-down: the upper dir first, then the merged lower index;
@@ -45,15 +53,15 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
 
-import pyfuse3
 import trio
 
 from layerfs.fs.files import FileIO
 from layerfs.fs.index import LowerIndex
-from layerfs.fs.inodes import InodeTable, Node
+from layerfs.fs.inodes import ROOT, Attr, InodeTable, Node, SetAttr
 from layerfs.fs.names import NameOps, _err, _join
-from layerfs.fs.upper import PRIVATE_PREFIX, RENAME_NOREPLACE, UpperDir, discard, is_whiteout
+from layerfs.fs.upper import NAME_MAX, PRIVATE_PREFIX, RENAME_NOREPLACE, UpperDir, discard, is_whiteout
 from layerfs.store.objects import ObjectStore
 
 log = logging.getLogger("layerfs.fs")
@@ -62,7 +70,6 @@ LOWER_TIMEOUT = 86400.0   # lower-only nodes never change behind the kernel's ba
 UPPER_TIMEOUT = 60.0      # upper nodes change only through this mount, too; a hedge
 CAPABILITY = b"security.capability"
 THREAD_COPY = 1 << 20     # copy-ups bigger than this run in a worker thread
-ROOT = pyfuse3.ROOT_INODE
 
 
 class WriteLock:
@@ -97,6 +104,7 @@ class Union(FileIO, NameOps):
     def __init__(self, index: LowerIndex, objects: ObjectStore, upper: UpperDir | None,
                  read_only: bool = False) -> None:
         self.index = index
+        self.nslots = len(index)  # the index never changes
         self.objects = objects
         self.upper = upper
         self.read_only = read_only or upper is None
@@ -213,28 +221,24 @@ class Union(FileIO, NameOps):
         return not self.children(d)
 
     # -- attributes ---------------------------------------------------------
-    def lower_attr(self, slot: int) -> pyfuse3.EntryAttributes:
+    def lower_attr(self, slot: int) -> Attr:
         cache = self.index._attr_cache
         a = cache.get(slot)
         if a is None:
             m = self.index.meta[slot]
-            a = pyfuse3.EntryAttributes()
-            a.st_ino = self.index.ino(slot)
-            a.st_mode = m[0]
-            a.st_nlink = self.index.nlink(slot)
-            a.st_uid, a.st_gid = m[1], m[2]
-            a.st_rdev = m[7]
-            a.st_size = m[4] if stat.S_ISREG(m[0]) else (len(m[6]) if stat.S_ISLNK(m[0]) else 0)
-            a.st_blksize = 4096
-            a.st_blocks = (a.st_size + 511) // 512 if stat.S_ISREG(m[0]) else 8 * stat.S_ISDIR(m[0])
-            a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = m[3]
-            a.entry_timeout = a.attr_timeout = LOWER_TIMEOUT
-            cache[slot] = a
+            mode = m[0]
+            size = m[4] if stat.S_ISREG(mode) else (len(m[6]) if stat.S_ISLNK(mode) else 0)
+            blocks = (size + 511) // 512 if stat.S_ISREG(mode) else 8 * stat.S_ISDIR(mode)
+            a = cache[slot] = Attr(self.index.ino(slot), mode, self.index.nlink(slot), m[1], m[2], m[7],
+                                   size, 4096, blocks, m[3], m[3], m[3], LOWER_TIMEOUT, True)
         return a
 
-    def attr(self, ino: int) -> pyfuse3.EntryAttributes:
+    def attr(self, ino: int) -> Attr:
+        """getattr: the attributes of *ino* (no lookup counted)."""
         node = self.table.nodes.get(ino)
         if node is None:
+            if not 0 < ino <= self.nslots:
+                raise _err(errno.ESTALE)
             return self.lower_attr(ino - 1)
         if not node.upper:
             return self.lower_attr(node.lower)
@@ -249,22 +253,37 @@ class Union(FileIO, NameOps):
             raise _err(errno.ENOENT)
         return self.upper.lstat(self.path(node))
 
-    def upper_attr(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.st_mode = st.st_mode
+    def upper_attr(self, node: Node, st: os.stat_result) -> Attr:
         if node.is_dir:
             self.children(node)
-            a.st_nlink = 2 + node.nsubdirs
+            nlink = 2 + node.nsubdirs
         else:
-            a.st_nlink = st.st_nlink
-        a.st_uid, a.st_gid, a.st_rdev = st.st_uid, st.st_gid, st.st_rdev
-        a.st_size = st.st_size
-        a.st_blksize = st.st_blksize
-        a.st_blocks = st.st_blocks
-        a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
-        a.entry_timeout = a.attr_timeout = UPPER_TIMEOUT
+            nlink = st.st_nlink
+        return Attr(node.ino, st.st_mode, nlink, st.st_uid, st.st_gid, st.st_rdev, st.st_size,
+                    st.st_blksize, st.st_blocks, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                    UPPER_TIMEOUT, False)
+
+    # -- lookups: what the kernel holds -------------------------------------
+    def lookup(self, parent: int, name: bytes) -> Attr | None:
+        """The entry *name* in dir *parent*, counted as one lookup; None
+        when there is no such name (a negative entry the kernel may cache)."""
+        if len(name) > NAME_MAX:  # check_name, inline: a lookup is the commonest request
+            raise _err(errno.ENAMETOOLONG)
+        ino = self.child(self.node(parent), name)
+        if not ino:
+            if name == b"." or name == b"..":
+                raise _err(errno.ENOENT)  # FUSE asks these only without supports_dot_lookup
+            return None
+        return self.entry(ino)
+
+    def entry(self, ino: int) -> Attr:
+        """The attributes of *ino*, handed to the kernel: one lookup more."""
+        a = self.attr(ino)
+        self.table.looked_up(ino)
         return a
+
+    def forget(self, ino: int, n: int) -> None:
+        self.table.forget(ino, n)
 
     # -- copy-up ------------------------------------------------------------
     def _writable(self) -> None:
@@ -390,7 +409,12 @@ class Union(FileIO, NameOps):
             return listing
         return [(name, ino_, -1) for name, ino_ in self.children(node).items()]
 
-    def readdir(self, fh: int, start: int, token) -> None:
+    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """(name, attrs, offset of the next entry) of the entries from
+        offset *start* on. An entry counts as a lookup once the consumer
+        asks for the one after it, so an adapter whose reply buffer is
+        full simply stops iterating and the entry it could not send is
+        not counted."""
         state = self.dirs[fh]
         node, listing = state
         if start == 0 or listing is None:
@@ -402,8 +426,7 @@ class Union(FileIO, NameOps):
             for pos, name, ino in ((0, b".", node.ino), (1, b"..", node.parent or ROOT)):
                 if pos < start:
                     continue
-                if not pyfuse3.readdir_reply(token, name, self.attr(ino), pos + 1):
-                    return
+                yield name, self.attr(ino), pos + 1
             start = 2
         lookups = self.table.lookups
         lower_attr = self.lower_attr
@@ -417,18 +440,17 @@ class Union(FileIO, NameOps):
                     a = self.attr(ino)
                 except OSError:
                     continue  # removed since opendir
-            if not pyfuse3.readdir_reply(token, name, a, i + 3):
-                return
+            yield name, a, i + 3
             lookups[ino] = lookups.get(ino, 0) + 1
 
     def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
 
-    async def setattr(self, ino: int, fields, attr, fh: int | None) -> pyfuse3.EntryAttributes:
+    async def setattr(self, ino: int, attr: SetAttr, fh: int | None = None) -> Attr:
         self._writable()
         async with self.lock:
             node = self.node(ino)
-            truncating = fields.update_size and attr.st_size == 0
+            truncating = attr.size == 0
             emptied = None  # (atime, mtime) of a lower file that a truncate to 0 copies up empty
             if not node.upper:
                 if truncating and self.index.meta[node.lower][4]:
@@ -440,31 +462,31 @@ class Union(FileIO, NameOps):
                 raise _err(errno.ENOENT)
             path = self.path(node) if target is None else None
             up = self.upper
-            if fields.update_size:
+            if attr.size is not None:
                 if target is None:
-                    up.truncate(path, attr.st_size)
+                    up.truncate(path, attr.size)
                 else:
-                    os.truncate(target, attr.st_size)
-                if emptied is not None and not fields.update_mtime:
+                    os.truncate(target, attr.size)
+                if emptied is not None and attr.mtime_ns is None:
                     # The size did change, but not in the upper dir (the copy
                     # is empty already): set the mtime the truncate would have.
                     up.utime(path, (emptied, time.time_ns()))
-            if fields.update_uid or fields.update_gid:
-                uid = attr.st_uid if fields.update_uid else -1
-                gid = attr.st_gid if fields.update_gid else -1
+            if attr.uid is not None or attr.gid is not None:
+                uid = -1 if attr.uid is None else attr.uid
+                gid = -1 if attr.gid is None else attr.gid
                 if target is None:
                     up.chown(path, uid, gid)
                 else:
                     os.fchown(target, uid, gid)
-            if fields.update_mode and not node.fmt == stat.S_IFLNK:
+            if attr.mode is not None and not node.fmt == stat.S_IFLNK:
                 if target is None:
-                    up.chmod(path, stat.S_IMODE(attr.st_mode))
+                    up.chmod(path, stat.S_IMODE(attr.mode))
                 else:
-                    os.chmod(target, stat.S_IMODE(attr.st_mode))
-            if fields.update_atime or fields.update_mtime:
+                    os.chmod(target, stat.S_IMODE(attr.mode))
+            if attr.atime_ns is not None or attr.mtime_ns is not None:
                 st = up.lstat(path) if target is None else os.fstat(target)
-                at = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-                mt = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                at = st.st_atime_ns if attr.atime_ns is None else attr.atime_ns
+                mt = st.st_mtime_ns if attr.mtime_ns is None else attr.mtime_ns
                 if target is None:
                     up.utime(path, (at, mt))
                 else:
