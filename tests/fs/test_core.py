@@ -31,7 +31,6 @@ from layerfs.store import fsck, transfer
 from layerfs.store import images as img
 from layerfs.store.objects import ObjectStore
 from layerfs.store.store import Store
-
 from tests.fs.conftest import T0, build_layers, make_image
 
 pytestmark = [pytest.mark.root]

@@ -21,11 +21,10 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from layerfs.fs.inodes import ROOT, SetAttr
+from layerfs.fs.inodes import SetAttr
 from layerfs.store import fsck, transfer
 from layerfs.store import images as img
 from layerfs.store.store import Store
-
 from tests.fs.conftest import build_layers, make_image
 from tests.fs.test_core import Kernel, make_union, view
 
