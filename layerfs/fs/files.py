@@ -31,8 +31,8 @@ import trio
 from layerfs.errors import Corrupt, NotFound
 from layerfs.fs.inodes import Node
 from layerfs.fs.names import _err
-from layerfs.fs.upper import file_digest, fs_magic
-from layerfs.store.objects import read_object_file, unpack_object
+from layerfs.fs.upper import fs_magic
+from layerfs.store.objects import file_digest, read_object_file, unpack_object
 
 log = logging.getLogger("layerfs.fs")
 

@@ -42,7 +42,7 @@ import blake3
 import zstandard
 
 from layerfs.errors import Corrupt
-from layerfs.store.objects import CHUNK, HOLE, ObjectStore, copy_sparse
+from layerfs.store.objects import CHUNK, HOLE, ObjectStore, copy_sparse, file_digest
 
 OPAQUE = b"trusted.overlay.opaque"
 PRIVATE_PREFIX = b"trusted.overlay."
@@ -399,32 +399,6 @@ class UpperDir:
             if got != digest:
                 raise Corrupt(f"object {digest[:12]} fails its digest check")
             verified.add(digest)
-
-
-HASH_BUF = 8 << 20
-
-
-def file_digest(path) -> str:
-    """blake3 of a file read front to back in big chunks, the next chunk
-    already on its way (WILLNEED) while this one is hashed on all cores.
-
-    Not ``update_mmap``: its threads fault the pages of a cold file in
-    scattered order, several times slower from disk than one sequential
-    stream (a cold 1 GiB first read waited for that)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        h = blake3.blake3()
-        buf = bytearray(HASH_BUF)
-        view = memoryview(buf)
-        off = 0
-        while n := os.preadv(fd, [buf], off):
-            off += n
-            os.posix_fadvise(fd, off, HASH_BUF, os.POSIX_FADV_WILLNEED)
-            h.update(view[:n])
-        return h.hexdigest()
-    finally:
-        os.close(fd)
 
 
 def _write_sparse_at(fd: int, data: bytes, off: int) -> None:
