@@ -279,6 +279,29 @@ class ObjectStore:
             return False
         return h.hexdigest() == digest
 
+    def ensure_raw(self, digest: str) -> bool:
+        """Make sure a raw copy of the object exists beside a ``.zst`` one
+        (the kernel backend reads objects straight from their files).
+        Returns True if a copy was written now; raises NotFound if the
+        object is missing. The copy is published atomically but not
+        fsynced: callers :func:`syncfs` once after a batch, before they
+        rely on it (kernel reads are not digest-checked). :meth:`locate`
+        then prefers it; :meth:`remove` drops both files.
+        """
+        raw = self.raw_path(digest)
+        if os.path.exists(raw):
+            return False
+        zst = raw + ".zst"
+        try:
+            with open(zst, "rb") as f:
+                data = unpack_object(f.read(), zst)
+        except FileNotFoundError:
+            raise NotFound(f"object {digest[:12]} is missing from the store") from None
+        if blake3.blake3(data).hexdigest() != digest:
+            raise Corrupt(f"object {digest[:12]} fails its digest check")
+        self._write(raw, [data])
+        return True
+
     def remove(self, digest: str) -> None:
         for p in (self.raw_path(digest), self.zst_path(digest)):
             _unlink_quiet(p)

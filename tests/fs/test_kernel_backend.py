@@ -1,0 +1,259 @@
+"""The kernel backend: metadata layer (EROFS) + objects as a data-only layer.
+
+Every test mounts for real with kernel overlayfs and compares with the
+FUSE daemon (the reference) or with plain kernel overlayfs of the
+extracted layers; every mount is unmounted again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import subprocess
+
+import pytest
+
+from layerfs.errors import NotFound, Unsupported
+from layerfs.fs import kernel, metalayer
+from layerfs.fs import kernel_mount as km
+from layerfs.fs import mount as fsmount
+from layerfs.store import images as img
+from layerfs.store import transfer
+from layerfs.store.store import Store
+from tests.fs.conftest import FUSE_SKIP, layerfs_mount
+from tests.treeutil import describe
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(FUSE_SKIP is not None, reason=FUSE_SKIP or "")]
+
+
+def _kernel_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "kernel mounts need root"
+    s = kernel._probe_now()
+    return None if s.usable and s.data_only else f"kernel backend unsupported here: {s.reason}"
+
+
+KERNEL_SKIP = _kernel_skip_reason() if FUSE_SKIP is None else FUSE_SKIP
+needs_kernel = pytest.mark.skipif(KERNEL_SKIP is not None, reason=KERNEL_SKIP or "")
+
+
+@contextlib.contextmanager
+def kmount(root: str, image: str, mp: str, upper: str | None = None, read_only: bool = False,
+           container: str | None = None):
+    os.makedirs(mp, exist_ok=True)
+    handle = km.mount_image_kernel(root, image, mp, upper_dir=upper, read_only=read_only, container=container)
+    try:
+        yield handle
+    finally:
+        try:
+            km.unmount_kernel(root, mp)
+        finally:
+            if fsmount.mounted_fstype(mp) is not None:
+                subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+def _image_of(root: str, dirs: list[str], tag: str, overlay: bool = False) -> str:
+    """An image of *dirs* (full trees unless *overlay*: content xattrs kept as they are)."""
+    with Store(root) as store:
+        lids = [transfer.import_layer(store, d, as_layer=overlay) for d in dirs]
+        image = store.put_image(img.new_config(lids))
+        store.tag(image.id, tag)
+    return tag
+
+
+# -- the tree ------------------------------------------------------------------
+@needs_kernel
+def test_kernel_tree_equals_fuse_tree(fs_env, tmp_path):
+    with kmount(fs_env["root"], fs_env["image"], str(tmp_path / "k"), read_only=True):
+        got = describe(str(tmp_path / "k"))
+    with layerfs_mount(fs_env["root"], fs_env["image"], str(tmp_path / "f"), read_only=True):
+        want = describe(str(tmp_path / "f"))
+    assert got == want
+    assert got["b/big"][5] == 2 * (1 << 20) + 1000
+
+
+@needs_kernel
+def test_metadata_layer_is_cached_by_chain_and_reused(fs_env, tmp_path):
+    with Store(fs_env["root"]) as store:
+        image = store.image(fs_env["image"])
+        path = metalayer.ensure_metalayer(store, image)
+        again = store.put_image(img.new_config(image.layers, {"Env": ["X=1"]}))
+        assert metalayer.ensure_metalayer(store, again) == path
+    before = os.stat(path)
+    with kmount(fs_env["root"], fs_env["image"], str(tmp_path / "k"), read_only=True):
+        pass
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert os.path.basename(path) == metalayer.chain_key(image.layers) + ".erofs"
+
+
+@needs_kernel
+def test_compressed_objects_get_raw_copies(fs_env):
+    with Store(fs_env["root"]) as store:
+        entry = next(e for e in store.merged_tree(store.image(fs_env["image"])).entries.values()
+                     if e.path == "b/h")
+        metalayer.ensure_metalayer(store, store.image(fs_env["image"]))
+        raw = store.objects.raw_path(entry.digest)
+        assert os.path.exists(raw + ".zst") and os.path.exists(raw)
+        with open(raw, "rb") as f:
+            assert f.read() == b"compressible line\n" * 2000
+        assert store.objects.verify(entry.digest)
+
+
+# -- writes --------------------------------------------------------------------
+@needs_kernel
+def test_writes_make_an_importable_overlay_upper(fs_env, tmp_path):
+    upper = str(tmp_path / "c" / "upper")
+    mp = str(tmp_path / "k")
+    with kmount(fs_env["root"], fs_env["image"], mp, upper=upper):
+        os.chmod(f"{mp}/a/f1", 0o600)            # a metacopy mount would copy up metadata only
+        with open(f"{mp}/xf", "ab") as f:
+            f.write(b"more\n")
+        os.unlink(f"{mp}/top")
+        os.mkdir(f"{mp}/newdir")
+    assert stat.S_IMODE(os.lstat(f"{upper}/a/f1").st_mode) == 0o600
+    with open(f"{upper}/a/f1", "rb") as f:
+        assert f.read() == b"one v2\n"           # the data was copied up, not left behind
+    assert "trusted.overlay.metacopy" not in os.listxattr(f"{upper}/a/f1")
+    st = os.lstat(f"{upper}/top")
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+    with Store(fs_env["root"]) as store:
+        entries = {e.path: e for e in store.scan_dir(upper, overlay=True)[0]}
+    assert entries["top"].kind == "whiteout"
+    assert entries["xf"].size == len(b"x\nmore\n")
+    assert entries["newdir"].kind == "dir" and not entries["newdir"].opaque
+    # the FUSE daemon mounts the same upper and sees the same tree
+    with kmount(fs_env["root"], fs_env["image"], str(tmp_path / "k2"), upper=upper, read_only=True):
+        got = describe(str(tmp_path / "k2"))
+    with layerfs_mount(fs_env["root"], fs_env["image"], str(tmp_path / "f"), upper=upper, read_only=True):
+        want = describe(str(tmp_path / "f"))
+    assert got == want
+
+
+@needs_kernel
+def test_overlay_xattr_set_through_the_mount_is_content(fs_env, tmp_path):
+    upper = str(tmp_path / "c" / "upper")
+    mp = str(tmp_path / "k")
+    with kmount(fs_env["root"], fs_env["image"], mp, upper=upper):
+        os.mkdir(f"{mp}/newdir")
+        os.setxattr(f"{mp}/newdir", "trusted.overlay.opaque", b"y")
+        os.setxattr(f"{mp}/xf", "trusted.overlay.redirect", b"/a")
+        assert os.getxattr(f"{mp}/newdir", "trusted.overlay.opaque") == b"y"
+    # overlayfs kept them escaped in the upper; the scanner reads them back as content
+    assert os.getxattr(f"{upper}/newdir", "trusted.overlay.overlay.opaque") == b"y"
+    with Store(fs_env["root"]) as store:
+        entries = {e.path: e for e in store.scan_dir(upper, overlay=True)[0]}
+    assert not entries["newdir"].opaque
+    assert dict(entries["newdir"].xattrs) == {"trusted.overlay.opaque": b"y"}
+    assert dict(entries["xf"].xattrs)["trusted.overlay.redirect"] == b"/a"
+
+
+@needs_kernel
+def test_private_upper_is_removed_at_unmount(fs_env, tmp_path):
+    mp = str(tmp_path / "k")
+    with kmount(fs_env["root"], fs_env["image"], mp) as h:
+        with open(f"{mp}/scratch", "w") as f:
+            f.write("x")
+        assert h.upper.startswith(os.path.join(fs_env["root"], "uppers"))
+        assert fsmount.mounted_fstype(mp) == "overlay"
+    assert not os.path.exists(os.path.dirname(h.upper))
+    with Store(fs_env["root"]) as store:
+        assert store.get_ref(fsmount.REF_KIND, os.path.realpath(mp)) is None
+
+
+# -- hostile and bad input -----------------------------------------------------
+@needs_kernel
+def test_overlay_xattrs_in_image_content_do_not_steer_the_kernel(tmp_path):
+    root = str(tmp_path / "store")
+    low, top = tmp_path / "low", tmp_path / "top"
+    (low / "d").mkdir(parents=True)
+    (low / "d" / "hidden").write_bytes(b"still here\n")
+    (low / "secret").write_bytes(b"secret\n")
+    (top / "d").mkdir(parents=True)
+    os.setxattr(top / "d", "trusted.overlay.opaque", b"y")
+    (top / "f").write_bytes(b"mine\n")
+    os.setxattr(top / "f", "trusted.overlay.redirect", b"/secret")
+    os.setxattr(top / "f", "trusted.overlay.metacopy", b"")
+    os.setxattr(top / "f", "trusted.overlay.overlay.x", b"nested")
+    (top / "w").mkdir()
+    os.setxattr(top / "w", "trusted.overlay.whiteouts", b"y")
+    (top / "w" / "gone").write_bytes(b"")
+    os.setxattr(top / "w" / "gone", "trusted.overlay.whiteout", b"y")
+    image = _image_of(root, [str(low), str(top)], "hostile:1")
+    with kmount(root, image, str(tmp_path / "k"), read_only=True):
+        got = describe(str(tmp_path / "k"))
+    with layerfs_mount(root, image, str(tmp_path / "fu"), read_only=True):
+        want = describe(str(tmp_path / "fu"))
+    no_xattrs = lambda tree: {p: v[:8] + v[9:] for p, v in tree.items()}  # noqa: E731
+    assert no_xattrs(got) == no_xattrs(want)
+    with Store(root) as store:
+        content = {e.path or ".": tuple(sorted(e.xattrs))
+                   for e in store.merged_tree(store.image(image)).entries.values()}
+    assert {p: v[8] for p, v in got.items()} == content
+    assert got["f"][6] == b"mine\n"
+    assert got["d/hidden"][6] == b"still here\n"
+    assert "w/gone" in got
+    assert dict(got["f"][8])["trusted.overlay.overlay.x"] == b"nested"
+    assert dict(got["f"][8])["trusted.overlay.redirect"] == b"/secret"
+
+
+@needs_kernel
+def test_whiteout_device_in_image_content_is_refused(tmp_path):
+    root = str(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mknod(src / "wh", stat.S_IFCHR | 0o600, 0)
+    image = _image_of(root, [str(src)], "wh:1")
+    with pytest.raises(Unsupported, match="0/0 character device at /wh"):
+        with kmount(root, image, str(tmp_path / "k"), read_only=True):
+            pass
+    assert fsmount.mounted_fstype(str(tmp_path / "k")) is None
+
+
+@needs_kernel
+def test_missing_object_is_an_error_at_mount_time(tmp_path):
+    root = str(tmp_path / "store")
+    src = tmp_path / "src"
+    (src / "dir").mkdir(parents=True)
+    (src / "dir" / "file").write_bytes(b"lost content\n")
+    image = _image_of(root, [str(src)], "lost:1")
+    with Store(root) as store:
+        e = store.merged_tree(store.image(image)).entries["dir/file"]
+        store.objects.remove(e.digest)
+    with pytest.raises(NotFound, match=r"object [0-9a-f]{12} of /dir/file is missing"):
+        with kmount(root, image, str(tmp_path / "k"), read_only=True):
+            pass
+    assert fsmount.mounted_fstype(str(tmp_path / "k")) is None
+
+
+@needs_kernel
+def test_upper_on_overlayfs_is_refused_with_the_reason(fs_env, tmp_path):
+    mp = str(tmp_path / "k")
+    with kmount(fs_env["root"], fs_env["image"], mp):
+        with pytest.raises(Unsupported, match="is overlayfs"):
+            with kmount(fs_env["root"], fs_env["image"], str(tmp_path / "k2"), upper=f"{mp}/up/upper"):
+                pass
+
+
+@needs_kernel
+def test_upper_fs_without_trusted_xattrs_is_refused(fs_env, tmp_path):
+    fsdir = tmp_path / "ramfs"
+    fsdir.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(fsdir)], check=True)
+    try:
+        with pytest.raises(Unsupported, match="cannot hold trusted"):
+            with kmount(fs_env["root"], fs_env["image"], str(tmp_path / "k"), upper=f"{fsdir}/c/upper"):
+                pass
+    finally:
+        subprocess.run(["umount", str(fsdir)], check=True)
+
+
+def test_refusal_says_why():
+    old = kernel.Support("6.1.0", True, False, False, False, "this kernel cannot mount EROFS from a file")
+    with pytest.raises(Unsupported, match="cannot work on kernel 6.1.0: this kernel cannot mount EROFS"):
+        kernel.require(old, writable=False)
+    ro_only = kernel.Support("6.8.0", True, True, False, True)
+    kernel.require(ro_only, writable=False)
+    with pytest.raises(Unsupported, match="read-only only.*metacopy"):
+        kernel.require(ro_only, writable=True)
