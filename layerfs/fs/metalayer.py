@@ -104,14 +104,17 @@ def ensure_metalayer(store, image) -> str:
 
 def ensure_raw_objects(objects, files: dict[str, str]) -> int:
     """Raw copies of the objects in *files* ({digest: path}); returns how many were made."""
-    made = 0
-    for digest, path in files.items():
+    from layerfs.store.scan import parallel_map
+
+    def one(item: tuple[str, str]) -> int:
+        digest, path = item
         try:
-            made += objects.ensure_raw(digest)
+            return objects.ensure_raw(digest)
         except NotFound:
             raise NotFound(f"object {digest[:12]} of /{path} is missing from the store "
                            "(layerfs fsck reports what is damaged)") from None
-    return made
+
+    return sum(parallel_map(one, list(files.items())))
 
 
 def nodes_from_index(index) -> tuple[list[Node], dict[str, str]]:

@@ -6,6 +6,8 @@ Layout of a root::
     objects/ab/cd...   file contents (see objects.py)
     layers/<id>        canonical layer manifests
     tmp/               in-flight writes; anything here after a crash is debris
+    config.json        store-wide settings (optional; see fs.backend)
+    metalayers/        kernel-backend metadata layers (see fs.metalayer)
     lock               flock: shared for writers, exclusive for gc/repair
 
 The database is the truth (as in containerd's metastore): an object or
@@ -58,7 +60,8 @@ class Store:
             except OSError as exc:
                 raise InvalidInput(f"cannot use store root {self.root}: {exc.strerror}") from None
         self.tmp_dir = os.path.join(self.root, "tmp")
-        self.objects = ObjectStore(os.path.join(self.root, "objects"), self.tmp_dir)
+        self.objects = ObjectStore(os.path.join(self.root, "objects"), self.tmp_dir,
+                                   compress=_config(self.root).get("backend") != "kernel")
         self.db = Database(os.path.join(self.root, "db.sqlite"))
         self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._db_lock = threading.Lock()
@@ -372,6 +375,20 @@ class Store:
             if key is None:
                 return c.execute("DELETE FROM refs WHERE kind=?", (kind,)).rowcount
             return c.execute("DELETE FROM refs WHERE kind=? AND key=?", (kind, key)).rowcount
+
+
+def _config(root: str) -> dict:
+    """ROOT/config.json, the store-wide settings (``{"backend": "kernel"}``
+    makes kernel-backend mounts the default and objects raw); {} if absent.
+    Errors in it are reported where the setting is used (``fs.backend``)."""
+    import json
+
+    try:
+        with open(os.path.join(root, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _missing_objects(c, digests: set[str]) -> list[str]:

@@ -257,3 +257,19 @@ def test_refusal_says_why():
     kernel.require(ro_only, writable=False)
     with pytest.raises(Unsupported, match="read-only only.*metacopy"):
         kernel.require(ro_only, writable=True)
+
+
+def test_a_store_configured_for_the_kernel_backend_stores_objects_raw(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "text").write_bytes(b"compressible line\n" * 2000)
+    for name, config in (("zstd", None), ("raw", '{"backend": "kernel"}')):
+        root = tmp_path / name
+        root.mkdir()
+        if config:
+            (root / "config.json").write_text(config)
+        with Store(str(root)) as store:
+            transfer.import_layer(store, str(src))
+            files = [n for _d, _s, names in os.walk(store.objects.root) for n in names]
+        assert len(files) == 1
+        assert files[0].endswith(".zst") == (name == "zstd")
