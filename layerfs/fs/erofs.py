@@ -25,6 +25,7 @@ by binary search. ``.`` and ``..`` are ordinary sorted entries.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import struct
@@ -179,14 +180,27 @@ def _pack_dir(nodes: list[Node], i: int, split: list[list[bytes]], nids: list[in
 def _xattr_body(xattrs: list[tuple[bytes, bytes]]) -> bytes:
     if not xattrs:
         return b""
-    parts = [struct.pack("<IB7x", 0, 0)]  # no name filter, no shared xattrs
+    parts = [_IBODY_HEADER]
     for name, value in xattrs:
-        index, suffix = _prefix(name)
-        if len(suffix) > 255 or len(value) > 0xFFFF:
+        head, suffix = _entry_head(name)
+        if len(value) > 0xFFFF:
             raise Unsupported(f"xattr {name!r} is too long for the kernel backend's metadata layer")
-        entry = struct.pack("<BBH", len(suffix), index, len(value)) + suffix + value
-        parts.append(entry + b"\0" * (-len(entry) % 4))
+        parts += (head, len(value).to_bytes(2, "little"), suffix, value, _PAD[(len(suffix) + len(value)) % 4])
     return b"".join(parts)
+
+
+_IBODY_HEADER = struct.pack("<IB7x", 0, 0)  # no name filter, no shared xattrs
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+
+
+@functools.lru_cache(maxsize=4096)
+def _entry_head(name: bytes) -> tuple[bytes, bytes]:
+    """(e_name_len + e_name_index bytes, name suffix) of an xattr entry;
+    cached, since the same few names repeat on every file."""
+    index, suffix = _prefix(name)
+    if len(suffix) > 255:
+        raise Unsupported(f"xattr {name!r} is too long for the kernel backend's metadata layer")
+    return bytes((len(suffix), index)), suffix
 
 
 def _prefix(name: bytes) -> tuple[int, bytes]:

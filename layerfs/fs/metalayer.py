@@ -106,6 +106,10 @@ def ensure_raw_objects(objects, files: dict[str, str]) -> int:
     """Raw copies of the objects in *files* ({digest: path}); returns how many were made."""
     from layerfs.store.scan import parallel_map
 
+    exists = os.path.exists
+    raw_path = objects.raw_path
+    todo = [(d, p) for d, p in files.items() if not exists(raw_path(d))]
+
     def one(item: tuple[str, str]) -> int:
         digest, path = item
         try:
@@ -114,7 +118,7 @@ def ensure_raw_objects(objects, files: dict[str, str]) -> int:
             raise NotFound(f"object {digest[:12]} of /{path} is missing from the store "
                            "(layerfs fsck reports what is damaged)") from None
 
-    return sum(parallel_map(one, list(files.items())))
+    return sum(parallel_map(one, todo))
 
 
 def nodes_from_index(index) -> tuple[list[Node], dict[str, str]]:
