@@ -11,7 +11,6 @@ import click
 from layerfs import bootstrap as boot
 from layerfs.errors import Corrupt, InvalidInput
 from layerfs.store import fsck as fsck_mod
-from layerfs.store import gc as gc_mod
 from layerfs.store import images as img
 from layerfs.store import transfer, usage
 from layerfs.store.images import Image
@@ -73,8 +72,13 @@ def prepare_for_mounts(store: Store, image: Image) -> None:
 def images_cmd(store: Store, show_all: bool, quiet: bool, no_trunc: bool, fmt: str) -> None:
     """List images."""
     rows = []
-    # Like docker, untagged images that are build steps are intermediate.
-    intermediate = set() if show_all else {iid for _, _, iid, _ in store.refs("build-cache") if iid}
+    # Like docker, untagged images that other images are made from (a
+    # build's steps) are intermediate; an untagged leaf is dangling, shown.
+    intermediate: set[str] = set()
+    if not show_all:
+        from layerfs.store import prune
+
+        intermediate = set(prune.lineage(store).children)
     for image, tags in store.images():
         if not tags and image.id in intermediate:
             continue
@@ -183,9 +187,12 @@ def tag_cmd(store: Store, source: str, target: str) -> None:
 @click.option("-f", "--force", is_flag=True, help="Remove even if tagged in several repositories.")
 @with_store
 def rmi_cmd(store: Store, images: tuple[str, ...], force: bool) -> None:
-    """Remove images (their bytes are reclaimed by gc)."""
+    """Remove images, with their untagged parents nothing else uses (a
+    build's intermediate steps); gc then reclaims their bytes."""
+    from layerfs.store import prune
+
     for name in images:
-        for line in store.remove_image(name, force=force):
+        for line in prune.remove_image(store, name, force=force):
             click.echo(line)
 
 
@@ -288,11 +295,14 @@ def _extra_usage_tables(store: Store) -> list:
 
 
 @click.command("gc")
-@click.option("--dry-run", is_flag=True, help="Only report what would go.")
+@click.option("--dry-run", is_flag=True, help="Only report what would go (exactly what gc then does).")
 @with_store
 def gc_cmd(store: Store, dry_run: bool) -> None:
-    """Remove layers and objects nothing references any more."""
-    r = gc_mod.collect(store, dry_run=dry_run)
+    """Remove layers and objects nothing references any more, and leftovers
+    (records of dead mounts, interrupted writes); never what a live mount uses."""
+    from layerfs_cli.prune import collect_garbage
+
+    r = collect_garbage(store, dry_run=dry_run)
     verb = "Would remove" if dry_run else "Removed"
     click.echo(f"{verb} {r.layers_removed} layers, {r.objects_removed} objects, "
                f"{human_size(r.bytes_freed)} freed; {r.debris_removed} leftover files swept")

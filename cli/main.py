@@ -30,6 +30,7 @@ COMMANDS = {
     "containers": ("bundle", "commit", "diff", "exec", "kill", "logs", "ps", "rm", "run", "start", "stop", "wait"),
     "build": ("build", "builder"),
     "oci": ("load", "login", "logout", "pull", "push", "save"),
+    "prune": ("image", "system"),
 }
 MODULE_OF = {cmd: module for module, cmds in COMMANDS.items() for cmd in cmds}
 

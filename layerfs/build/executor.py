@@ -33,6 +33,9 @@ from layerfs.build import dockerfile as dfm
 from layerfs.build import run_mounts, substitution
 from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
+from layerfs.fs.helper import mount_for_owner, start_forkserver
+from layerfs.fs.registry import force_unmount
+from layerfs.procfs import is_mountpoint
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
 from layerfs.store import references
@@ -336,7 +339,7 @@ class Builder:
             # now so its start overlaps this step (a fully cached build
             # never pays for it).
             self._forkserver_started = True
-            _forkserver_ensure_running()
+            start_forkserver()
         if hit is not None:
             self._emit("cached", " ---> Using cache")
             self.cached += 1
@@ -777,7 +780,6 @@ class Builder:
         os.mkdir(mp)
         os.mkdir(state)
         mounted = False
-        daemon_pid = 0
         w_fd = -1
         pump: threading.Thread | None = None
         prepared: run_mounts.PreparedMounts | None = None
@@ -786,7 +788,7 @@ class Builder:
                                           secrets=self.secrets, fill=self._fill_mount,
                                           from_ids={k: v.id for k, v in self._run_from.items()})
             env.update(prepared.env)
-            daemon_pid = _mount_clean(self.store.root, st.image.id, mp, upper)
+            mount_for_owner(self.store.root, st.image.id, mp, upper, scratch=tmp)
             mounted = True
             stubs = MountStubs.make(mp, prepared.mountpoints())
             # The pipe is made after the FUSE daemon forked, so only the
@@ -819,12 +821,12 @@ class Builder:
             if pump is not None:
                 pump.join(timeout=5)
             if mounted:
-                _unmount_hard(self.store.root, mp, unmount, daemon_pid)
+                force_unmount(self.store.root, mp)
             if prepared is not None:
                 prepared.close()
             # Never recurse into a mount that is still there: rmtree would
             # delete through it (or hang on a wedged daemon).
-            if not _is_mountpoint(mp):
+            if not is_mountpoint(mp):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _pump(self, fd: int) -> None:
@@ -863,63 +865,6 @@ def _extract_tar(path: str, dest: str) -> None:
 
 # -- running a step's container ---------------------------------------------
 
-def _mount_child(store_root: str, image_id: str, mp: str, upper: str, conn: Any) -> None:
-    try:
-        from layerfs.fs.mount import mount_image
-
-        handle = mount_image(store_root, image_id, mp, upper_dir=upper)
-        conn.send(handle.pid)
-    except BaseException as exc:  # sent to the parent, raised there
-        try:
-            conn.send(exc)
-        except Exception:
-            conn.send(LayerfsError(f"mount failed: {exc}"))
-    finally:
-        conn.close()
-
-
-def _forkserver_ensure_running() -> Any:
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["layerfs.fs.mount", "layerfs.build.executor"])
-    try:
-        from multiprocessing import forkserver
-
-        forkserver.ensure_running()
-    except (OSError, ValueError):  # pragma: no cover - started on first use instead
-        pass
-    return ctx
-
-
-def _mount_clean(store_root: str, image_id: str, mp: str, upper: str) -> int:
-    """Mount for a RUN step from a fresh process (a forkserver child).
-
-    ``mount_image`` forks its FUSE daemon from the calling process, which by
-    now holds threads, an open database and pipes of earlier steps. Forking
-    from a clean, exec'd interpreter that has the mount code preloaded keeps
-    all of that out of the daemon and makes each RUN's mount cheap. (It
-    first hid a hang: blake3's multi-threaded pool does not survive a fork;
-    the store now hashes single-threaded, which fixes that for every
-    caller.)
-    """
-    ctx = _forkserver_ensure_running()
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_mount_child, args=(store_root, image_id, mp, upper, send), daemon=False)
-    proc.start()
-    send.close()
-    try:
-        outcome = recv.recv()
-    except EOFError:
-        outcome = LayerfsError(f"the mount helper for {mp} died (exit code {proc.exitcode})")
-    finally:
-        recv.close()
-        proc.join()
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return int(outcome)  # the FUSE daemon's pid
-
-
 def _run_interruptibly(run_container: Callable[..., Any], spec: Any, state: str, out_fd: int) -> Any:
     """run_container in a worker thread; Ctrl-C (KeyboardInterrupt in the
     main thread) kills the container instead of being forwarded to it --
@@ -953,54 +898,6 @@ def _run_interruptibly(run_container: Callable[..., Any], spec: Any, state: str,
     if "error" in box:
         raise box["error"]
     return box["result"]
-
-
-def _is_mountpoint(path: str) -> bool:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == path for line in f)
-    except (OSError, IndexError):
-        return False
-
-
-def _unmount_hard(store_root: str, mp: str, unmount: Callable[..., None], daemon_pid: int = 0) -> None:
-    """Unmount on the error path; a daemon that does not answer is killed
-    and its mount detached, so nothing is left behind."""
-    import signal
-    import subprocess
-
-    try:
-        unmount(store_root, mp, timeout=10.0)
-        return
-    except (LayerfsError, OSError):
-        pass
-    if _is_mountpoint(mp):
-        for cmd in (["fusermount3", "-uz", mp], ["umount", "-l", mp]):
-            try:
-                if subprocess.run(cmd, capture_output=True).returncode == 0:
-                    break
-            except FileNotFoundError:
-                continue
-    if daemon_pid and _is_layerfs_process(daemon_pid):
-        try:
-            os.kill(daemon_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        unmount(store_root, mp, timeout=5.0)  # drops the mount's record
-    except (LayerfsError, OSError):
-        pass
-
-
-def _is_layerfs_process(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
-    # Forked from the forkserver, the daemon shows the forkserver's command.
-    return b"layerfs" in cmdline or b"forkserver" in cmdline
-
 
 
 # -- ADD of a URL, heredocs ---------------------------------------------------

@@ -10,6 +10,10 @@ Modules, bottom up:
 * ``union``  -- overlayfs semantics: lookup, readdir, copy-up, create,
   unlink, rename, setattr, xattrs, reads with digest checks;
 * ``ops``    -- the thin pyfuse3.Operations adapter (one error decorator);
-* ``mount``  -- the daemon's life: ``mount_image``, ``unmount``,
-  ``list_mounts`` (the API the CLI, runtime and builder use).
+* ``mount``  -- the daemon's life: ``mount_image`` (the API the CLI,
+  runtime and builder use), and the owner a mount may die with;
+* ``registry`` -- the mount records: ``unmount``, ``list_mounts``, the
+  clean-up of mounts whose daemon died;
+* ``helper`` -- mounts for a busy owner (a build), forked from a clean
+  forkserver.
 """

@@ -18,14 +18,18 @@ Public API (the CLI, the runtime and the Dockerfile builder use these)::
   ``read_only`` a private upper is made under ``ROOT/uppers/`` and removed
   again when the mount ends. :func:`container_upper` gives the upper of a
   named container (``ROOT/containers/NAME/upper``), which outlives mounts.
-* Each active mount is a store reference of kind ``"mount"`` keyed by the
-  mountpoint, with JSON data (pid, image, upper, container, log file), so
-  :func:`list_mounts` can show it and gc keeps its image alive. A daemon
-  that died leaves a stale reference and an ENOTCONN mountpoint;
-  :func:`unmount` and :func:`list_mounts` clean both up.
+* Each active mount has a record in the store (``fs.registry``), so
+  :func:`list_mounts` can show it and gc keeps its image and the paths it
+  uses. A daemon that died leaves a stale record and an ENOTCONN
+  mountpoint; :func:`unmount` and :func:`list_mounts` clean both up.
 * SIGTERM/SIGINT make the daemon leave the FUSE loop, unmount, sync the
-  upper's filesystem, drop its reference and exit 0. The daemon writes to
-  the store only that reference, so killing it can never corrupt the store.
+  upper's filesystem, drop its record and exit 0. The daemon writes to
+  the store only that record, so killing it can never corrupt the store.
+* A mount that serves one process (``owner``: a build's RUN step, a
+  container's owner) must not outlive it: the daemon watches the owner
+  through a pidfd and, when it dies, unmounts and exits as on SIGTERM,
+  then removes ``owner_scratch`` (the owner's staging dir) if given. A
+  mount without an owner (``layerfs mount``) stays until unmounted.
 * The daemon logs to ``ROOT/logs/mount-<hash of mountpoint>.log``
   (corrupt objects, unexpected errors; everything with ``debug``).
 
@@ -46,13 +50,14 @@ import os
 import re
 import signal
 import stat
-import time
 from dataclasses import dataclass
 
+from layerfs import procfs
 from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound, Unsupported
+from layerfs.fs.registry import (FSNAME, REF_KIND, MountInfo, clean_stale, forget, is_enotconn,  # noqa: F401
+                                 list_mounts, register, remove_private, unmount)
+from layerfs.procfs import mounted_fstype  # noqa: F401 - part of this module's API
 
-REF_KIND = "mount"
-FSNAME = "layerfs"
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
 
@@ -63,18 +68,6 @@ class MountHandle:
     image_id: str
     upper: str | None
     log: str
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    mountpoint: str
-    pid: int
-    image_id: str
-    image: str
-    upper: str | None
-    container: str | None
-    read_only: bool
-    alive: bool
 
 
 # -- paths -----------------------------------------------------------------
@@ -90,44 +83,6 @@ def _log_path(store_root: str, mountpoint: str) -> str:
 
     digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:12]
     return os.path.join(store_root, "logs", f"mount-{digest}.log")
-
-
-# -- /proc helpers --------------------------------------------------------
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounted_fstype(mountpoint: str) -> str | None:
-    """Filesystem type mounted at *mountpoint* (None if nothing is)."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields = left.split()
-            if len(fields) > 4 and _unescape(fields[4]) == mountpoint:
-                found = right.split()[0]
-    return found
-
-
-def _start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    now = _start_time(pid)
-    if now is None:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rpartition(")")[2].split()[0] == "Z":
-                return False
-    except OSError:
-        return False
-    return start is None or now == start
 
 
 # -- mounting --------------------------------------------------------------
@@ -184,7 +139,8 @@ def _take_preforked() -> "_Daemon | None":
 
 def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str | None = None,
                 read_only: bool = False, foreground: bool = False, debug: bool = False,
-                container: str | None = None) -> MountHandle:
+                container: str | None = None, owner: int | None = None,
+                owner_scratch: str | None = None) -> MountHandle:
     """Mount *image_ref* at *mountpoint*; see the module docstring.
 
     The daemon is forked first thing, so its imports of trio and pyfuse3
@@ -206,11 +162,16 @@ def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str
         daemon = _Daemon()
     try:
         params, image_id = _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container)
+        if owner is not None:
+            start = procfs.start_time(owner)
+            if start is None:
+                raise NotFound(f"the process {owner} the mount would serve is gone")
+            params |= {"owner": owner, "owner_start": start, "scratch": owner_scratch}
         if foreground:
             return _run_foreground(params, image_id)
         pid = daemon.go(params)
         daemon = None
-        _register(params, image_id, pid)
+        register(params, image_id, pid)
     finally:
         if daemon is not None:
             daemon.abort()
@@ -223,7 +184,7 @@ def _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container) 
     from layerfs.store.store import Store
 
     with Store(store_root) as store:
-        _clean_stale(store, mp)
+        clean_stale(store, mp)
         if mounted_fstype(mp) is not None and store.get_ref(REF_KIND, mp) is not None:
             raise Conflict(f"{mp} is already a layerfs mount")
         image = store.image(image_ref)
@@ -247,19 +208,10 @@ def _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container) 
         return params, image.id
 
 
-def _register(params: dict, image_id: str, pid: int) -> None:
-    from layerfs.store.store import Store
-
-    keys = ("image", "upper", "container", "read_only", "private", "log")
-    data = {k: params[k] for k in keys} | {"pid": pid, "start": _start_time(pid)}
-    with Store(params["root"]) as store:
-        store.add_ref(REF_KIND, params["mountpoint"], image_id=image_id, data=json.dumps(data))
-
-
 def _run_foreground(params: dict, image_id: str) -> MountHandle:
     ready_r, ready_w = os.pipe()
     os.set_blocking(ready_r, False)
-    _register(params, image_id, os.getpid())
+    register(params, image_id, os.getpid())
     code = _run_daemon(params, ready_w, detached=False)
     os.close(ready_r)
     if code:
@@ -434,6 +386,7 @@ def _run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             options.add("ro")
         if params["debug"]:
             options.add("debug")
+        owner_fd = _open_owner(params)
         pyfuse3.init(Operations(union), mp, options)
     except BaseException as exc:
         log.error("cannot mount %s: %s", mp, exc)
@@ -442,6 +395,7 @@ def _run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             shutil.rmtree(os.path.dirname(upper_dir), ignore_errors=True)
         return 1
     log.info("mounted %s at %s (upper %s)", params["image_id"][:12], mp, upper_dir)
+    orphaned = False
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
@@ -457,8 +411,21 @@ def _run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
                 ready(f"ok {os.getpid()}\n")
                 await trio.to_thread.run_sync(_raise_readahead, mp)
 
+            async def on_owner_exit() -> None:
+                nonlocal orphaned
+                if owner_fd >= 0:
+                    await trio.lowlevel.wait_readable(owner_fd)
+                else:  # no pidfd (Linux < 5.3): poll
+                    while procfs.alive(params["owner"], params["owner_start"]):
+                        await trio.sleep(0.5)
+                log.info("owner %d exited: unmounting", params["owner"])
+                orphaned = True
+                pyfuse3.terminate()
+
             nursery.start_soon(on_signal)
             nursery.start_soon(announce)
+            if params.get("owner"):
+                nursery.start_soon(on_owner_exit)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
             nursery.cancel_scope.cancel()
 
@@ -480,9 +447,44 @@ def _run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             _syncfs(upper_dir)
         except OSError:
             pass
-    _forget_mount(params)
     log.info("unmounted %s", mp)
+    _finish(params, orphaned, log)
     return code
+
+
+def _open_owner(params: dict) -> int:
+    """A pidfd of the mount's owner (-1: none, or no pidfd support).
+
+    Opened before the mount exists and checked against the owner's start
+    time, so an owner that died meanwhile (its pid maybe reused) fails the
+    mount instead of leaving one that nothing serves."""
+    owner = params.get("owner")
+    if not owner:
+        return -1
+    try:
+        fd = os.pidfd_open(owner)
+    except (AttributeError, OSError) as exc:
+        if getattr(exc, "errno", None) not in (None, errno.ENOSYS):
+            raise LayerfsError(f"the process {owner} this mount serves is gone") from None
+        fd = -1
+    if not procfs.alive(owner, params["owner_start"]):
+        raise LayerfsError(f"the process {owner} this mount serves is gone")
+    return fd
+
+
+def _finish(params: dict, orphaned: bool, log) -> None:
+    """After the unmount: an orphan removes its owner's staging dir (which
+    the owner can no longer clean), then the record goes, then a private
+    upper."""
+    from layerfs.fs.registry import remove_unmounted
+
+    if orphaned and params.get("scratch"):
+        remove_unmounted(params["scratch"])
+    try:
+        forget(params, os.getpid())
+    except (LayerfsError, OSError, ValueError):
+        log.exception("cannot drop the mount record")
+    remove_private(params)
 
 
 def _syncfs(path: str) -> None:
@@ -520,116 +522,3 @@ def _prepare_upper(upper: str, root_meta: tuple, read_only: bool) -> None:
     os.makedirs(work_dir_for(upper), exist_ok=True)
 
 
-def _forget_mount(params: dict) -> None:
-    from layerfs.store.store import Store
-
-    mp = params["mountpoint"]
-    try:
-        with Store(params["root"]) as store:
-            row = store.get_ref(REF_KIND, mp)
-            if row is not None and json.loads(row[2] or "{}").get("pid") in (os.getpid(), None):
-                store.drop_refs(REF_KIND, mp)
-    except (LayerfsError, OSError, ValueError):
-        import logging
-
-        logging.getLogger("layerfs.fs").exception("cannot drop the mount reference")
-    _remove_private(params)
-
-
-def _remove_private(data: dict) -> None:
-    if data.get("private") and data.get("upper"):
-        import shutil
-
-        base = os.path.dirname(data["upper"])
-        shutil.rmtree(base, ignore_errors=True)
-
-
-# -- unmounting and listing ----------------------------------------------------------
-def _detach(mp: str) -> None:
-    """Lazily unmount whatever is at *mp* (works on a dead FUSE mount)."""
-    import subprocess
-
-    for cmd in (["fusermount3", "-uz", mp], ["umount", "-l", mp]):
-        try:
-            if subprocess.run(cmd, capture_output=True).returncode == 0:
-                return
-        except FileNotFoundError:
-            continue
-
-
-def unmount(store_root: str, mountpoint: str, timeout: float = 30.0) -> None:
-    """Unmount a layerfs mount and wait for its daemon to exit.
-
-    Also cleans up after a daemon that died (ENOTCONN mountpoint, stale
-    reference). Raises NotFound if nothing layerfs is mounted there.
-    """
-    from layerfs.store.store import Store
-
-    mp = _abs_mountpoint(mountpoint)
-    with Store(store_root) as store:
-        row = store.get_ref(REF_KIND, mp)
-        data = json.loads(row[2] or "{}") if row else {}
-        fstype = mounted_fstype(mp)
-        if row is None and fstype != f"fuse.{FSNAME}":
-            raise NotFound(f"{mountpoint} is not a layerfs mount")
-        pid = data.get("pid")
-        if pid and _alive(pid, data.get("start")):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _alive(pid, data.get("start")) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if _alive(pid, data.get("start")):
-                raise Conflict(f"the daemon of {mp} (pid {pid}) did not exit")
-        if mounted_fstype(mp) == f"fuse.{FSNAME}":
-            _detach(mp)
-        store.drop_refs(REF_KIND, mp)
-        _remove_private(data)
-
-
-def _abs_mountpoint(mountpoint: str) -> str:
-    try:
-        return os.path.realpath(mountpoint)
-    except OSError:
-        return os.path.abspath(mountpoint)
-
-
-def _clean_stale(store, mp: str | None = None) -> list[str]:
-    """Drop references of dead daemons and detach their mounts."""
-    cleaned = []
-    for key, _layer, _image, raw in store.refs(REF_KIND):
-        if mp is not None and key != mp:
-            continue
-        data = json.loads(raw or "{}")
-        if _alive(data.get("pid", 0), data.get("start")):
-            continue
-        if mounted_fstype(key) == f"fuse.{FSNAME}":
-            _detach(key)
-        store.drop_refs(REF_KIND, key)
-        _remove_private(data)
-        cleaned.append(key)
-    return cleaned
-
-
-def list_mounts(store_root: str, clean: bool = True) -> list[MountInfo]:
-    """Active mounts of this store (stale ones are cleaned up first)."""
-    from layerfs.store.store import Store
-
-    with Store(store_root) as store:
-        if clean:
-            _clean_stale(store)
-        out = []
-        for key, _layer, image_id, raw in store.refs(REF_KIND):
-            data = json.loads(raw or "{}")
-            out.append(MountInfo(key, data.get("pid", 0), image_id or "", data.get("image", ""),
-                                 data.get("upper"), data.get("container"), bool(data.get("read_only")),
-                                 _alive(data.get("pid", 0), data.get("start"))))
-        return out
-
-
-def is_enotconn(mountpoint: str) -> bool:
-    """True if *mountpoint* is a FUSE mount whose daemon is gone."""
-    try:
-        os.statvfs(mountpoint)  # statfs always reaches the daemon; stat may be cached
-    except OSError as exc:
-        return exc.errno == errno.ENOTCONN
-    return False

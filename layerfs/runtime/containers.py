@@ -28,16 +28,18 @@ import os
 import secrets
 import shutil
 import signal
-import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from layerfs.errors import Conflict, InvalidInput, NotFound
+from layerfs.procfs import alive as process_alive  # noqa: F401 - the runtime's name for it
+from layerfs.procfs import start_time as process_start_time  # noqa: F401
 from layerfs.runtime.spec import (DEFAULT_PATH, ContainerSpec, Volume, check_name,
                                   check_volume_sources)
 from layerfs.store.store import Store
+from layerfs.store.usage import tree_bytes  # noqa: F401 - used by the CLI's prune and df
 
 REF_KIND = "container"
 RUNTIMES = ("builtin", "runc", "crun")
@@ -394,24 +396,6 @@ def remove_tree(path: str) -> None:
 
 
 # -- processes -------------------------------------------------------------------
-def process_start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            fields = handle.read().rpartition(")")[2].split()
-    except OSError:
-        return None
-    if fields and fields[0] in ("Z", "X"):
-        return None
-    return fields[19] if len(fields) > 19 else None
-
-
-def process_alive(pid: int | None, start: str | None) -> bool:
-    if not pid:
-        return False
-    now = process_start_time(pid)
-    return now is not None and (start is None or now == start)
-
-
 def parse_signal(text: str | int) -> int:
     """"TERM", "SIGTERM", "15" -> 15."""
     if isinstance(text, int):
@@ -464,24 +448,6 @@ def status_text(container: Container, now: float | None = None) -> str:
 
 
 # -- disk usage (df -v) ---------------------------------------------------------
-def tree_bytes(path: str) -> int:
-    """Allocated bytes below ``path``, hard links counted once (like du)."""
-    seen: set[tuple[int, int]] = set()
-    total = os.lstat(path).st_blocks * 512
-    for directory, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                st = os.lstat(os.path.join(directory, name))
-            except OSError:
-                continue
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                if (st.st_dev, st.st_ino) in seen:
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-            total += st.st_blocks * 512
-    return total
-
-
 @dataclass(frozen=True)
 class ContainerUsage:
     """One container's private bytes (its upper) next to its shared image."""

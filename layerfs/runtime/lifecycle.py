@@ -13,7 +13,8 @@ whole record with ``--rm``)::
 The owner writes "exited" only after the mount is gone, so ``wait`` and
 ``rm`` right after it never race the cleanup. If an owner is killed, the
 runtime's own shim kills the container and removes its cgroup when the
-owner's socket hangs up; ``rm`` removes the orphaned mount.
+owner's socket hangs up, and the mount's daemon, watching the owner,
+unmounts; ``rm`` cleans up whatever is still left.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def own(root: str, container_id: str, *, foreground: bool, stdin: Any = None,
     log_fd = os.open(c.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     try:
         fsmount.mount_image(root, c.config.image_id, c.rootfs, upper_dir=c.upper,
-                            container=c.id)
+                            container=c.id, owner=me)  # the mount dies with its owner
         mounted = True
         if c.config.runtime == "builtin":
             result = _run_builtin(c, foreground, stdin, stdout, stderr, log_fd, ready)

@@ -11,6 +11,9 @@ What ``repair`` does: drops broken objects (and so the layers that need
 them), broken layers (and so the images on them), dangling tags and
 references, then runs gc. It never invents data: what was damaged is gone,
 and the report says so. Images built on removed layers must be re-imported.
+Repair never drops a mount record, nor (through gc) anything a mount uses:
+a record belongs to its daemon, which may be live (``fs.registry`` drops
+the records of dead ones).
 """
 
 from __future__ import annotations
@@ -140,14 +143,16 @@ def _check_names(store: Store, report: FsckReport, bad_images: set[str], bad_lay
 def _repair(store: Store, report: FsckReport, bad_objects: set[str], bad_layers: set[str],
             bad_images: set[str]) -> None:
     from layerfs.store import gc
+    from layerfs.store.gc import MOUNT_KIND
 
     with store.db.transaction() as c:
         c.executemany("DELETE FROM images WHERE id=?", [(i,) for i in bad_images])
         c.executemany("DELETE FROM layers WHERE id=?", [(lid,) for lid in bad_layers])
         c.executemany("DELETE FROM objects WHERE digest=?", [(d,) for d in bad_objects])
         c.execute("DELETE FROM tags WHERE image_id NOT IN (SELECT id FROM images)")
-        c.execute("DELETE FROM refs WHERE (layer_id IS NOT NULL AND layer_id NOT IN (SELECT id FROM layers))"
-                  " OR (image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images))")
+        c.execute("DELETE FROM refs WHERE kind != ? AND ("
+                  "(layer_id IS NOT NULL AND layer_id NOT IN (SELECT id FROM layers))"
+                  " OR (image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))", (MOUNT_KIND,))
         c.execute("DELETE FROM stat_cache WHERE digest NOT IN (SELECT digest FROM objects)")
     for d in bad_objects:
         store.objects.remove(d)

@@ -4,113 +4,155 @@ Roots are the images (an untagged image is still an image until ``rmi``)
 and the rows of ``refs`` (containers, build cache, mounts, OCI maps). The
 sweep runs under the store's exclusive lock, so no writer can commit a
 reference to an object between the mark and the sweep.
+
+Live mounts: a mount record (ref kind ``mount``, written by
+``fs.registry``) names its mountpoint and, in ``paths``, everything else it
+uses (upper, work dir, its owner's scratch dir). gc never removes those,
+nor any directory that is or holds a mountpoint: removing it would delete
+an upper under a live daemon, or delete through the mount into it. gc
+cannot tell a live daemon from a dead one (that is the filesystem's
+business); ``fs.registry.clean_stale`` drops the records of dead ones
+first, and ``ignore_refs`` lets a dry run count as if it had.
+
+A dry run computes exactly what a real run removes, in the same order, and
+``bytes_freed`` is the disk space (allocated blocks) of everything removed:
+object files, layer manifests and swept debris.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from layerfs import procfs
 from layerfs.store.store import Store
+from layerfs.store.usage import tree_bytes
 
 TMP_GRACE = 3600.0
 # Mappings kept for interop (OCI digests <-> layer ids) describe layers but
 # must not keep them alive: they go when their layer or image goes.
 WEAK_PREFIX = "oci-"
+MOUNT_KIND = "mount"
 
 
 @dataclass(frozen=True)
 class GcResult:
     layers_removed: int
     objects_removed: int
-    bytes_freed: int
+    bytes_freed: int       # allocated bytes of all removed files (objects, manifests, debris)
     debris_removed: int
 
 
-def live_layers(store: Store) -> set[str]:
+def live_layers(store: Store, ignore_refs: Collection[tuple[str, str]] = ()) -> set[str]:
     live = {r[0] for r in store.db.all("SELECT DISTINCT layer_id FROM image_layers")}
-    strong = "kind NOT LIKE ? || '%'"
-    live |= {r[0] for r in store.db.all(f"SELECT layer_id FROM refs WHERE layer_id IS NOT NULL AND {strong}", WEAK_PREFIX)}
-    for (iid,) in store.db.all(f"SELECT image_id FROM refs WHERE image_id IS NOT NULL AND {strong}", WEAK_PREFIX):
-        live |= {r[0] for r in store.db.all("SELECT layer_id FROM image_layers WHERE image_id=?", iid)}
+    rows = store.db.all("SELECT kind, key, layer_id, image_id FROM refs WHERE kind NOT LIKE ? || '%'", WEAK_PREFIX)
+    for kind, key, lid, iid in rows:
+        if (kind, key) in ignore_refs:
+            continue
+        if lid:
+            live.add(lid)
+        if iid:
+            live |= {r[0] for r in store.db.all("SELECT layer_id FROM image_layers WHERE image_id=?", iid)}
     return live
 
 
-def collect(store: Store, dry_run: bool = False) -> GcResult:
+def collect(store: Store, dry_run: bool = False, ignore_refs: Collection[tuple[str, str]] = ()) -> GcResult:
+    """Remove unreferenced layers and objects, then debris (see the module
+    docstring). *ignore_refs*: (kind, key) references the caller drops
+    before a real run (stale mount records); they keep nothing alive here."""
     with store.exclusive():
-        live = live_layers(store)
+        live = live_layers(store, ignore_refs)
         dead_layers = [r[0] for r in store.db.all("SELECT id FROM layers") if r[0] not in live]
+        dead = set(dead_layers)
+        needed = {d for lid, d in store.db.all("SELECT layer_id, digest FROM layer_objects") if lid not in dead}
+        dead_objects = [d for (d,) in store.db.all("SELECT digest FROM objects") if d not in needed]
+        freed = sum(_disk_bytes(p) for d in dead_objects for p in (store.objects.raw_path(d), store.objects.zst_path(d)))
+        freed += sum(_disk_bytes(store.layer_manifest_path(lid)) for lid in dead_layers)
         if not dry_run:
-            with store.db.transaction() as c:
-                c.executemany("DELETE FROM layers WHERE id=?", [(lid,) for lid in dead_layers])
-                c.execute("DELETE FROM refs WHERE kind LIKE ? || '%' AND ("
-                          "(layer_id IS NOT NULL AND layer_id NOT IN (SELECT id FROM layers)) OR "
-                          "(image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))", (WEAK_PREFIX,))
-        dead_objects = store.db.all(
-            "SELECT digest, stored_size FROM objects WHERE digest NOT IN (SELECT digest FROM layer_objects)")
-        if not dry_run:
-            with store.db.transaction() as c:
-                c.executemany("DELETE FROM objects WHERE digest=?", [(d,) for d, _ in dead_objects])
-                c.execute("DELETE FROM stat_cache WHERE digest NOT IN (SELECT digest FROM objects)")
-            for d, _ in dead_objects:
-                store.objects.remove(d)
-            for lid in dead_layers:
-                _unlink(store.layer_manifest_path(lid))
-        debris = 0 if dry_run else sweep_debris(store) + sweep_fs_leftovers(store)
-    return GcResult(len(dead_layers), len(dead_objects), sum(s for _, s in dead_objects), debris)
+            _drop(store, dead_layers, dead_objects)
+        keep = _paths_in_use(store, ignore_refs)
+        swept = [sweep_debris(store, keep, dry_run), sweep_fs_leftovers(store, keep, dry_run)]
+    return GcResult(len(dead_layers), len(dead_objects), freed + sum(b for _, b in swept), sum(n for n, _ in swept))
 
 
-def sweep_debris(store: Store) -> int:
+def _drop(store: Store, dead_layers: list[str], dead_objects: list[str]) -> None:
+    with store.db.transaction() as c:
+        c.executemany("DELETE FROM layers WHERE id=?", [(lid,) for lid in dead_layers])
+        c.execute("DELETE FROM refs WHERE kind LIKE ? || '%' AND ("
+                  "(layer_id IS NOT NULL AND layer_id NOT IN (SELECT id FROM layers)) OR "
+                  "(image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))", (WEAK_PREFIX,))
+        c.executemany("DELETE FROM objects WHERE digest=?", [(d,) for d in dead_objects])
+        c.execute("DELETE FROM stat_cache WHERE digest NOT IN (SELECT digest FROM objects)")
+    for d in dead_objects:
+        store.objects.remove(d)
+    for lid in dead_layers:
+        _unlink(store.layer_manifest_path(lid))
+
+
+def _paths_in_use(store: Store, ignore_refs: Collection[tuple[str, str]]) -> list[str]:
+    """Mountpoints and the paths their records list, plus every mountpoint
+    the kernel knows: nothing at or around them may be removed."""
+    gone = {key for kind, key in ignore_refs if kind == MOUNT_KIND}  # the caller detaches these
+    paths = [mp for mp, _ in procfs.mounts() if mp not in gone]
+    for key, _l, _i, raw in store.refs(MOUNT_KIND):
+        if (MOUNT_KIND, key) in ignore_refs:
+            continue
+        paths.append(key)
+        try:
+            paths += [p for p in json.loads(raw or "{}").get("paths", []) if isinstance(p, str)]
+        except (ValueError, AttributeError):
+            continue
+    return paths
+
+
+def _busy(path: str, in_use: Sequence[str]) -> bool:
+    """True if *path* is or holds a path in use."""
+    return any(p == path or p.startswith(path + "/") for p in in_use)
+
+
+def sweep_debris(store: Store, in_use: Sequence[str] = (), dry_run: bool = False) -> tuple[int, int]:
     """Remove files the database does not know: interrupted writes, and
-    objects/manifests written by an import that never committed."""
-    # We hold the exclusive lock, so no writer is active: all of tmp/ is debris.
-    n = 0
+    objects/manifests written by an import that never committed. Returns
+    (files removed, bytes freed)."""
+    # We hold the exclusive lock, so no writer is active: all of tmp/ is
+    # debris, except what a live mount uses (a build killed mid-RUN leaves
+    # its staging dir to the mount's daemon until it ends).
+    n = freed = 0
     for name in os.listdir(store.tmp_dir):
-        _remove_any(os.path.join(store.tmp_dir, name))
-        n += 1
+        path = os.path.join(store.tmp_dir, name)
+        if not _busy(path, in_use):
+            n, freed = n + 1, freed + _remove(path, dry_run)
     known = {r[0] for r in store.db.all("SELECT digest FROM objects")}
     for digest, path in store.objects.iter_on_disk():
         if digest not in known:
-            _unlink(path)
-            n += 1
+            n, freed = n + 1, freed + _remove(path, dry_run)
     layers = {r[0] for r in store.db.all("SELECT id FROM layers")}
     ldir = os.path.join(store.root, "layers")
     for name in os.listdir(ldir):
         if name not in layers:
-            _unlink(os.path.join(ldir, name))
-            n += 1
-    return n
+            n, freed = n + 1, freed + _remove(os.path.join(ldir, name), dry_run)
+    return n, freed
 
 
-def sweep_fs_leftovers(store: Store) -> int:
-    """Index caches of deleted images, and private uppers of mounts whose
-    daemon died (not named by any mount reference, untouched for a while:
-    a mount being set up has no reference yet)."""
-    import json
-
-    n = 0
+def sweep_fs_leftovers(store: Store, in_use: Sequence[str] = (), dry_run: bool = False) -> tuple[int, int]:
+    """Index caches of deleted images, and private uppers no mount record
+    names (untouched for a while: a mount being set up has no record yet)."""
+    n = freed = 0
     images = {r[0] for r in store.db.all("SELECT id FROM images")}
     cache = os.path.join(store.root, "fscache")
     for name in _listdir(cache):
         if name.split(".")[0] not in images:
-            _remove_any(os.path.join(cache, name))
-            n += 1
-    in_use = set()
-    for _, _, _, data in store.refs("mount"):
-        try:
-            upper = json.loads(data or "{}").get("upper") or ""
-        except ValueError:
-            continue
-        in_use |= {upper, upper + ".work", os.path.dirname(upper)}
+            n, freed = n + 1, freed + _remove(os.path.join(cache, name), dry_run)
     uppers = os.path.join(store.root, "uppers")
     now = time.time()
     for name in _listdir(uppers):
         path = os.path.join(uppers, name)
-        if path not in in_use and now - os.lstat(path).st_mtime > TMP_GRACE:
-            _remove_any(path)
-            n += 1
-    return n
+        if not _busy(path, in_use) and now - os.lstat(path).st_mtime > TMP_GRACE:
+            n, freed = n + 1, freed + _remove(path, dry_run)
+    return n, freed
 
 
 def _listdir(path: str) -> list[str]:
@@ -127,10 +169,21 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _remove_any(path: str) -> None:
+def _disk_bytes(path: str) -> int:
+    try:
+        return os.lstat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+
+
+def _remove(path: str, dry_run: bool) -> int:
+    """Remove *path* (unless *dry_run*); returns the bytes that frees."""
     import shutil
 
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        _unlink(path)
+    size = tree_bytes(path)
+    if not dry_run:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            _unlink(path)
+    return size

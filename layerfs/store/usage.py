@@ -20,6 +20,7 @@ back).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from layerfs.store.store import Store
@@ -125,3 +126,25 @@ def _count_users(sets: dict[str, set[str]]) -> dict[str, int]:
         for m in members:
             counts[m] = counts.get(m, 0) + 1
     return counts
+
+
+def tree_bytes(path: str) -> int:
+    """Allocated bytes of *path* and everything below it, hard links
+    counted once (like du); 0 if it is missing."""
+    try:
+        total = os.lstat(path).st_blocks * 512
+    except FileNotFoundError:
+        return 0
+    seen: set[tuple[int, int]] = set()
+    for directory, dirs, files in os.walk(path):
+        for name in dirs + files:
+            try:
+                st = os.lstat(os.path.join(directory, name))
+            except OSError:
+                continue
+            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512
+    return total

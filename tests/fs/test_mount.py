@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from layerfs import procfs
 from layerfs.fs import mount as fsmount
 from layerfs.store import images as img
 from layerfs.store import transfer
@@ -134,9 +135,9 @@ def test_sigterm_unmounts_and_private_upper_goes(fs_env, tmp_path):
         assert os.path.exists(f"{h.upper}/scratch")
         os.kill(h.pid, signal.SIGTERM)
         deadline = time.monotonic() + 20
-        while fsmount._alive(h.pid, None) and time.monotonic() < deadline:
+        while procfs.alive(h.pid, None) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not fsmount._alive(h.pid, None)
+        assert not procfs.alive(h.pid, None)
         assert fsmount.mounted_fstype(mp) is None
         assert not os.path.exists(h.upper)
         assert fsmount.list_mounts(fs_env["root"]) == []
@@ -153,7 +154,7 @@ def test_stale_mount_is_cleaned(fs_env, tmp_path):
     try:
         os.kill(h.pid, signal.SIGKILL)
         deadline = time.monotonic() + 20
-        while fsmount._alive(h.pid, None) and time.monotonic() < deadline:
+        while procfs.alive(h.pid, None) and time.monotonic() < deadline:
             time.sleep(0.02)
         # The leader is a zombie before its other threads are gone, and the
         # FUSE connection dies only when the last of them closes the fd.
@@ -179,7 +180,7 @@ def test_mounts_lists_and_cleans_dead_daemons(fs_env, tmp_path):
     try:
         assert [m.mountpoint for m in fsmount.list_mounts(fs_env["root"])] == [mp]
         os.kill(h.pid, signal.SIGKILL)
-        while fsmount._alive(h.pid, None):
+        while procfs.alive(h.pid, None):
             time.sleep(0.02)
         assert fsmount.list_mounts(fs_env["root"]) == []
         assert fsmount.mounted_fstype(mp) is None

@@ -1,0 +1,224 @@
+"""The mount registry: which layerfs mounts exist, and ending them.
+
+Each mount is a store reference of kind ``"mount"`` keyed by its
+mountpoint; its JSON data says what the mount serves and uses::
+
+    pid, start            the daemon (its start time pins the pid)
+    image, container, read_only, log
+    upper, private        the upper dir; ``private``: made for this mount,
+                          removed when it ends
+    owner, owner_start    the process the mount serves, if any: the daemon
+                          unmounts and exits when it dies (``fs.mount``)
+    scratch               the owner's staging dir, removed with an orphan
+    paths                 every path the mount uses besides the mountpoint
+                          (upper, its work dir, scratch): gc and fsck keep
+                          them while the record exists
+
+A record is *stale* when its daemon is gone (killed, crashed): the mount
+is then gone or dead (ENOTCONN). :func:`clean_stale` detaches such mounts
+and drops their records; ``mounts``, ``umount`` and ``gc`` call it. The
+daemon itself writes nothing to the store but dropping its own record, so
+a daemon killed at any point leaves at most a stale record.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from layerfs import procfs
+from layerfs.errors import Conflict, LayerfsError, NotFound
+
+REF_KIND = "mount"
+FSNAME = "layerfs"
+FSTYPE = f"fuse.{FSNAME}"
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    mountpoint: str
+    pid: int
+    image_id: str
+    image: str
+    upper: str | None
+    container: str | None
+    read_only: bool
+    alive: bool
+
+
+def _data(raw: str | None) -> dict:
+    try:
+        data = json.loads(raw or "{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def abs_mountpoint(mountpoint: str) -> str:
+    try:
+        return os.path.realpath(mountpoint)
+    except OSError:
+        return os.path.abspath(mountpoint)
+
+
+# -- the records --------------------------------------------------------------
+def register(params: dict, image_id: str, pid: int) -> None:
+    """Record the mount *params* (``fs.mount``'s) served by daemon *pid*."""
+    from layerfs.store.store import Store
+
+    keys = ("image", "upper", "container", "read_only", "private", "log", "owner", "owner_start", "scratch")
+    data = {k: params.get(k) for k in keys} | {"pid": pid, "start": procfs.start_time(pid)}
+    upper = params.get("upper")
+    data["paths"] = [p for p in (upper, upper and upper + ".work", params.get("scratch")) if p]
+    with Store(params["root"]) as store:
+        store.add_ref(REF_KIND, params["mountpoint"], image_id=image_id, data=json.dumps(data))
+
+
+def forget(params: dict, pid: int) -> None:
+    """The daemon's last word: drop its record (if it is still its own)."""
+    from layerfs.store.store import Store
+
+    mp = params["mountpoint"]
+    with Store(params["root"]) as store:
+        row = store.get_ref(REF_KIND, mp)
+        if row is not None and _data(row[2]).get("pid") in (pid, None):
+            store.drop_refs(REF_KIND, mp)
+
+
+def remove_private(data: dict) -> None:
+    """Remove a private upper (and the dir made for it)."""
+    if data.get("private") and data.get("upper"):
+        remove_unmounted(os.path.dirname(data["upper"]))
+
+
+def remove_unmounted(path: str) -> bool:
+    """``rm -rf path`` unless a mount is at or below it (rmtree would delete
+    through it, or hang on a dead daemon). True if it is gone."""
+    import shutil
+
+    if procfs.mounts_under(path):
+        return False
+    shutil.rmtree(path, ignore_errors=True)
+    return not os.path.lexists(path)
+
+
+def daemon_alive(data: dict) -> bool:
+    return procfs.alive(data.get("pid", 0), data.get("start"))
+
+
+# -- ending mounts ---------------------------------------------------------------
+def detach(mp: str) -> None:
+    """Lazily unmount whatever is at *mp* (works on a dead FUSE mount)."""
+    for cmd in (["fusermount3", "-uz", mp], ["umount", "-l", mp]):
+        try:
+            if subprocess.run(cmd, capture_output=True).returncode == 0:
+                return
+        except FileNotFoundError:
+            continue
+
+
+def unmount(store_root: str, mountpoint: str, timeout: float = 30.0) -> None:
+    """Unmount a layerfs mount and wait for its daemon to exit.
+
+    Also cleans up after a daemon that died (ENOTCONN mountpoint, stale
+    record). Raises NotFound if nothing layerfs is mounted there, Conflict
+    if the daemon does not exit within *timeout* seconds of SIGTERM.
+    """
+    from layerfs.store.store import Store
+
+    mp = abs_mountpoint(mountpoint)
+    with Store(store_root) as store:
+        row = store.get_ref(REF_KIND, mp)
+        data = _data(row[2]) if row else {}
+        if row is None and procfs.mounted_fstype(mp) != FSTYPE:
+            raise NotFound(f"{mountpoint} is not a layerfs mount")
+        pid = data.get("pid")
+        if daemon_alive(data):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while daemon_alive(data) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if daemon_alive(data):
+                raise Conflict(f"the daemon of {mp} (pid {pid}) did not exit")
+        if procfs.mounted_fstype(mp) == FSTYPE:
+            detach(mp)
+        store.drop_refs(REF_KIND, mp)
+        remove_private(data)
+        clean_stale(store)
+
+
+def force_unmount(store_root: str, mountpoint: str, timeout: float = 10.0) -> None:
+    """Unmount on an error path: a daemon that does not exit in time is
+    killed and its mount detached, so nothing is left behind."""
+    from layerfs.store.store import Store
+
+    try:
+        unmount(store_root, mountpoint, timeout=timeout)
+        return
+    except NotFound:
+        return
+    except (LayerfsError, OSError):
+        pass
+    mp = abs_mountpoint(mountpoint)
+    with Store(store_root) as store:
+        row = store.get_ref(REF_KIND, mp)
+        data = _data(row[2]) if row else {}
+        if daemon_alive(data):
+            try:
+                os.kill(data["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if procfs.mounted_fstype(mp) == FSTYPE:
+            detach(mp)
+        store.drop_refs(REF_KIND, mp)
+        remove_private(data)
+
+
+def stale_mounts(store) -> list[str]:
+    """Mountpoints whose records are stale (daemon gone)."""
+    return [key for key, _l, _i, raw in store.refs(REF_KIND) if not daemon_alive(_data(raw))]
+
+
+def clean_stale(store, mp: str | None = None) -> list[str]:
+    """Detach the mounts of dead daemons and drop their records."""
+    cleaned = []
+    for key, _layer, _image, raw in store.refs(REF_KIND):
+        data = _data(raw)
+        if (mp is not None and key != mp) or daemon_alive(data):
+            continue
+        if procfs.mounted_fstype(key) == FSTYPE:
+            detach(key)
+        store.drop_refs(REF_KIND, key)
+        remove_private(data)
+        cleaned.append(key)
+    return cleaned
+
+
+def list_mounts(store_root: str, clean: bool = True) -> list[MountInfo]:
+    """Active mounts of this store (stale ones are cleaned up first)."""
+    from layerfs.store.store import Store
+
+    with Store(store_root) as store:
+        if clean:
+            clean_stale(store)
+        out = []
+        for key, _layer, image_id, raw in store.refs(REF_KIND):
+            data = _data(raw)
+            out.append(MountInfo(key, data.get("pid", 0), image_id or "", data.get("image", ""),
+                                 data.get("upper"), data.get("container"), bool(data.get("read_only")),
+                                 daemon_alive(data)))
+        return out
+
+
+def is_enotconn(mountpoint: str) -> bool:
+    """True if *mountpoint* is a FUSE mount whose daemon is gone."""
+    try:
+        os.statvfs(mountpoint)  # statfs always reaches the daemon; stat may be cached
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
