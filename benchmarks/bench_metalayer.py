@@ -33,7 +33,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from layerfs.fs import kernel_mount, metalayer  # noqa: E402
+from layerfs.fs import metalayer  # noqa: E402
+from layerfs.fs import mount as fsmount  # noqa: E402
 from layerfs.fs.erofs import write_image  # noqa: E402
 from layerfs.fs.index import ensure_index_cache, read_index_cache  # noqa: E402
 from layerfs.store.store import Store  # noqa: E402
@@ -164,7 +165,7 @@ def main() -> None:
                         os.rmdir(mnt)
             rows.append((label, statistics.median(t), size))
         # first and cached kernel mounts, through the API the runtime uses
-        cache = metalayer.cache_path(store.root, image.layers)
+        cache = metalayer.cache_path(store.root, image)
     from layerfs.fs.index import cache_path as index_cache
 
     mounts, firsts = [], []
@@ -179,9 +180,9 @@ def main() -> None:
                     if os.path.exists(path):
                         os.unlink(path)
             t0 = time.perf_counter()
-            kernel_mount.mount_image_kernel(a.root, a.image, mp, read_only=True)
+            fsmount.mount_image(a.root, a.image, mp, read_only=True, backend="kernel")
             dt = time.perf_counter() - t0
-            kernel_mount.unmount_kernel(a.root, mp)
+            fsmount.unmount(a.root, mp)
             (firsts if i < 2 else mounts).append(dt)
     finally:
         os.rmdir(mp)

@@ -1,33 +1,43 @@
-"""Mounting an image with the kernel backend, and unmounting it.
+"""Mounting an image with the kernel backend, and the keeper of the mount.
 
 The kernel twin of the FUSE daemon's lifecycle in ``fs.mount``, with the
-same contract (a :class:`~layerfs.fs.mount.MountHandle` back, a store
-reference of kind ``"mount"`` while mounted, the same upper-dir layout):
+same contract: a :class:`~layerfs.fs.mount.MountHandle` back, a record in
+the mount registry (``fs.registry``) while mounted, the same upper-dir
+layout, the same ``owner`` rule.
 
-* the image's metadata layer comes from ``fs.metalayer`` (built and cached
-  on first use), the data from ``ROOT/objects``; there is no daemon, so
-  the reference's ``pid`` is 0 and ``backend`` is ``"kernel"``: the mount
-  is alive while an overlay is mounted at its mountpoint;
-* a fresh upper root gets the image root's attributes (as the FUSE
-  daemon's), and the upper's filesystem is checked first: overlayfs
-  refuses an upper on overlayfs and needs trusted.* xattrs (errors say so);
-* the reference keeps the image, hence its layers and objects, alive for
-  gc; the mounted EROFS image stays open in the kernel even if gc later
-  drops the cache file.
+* The image's metadata layer comes from ``fs.metalayer`` (built and cached
+  on first use), the data from ``ROOT/objects`` (``fs.kernel``).
+* The caller makes the mount itself, so every refusal (unsupported kernel,
+  upper on overlayfs or without trusted xattrs, missing object, hostile
+  content) is raised in the caller as a LayerfsError.
+* Kernel overlayfs needs no daemon, but a mount needs someone to end it
+  when its owner dies, and the registry needs a process to tell a live
+  mount from a stale record. So each mount gets a *keeper*: a tiny detached
+  process (no FUSE, no threads) that waits for SIGTERM or its owner's
+  death, then unmounts, syncs the upper, drops the record (and an orphan's
+  scratch dir, and a private upper) and exits, as the FUSE daemon does.
+  Its pid is the record's ``pid``, so ``unmount``, ``list_mounts`` and
+  ``clean_stale`` treat both backends alike; a keeper killed with -9 leaves
+  a stale record whose mount ``clean_stale`` detaches.
+* The record keeps the image, hence its layers and objects, alive for gc;
+  the mounted EROFS image stays open in the kernel even if its cache file
+  goes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
+import signal
 import stat
 
-from layerfs.errors import Conflict, InvalidInput, NotFound
+from layerfs import procfs
+from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound
 from layerfs.fs import kernel
 from layerfs.fs.metalayer import ensure_metalayer
 
 BACKEND = "kernel"
+FSTYPE = "overlay"
 
 
 def support(store_root: str) -> kernel.Support:
@@ -36,9 +46,11 @@ def support(store_root: str) -> kernel.Support:
 
 
 def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_dir: str | None = None,
-                       read_only: bool = False, container: str | None = None):
+                       read_only: bool = False, container: str | None = None, owner: int | None = None,
+                       owner_scratch: str | None = None):
     """Mount *image_ref* at *mountpoint* with kernel overlayfs; see the module docstring."""
-    from layerfs.fs.mount import REF_KIND, MountHandle, container_upper, mounted_fstype
+    from layerfs.fs.mount import MountHandle, container_upper
+    from layerfs.fs.registry import REF_KIND, clean_stale, register
     from layerfs.store.store import Store
 
     mp = os.path.realpath(mountpoint)
@@ -47,7 +59,8 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
     if container is not None and upper_dir is None:
         upper_dir = container_upper(store_root, container)
     with Store(store_root) as store:
-        if store.get_ref(REF_KIND, mp) is not None and mounted_fstype(mp) is not None:
+        clean_stale(store, mp)
+        if procfs.mounted_fstype(mp) is not None and store.get_ref(REF_KIND, mp) is not None:
             raise Conflict(f"{mp} is already a layerfs mount")
         kernel.require(support(store.root), writable=not read_only)
         image = store.image(image_ref)
@@ -57,16 +70,30 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
             upper_dir = os.path.join(store.root, "uppers", secrets.token_hex(6), "upper")
         if upper_dir is not None:
             upper_dir = _check_upper(os.path.abspath(upper_dir), mp, read_only)
-        data = {"backend": BACKEND, "image": image_ref, "upper": upper_dir, "container": container,
-                "read_only": read_only, "private": private, "log": "", "pid": 0, "metalayer": meta}
-        store.add_ref(REF_KIND, mp, image_id=image.id, data=json.dumps(data))
-        try:
-            _mount(mp, meta, store.objects.root, upper_dir, read_only)
-        except BaseException:
-            store.drop_refs(REF_KIND, mp)
-            _remove_private(data)
-            raise
-    return MountHandle(mp, 0, image.id, upper_dir, "")
+        root = store.root
+        objects = store.objects.root
+    params = {"root": root, "mountpoint": mp, "image": image_ref, "image_id": image.id, "upper": upper_dir,
+              "container": container, "read_only": read_only, "private": private, "log": "",
+              "backend": BACKEND, "metalayer": meta}
+    if owner is not None:
+        start = procfs.start_time(owner)
+        if start is None:
+            raise NotFound(f"the process {owner} the mount would serve is gone")
+        params |= {"owner": owner, "owner_start": start, "scratch": owner_scratch}
+    try:
+        _mount(mp, meta, objects, upper_dir, read_only)
+    except BaseException:
+        _remove_private(params)
+        raise
+    try:
+        pid = _spawn_keeper(params)
+        register(params, image.id, pid)
+    except BaseException:
+        if procfs.mounted_fstype(mp) == FSTYPE:
+            kernel.unmount(mp, lazy=True)
+        _remove_private(params)
+        raise
+    return MountHandle(mp, pid, image.id, upper_dir, "")
 
 
 def _check_upper(upper: str, mp: str, read_only: bool) -> str:
@@ -102,38 +129,110 @@ def _mount(mp: str, meta: str, objects: str, upper: str | None, read_only: bool)
     kernel.mount_overlay(mp, meta, objects, upper, work, read_only=read_only, prepare=prepare)
 
 
-def is_kernel_mount(data: dict) -> bool:
-    return data.get("backend") == BACKEND
+def _remove_private(params: dict) -> None:
+    from layerfs.fs.registry import remove_private
+
+    remove_private(params)
 
 
-def kernel_alive(mountpoint: str) -> bool:
-    from layerfs.fs.mount import mounted_fstype
+# -- the keeper ----------------------------------------------------------------
+class _Stop(Exception):
+    pass
 
-    return mounted_fstype(mountpoint) == "overlay"
+
+def _spawn_keeper(params: dict) -> int:
+    """Start the mount's keeper (detached: double fork + setsid); returns its pid."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(ready_r)
+            os.setsid()
+            if os.fork() == 0:
+                code = 1
+                code = _keeper_main(params, ready_w)
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.waitpid(pid, 0)
+    with os.fdopen(ready_r, "rb") as f:
+        msg = f.read().decode(errors="replace")
+    if not msg.startswith("ok "):
+        raise LayerfsError(msg.removeprefix("error ").strip() or "the mount's keeper died before it was ready")
+    return int(msg.split()[1])
 
 
-def unmount_kernel(store_root: str, mountpoint: str, lazy: bool = False) -> None:
-    """Unmount a kernel-backend mount, sync its upper, drop its reference."""
-    from layerfs.fs.mount import REF_KIND
+def _keeper_main(params: dict, ready_w: int) -> int:
+    from layerfs.fs.mount import _close_inherited_fds, _open_owner
+
+    _close_inherited_fds({ready_w})
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    os.chdir("/")
+
+    def stop(_sig, _frame) -> None:
+        raise _Stop
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, stop)
+    orphaned = False
+    try:
+        try:
+            owner_fd = _open_owner(params)
+        except LayerfsError as exc:
+            os.write(ready_w, f"error {exc}".encode())
+            orphaned = True
+            raise _Stop from None
+        os.write(ready_w, f"ok {os.getpid()}\n".encode())
+        os.close(ready_w)
+        ready_w = -1
+        _wait_for_owner(params, owner_fd)
+        orphaned = True
+    except _Stop:
+        pass
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # finish the clean-up whatever comes
+    if ready_w >= 0:
+        os.close(ready_w)
+    _end(params, orphaned)
+    return 0
+
+
+def _wait_for_owner(params: dict, owner_fd: int) -> None:
+    """Return when the owner dies; without an owner, wait for a signal."""
+    import select
+    import time
+
+    if not params.get("owner"):
+        while True:
+            signal.pause()
+    if owner_fd >= 0:
+        select.select([owner_fd], [], [])
+        return
+    while procfs.alive(params["owner"], params["owner_start"]):  # no pidfd: poll
+        time.sleep(0.2)
+
+
+def _end(params: dict, orphaned: bool) -> None:
+    """Unmount, sync the upper, and clean up as the FUSE daemon does."""
+    from layerfs.fs.mount import _finish
     from layerfs.store.objects import syncfs
-    from layerfs.store.store import Store
 
-    mp = os.path.realpath(mountpoint)
-    with Store(store_root) as store:
-        row = store.get_ref(REF_KIND, mp)
-        data = json.loads(row[2] or "{}") if row else {}
-        if row is None or not is_kernel_mount(data):
-            raise NotFound(f"{mountpoint} is not a layerfs kernel mount")
-        if kernel_alive(mp):
-            kernel.unmount(mp, lazy=lazy)
-        if data.get("upper") and not data.get("read_only") and os.path.isdir(data["upper"]):
-            syncfs(data["upper"])
-        store.drop_refs(REF_KIND, mp)
-        _remove_private(data)
+    mp = params["mountpoint"]
+    if procfs.mounted_fstype(mp) == FSTYPE:
+        try:
+            kernel.unmount(mp)
+        except LayerfsError:
+            kernel.unmount(mp, lazy=True)  # busy (a shell inside it): detach
+    upper = params.get("upper")
+    if upper and not params.get("read_only") and os.path.isdir(upper):
+        try:
+            syncfs(upper)
+        except OSError:
+            pass
+    import logging
 
-
-def _remove_private(data: dict) -> None:
-    if data.get("private") and data.get("upper"):
-        import shutil
-
-        shutil.rmtree(os.path.dirname(data["upper"]), ignore_errors=True)
+    _finish(params, orphaned, logging.getLogger("layerfs.fs"))

@@ -15,9 +15,9 @@ a directory tree takes ~4 KiB of disk per file (each file's xattr block)
 and seconds to write, the EROFS image ~190 bytes per file and a fraction
 of a second; see README for the numbers.
 
-* Keyed by the image's *layer chain* (blake3 of the ordered layer ids), so
-  images that differ only in their config share it. Dropped by gc when no
-  image has that chain (:func:`sweep`).
+* Keyed by the image's *layer chain* (``Image.chain_key``), so images that
+  differ only in their config share it. Dropped by gc when no image has
+  that chain (``store.gc.sweep_fs_leftovers``).
 * Crash-safe: written in ``ROOT/tmp``, fsynced, renamed into place; the
   raw object copies it relies on are made durable (one syncfs) before. A
   file at the final name is therefore always complete.
@@ -38,8 +38,6 @@ import os
 import stat
 from array import array
 
-import blake3
-
 from layerfs.errors import NotFound, Unsupported
 from layerfs.fs.erofs import Node, write_image
 
@@ -50,13 +48,9 @@ OVERLAY_PREFIX = "trusted.overlay."
 ESCAPED_PREFIX = "trusted.overlay.overlay."
 
 
-def chain_key(layers: list[str]) -> str:
-    """Cache key of the metadata layer of a layer chain."""
-    return blake3.blake3(f"layerfs-metalayer {FORMAT}\n{chr(10).join(layers)}".encode()).hexdigest()
-
-
-def cache_path(store_root: str, layers: list[str]) -> str:
-    return os.path.join(store_root, DIR_NAME, chain_key(layers) + SUFFIX)
+def cache_path(store_root: str, image) -> str:
+    """ROOT/metalayers/<chain key>.v<FORMAT>.erofs (gc keys on the first part)."""
+    return os.path.join(store_root, DIR_NAME, f"{image.chain_key}.v{FORMAT}{SUFFIX}")
 
 
 def escape_xattr(name: str) -> str:
@@ -84,7 +78,7 @@ def ensure_metalayer(store, image) -> str:
     The caller holds the store open; this takes its writer lease so gc
     cannot sweep the temp file or the raw copies being made.
     """
-    path = cache_path(store.root, image.layers)
+    path = cache_path(store.root, image)
     if os.path.exists(path):
         return path
     from layerfs.fs.index import ensure_index_cache, read_index_cache
@@ -97,7 +91,7 @@ def ensure_metalayer(store, image) -> str:
             from layerfs.store.objects import syncfs
 
             syncfs(store.objects.root)
-        data = write_image(nodes, bytes.fromhex(chain_key(image.layers))[:16])
+        data = write_image(nodes, bytes.fromhex(image.chain_key)[:16])
         _publish(store.tmp_dir, path, data)
     return path
 
@@ -176,17 +170,3 @@ def _publish(tmp_dir: str, path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def sweep(store) -> int:
-    """Remove metadata layers no image's chain uses (gc, exclusive lock held)."""
-    live = {chain_key(image.layers) + SUFFIX for image, _tags in store.images()}
-    d = os.path.join(store.root, DIR_NAME)
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return 0
-    n = 0
-    for name in names:
-        if name.endswith(SUFFIX) and name not in live:
-            os.unlink(os.path.join(d, name))
-            n += 1
-    return n

@@ -3,7 +3,9 @@
 Each mount is a store reference of kind ``"mount"`` keyed by its
 mountpoint; its JSON data says what the mount serves and uses::
 
-    pid, start            the daemon (its start time pins the pid)
+    pid, start            the daemon (its start time pins the pid); for the
+                          kernel backend the mount's keeper (``fs.kernel_mount``)
+    backend, metalayer    ``"kernel"`` and its metadata layer, for kernel mounts
     image, container, read_only, log
     upper, private        the upper dir; ``private``: made for this mount,
                           removed when it ends
@@ -71,7 +73,8 @@ def register(params: dict, image_id: str, pid: int) -> None:
     """Record the mount *params* (``fs.mount``'s) served by daemon *pid*."""
     from layerfs.store.store import Store
 
-    keys = ("image", "upper", "container", "read_only", "private", "log", "owner", "owner_start", "scratch")
+    keys = ("image", "upper", "container", "read_only", "private", "log", "owner", "owner_start", "scratch",
+            "backend", "metalayer")
     data = {k: params.get(k) for k in keys} | {"pid": pid, "start": procfs.start_time(pid)}
     upper = params.get("upper")
     data["paths"] = [p for p in (upper, upper and upper + ".work", params.get("scratch")) if p]
@@ -111,6 +114,13 @@ def daemon_alive(data: dict) -> bool:
     return procfs.alive(data.get("pid", 0), data.get("start"))
 
 
+def ours_mounted(mp: str, data: dict) -> bool:
+    """True if the mount at *mp* is the kind the record *data* made: a FUSE
+    mount, or an overlay for the kernel backend (whose pid is its keeper)."""
+    fstype = procfs.mounted_fstype(mp)
+    return fstype == FSTYPE or (fstype == "overlay" and data.get("backend") == "kernel")
+
+
 # -- ending mounts ---------------------------------------------------------------
 def detach(mp: str) -> None:
     """Lazily unmount whatever is at *mp* (works on a dead FUSE mount)."""
@@ -145,7 +155,7 @@ def unmount(store_root: str, mountpoint: str, timeout: float = 30.0) -> None:
                 time.sleep(0.01)
             if daemon_alive(data):
                 raise Conflict(f"the daemon of {mp} (pid {pid}) did not exit")
-        if procfs.mounted_fstype(mp) == FSTYPE:
+        if ours_mounted(mp, data):
             detach(mp)
         store.drop_refs(REF_KIND, mp)
         remove_private(data)
@@ -173,7 +183,7 @@ def force_unmount(store_root: str, mountpoint: str, timeout: float = 10.0) -> No
                 os.kill(data["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if procfs.mounted_fstype(mp) == FSTYPE:
+        if ours_mounted(mp, data):
             detach(mp)
         store.drop_refs(REF_KIND, mp)
         remove_private(data)
@@ -191,7 +201,7 @@ def clean_stale(store, mp: str | None = None) -> list[str]:
         data = _data(raw)
         if (mp is not None and key != mp) or daemon_alive(data):
             continue
-        if procfs.mounted_fstype(key) == FSTYPE:
+        if ours_mounted(key, data):
             detach(key)
         store.drop_refs(REF_KIND, key)
         remove_private(data)

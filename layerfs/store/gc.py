@@ -138,14 +138,21 @@ def sweep_debris(store: Store, in_use: Sequence[str] = (), dry_run: bool = False
 
 
 def sweep_fs_leftovers(store: Store, in_use: Sequence[str] = (), dry_run: bool = False) -> tuple[int, int]:
-    """Index caches of deleted images, and private uppers no mount record
-    names (untouched for a while: a mount being set up has no record yet)."""
+    """Index caches of deleted images, kernel-backend metadata layers no
+    image's layer chain uses (a mounted image is never deleted, so neither
+    is its layer), and private uppers no mount record names (untouched for
+    a while: a mount being set up has no record yet)."""
     n = freed = 0
     images = {r[0] for r in store.db.all("SELECT id FROM images")}
     cache = os.path.join(store.root, "fscache")
     for name in _listdir(cache):
         if name.split(".")[0] not in images:
             n, freed = n + 1, freed + _remove(os.path.join(cache, name), dry_run)
+    chains = {image.chain_key for image, _tags in store.images()}
+    metalayers = os.path.join(store.root, "metalayers")
+    for name in _listdir(metalayers):
+        if name.endswith(".erofs") and name.split(".")[0] not in chains:
+            n, freed = n + 1, freed + _remove(os.path.join(metalayers, name), dry_run)
     uppers = os.path.join(store.root, "uppers")
     now = time.time()
     for name in _listdir(uppers):

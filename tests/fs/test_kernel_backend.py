@@ -16,7 +16,6 @@ import pytest
 
 from layerfs.errors import NotFound, Unsupported
 from layerfs.fs import kernel, metalayer
-from layerfs.fs import kernel_mount as km
 from layerfs.fs import mount as fsmount
 from layerfs.store import images as img
 from layerfs.store import transfer
@@ -42,12 +41,13 @@ needs_kernel = pytest.mark.skipif(KERNEL_SKIP is not None, reason=KERNEL_SKIP or
 def kmount(root: str, image: str, mp: str, upper: str | None = None, read_only: bool = False,
            container: str | None = None):
     os.makedirs(mp, exist_ok=True)
-    handle = km.mount_image_kernel(root, image, mp, upper_dir=upper, read_only=read_only, container=container)
+    handle = fsmount.mount_image(root, image, mp, upper_dir=upper, read_only=read_only, container=container,
+                                 backend="kernel")
     try:
         yield handle
     finally:
         try:
-            km.unmount_kernel(root, mp)
+            fsmount.unmount(root, mp)
         finally:
             if fsmount.mounted_fstype(mp) is not None:
                 subprocess.run(["umount", "-l", mp], capture_output=True)
@@ -85,7 +85,7 @@ def test_metadata_layer_is_cached_by_chain_and_reused(fs_env, tmp_path):
         pass
     after = os.stat(path)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    assert os.path.basename(path) == metalayer.chain_key(image.layers) + ".erofs"
+    assert os.path.basename(path).startswith(image.chain_key + ".")
 
 
 @needs_kernel
@@ -99,6 +99,33 @@ def test_compressed_objects_get_raw_copies(fs_env):
         with open(raw, "rb") as f:
             assert f.read() == b"compressible line\n" * 2000
         assert store.objects.verify(entry.digest)
+
+
+@needs_kernel
+def test_gc_drops_the_metadata_layer_with_the_last_image_of_its_chain(tmp_path):
+    from layerfs.store import gc
+
+    root = str(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"content\n")
+    image = _image_of(root, [str(src)], "gcme:1")
+    mp = str(tmp_path / "k")
+    with kmount(root, image, mp) as h:
+        with Store(root) as store:
+            path = metalayer.cache_path(root, store.image(image))
+            store.remove_image(image, force=True)     # a mounted image is only untagged
+            gc.collect(store)
+        assert os.path.exists(path)
+        with open(f"{mp}/f", "rb") as f:
+            assert f.read() == b"content\n"
+        assert h.image_id
+    with Store(root) as store:
+        store.remove_image(h.image_id)
+        gc.collect(store)
+        assert not os.path.exists(path)
+        assert not any(n.endswith(".erofs") for n in os.listdir(os.path.dirname(path)))
+        assert list(store.objects.iter_on_disk()) == []
 
 
 # -- writes --------------------------------------------------------------------
@@ -158,8 +185,56 @@ def test_private_upper_is_removed_at_unmount(fs_env, tmp_path):
         assert h.upper.startswith(os.path.join(fs_env["root"], "uppers"))
         assert fsmount.mounted_fstype(mp) == "overlay"
     assert not os.path.exists(os.path.dirname(h.upper))
+    assert fsmount.mounted_fstype(mp) is None
     with Store(fs_env["root"]) as store:
         assert store.get_ref(fsmount.REF_KIND, os.path.realpath(mp)) is None
+
+
+@needs_kernel
+def test_the_mount_dies_with_its_owner(fs_env, tmp_path):
+    mp = str(tmp_path / "k")
+    os.makedirs(mp)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    owner = subprocess.Popen(["sleep", "600"])
+    try:
+        h = fsmount.mount_image(fs_env["root"], fs_env["image"], mp, owner=owner.pid, owner_scratch=str(scratch),
+                                backend="kernel")
+        info = {m.mountpoint: m for m in fsmount.list_mounts(fs_env["root"])}[os.path.realpath(mp)]
+        assert info.alive and info.pid == h.pid and fsmount.mounted_fstype(mp) == "overlay"
+    finally:
+        owner.kill()
+        owner.wait()
+    _wait_gone(h.pid)
+    assert fsmount.mounted_fstype(mp) is None
+    assert not scratch.exists() and not os.path.exists(os.path.dirname(h.upper))
+    with Store(fs_env["root"]) as store:
+        assert store.get_ref(fsmount.REF_KIND, os.path.realpath(mp)) is None
+
+
+@needs_kernel
+def test_a_killed_keeper_leaves_a_stale_record_that_is_cleaned(fs_env, tmp_path):
+    mp = str(tmp_path / "k")
+    os.makedirs(mp)
+    h = fsmount.mount_image(fs_env["root"], fs_env["image"], mp, backend="kernel")
+    os.kill(h.pid, 9)
+    _wait_gone(h.pid)
+    assert fsmount.mounted_fstype(mp) == "overlay"
+    assert fsmount.list_mounts(fs_env["root"]) == []  # cleans up
+    assert fsmount.mounted_fstype(mp) is None
+    assert not os.path.exists(os.path.dirname(h.upper))
+
+
+def _wait_gone(pid: int) -> None:
+    import time
+
+    from layerfs import procfs
+
+    for _ in range(500):
+        if not procfs.alive(pid, None):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} is still there")
 
 
 # -- hostile and bad input -----------------------------------------------------
