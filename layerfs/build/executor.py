@@ -33,6 +33,7 @@ from layerfs.build import dockerfile as dfm
 from layerfs.build import run_mounts, substitution
 from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
+from layerfs.fs import backend as backends
 from layerfs.fs.helper import mount_for_owner, start_forkserver
 from layerfs.fs.registry import force_unmount
 from layerfs.procfs import is_mountpoint
@@ -72,6 +73,8 @@ class BuildOptions:
     network: str = "host"
     #: ``--secret`` sources by id, for ``RUN --mount=type=secret``.
     secrets: Mapping[str, run_mounts.SecretSource] = field(default_factory=dict)
+    #: how RUN steps mount their rootfs (``fuse``/``kernel``; None: the store's default)
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,7 @@ class Builder:
         self._forkserver_started = False
         self.no_cache = False
         self.network = "host"
+        self.backend: str | None = None
         self.secrets: Mapping[str, run_mounts.SecretSource] = {}
         self._run_from: dict[str, Image] = {}
         self._run_binds: dict[str, ResolvedSources] = {}
@@ -201,6 +205,7 @@ class Builder:
         self.no_cache = options.no_cache
         self.network = options.network
         self.secrets = options.secrets
+        self.backend = backends.resolve(self.store.root, options.backend)
         for t in options.tags:
             references.parse(t)
         cache_path = os.path.join(self.store.root, STAT_CACHE_NAME)
@@ -788,7 +793,7 @@ class Builder:
                                           secrets=self.secrets, fill=self._fill_mount,
                                           from_ids={k: v.id for k, v in self._run_from.items()})
             env.update(prepared.env)
-            mount_for_owner(self.store.root, st.image.id, mp, upper, scratch=tmp)
+            mount_for_owner(self.store.root, st.image.id, mp, upper, scratch=tmp, backend=self.backend)
             mounted = True
             stubs = MountStubs.make(mp, prepared.mountpoints())
             # The pipe is made after the FUSE daemon forked, so only the

@@ -112,9 +112,18 @@ def prefork_for_cli(argv: list[str]) -> None:
         if arg == "--root":
             next(args, None)
         elif not arg.startswith("-"):
-            if arg == "mount" and "--foreground" not in argv and "--help" not in argv and "-h" not in argv:
+            if arg == "mount" and "--foreground" not in argv and "--help" not in argv and "-h" not in argv \
+                    and not _asks_for_kernel(argv):
                 prefork()
             return
+
+
+def _asks_for_kernel(argv: list[str]) -> bool:
+    """A kernel-backend mount needs no daemon (the store's own default is
+    not known yet here: an unneeded daemon is aborted later)."""
+    if "--backend=kernel" in argv or any(a == "--backend" and b == "kernel" for a, b in zip(argv, argv[1:])):
+        return True
+    return "--backend" not in " ".join(argv) and os.environ.get("LAYERFS_BACKEND") == "kernel"
 
 
 def preload() -> None:

@@ -51,6 +51,7 @@ class MountInfo:
     container: str | None
     read_only: bool
     alive: bool
+    backend: str = "fuse"
 
 
 def _data(raw: str | None) -> dict:
@@ -221,7 +222,7 @@ def list_mounts(store_root: str, clean: bool = True) -> list[MountInfo]:
             data = _data(raw)
             out.append(MountInfo(key, data.get("pid", 0), image_id or "", data.get("image", ""),
                                  data.get("upper"), data.get("container"), bool(data.get("read_only")),
-                                 daemon_alive(data)))
+                                 daemon_alive(data), data.get("backend") or "fuse"))
         return out
 
 
