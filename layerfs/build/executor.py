@@ -8,6 +8,10 @@ the instruction after substitution, the variables it sees and, for COPY/ADD,
 the digest of the sources -- so any Dockerfile, tag or context path that
 reaches the same step reuses it (moby/buildkit's cache keys, in spirit).
 
+The layers of COPY, ADD and WORKDIR are placed as entries on the parent
+image by :mod:`layerfs.build.staging` (no tree on the host); RUN's come
+from the upper dir of a layerfs mount of the parent.
+
 The library never prints: progress goes to the ``write`` callable the
 caller passes, one line per call, in the classic docker builder's wording,
 and as :class:`BuildEvent` records to ``on_event`` for a live display.
@@ -20,7 +24,6 @@ import json
 import os
 import posixpath
 import shutil
-import tarfile
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +33,7 @@ from typing import Any
 import blake3
 
 from layerfs.build import dockerfile as dfm
-from layerfs.build import run_mounts, substitution
+from layerfs.build import image_sources, run_mounts, staging, substitution
 from layerfs.build.context import BuildContext, BuildContextError, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.fs import backend as backends
@@ -38,28 +41,31 @@ from layerfs.fs.helper import mount_for_owner, start_forkserver
 from layerfs.fs.registry import force_unmount
 from layerfs.procfs import is_mountpoint
 from layerfs.store import images as img
-from layerfs.store import manifest as mf
 from layerfs.store import references
 from layerfs.store.images import Image
 from layerfs.store.store import Store
-from layerfs.store.tree import MergedTree
 
 __all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder", "CACHE_KIND", "build", "prune_cache"]
 
 CACHE_KIND = "build-cache"
 DEFAULT_SHELL = ("/bin/sh", "-c")
 STAT_CACHE_NAME = "build-stat-cache.sqlite"
-_KEY_VERSION = "layerfs-build-1"
+# Bumped when the same step starts making a different layer (2: COPY, ADD
+# and WORKDIR place entries: links followed in the image, symlink times).
+_KEY_VERSION = "layerfs-build-2"
 
 Writer = Callable[[str], None]
 
 
 class BuildError(LayerfsError):
-    """A build step failed; ``exit_code`` is the step's (RUN) exit code."""
+    """A build step failed. The CLI exits with the class's ``exit_code``
+    (1, as ``docker build`` does), never with the step's own status: 3
+    would read as "damaged store". ``step_exit_code`` keeps a RUN step's
+    status, which the message also shows."""
 
-    def __init__(self, message: str, exit_code: int = 1):
+    def __init__(self, message: str, step_exit_code: int | None = None):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.step_exit_code = step_exit_code
 
 
 @dataclass(frozen=True)
@@ -505,14 +511,20 @@ class Builder:
         elif isinstance(e, dfm.Workdir):
             wd = posixpath.normpath(posixpath.join(rc.get("WorkingDir") or "/", e.path))
             rc["WorkingDir"] = wd
-            tree = self.store.merged_tree(st.image) if st.image else MergedTree()
-            if wd.strip("/") not in tree.entries:
+            stage = self._staging(st.image)
+            path = stage.resolve(wd)
+            if not stage.is_dir(path):
                 # Like BuildKit: directories WORKDIR creates belong to USER.
-                owner = self._chown(tree, rc["User"]) if rc.get("User") else None
-                layer = self._layer_from_staging(
-                    st.image, tree, lambda up: self._ensure_dir(up, tree, wd.strip("/"), owner))
+                owner = staging.owner_ids(stage, rc["User"]) if rc.get("User") else (0, 0)
+                stage.make_dirs(path, staging.NewDirs(*owner))
+                layer = stage.commit()
         elif isinstance(e, (dfm.Copy, dfm.Add)):
-            layer = self._copy(st, e, rc, sources, from_image)
+            try:
+                layer = self._copy(st, e, rc, sources, from_image)
+            except InvalidInput as exc:
+                if type(exc) not in (BuildContextError, InvalidInput):
+                    raise  # errors that say where themselves
+                raise type(exc)(f"{df.file}:{instr.line}: {exc}") from None
         elif isinstance(e, dfm.Run):
             layer = self._run(st, e, rc, shell, scope)
             created_by = f"RUN {' '.join(command(e.command))}" if not e.command.exec_form else instr.original
@@ -525,184 +537,74 @@ class Builder:
             return self.store.put_image(cfg)
         return self._put(base, hist, rc, layer)
 
-    # -- staging layers -----------------------------------------------------
-
-    def _layer_from_staging(self, base: Image | None, tree: MergedTree,
-                            fill: Callable[[str], None]) -> str:
-        from layerfs.store import transfer
-
-        tmp = tempfile.mkdtemp(prefix="build-", dir=self.store.tmp_dir)
-        try:
-            upper = os.path.join(tmp, "upper")
-            os.mkdir(upper)
-            self._times = {}
-            self._mirror(upper, tree, "")
-            fill(upper)
-            self._fix_dir_times(upper, base)
-            return transfer.import_layer(self.store, upper, base, as_layer=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    _times: dict[str, int] = {}
-
-    def _fix_dir_times(self, upper: str, base: Image | None) -> None:
-        """Directory mtimes, set last (filling a dir changes its mtime):
-        as below for mirrored dirs, as in the context for copied ones, and
-        for new ones a time that depends only on the parent image (or
-        SOURCE_DATE_EPOCH), so a rebuild gives the same layer id."""
-        sde = _sde()
-        if sde is not None:
-            default = sde * 10**9
-        else:
-            default = int(img.parse_timestamp(base.config.get("created", "")) * 10**9) if base else 0
-        for dirpath, _dirs, _files in os.walk(upper, topdown=False):
-            rel = os.path.relpath(dirpath, upper)
-            rel = "" if rel == "." else rel.replace(os.sep, "/")
-            t = self._times.get(rel, default)
-            if sde is not None:
-                t = min(t, sde * 10**9)
-            os.utime(dirpath, ns=(t, t))
-
-    def _mirror(self, upper: str, tree: MergedTree, rel: str) -> None:
-        """Make ``rel`` (a directory) in the upper look as it does below."""
-        path = os.path.join(upper, rel) if rel else upper
-        ent = tree.entries.get(rel)
-        if not os.path.isdir(path):
-            os.mkdir(path)
-        if ent is not None and ent.kind == mf.DIR:
-            os.chown(path, ent.uid, ent.gid)
-            os.chmod(path, ent.mode & 0o7777)
-            self._times[rel] = ent.mtime_ns
-        else:
-            os.chown(path, 0, 0)
-            os.chmod(path, 0o755)
-
-    def _ensure_dir(self, upper: str, tree: MergedTree, rel: str, owner: tuple[int, int] | None = None) -> None:
-        """Create ``rel`` and its parents in the upper, mirroring existing dirs."""
-        parts = [p for p in rel.split("/") if p]
-        cur = ""
-        for p in parts:
-            cur = f"{cur}/{p}" if cur else p
-            ent = tree.entries.get(cur)
-            if ent is not None and ent.kind == mf.SYMLINK:
-                raise Unsupported(f"destination path /{cur} is a symlink in the base image; not supported yet")
-            if ent is not None and ent.kind != mf.DIR:
-                raise InvalidInput(f"cannot create directory /{cur}: a {ent.kind} of that name exists")
-            fresh = ent is None and not os.path.isdir(os.path.join(upper, cur))
-            self._mirror(upper, tree, cur)
-            if fresh:
-                sde = _sde()
-                if sde is not None:
-                    os.utime(os.path.join(upper, cur), (sde, sde))
-                if owner is not None:
-                    os.chown(os.path.join(upper, cur), *owner)
-
     # -- COPY / ADD ------------------------------------------------------------
+
+    def _staging(self, base: Image | None) -> staging.Staging:
+        """An empty layer on ``base`` (mtimes clamped to SOURCE_DATE_EPOCH)."""
+        sde = _sde()
+        tree = self.store.merged_tree(base) if base else None
+        return staging.Staging(self.store, tree, None if sde is None else sde * 10**9)
 
     def _copy(self, st: _Stage, e: dfm.Copy | dfm.Add, rc: dict[str, Any],
               sources: ResolvedSources | None, from_image: Image | None) -> str:
-        tree = self.store.merged_tree(st.image) if st.image else MergedTree()
-        owner = self._chown(tree, e.chown) if e.chown else (0, 0)
+        stage = self._staging(st.image)
+        owner = staging.owner_ids(stage, e.chown) if e.chown else (0, 0)
+        new = staging.NewDirs(*owner)
         chmod = _parse_chmod(e.chmod, e.keyword) if e.chmod else None
-        tmp_src = None
-        try:
-            if from_image is not None:
-                from layerfs.store import transfer
-
-                tmp_src = tempfile.mkdtemp(prefix="build-from-", dir=self.store.tmp_dir)
-                root = os.path.join(tmp_src, "rootfs")
-                transfer.export_image(self.store, from_image, root)
-                src_ctx = BuildContext(root)
-                sources = src_ctx.resolve(e.sources, instruction=e.keyword, exclude=e.exclude)
-                src_root = src_ctx.root
+        plan = self._copy_plan(e, sources, from_image, owner, chmod)
+        wd = rc.get("WorkingDir") or "/"
+        as_dir = e.dest.endswith("/") or e.dest in (".", "..") or len(plan) > 1 \
+            or any(kind == "dir" for kind, _ in plan)
+        # The destination is resolved inside the image, links followed
+        # (``/lib -> usr/lib`` takes the copy to /usr/lib, as in Docker).
+        dest = stage.resolve(posixpath.normpath(posixpath.join(wd, e.dest)))
+        as_dir = as_dir or stage.is_dir(dest)
+        if as_dir:
+            stage.make_dirs(dest, new)
+        for kind, what in plan:
+            if kind == "archive":
+                # Unpacked into dest, with or without a trailing '/'.
+                stage.make_dirs(dest, new)
+                path, shown, digest = what
+                stage.add_archive(path, dest, shown, digest)
+            elif as_dir:
+                stage.add_items(what, dest, new)
             else:
-                assert sources is not None and self._ctx is not None
-                src_root = self._ctx.root
-            wd = rc.get("WorkingDir") or "/"
-            dest = e.dest
-            as_dir = dest.endswith("/") or dest in (".", "..") or len(sources.sources) > 1 \
-                or any(s.kind == "dir" for s in sources.sources)
-            dest_abs = posixpath.normpath(posixpath.join(wd, dest)).strip("/")
-            existing = tree.entries.get(dest_abs)
-            if existing is not None and existing.kind == mf.DIR:
-                as_dir = True
-            sde = _sde()
+                parent, _, name = dest.rpartition("/")
+                stage.add_items([dataclasses.replace(i, rel=name) for i in what], parent, new)
+        return stage.commit()
 
-            def fill(upper: str) -> None:
-                target_dir = dest_abs if as_dir else posixpath.dirname(dest_abs)
-                self._ensure_dir(upper, tree, target_dir, owner)
-                for src in sources.sources:
-                    for rel, ent in src.entries:
-                        if as_dir:
-                            out_rel = posixpath.join(target_dir, rel) if target_dir else rel
-                        else:
-                            out_rel = dest_abs
-                        out = os.path.join(upper, out_rel)
-                        parent = posixpath.dirname(out_rel)
-                        if parent and not os.path.isdir(os.path.join(upper, parent)):
-                            self._ensure_dir(upper, tree, parent, owner)
-                        abs_src = os.path.join(self._extra_roots.get(src.pattern, src_root), ent.path)
-                        sst = os.lstat(abs_src)
-                        if ent.kind == "dir":
-                            if not os.path.isdir(out):
-                                if os.path.lexists(out):
-                                    os.unlink(out)
-                                os.mkdir(out)
-                            mode = ent.mode
-                            self._times[out_rel] = sst.st_mtime_ns
-                        elif ent.kind == "symlink":
-                            if os.path.lexists(out):
-                                os.unlink(out)
-                            os.symlink(ent.link_target or os.readlink(abs_src), out)
-                            os.lchown(out, *owner)
-                            continue
-                        elif isinstance(e, dfm.Add) and src.kind == "file" and e.unpack is not False \
-                                and not _is_url(src.pattern) and src.pattern not in self._extra_roots \
-                                and _is_local_tar(abs_src):
-                            dest_dir = os.path.join(upper, target_dir if as_dir else parent)
-                            _extract_tar(abs_src, dest_dir)
-                            continue
-                        else:
-                            if os.path.isdir(out) and not os.path.islink(out):
-                                shutil.rmtree(out)
-                            elif os.path.lexists(out):
-                                os.unlink(out)
-                            shutil.copyfile(abs_src, out, follow_symlinks=False)
-                            mode = ent.mode
-                        os.chown(out, *owner)
-                        os.chmod(out, chmod(mode, ent.kind == "dir") if chmod is not None else mode)
-                        mtime = sst.st_mtime_ns
-                        if sde is not None:
-                            mtime = min(mtime, sde * 10**9)
-                        os.utime(out, ns=(mtime, mtime))
+    def _copy_plan(self, e: dfm.Copy | dfm.Add, sources: ResolvedSources | None,
+                   from_image: Image | None, owner: tuple[int, int],
+                   chmod: Callable[[int, bool], int] | None) -> list[tuple[str, Any]]:
+        """What a COPY/ADD places, source by source: ("file"|"dir", items)
+        or ("archive", (host path, shown name, digest)) for ADD to unpack."""
 
-            return self._layer_from_staging(st.image, tree, fill)
-        finally:
-            if tmp_src is not None:
-                shutil.rmtree(tmp_src, ignore_errors=True)
+        def mode(m: int, kind: str) -> int:
+            return chmod(m, kind == "dir") if chmod is not None and kind != "symlink" else m
 
-    def _chown(self, tree: MergedTree, spec: str) -> tuple[int, int]:
-        user, _, group = spec.partition(":")
-
-        def lookup(name: str, path: str, field_no: int = 2) -> int:
-            if name.isdigit():
-                return int(name)
-            ent = tree.entries.get(path)
-            if ent is not None and ent.kind == mf.FILE:
-                for line in self.store.objects.read(ent.digest).decode(errors="replace").splitlines():
-                    parts = line.split(":")
-                    if len(parts) > field_no and parts[0] == name and parts[field_no].isdigit():
-                        return int(parts[field_no])
-            raise InvalidInput(f"--chown={spec}: unable to find {name!r} in /{path} of the image")
-
-        uid = lookup(user, "etc/passwd")
-        if group:
-            gid = lookup(group, "etc/group")
-        elif user.isdigit():
-            gid = uid
-        else:
-            gid = lookup(user, "etc/passwd", 3)
-        return uid, gid
+        if from_image is not None:
+            found = image_sources.resolve(self.store.merged_tree(from_image), e.sources,
+                                          instruction=e.keyword, exclude=e.exclude)
+            return [(src.kind, [staging.Item(rel, dataclasses.replace(
+                        ent, uid=owner[0], gid=owner[1], mode=mode(ent.mode, ent.kind)))
+                     for rel, ent in src.entries]) for src in found]  # fmt: skip
+        assert sources is not None and self._ctx is not None
+        plan: list[tuple[str, Any]] = []
+        for src in sources.sources:
+            src_dir = self._extra_roots.get(src.pattern, self._ctx.root)
+            if isinstance(e, dfm.Add) and src.kind == "file" and e.unpack is not False \
+                    and not _is_url(src.pattern) and src.pattern not in self._extra_roots:
+                path = os.path.join(src_dir, src.entries[0][1].path)
+                if staging.is_archive(path):
+                    plan.append(("archive", (path, src.pattern, src.entries[0][1].digest or "")))
+                    continue
+            plan.append((src.kind, [
+                staging.Item(rel, *staging.host_entry(rel, os.path.join(src_dir, ent.path), ent.kind,
+                                                      mode(ent.mode, ent.kind), owner, ent.link_target,
+                                                      ent.digest))
+                for rel, ent in src.entries]))
+        return plan
 
     # -- RUN -------------------------------------------------------------------
 
@@ -813,7 +715,7 @@ class Builder:
             pump.join()
             if result.exit_code != 0 or result.exec_error:
                 why = result.exec_error or f"returned a non-zero code: {result.exit_code}"
-                raise BuildError(f"The command '{' '.join(argv)}' {why}", exit_code=result.exit_code or 1)
+                raise BuildError(f"The command '{' '.join(argv)}' {why}", step_exit_code=result.exit_code)
             stubs.remove()
             unmount(self.store.root, mp)
             mounted = False
@@ -847,25 +749,6 @@ class Builder:
                     self._emit("output", line.decode(errors="replace"))
         if buf:
             self._emit("output", buf.decode(errors="replace"))
-
-
-def _is_local_tar(path: str) -> bool:
-    from layerfs.store.tarlayer import is_tar_file
-
-    try:
-        return is_tar_file(path) and tarfile.is_tarfile(path)
-    except (OSError, tarfile.TarError):
-        return False
-
-
-def _extract_tar(path: str, dest: str) -> None:
-    """ADD's auto-extraction, with tar's safety filter (no escapes)."""
-    os.makedirs(dest, exist_ok=True)
-    try:
-        with tarfile.open(path) as tf:
-            tf.extractall(dest, numeric_owner=True, filter="tar")
-    except (tarfile.TarError, OSError) as exc:
-        raise InvalidInput(f"ADD {os.path.basename(path)}: cannot extract: {exc}") from None
 
 
 # -- running a step's container ---------------------------------------------

@@ -21,6 +21,7 @@ time, nor to ONBUILD triggers, which expand in the child build.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -60,7 +61,27 @@ _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 
 
 class SubstitutionError(InvalidInput):
-    """A word could not be expanded (bad ``${...}``, unmatched quote, ``:?``)."""
+    """A word could not be expanded (bad ``${...}``, unmatched quote, ``:?``,
+    or a result over :func:`max_expansion` bytes)."""
+
+
+#: How much longer than itself an expanded word may get, in characters
+#: (bytes for ASCII); the variables of a stage together are held to it too. ``ENV
+#: A=${A}${A}`` doubles A on every line; without a limit 40 such lines ask
+#: for a terabyte. 1 MiB is 8x what Linux lets one environment string be
+#: (MAX_ARG_STRLEN, 128 KiB), so no word a build can use is refused.
+MAX_EXPANSION_ENV = "LAYERFS_BUILD_MAX_EXPANSION"
+DEFAULT_MAX_EXPANSION = 1 << 20
+
+
+def max_expansion() -> int:
+    """The limit in force: ``$LAYERFS_BUILD_MAX_EXPANSION`` or 1 Mi characters."""
+    text = os.environ.get(MAX_EXPANSION_ENV, "")
+    if not text:
+        return DEFAULT_MAX_EXPANSION
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidInput(f"{MAX_EXPANSION_ENV}={text!r}: expected a positive number of characters")
+    return int(text)
 
 
 # --------------------------------------------------------------------------
@@ -70,9 +91,11 @@ class SubstitutionError(InvalidInput):
 class _Lexer:
     """One pass over one word; mirrors lex.go's processStopOn & friends."""
 
-    def __init__(self, text: str, variables: Mapping[str, str], escape: str, quotes: bool):
+    def __init__(self, text: str, variables: Mapping[str, str], escape: str, quotes: bool,
+                 limit: int | None = None):
         self.text = text
         self.pos = 0
+        self.limit = max_expansion() if limit is None else limit
         self.variables = variables
         self.escape = escape
         # JSON-form arguments are already unquoted by the JSON decoder, so
@@ -89,11 +112,11 @@ class _Lexer:
 
     def run(self, stop: str = "") -> str:
         """Process until ``stop`` (consumed) or the end of the text."""
-        out: list[str] = []
+        out = _Output(self.limit, len(self.text))
         while self.pos < len(self.text):
             ch = self.next()
             if stop and ch == stop:
-                return "".join(out)
+                return out.text()
             if ch == self.escape:
                 out.append(self._escaped())
             elif ch == "'" and self.quotes:
@@ -106,7 +129,7 @@ class _Lexer:
                 out.append(ch)
         if stop:
             raise SubstitutionError(f"syntax error: missing '{stop}'")
-        return "".join(out)
+        return out.text()
 
     def _escaped(self) -> str:
         if not self.quotes:
@@ -127,11 +150,11 @@ class _Lexer:
         return chunk
 
     def _double_quoted(self) -> str:
-        out: list[str] = []
+        out = _Output(self.limit, len(self.text))
         while self.pos < len(self.text):
             ch = self.next()
             if ch == '"':
-                return "".join(out)
+                return out.text()
             if ch == "$":
                 out.append(self._dollar())
             elif ch == self.escape and self.peek() in ('"', "$", self.escape) and self.peek():
@@ -185,6 +208,30 @@ class _Lexer:
         if not present:
             raise SubstitutionError(f"{name}: {word or 'is not allowed to be unset'}")
         return value or ""
+
+
+class _Output:
+    """The pieces of one expansion, refused as soon as they outgrow the word
+    by more than the limit (a long literal word, a heredoc, is fine; growth
+    is what is bounded), before they are joined: the join is what would
+    exhaust memory."""
+
+    def __init__(self, limit: int, word: int):
+        self.parts: list[str] = []
+        self.size = 0
+        self.limit = limit
+        self.most = limit + word
+
+    def append(self, piece: str) -> None:
+        self.size += len(piece)
+        if self.size > self.most:
+            raise SubstitutionError(
+                f"expansion grows the word by more than {self.limit} characters "
+                f"(the limit; {MAX_EXPANSION_ENV} sets it)")
+        self.parts.append(piece)
+
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 def expand_word(word: str, variables: Mapping[str, str], escape: str = "\\") -> str:
@@ -474,10 +521,25 @@ class Scope:
         if expanded.keyword == "ENV":
             env = dict(self.env)
             env.update(expanded.pairs)  # type: ignore[attr-defined]
-            return expanded, dataclasses.replace(self, env=env)
+            return expanded, dataclasses.replace(self, env=env)._within_limit(instr)
         if expanded.keyword == "ARG":
-            return expanded, dataclasses.replace(self, args=self._declare(expanded))
+            return expanded, dataclasses.replace(self, args=self._declare(expanded))._within_limit(instr)
         return expanded, self
+
+    def _within_limit(self, instr: Instruction) -> Scope:
+        """Refuse variables that together pass :func:`max_expansion`:
+        ``ENV B1=$A B2=$A ...`` stays within the per-word limit but would
+        grow without one (a RUN could not take them anyway: Linux limits
+        a whole environment to about 2 MiB)."""
+        limit = max_expansion()
+        size = sum(len(k) + len(v) + 2 for k, v in self.variables().items())
+        if size > limit:
+            from layerfs.build.dockerfile import DockerfileError
+
+            raise DockerfileError(f"the variables in scope hold more than {limit} characters "
+                                  f"(the limit; {MAX_EXPANSION_ENV} sets it)",
+                                  file=self.file, line=instr.line, text=instr.original)
+        return self
 
     def _declare(self, arg: Instruction) -> dict[str, str | None]:
         args = dict(self.args)

@@ -18,11 +18,9 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from collections import deque
 
 from layerfs.errors import InvalidInput
-
-_MAX_SYMLINKS = 255
+from layerfs.store.resolve import resolve_in_root
 
 
 def secure_join(root: str, path: str) -> str:
@@ -31,35 +29,17 @@ def secure_join(root: str, path: str) -> str:
     Missing trailing components are joined lexically, so the result is also
     the place to create them.
     """
-    parts = deque(_components(path))
-    current = ""
-    links = 0
-    while parts:
-        part = parts.popleft()
-        if part == "..":
-            current = posixpath.dirname(current)
-            continue
-        candidate = posixpath.join(current, part)
+
+    def readlink(rel: str) -> str | None:
+        host = os.path.join(root, rel)
         try:
-            mode = os.lstat(os.path.join(root, candidate)).st_mode
+            mode = os.lstat(host).st_mode
         except (FileNotFoundError, NotADirectoryError):
-            current = candidate
-            continue
-        if not stat.S_ISLNK(mode):
-            current = candidate
-            continue
-        links += 1
-        if links > _MAX_SYMLINKS:
-            raise InvalidInput(f"too many levels of symbolic links resolving {path!r} in rootfs")
-        target = os.readlink(os.path.join(root, candidate))
-        if target.startswith("/"):
-            current = ""
-        parts.extendleft(reversed(_components(target)))
+            return None
+        return os.readlink(host) if stat.S_ISLNK(mode) else None
+
+    current = resolve_in_root(path, readlink)
     return os.path.join(root, current) if current else root
-
-
-def _components(path: str) -> list[str]:
-    return [part for part in path.split("/") if part not in ("", ".")]
 
 
 def make_mountpoint(root: str, path: str, directory: bool) -> str:

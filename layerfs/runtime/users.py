@@ -41,17 +41,24 @@ class _GroupEntry:
 
 def resolve_user(rootfs: str, user: str) -> ExecUser:
     """Turn "uid[:gid]" or "name[:group]" (empty = root) into numeric ids."""
+    return resolve_user_in(read_root_file(rootfs, "/etc/passwd") or "",
+                           read_root_file(rootfs, "/etc/group") or "", user)
+
+
+def resolve_user_in(passwd_text: str, group_text: str, user: str) -> ExecUser:
+    """:func:`resolve_user` given the texts of /etc/passwd and /etc/group
+    (for callers that read them from elsewhere than a rootfs on disk)."""
     user_part, _, group_part = (user or "0").partition(":")
     if not user_part:
         raise InvalidInput(f"invalid user {user!r}: missing user before ':'")
-    passwd = _read_passwd(rootfs)
+    passwd = _parse_passwd(passwd_text)
     entry = _find_user(passwd, user_part)
     if entry is None:
         uid = _numeric(user_part)
         if uid is None:
             raise NotFound(f"unable to find user {user_part}: no matching entries in passwd file")
         entry = _PasswdEntry(user_part, uid, 0, "/")
-    groups = _read_group(rootfs)
+    groups = _parse_group(group_text)
     gid = entry.gid if not group_part else _resolve_group(groups, group_part)
     supplementary = tuple(sorted({g.gid for g in groups if entry.name in g.members} - {gid}))
     return ExecUser(entry.uid, gid, supplementary, entry.home or "/")
@@ -84,18 +91,18 @@ def _resolve_group(groups: list[_GroupEntry], group: str) -> int:
     raise NotFound(f"unable to find group {group}: no matching entries in group file")
 
 
-def _read_passwd(rootfs: str) -> list[_PasswdEntry]:
+def _parse_passwd(text: str) -> list[_PasswdEntry]:
     entries = []
-    for fields in _colon_lines(read_root_file(rootfs, "/etc/passwd") or "", 7):
+    for fields in _colon_lines(text, 7):
         uid, gid = _numeric(fields[2]), _numeric(fields[3])
         if uid is not None and gid is not None:
             entries.append(_PasswdEntry(fields[0], uid, gid, fields[5]))
     return entries
 
 
-def _read_group(rootfs: str) -> list[_GroupEntry]:
+def _parse_group(text: str) -> list[_GroupEntry]:
     entries = []
-    for fields in _colon_lines(read_root_file(rootfs, "/etc/group") or "", 4):
+    for fields in _colon_lines(text, 4):
         gid = _numeric(fields[2])
         if gid is not None:
             members = tuple(m for m in fields[3].split(",") if m)

@@ -300,7 +300,11 @@ class TarReader:
         self._inflight_bytes = 0
         self._pool = None
 
-    def read(self, f: BinaryIO) -> list[Entry]:
+    def read(self, f: BinaryIO, as_listed: bool = False) -> list[Entry]:
+        """The layer's entries; with *as_listed*, the members as the archive
+        lists them instead (no parent dirs made up, hardlinks naming their
+        holder, whiteouts as read, opaque markers in :attr:`opaque`) for a
+        caller that places them itself (the builder's ADD)."""
         prefetch = _Prefetch(decompressed(f))
         stream = _ChunkStream(prefetch)
         state = _TarState(stream)
@@ -325,7 +329,7 @@ class TarReader:
             if self._pool is not None:
                 self._pool.shutdown(wait=True, cancel_futures=True)
                 self._pool = None
-        return self._finish()
+        return list(self.entries.values()) if as_listed else self._finish()
 
     def _parse(self, stream: _ChunkStream, state: _TarState) -> None:
         first = True

@@ -95,6 +95,47 @@ def test_bad_chmod(seeded, tmp_path):
     assert "--chmod=u+q" in line
 
 
+def test_substitution_bomb_is_one_line(seeded, tmp_path, monkeypatch):
+    bomb = "FROM busybox:latest\nENV A=x\n" + "ENV A=${A}${A}\n" * 40
+    line = _fails(seeded, _ctx(tmp_path, bomb))
+    # A reaches 1 MiB on line 22, and with the base's PATH the variables
+    # pass the limit there.
+    assert "Dockerfile:22: the variables in scope hold more than 1048576 characters" in line
+    assert "LAYERFS_BUILD_MAX_EXPANSION" in line
+    # The limit is configurable, both ways; it bounds growth, so a long
+    # literal (a heredoc) passes.
+    for sub in ("small", "big", "bad", "doc"):
+        (tmp_path / sub).mkdir()
+    monkeypatch.setenv("LAYERFS_BUILD_MAX_EXPANSION", "1000")
+    line = _fails(seeded, _ctx(tmp_path / "small", "FROM busybox:latest\nENV A=" + "x" * 300 +
+                               "\nENV B=${A}${A}${A}${A}\n"))
+    assert "Dockerfile:3: expansion grows the word by more than 1000 characters" in line
+    doc = "FROM busybox:latest\nARG V=1\nCOPY <<EOF /big\n" + "$V" + "y" * 3000 + "\nEOF\n"
+    layerfs_cmd("build", "-q", _ctx(tmp_path / "doc", doc), root=seeded, check=True)
+    monkeypatch.setenv("LAYERFS_BUILD_MAX_EXPANSION", str(4 << 20))
+    ok = _ctx(tmp_path / "big", "FROM busybox:latest\nENV A=x\n" + "ENV A=${A}${A}\n" * 21)
+    layerfs_cmd("build", "-q", ok, root=seeded, check=True)
+    monkeypatch.setenv("LAYERFS_BUILD_MAX_EXPANSION", "lots")
+    assert "expected a positive number" in _fails(seeded, _ctx(tmp_path / "bad", "FROM busybox:latest\nENV A=1\n"))
+
+
+def test_variables_in_scope_are_limited_too(seeded, tmp_path):
+    lines = "".join(f"ENV B{i}=$A\n" for i in range(3))
+    line = _fails(seeded, _ctx(tmp_path, "FROM busybox:latest\nENV A=" + "x" * 400_000 + "\n" + lines))
+    assert "Dockerfile:4: the variables in scope hold more than 1048576 characters" in line
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not ROOT or not os.path.exists("/dev/fuse"), reason="needs /dev/fuse and root")
+def test_failed_run_exits_1_with_the_steps_code_in_the_message(seeded, tmp_path):
+    proc = layerfs_cmd("build", "--progress", "plain", "-t", "bad:1",
+                       _ctx(tmp_path, "FROM busybox:latest\nRUN exit 3\n"), root=seeded)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == ["Error: The command '/bin/sh -c exit 3' returned a non-zero code: 3"]
+    assert layerfs_cmd("fsck", root=seeded).returncode == 0
+
+
 def test_undeclared_build_arg_warns(seeded, tmp_path):
     ctx = _ctx(tmp_path, "FROM busybox:latest\nARG USED\nLABEL u=$USED\n")
     proc = layerfs_cmd("build", "--progress", "plain", "--build-arg", "USED=1", "--build-arg", "NOPE=2",

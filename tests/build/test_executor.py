@@ -176,12 +176,32 @@ def test_run_step(store, base, tmp_path):
 
 @pytest.mark.fuse
 @pytest.mark.skipif(not _fuse_ok(), reason="needs /dev/fuse and root")
+def test_run_layer_has_no_runtime_mountpoints(store, base, tmp_path):
+    """The runtime makes /etc/hosts, /etc/hostname, /etc/resolv.conf (and
+    /proc, /dev, /sys on bases without them) to mount on; like commit, and
+    like docker, the step's layer leaves them out."""
+    from layerfs.store import fsck
+    from layerfs.store.tree import diff
+
+    ctx = _ctx(tmp_path, "FROM busybox:latest\nRUN echo x > /x\n")
+    result, _ = _build(store, ctx)
+    assert {e.path for e in store.layer_entries(result.image.layers[-1])} == {"", "x"}
+    changed = diff(store.merged_tree(base), store.merged_tree(result.image))
+    assert {e.path for e in changed} - {""} == {"x"}
+    assert fsck.check(store).clean
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not _fuse_ok(), reason="needs /dev/fuse and root")
 def test_failed_run_tags_nothing(store, base, tmp_path):
     ctx = _ctx(tmp_path, "FROM busybox:latest\nRUN echo oops; exit 3\n")
     lines: list[str] = []
     with pytest.raises(BuildError) as info:
         build(store, BuildOptions(context=ctx, tags=("fail:1",)), lines.append)
-    assert info.value.exit_code == 3
+    # The step's status is in the message, not layerfs's exit status
+    # (3 would mean "damaged store").
+    assert info.value.exit_code == 1 and info.value.step_exit_code == 3
+    assert "returned a non-zero code: 3" in str(info.value)
     assert "oops" in lines
     with pytest.raises(NotFound):
         store.image("fail:1")

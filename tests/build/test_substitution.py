@@ -357,3 +357,16 @@ def test_expose_checks_ports_after_expansion() -> None:
     with pytest.raises(DockerfileError, match="invalid port specification 'http'"):
         expand_instruction(instr, {"P": "http"})
     assert expand_instruction(instr, {"P": "80 81/udp"}).ports == ("80", "81/udp")
+
+
+def test_expansion_limit(monkeypatch):
+    from layerfs.build.substitution import SubstitutionError, expand_word
+
+    big = {"A": "x" * 600_000}
+    assert len(expand_word("${A}", big)) == 600_000
+    with pytest.raises(SubstitutionError, match="grows the word by more than 1048576 characters"):
+        expand_word("${A}${A}", big)
+    with pytest.raises(SubstitutionError, match="grows the word"):
+        expand_word('"${A}${A}"', big)   # inside quotes too
+    monkeypatch.setenv("LAYERFS_BUILD_MAX_EXPANSION", "2000000")
+    assert len(expand_word("${A}${A}", big)) == 1_200_000
