@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from layerfs.fs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
 from tests.fs.conftest import fresh_upper, kernel_overlay, layerfs_mount, needs_fuse
+from tests.fs.test_kernel_backend import KERNEL_SKIP
 from tests.treeutil import describe
 
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.root]
@@ -124,14 +125,23 @@ def normalized(root: str, since_ns: int) -> dict:
     return out
 
 
-def run_both(env: dict, ops: list[tuple]) -> None:
+@pytest.fixture(params=["fuse", "kernel"])
+def backend(request) -> str:
+    """Every differential test runs against both layerfs backends."""
+    if request.param == "kernel" and KERNEL_SKIP:
+        pytest.skip(KERNEL_SKIP)
+    return request.param
+
+
+def run_both(env: dict, ops: list[tuple], backend: str = "fuse") -> None:
     work = tempfile.mkdtemp(dir=env["base"], prefix="diff-")
     try:
         since = time.time_ns() - 1_000_000_000
         kupper = fresh_upper(os.path.join(work, "ku"), like=env["lowers"][-1])
-        with kernel_overlay(env["lowers"], kupper, os.path.join(work, "kw"), os.path.join(work, "km")) as km, \
+        with kernel_overlay(env["lowers"], kupper, os.path.join(work, "kw"), os.path.join(work, "km"),
+                            backend) as km, \
                 layerfs_mount(env["root"], env["image"], os.path.join(work, "lm"),
-                              upper=os.path.join(work, "lu")) as h:
+                              upper=os.path.join(work, "lu"), backend=backend) as h:
             lm = h.mountpoint
             for i, op in enumerate(ops):
                 want, got = apply(km, op), apply(lm, op)
@@ -165,8 +175,8 @@ SCRIPT = [
 ]
 
 
-def test_scripted_sequence(fs_env):
-    run_both(fs_env, SCRIPT)
+def test_scripted_sequence(fs_env, backend):
+    run_both(fs_env, SCRIPT, backend)
 
 
 _path = st.sampled_from(PATHS)
@@ -197,5 +207,5 @@ _ops = st.one_of(
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
 @given(st.lists(_ops, min_size=1, max_size=14))
-def test_random_sequences(fs_env, ops):
-    run_both(fs_env, ops)
+def test_random_sequences(fs_env, backend, ops):
+    run_both(fs_env, ops, backend)
