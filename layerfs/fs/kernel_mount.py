@@ -69,7 +69,11 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
         if private:
             upper_dir = os.path.join(store.root, "uppers", secrets.token_hex(6), "upper")
         if upper_dir is not None:
-            upper_dir = _check_upper(os.path.abspath(upper_dir), mp, read_only)
+            try:
+                upper_dir = _check_upper(os.path.abspath(upper_dir), mp, read_only)
+            except BaseException:
+                _remove_private({"private": private, "upper": upper_dir})
+                raise
         root = store.root
         objects = store.objects.root
     params = {"root": root, "mountpoint": mp, "image": image_ref, "image_id": image.id, "upper": upper_dir,

@@ -312,14 +312,24 @@ def test_upper_on_overlayfs_is_refused_with_the_reason(fs_env, tmp_path):
 
 
 @needs_kernel
-def test_upper_fs_without_trusted_xattrs_is_refused(fs_env, tmp_path):
+def test_store_on_a_filesystem_without_trusted_xattrs(tmp_path):
     fsdir = tmp_path / "ramfs"
     fsdir.mkdir()
     subprocess.run(["mount", "-t", "ramfs", "ramfs", str(fsdir)], check=True)
     try:
-        with pytest.raises(Unsupported, match="cannot hold trusted"):
-            with kmount(fs_env["root"], fs_env["image"], str(tmp_path / "k"), upper=f"{fsdir}/c/upper"):
+        root = str(fsdir / "store")
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f").write_bytes(b"on ramfs\n")
+        image = _image_of(root, [str(src)], "ram:1")
+        with pytest.raises(Unsupported, match=r"\(.*ramfs/store/uppers/\w+\) cannot hold trusted"):
+            with kmount(root, image, str(tmp_path / "k")):
                 pass
+        assert fsmount.mounted_fstype(str(tmp_path / "k")) is None
+        assert os.listdir(os.path.join(root, "uppers")) == []
+        with kmount(root, image, str(tmp_path / "k"), read_only=True):  # no upper: fine
+            with open(tmp_path / "k" / "f", "rb") as f:
+                assert f.read() == b"on ramfs\n"
     finally:
         subprocess.run(["umount", str(fsdir)], check=True)
 
