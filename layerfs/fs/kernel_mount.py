@@ -26,15 +26,22 @@ layout, the same ``owner`` rule.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import select
 import signal
 import stat
+import time
 
 from layerfs import procfs
 from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound
 from layerfs.fs import kernel
+from layerfs.fs import mount as fsmount  # noqa: F401 - imported before any fork (see _spawn_keeper)
+from layerfs.fs import registry
 from layerfs.fs.metalayer import ensure_metalayer
+from layerfs.fs.upper import work_dir_for
+from layerfs.store.objects import syncfs
 
 BACKEND = "kernel"
 FSTYPE = "overlay"
@@ -114,8 +121,6 @@ def _check_upper(upper: str, mp: str, read_only: bool) -> str:
 
 
 def _mount(mp: str, meta: str, objects: str, upper: str | None, read_only: bool) -> None:
-    from layerfs.fs.upper import work_dir_for
-
     work = work_dir_for(upper) if upper is not None else None
 
     def prepare(root: os.stat_result) -> None:
@@ -134,9 +139,7 @@ def _mount(mp: str, meta: str, objects: str, upper: str | None, read_only: bool)
 
 
 def _remove_private(params: dict) -> None:
-    from layerfs.fs.registry import remove_private
-
-    remove_private(params)
+    registry.remove_private(params)
 
 
 # -- the keeper ----------------------------------------------------------------
@@ -145,7 +148,10 @@ class _Stop(Exception):
 
 
 def _spawn_keeper(params: dict) -> int:
-    """Start the mount's keeper (detached: double fork + setsid); returns its pid."""
+    """Start the mount's keeper (detached: double fork + setsid); returns its pid.
+
+    The keeper runs only code this module imported at its top: a fork of a
+    threaded caller must not need the import lock another thread may hold."""
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -168,9 +174,7 @@ def _spawn_keeper(params: dict) -> int:
 
 
 def _keeper_main(params: dict, ready_w: int) -> int:
-    from layerfs.fs.mount import _close_inherited_fds, _open_owner
-
-    _close_inherited_fds({ready_w})
+    fsmount._close_inherited_fds({ready_w})
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -185,7 +189,7 @@ def _keeper_main(params: dict, ready_w: int) -> int:
     orphaned = False
     try:
         try:
-            owner_fd = _open_owner(params)
+            owner_fd = fsmount._open_owner(params)
         except LayerfsError as exc:
             os.write(ready_w, f"error {exc}".encode())
             orphaned = True
@@ -207,9 +211,6 @@ def _keeper_main(params: dict, ready_w: int) -> int:
 
 def _wait_for_owner(params: dict, owner_fd: int) -> None:
     """Return when the owner dies; without an owner, wait for a signal."""
-    import select
-    import time
-
     if not params.get("owner"):
         while True:
             signal.pause()
@@ -222,9 +223,6 @@ def _wait_for_owner(params: dict, owner_fd: int) -> None:
 
 def _end(params: dict, orphaned: bool) -> None:
     """Unmount, sync the upper, and clean up as the FUSE daemon does."""
-    from layerfs.fs.mount import _finish
-    from layerfs.store.objects import syncfs
-
     mp = params["mountpoint"]
     if procfs.mounted_fstype(mp) == FSTYPE:
         try:
@@ -237,6 +235,4 @@ def _end(params: dict, orphaned: bool) -> None:
             syncfs(upper)
         except OSError:
             pass
-    import logging
-
-    _finish(params, orphaned, logging.getLogger("layerfs.fs"))
+    fsmount._finish(params, orphaned, logging.getLogger("layerfs.fs"))
