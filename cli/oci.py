@@ -27,10 +27,18 @@ def register(cli: click.Group) -> None:
     @click.option("-i", "--input", "path", required=True, metavar="FILE.tar|DIR",
                   help="OCI layout (tar or dir) or docker-archive.")
     @click.option("-q", "--quiet", is_flag=True, help="No progress; only print image ids.")
+    @click.option("--verify", is_flag=True,
+                  help="Read and check every layer blob, even of layers the store already holds.")
     @with_store
-    def load_cmd(store, path, quiet):
+    def load_cmd(store, path, quiet, verify):
         """Load images from an OCI layout or a docker-archive."""
-        for item in oci.load(store, path, progress=prog.view(prog.LOAD, quiet)):
+        for item in oci.load(store, path, progress=prog.view(prog.LOAD, quiet), verify=verify):
+            for w in item.warnings:
+                click.echo(f"Warning: {w}", err=True)
+            if item.reused and not quiet:
+                # Progress shows these as "Already exists"; say what that means here.
+                click.echo(f"Reusing verified local layers for {', '.join(d[7:19] for d in item.reused)}: "
+                           "their blobs were not read from the archive (load --verify reads every blob)", err=True)
             if quiet:
                 click.echo(item.image.id)
             elif item.names:

@@ -41,15 +41,15 @@ from layerfs.fs.helper import mount_for_owner, start_forkserver
 from layerfs.fs.registry import force_unmount
 from layerfs.procfs import is_mountpoint
 from layerfs.store import images as img
-from layerfs.store import references
+from layerfs.store import references, refs
 from layerfs.store.images import Image
+from layerfs.store.refs import Ref
 from layerfs.store.store import Store
 
 __all__ = ["BuildError", "BuildEvent", "BuildOptions", "BuildResult", "Builder", "CACHE_KIND", "build", "prune_cache"]
 
-CACHE_KIND = "build-cache"
+CACHE_KIND = refs.BUILD_CACHE
 DEFAULT_SHELL = ("/bin/sh", "-c")
-STAT_CACHE_NAME = "build-stat-cache.sqlite"
 # Bumped when the same step starts making a different layer (2: COPY, ADD
 # and WORKDIR place entries: links followed in the image, symlink times).
 _KEY_VERSION = "layerfs-build-2"
@@ -214,7 +214,7 @@ class Builder:
         self.backend = backends.resolve(self.store.root, options.backend)
         for t in options.tags:
             references.parse(t)
-        cache_path = os.path.join(self.store.root, STAT_CACHE_NAME)
+        cache_path = self.store.layout.build_stat_cache
         with BuildContext.open(options.context, dockerfile=options.dockerfile,
                                cache_path=cache_path) as ctx:
             self._ctx = ctx
@@ -357,9 +357,9 @@ class Builder:
             st.image = hit
         else:
             st.image = self._execute(st, expanded, instr, sources, from_image, df, scope_before)
-            self.store.add_ref(CACHE_KIND, key, image_id=st.image.id,
-                               layer_id=st.image.layers[-1] if st.image.layers else None,
-                               data=json.dumps({"created_by": instr.original}))
+            self.store.add_ref(Ref(CACHE_KIND, key, image_id=st.image.id,
+                                   layer_id=st.image.layers[-1] if st.image.layers else None,
+                                   data=json.dumps({"created_by": instr.original})))
 
     # -- COPY/ADD sources that are not in the context: URLs and heredocs -----
 
@@ -433,11 +433,11 @@ class Builder:
         return blake3.blake3(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
     def _cache_lookup(self, key: str) -> Image | None:
-        row = self.store.get_ref(CACHE_KIND, key)
-        if row is None or row[1] is None:
+        ref = self.store.get_ref(CACHE_KIND, key)
+        if ref is None or ref.image_id is None:
             return None
         try:
-            return self.store.image(row[1])
+            return self.store.image(ref.image_id)
         except NotFound:
             return None
 

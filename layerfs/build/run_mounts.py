@@ -44,9 +44,9 @@ import blake3
 
 from layerfs.build.context import ResolvedSources
 from layerfs.errors import InvalidInput, NotFound, Unsupported
+from layerfs.store.layout import StoreLayout
 
 __all__ = [
-    "CACHE_MOUNTS_DIR",
     "MAX_SECRET_SIZE",
     "PreparedMounts",
     "RunMount",
@@ -58,7 +58,6 @@ __all__ = [
     "stage_context",
 ]
 
-CACHE_MOUNTS_DIR = "cache-mounts"
 #: BuildKit's limit (secretsprovider.MaxSecretSize).
 MAX_SECRET_SIZE = 500 * 1024
 TYPES = ("bind", "cache", "tmpfs", "secret")
@@ -431,7 +430,7 @@ def _cache_name(m: RunMount, base: str | None) -> str:
 
 
 def _cache_dir(store_root: str, m: RunMount, base: str | None, fill: Filler, out: PreparedMounts) -> str:
-    root = os.path.join(store_root, CACHE_MOUNTS_DIR)
+    root = StoreLayout(store_root).cache_mounts
     os.makedirs(root, exist_ok=True)
     name = _cache_name(m, base)
     instance = 0
@@ -476,7 +475,7 @@ def _cache_dir(store_root: str, m: RunMount, base: str | None, fill: Filler, out
 
 def prune_cache_mounts(store_root: str) -> tuple[int, int]:
     """Delete every cache mount not in use; returns (how many, bytes)."""
-    root = os.path.join(store_root, CACHE_MOUNTS_DIR)
+    root = StoreLayout(store_root).cache_mounts
     try:
         names = sorted(os.listdir(root))
     except FileNotFoundError:

@@ -19,11 +19,11 @@ import json
 import os
 
 from layerfs.errors import InvalidInput
+from layerfs.store.layout import StoreLayout
 
 FUSE, KERNEL = "fuse", "kernel"
 BACKENDS = (FUSE, KERNEL)
 ENV = "LAYERFS_BACKEND"
-CONFIG = "config.json"
 
 
 def resolve(store_root: str, explicit: str | None = None) -> str:
@@ -33,7 +33,7 @@ def resolve(store_root: str, explicit: str | None = None) -> str:
     env = os.environ.get(ENV)
     if env:
         return _check(env, f"${ENV}")
-    path = os.path.join(store_root, CONFIG)
+    path = StoreLayout(store_root).config
     try:
         with open(path) as f:
             config = json.load(f)

@@ -169,7 +169,9 @@ def _kind_of(st_mode: int) -> str:
 
 
 def cache_path(store_root: str, image_id: str) -> str:
-    return os.path.join(store_root, "fscache", image_id)
+    from layerfs.store.layout import StoreLayout
+
+    return StoreLayout(store_root).fscache_entry(image_id)
 
 
 def ensure_index_cache(store, image) -> str:

@@ -41,6 +41,7 @@ from layerfs.fs import mount as fsmount  # noqa: F401 - imported before any fork
 from layerfs.fs import registry
 from layerfs.fs.metalayer import ensure_metalayer
 from layerfs.fs.upper import work_dir_for
+from layerfs.store.layout import StoreLayout
 from layerfs.store.objects import syncfs
 
 BACKEND = "kernel"
@@ -49,7 +50,7 @@ FSTYPE = "overlay"
 
 def support(store_root: str) -> kernel.Support:
     """What the running kernel can do (probed once per boot, cached in the store)."""
-    return kernel.probe(os.path.join(store_root, "metalayers"))
+    return kernel.probe(StoreLayout(store_root).metalayers)
 
 
 def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_dir: str | None = None,
@@ -74,7 +75,7 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
         meta = ensure_metalayer(store, image)
         private = upper_dir is None and not read_only
         if private:
-            upper_dir = os.path.join(store.root, "uppers", secrets.token_hex(6), "upper")
+            upper_dir = store.layout.private_upper(secrets.token_hex(6))
         if upper_dir is not None:
             try:
                 upper_dir = _check_upper(os.path.abspath(upper_dir), mp, read_only)

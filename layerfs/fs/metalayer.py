@@ -40,9 +40,9 @@ from array import array
 
 from layerfs.errors import NotFound, Unsupported
 from layerfs.fs.erofs import Node, write_image
+from layerfs.store.layout import StoreLayout
 
 FORMAT = 1
-DIR_NAME = "metalayers"
 SUFFIX = ".erofs"
 OVERLAY_PREFIX = "trusted.overlay."
 ESCAPED_PREFIX = "trusted.overlay.overlay."
@@ -50,7 +50,7 @@ ESCAPED_PREFIX = "trusted.overlay.overlay."
 
 def cache_path(store_root: str, image) -> str:
     """ROOT/metalayers/<chain key>.v<FORMAT>.erofs (gc keys on the first part)."""
-    return os.path.join(store_root, DIR_NAME, f"{image.chain_key}.v{FORMAT}{SUFFIX}")
+    return StoreLayout(store_root).metalayer_entry(f"{image.chain_key}.v{FORMAT}{SUFFIX}")
 
 
 def escape_xattr(name: str) -> str:

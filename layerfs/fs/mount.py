@@ -57,6 +57,7 @@ from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound, Unsup
 from layerfs.fs.registry import (FSNAME, REF_KIND, MountInfo, clean_stale, forget, is_enotconn,  # noqa: F401
                                  list_mounts, register, remove_private, unmount)
 from layerfs.procfs import mounted_fstype  # noqa: F401 - part of this module's API
+from layerfs.store.layout import StoreLayout
 
 _NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
@@ -75,14 +76,7 @@ def container_upper(store_root: str, name: str) -> str:
     """The upper dir of container *name*: ROOT/containers/NAME/upper."""
     if not _NAME.match(name):
         raise InvalidInput(f"invalid container name: {name!r}")
-    return os.path.join(os.path.abspath(store_root), "containers", name, "upper")
-
-
-def _log_path(store_root: str, mountpoint: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:12]
-    return os.path.join(store_root, "logs", f"mount-{digest}.log")
+    return os.path.join(StoreLayout(store_root).container(name), "upper")
 
 
 # -- mounting --------------------------------------------------------------
@@ -223,14 +217,14 @@ def _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container) 
         if private:
             import secrets
 
-            upper_dir = os.path.join(store.root, "uppers", secrets.token_hex(6), "upper")
+            upper_dir = store.layout.private_upper(secrets.token_hex(6))
         if upper_dir is not None:
             upper_dir = os.path.abspath(upper_dir)
             if upper_dir == mp or upper_dir.startswith(mp + "/"):
                 raise InvalidInput("the upper dir cannot be inside the mountpoint")
             if read_only and not os.path.isdir(upper_dir):
                 raise NotFound(f"upper dir {upper_dir} does not exist")
-        log_file = _log_path(store.root, mp)
+        log_file = store.layout.mount_log(mp)
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
         params = {"root": store.root, "index": cache, "mountpoint": mp, "image": image_ref,
                   "image_id": image.id, "upper": upper_dir, "container": container, "read_only": read_only,
@@ -400,7 +394,8 @@ def _run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
 
     try:
         index = read_index_cache(params["root"], params["image_id"], params["index"])
-        objects = ObjectStore(os.path.join(params["root"], "objects"), os.path.join(params["root"], "tmp"))
+        layout = StoreLayout(params["root"])
+        objects = ObjectStore(layout.objects, layout.tmp)
         upper = None
         if upper_dir is not None:
             _prepare_upper(upper_dir, index.meta[0], read_only)

@@ -1,7 +1,10 @@
 """The mount registry: which layerfs mounts exist, and ending them.
 
-Each mount is a store reference of kind ``"mount"`` keyed by its
-mountpoint; its JSON data says what the mount serves and uses::
+Each mount is a store reference (``store.refs.Ref``) of kind ``"mount"``
+keyed by its mountpoint, ``in_use`` of its image, whose ``paths`` are
+everything the mount uses (mountpoint, upper, its work dir, scratch): gc
+and fsck keep them while the record exists. Its JSON data, which only this
+module reads, says what the mount serves::
 
     pid, start            the daemon (its start time pins the pid); for the
                           kernel backend the mount's keeper (``fs.kernel_mount``)
@@ -12,9 +15,6 @@ mountpoint; its JSON data says what the mount serves and uses::
     owner, owner_start    the process the mount serves, if any: the daemon
                           unmounts and exits when it dies (``fs.mount``)
     scratch               the owner's staging dir, removed with an orphan
-    paths                 every path the mount uses besides the mountpoint
-                          (upper, its work dir, scratch): gc and fsck keep
-                          them while the record exists
 
 A record is *stale* when its daemon is gone (killed, crashed): the mount
 is then gone or dead (ENOTCONN). :func:`clean_stale` detaches such mounts
@@ -35,8 +35,10 @@ from dataclasses import dataclass
 
 from layerfs import procfs
 from layerfs.errors import Conflict, LayerfsError, NotFound
+from layerfs.store import refs
+from layerfs.store.refs import Ref
 
-REF_KIND = "mount"
+REF_KIND = refs.MOUNT
 FSNAME = "layerfs"
 FSTYPE = f"fuse.{FSNAME}"
 
@@ -77,10 +79,10 @@ def register(params: dict, image_id: str, pid: int) -> None:
     keys = ("image", "upper", "container", "read_only", "private", "log", "owner", "owner_start", "scratch",
             "backend", "metalayer")
     data = {k: params.get(k) for k in keys} | {"pid": pid, "start": procfs.start_time(pid)}
-    upper = params.get("upper")
-    data["paths"] = [p for p in (upper, upper and upper + ".work", params.get("scratch")) if p]
+    mp, upper = params["mountpoint"], params.get("upper")
+    paths = tuple(p for p in (mp, upper, upper and upper + ".work", params.get("scratch")) if p)
     with Store(params["root"]) as store:
-        store.add_ref(REF_KIND, params["mountpoint"], image_id=image_id, data=json.dumps(data))
+        store.add_ref(Ref(REF_KIND, mp, image_id=image_id, data=json.dumps(data), in_use=True, paths=paths))
 
 
 def forget(params: dict, pid: int) -> None:
@@ -89,8 +91,8 @@ def forget(params: dict, pid: int) -> None:
 
     mp = params["mountpoint"]
     with Store(params["root"]) as store:
-        row = store.get_ref(REF_KIND, mp)
-        if row is not None and _data(row[2]).get("pid") in (pid, None):
+        ref = store.get_ref(REF_KIND, mp)
+        if ref is not None and _data(ref.data).get("pid") in (pid, None):
             store.drop_refs(REF_KIND, mp)
 
 
@@ -144,9 +146,9 @@ def unmount(store_root: str, mountpoint: str, timeout: float = 30.0) -> None:
 
     mp = abs_mountpoint(mountpoint)
     with Store(store_root) as store:
-        row = store.get_ref(REF_KIND, mp)
-        data = _data(row[2]) if row else {}
-        if row is None and procfs.mounted_fstype(mp) != FSTYPE:
+        ref = store.get_ref(REF_KIND, mp)
+        data = _data(ref.data) if ref else {}
+        if ref is None and procfs.mounted_fstype(mp) != FSTYPE:
             raise NotFound(f"{mountpoint} is not a layerfs mount")
         pid = data.get("pid")
         if daemon_alive(data):
@@ -177,8 +179,8 @@ def force_unmount(store_root: str, mountpoint: str, timeout: float = 10.0) -> No
         pass
     mp = abs_mountpoint(mountpoint)
     with Store(store_root) as store:
-        row = store.get_ref(REF_KIND, mp)
-        data = _data(row[2]) if row else {}
+        ref = store.get_ref(REF_KIND, mp)
+        data = _data(ref.data) if ref else {}
         if daemon_alive(data):
             try:
                 os.kill(data["pid"], signal.SIGKILL)
@@ -192,21 +194,21 @@ def force_unmount(store_root: str, mountpoint: str, timeout: float = 10.0) -> No
 
 def stale_mounts(store) -> list[str]:
     """Mountpoints whose records are stale (daemon gone)."""
-    return [key for key, _l, _i, raw in store.refs(REF_KIND) if not daemon_alive(_data(raw))]
+    return [ref.key for ref in store.refs(REF_KIND) if not daemon_alive(_data(ref.data))]
 
 
 def clean_stale(store, mp: str | None = None) -> list[str]:
     """Detach the mounts of dead daemons and drop their records."""
     cleaned = []
-    for key, _layer, _image, raw in store.refs(REF_KIND):
-        data = _data(raw)
-        if (mp is not None and key != mp) or daemon_alive(data):
+    for ref in store.refs(REF_KIND):
+        data = _data(ref.data)
+        if (mp is not None and ref.key != mp) or daemon_alive(data):
             continue
-        if ours_mounted(key, data):
-            detach(key)
-        store.drop_refs(REF_KIND, key)
+        if ours_mounted(ref.key, data):
+            detach(ref.key)
+        store.drop_refs(REF_KIND, ref.key)
         remove_private(data)
-        cleaned.append(key)
+        cleaned.append(ref.key)
     return cleaned
 
 
@@ -218,9 +220,9 @@ def list_mounts(store_root: str, clean: bool = True) -> list[MountInfo]:
         if clean:
             clean_stale(store)
         out = []
-        for key, _layer, image_id, raw in store.refs(REF_KIND):
-            data = _data(raw)
-            out.append(MountInfo(key, data.get("pid", 0), image_id or "", data.get("image", ""),
+        for ref in store.refs(REF_KIND):
+            data = _data(ref.data)
+            out.append(MountInfo(ref.key, data.get("pid", 0), ref.image_id or "", data.get("image", ""),
                                  data.get("upper"), data.get("container"), bool(data.get("read_only")),
                                  daemon_alive(data), data.get("backend") or "fuse"))
         return out

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.oci import media
+from layerfs.store import streams
 
 
 def _clean(name: str) -> str:
@@ -81,13 +82,38 @@ class DirBundle(Bundle):
             raise InvalidInput(f"{self.description}: cannot read {name}: {exc.strerror}") from None
 
 
+def _plain_tar(path: str, tmp_dir: str | None) -> BinaryIO:
+    """The archive as a seekable plain tar. A compressed one is unpacked
+    first, within the unpack limits (a bomb stops early), into an unnamed
+    temp file: members are read in any order, and every backward seek in
+    a gzip stream would decompress it again from the start."""
+    f = open(path, "rb")
+    if streams.sniff(f.read(6)) == streams.NONE:
+        f.seek(0)
+        return f
+    f.seek(0)
+    spool = tempfile.TemporaryFile(dir=tmp_dir)
+    try:
+        with f:
+            plain = streams.unpack(f).stream
+            while chunk := plain.read(media.CHUNK):
+                spool.write(chunk)
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return spool
+
+
 class TarBundle(Bundle):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, tmp_dir: str | None = None) -> None:
         self.description = path
+        self.fileobj = _plain_tar(path, tmp_dir)
         try:
-            self.tf = tarfile.open(path, "r:*")
+            self.tf = tarfile.open(fileobj=self.fileobj, mode="r:")
             members = self.tf.getmembers()
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            self.fileobj.close()
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InvalidInput(f"{path}: not a readable tar archive ({reason})") from None
         self.members: dict[str, tarfile.TarInfo] = {}
@@ -117,6 +143,7 @@ class TarBundle(Bundle):
 
     def close(self) -> None:
         self.tf.close()
+        self.fileobj.close()
 
 
 class _TarMember(io.RawIOBase):
@@ -137,12 +164,14 @@ class _TarMember(io.RawIOBase):
         return len(data)
 
 
-def open_bundle(path: str) -> Bundle:
+def open_bundle(path: str, tmp_dir: str | None = None) -> Bundle:
+    """A layout dir, or an archive (plain or compressed; *tmp_dir* holds
+    a compressed one unpacked)."""
     if os.path.isdir(path):
         return DirBundle(path)
     if not os.path.exists(path):
         raise NotFound(f"no such file or directory: {path}")
-    return TarBundle(path)
+    return TarBundle(path, tmp_dir)
 
 
 class BundleWriter:

@@ -13,7 +13,8 @@ Rows (kind, key -> layer_id, data):
     oci-layer   "<layer id>/<comp>/<tar version>" -> layer id, {"digest","size","diff_id","media_type"}
     oci-image   layerfs image id     -> image id, {"manifest","media_type","config","location"}
 
-The refs pin the layers they name (gc marks from refs).
+The refs are weak: they describe the layers and images they name but do
+not keep them alive, and gc drops them when their target goes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from layerfs.errors import NotFound
+from layerfs.store.refs import Ref
 from layerfs.store.store import Store
 
 MAX_LOCATIONS = 16
@@ -66,23 +68,23 @@ class BlobInfoCache:
         """The layer a blob digest or diff_id stands for, if the store has it."""
         with self.lock:
             for kind in ("oci-blob", "oci-diffid"):
-                row = self.store.get_ref(kind, digest)
-                if row and self._layer_exists(row[0]):
-                    return row[0]
+                ref = self.store.get_ref(kind, digest)
+                if ref and self._layer_exists(ref.layer_id):
+                    return ref.layer_id
         return None
 
     def layer_blob(self, layer_id: str, compression: str) -> LayerBlob | None:
         with self.lock:
-            row = self.store.get_ref("oci-layer", layer_key(layer_id, compression))
-        if not row or not row[2]:
+            ref = self.store.get_ref("oci-layer", layer_key(layer_id, compression))
+        if not ref or not ref.data:
             return None
-        d = json.loads(row[2])
+        d = json.loads(ref.data)
         return LayerBlob(d["digest"], d["size"], d["diff_id"], d["media_type"])
 
     def record_layer_blob(self, layer_id: str, compression: str, blob: LayerBlob) -> None:
         with self.lock:
-            self.store.add_ref("oci-layer", layer_key(layer_id, compression), layer_id=layer_id,
-                               data=json.dumps(blob.__dict__))
+            self._put("oci-layer", layer_key(layer_id, compression), layer_id=layer_id,
+                      data=json.dumps(blob.__dict__))
             self.record_blob(blob.digest, layer_id, blob.media_type, blob.size, blob.diff_id)
 
     def record_blob(self, digest: str, layer_id: str, media_type: str, size: int, diff_id: str,
@@ -92,27 +94,30 @@ class BlobInfoCache:
             locs = old.get("locations", [])
             if location and location not in locs:
                 locs = ([location] + locs)[:MAX_LOCATIONS]
-            self.store.add_ref("oci-blob", digest, layer_id=layer_id, data=json.dumps(
+            self._put("oci-blob", digest, layer_id=layer_id, data=json.dumps(
                 {"media_type": media_type, "size": size, "diff_id": diff_id, "locations": locs}))
-            self.store.add_ref("oci-diffid", diff_id, layer_id=layer_id)
+            self._put("oci-diffid", diff_id, layer_id=layer_id)
+
+    def _put(self, kind: str, key: str, **target: str | None) -> None:
+        self.store.add_ref(Ref(kind, key, weak=True, **target))
 
     def _blob_data(self, digest: str) -> dict[str, Any]:
-        row = self.store.get_ref("oci-blob", digest)
-        return json.loads(row[2]) if row and row[2] else {}
+        ref = self.store.get_ref("oci-blob", digest)
+        return json.loads(ref.data) if ref and ref.data else {}
 
     def record_location(self, digest: str, location: str) -> None:
         if not location:
             return
         with self.lock:
-            row = self.store.get_ref("oci-blob", digest)
-            if not row or not row[0]:
-                return  # configs and blobs of unknown layers: nothing to pin
-            d = json.loads(row[2]) if row[2] else {}
+            ref = self.store.get_ref("oci-blob", digest)
+            if not ref or not ref.layer_id:
+                return  # configs and blobs of unknown layers: nothing to record
+            d = json.loads(ref.data) if ref.data else {}
             locs = d.get("locations", [])
             if location in locs:
                 return
             d["locations"] = ([location] + locs)[:MAX_LOCATIONS]
-            self.store.add_ref("oci-blob", digest, layer_id=row[0], data=json.dumps(d))
+            self._put("oci-blob", digest, layer_id=ref.layer_id, data=json.dumps(d))
 
     def locations(self, digest: str) -> list[str]:
         with self.lock:
@@ -120,11 +125,11 @@ class BlobInfoCache:
 
     def record_image(self, image_id: str, manifest: bytes, media_type: str, config: bytes, location: str) -> None:
         with self.lock:
-            self.store.add_ref("oci-image", image_id, image_id=image_id, data=json.dumps(
+            self._put("oci-image", image_id, image_id=image_id, data=json.dumps(
                 {"manifest": manifest.decode(), "media_type": media_type, "config": config.decode(),
                  "location": location}))
 
     def original_image(self, image_id: str) -> dict[str, Any] | None:
         with self.lock:
-            row = self.store.get_ref("oci-image", image_id)
-        return json.loads(row[2]) if row and row[2] else None
+            ref = self.store.get_ref("oci-image", image_id)
+        return json.loads(ref.data) if ref and ref.data else None

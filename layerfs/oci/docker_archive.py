@@ -32,6 +32,7 @@ class DockerArchiveSource:
         self.names = [t for t in tags if isinstance(t, str)]
         self.description = f"{bundle.description} ({self.names[0] if self.names else f'image {index}'})"
         self.config = bundle.read(config_name, media.MAX_CONFIG)
+        self.warnings = _check_config_name(bundle, config_name, self.config)
         _, diff_ids = media.parse_config(self.config, len(layers))
         self.paths: dict[str, str] = {}
         descs = []
@@ -65,6 +66,20 @@ class DockerArchiveSource:
 
     def close(self) -> None:
         pass
+
+
+def _check_config_name(bundle: Bundle, name: str, config: bytes) -> list[str]:
+    """docker save names the config by its digest (``<hex>.json``, or
+    ``blobs/sha256/<hex>`` since docker 25); a name that is a digest but
+    not this content's means the archive was altered or mislabelled.
+    Nothing relies on the name (the image id is computed from the bytes),
+    so it is a warning."""
+    stem = name.rpartition("/")[2].removesuffix(".json")
+    got = media.sha256_digest(config)
+    if len(stem) == 64 and all(c in "0123456789abcdef" for c in stem) and stem != got[7:]:
+        return [f"{bundle.description}: config file {name} is named for digest sha256:{stem[:12]}... "
+                f"but its content is {got[:19]}...; the archive was altered or mislabelled"]
+    return []
 
 
 def docker_sources(bundle: Bundle) -> list[DockerArchiveSource]:

@@ -13,14 +13,11 @@ import hashlib
 import io
 import json
 import re
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-import zstandard
-
 from layerfs.errors import Corrupt, InvalidInput, Unsupported
-from layerfs.store.tarlayer import Peek
+from layerfs.store import streams
 from layerfs.store.images import host_arch
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -314,78 +311,19 @@ class VerifyingReader(io.RawIOBase):
         return self.digest
 
 
-class _Inflate(io.RawIOBase):
-    """Streaming gunzip (multi-member), bounded output per step."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.d = zlib.decompressobj(31)
-        self.out = b""
-        self.pos = 0
-        self.done = False
-
-    def readable(self) -> bool:
-        return True
-
-    def _fill(self) -> None:
-        try:
-            while self.pos >= len(self.out) and not self.done:
-                self.out, self.pos = b"", 0
-                if self.d.eof:
-                    rest = self.d.unused_data or self.f.read(CHUNK)
-                    if not rest:
-                        self.done = True
-                        break
-                    self.d = zlib.decompressobj(31)
-                    self.out = self.d.decompress(rest, 4 * CHUNK)
-                    continue
-                data = self.d.unconsumed_tail or self.f.read(CHUNK)
-                if not data:
-                    raise InvalidInput("compressed layer is truncated")
-                self.out = self.d.decompress(data, 4 * CHUNK)
-        except zlib.error as exc:
-            raise InvalidInput(f"corrupt gzip data: {exc}") from None
-
-    def readinto(self, b) -> int:
-        self._fill()
-        n = min(len(b), len(self.out) - self.pos)
-        b[:n] = self.out[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-
-class _Zstd(io.RawIOBase):
-    def __init__(self, f: BinaryIO) -> None:
-        self.r = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True, read_size=CHUNK)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        try:
-            data = self.r.read(len(b))
-        except zstandard.ZstdError as exc:
-            raise InvalidInput(f"corrupt zstd data: {exc}") from None
-        b[: len(data)] = data
-        return len(data)
-
-
 def sniff_compression(head: bytes) -> str:
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    if head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
+    """gzip, zstd or none: the layer compressions the OCI spec allows."""
+    return _oci_compression(streams.sniff(head))
+
+
+def _oci_compression(kind: str) -> str:
+    if kind in (streams.BZIP2, streams.XZ):
         raise Unsupported("bzip2/xz compressed layers are not part of the OCI spec")
-    return "none"
+    return kind
 
 
-def decompressed(f: BinaryIO) -> tuple[BinaryIO, str]:
-    """(uncompressed stream, compression) of a layer blob, by its magic."""
-    p = Peek(f)
-    kind = sniff_compression(p.peek(6))
-    if kind == "gzip":
-        return io.BufferedReader(_Inflate(p), CHUNK), kind
-    if kind == "zstd":
-        return io.BufferedReader(_Zstd(p), CHUNK), kind
-    return io.BufferedReader(p, CHUNK), kind
+def decompressed(f: BinaryIO, limits: streams.UnpackLimits | None = None) -> tuple[BinaryIO, str]:
+    """(uncompressed stream, compression) of a layer blob, by its magic,
+    metered against the unpack limits (a compression bomb stops early)."""
+    u = streams.unpack(f, limits)
+    return u.stream, _oci_compression(u.kind)

@@ -193,8 +193,14 @@ class StoreDestination:
         self._writing.__enter__()
 
     def try_reuse(self, desc: Descriptor, diff_id: str) -> str | None:
+        """A layer the store holds (by blob digest or diff_id) is reused
+        without reading the source's blob, as docker does: the layer was
+        verified when it was stored, the source's blob may even be missing.
+        With ``ctx.verify`` only blobs read during this copy are reused."""
         if not diff_id:
             return None   # configs are always read
+        if self.ctx.verify:
+            return "already in store" if desc.digest in self._layers else None
         lid = self.cache.layer_of(desc.digest) or self.cache.layer_of(diff_id)
         if lid is None:
             return None

@@ -8,7 +8,6 @@ REST into sources or a destination. save, load, push and pull are all
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from layerfs.errors import InvalidInput, LayerfsError, NotFound
@@ -51,7 +50,7 @@ def context(store: Store | None, **kw) -> Context:
 
 
 def auth_file(store: Store) -> AuthFile:
-    return AuthFile(os.path.join(store.root, "auth.json"))
+    return AuthFile(store.layout.auth_file)
 
 
 def copy(src_ref: str, dst_ref: str, ctx: Context, sources=None) -> list[CopyResult]:
@@ -88,6 +87,10 @@ class Loaded:
     image: Image
     names: list[str]
     reference: str = ""     # what a pull fetched, fully qualified (docker.io/library/x:tag)
+    # load: blobs not read because the store held their layer; and what
+    # the source looked suspicious about (it loaded anyway).
+    reused: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 def save(store: Store, images: list[str], output: str, fmt: str = "oci", **kw) -> list[CopyResult]:
@@ -109,7 +112,7 @@ def save(store: Store, images: list[str], output: str, fmt: str = "oci", **kw) -
 
 
 def detect_sources(path: str, ctx: Context):
-    bundle = open_bundle(path)
+    bundle = open_bundle(path, ctx.store.tmp_dir if ctx.store is not None else None)
     try:
         if bundle.exists("oci-layout") and bundle.exists("index.json"):
             return layout_sources(bundle, ctx)
@@ -125,8 +128,14 @@ def detect_sources(path: str, ctx: Context):
 def load(store: Store, path: str, **kw) -> list[Loaded]:
     """Load every image of an OCI layout (dir or tar) or docker-archive."""
     ctx = context(store, **kw)
-    results = copy("", "layerfs:", ctx, sources=detect_sources(path, ctx))
-    return [Loaded(store.image(r.destination_ref), _tags(store, r)) for r in results]
+    sources = detect_sources(path, ctx)
+    results = copy("", "layerfs:", ctx, sources=sources)
+    # With verify every blob was read; a note then only marks a blob
+    # shared by two images of the archive, read for the first.
+    return [Loaded(store.image(r.destination_ref), _tags(store, r),
+                   reused=() if ctx.verify else tuple(r.notes),
+                   warnings=tuple(getattr(s, "warnings", ())))
+            for s, r in zip(sources, results)]
 
 
 def _tags(store: Store, r: CopyResult) -> list[str]:

@@ -101,6 +101,8 @@ class Context:
     platform: Platform = field(default_factory=Platform)
     compression: str = "gzip"
     manifest_format: str = "oci"     # oci | docker (for manifests layerfs generates)
+    # load --verify: read and check every layer blob, reuse none unread.
+    verify: bool = False
     progress: Progress = field(default_factory=NoProgress)
     retries: int = 5
     backoff: float = 0.5

@@ -38,12 +38,14 @@ from layerfs.procfs import alive as process_alive  # noqa: F401 - the runtime's 
 from layerfs.procfs import start_time as process_start_time  # noqa: F401
 from layerfs.runtime.spec import (DEFAULT_PATH, ContainerSpec, Volume, check_name,
                                   check_volume_sources)
+from layerfs.store import refs
+from layerfs.store.layout import StoreLayout
+from layerfs.store.refs import Ref
 from layerfs.store.store import Store
 from layerfs.store.usage import tree_bytes  # noqa: F401 - used by the CLI's prune and df
 
-REF_KIND = "container"
+REF_KIND = refs.CONTAINER
 RUNTIMES = ("builtin", "runc", "crun")
-CONTAINERS_DIR = "containers"
 # Files the runtime creates in the rootfs as mountpoints when the image
 # lacks them; docker hides them (its "init layer"), so do diff and commit.
 RUNTIME_PATHS = ("proc", "dev", "sys", "etc/hosts", "etc/hostname", "etc/resolv.conf")
@@ -173,11 +175,11 @@ class Container:
 
 # -- paths and names -------------------------------------------------------
 def containers_root(root: str) -> str:
-    return os.path.join(os.path.abspath(root), CONTAINERS_DIR)
+    return StoreLayout(root).containers
 
 
 def container_dir(root: str, container_id: str) -> str:
-    return os.path.join(containers_root(root), container_id)
+    return StoreLayout(root).container(container_id)
 
 
 def store_tag(root: str) -> str:
@@ -270,7 +272,7 @@ def create_container(store: Store, image_ref: str, *, cmd: Sequence[str] = (),
     probe = Container(store.root, config, ContainerState())
     probe.spec()  # ContainerSpec validates cwd, env, network, limits, volumes
     with _names_lock(store.root):
-        taken = {_ref_name(data) for _, _, _, data in store.refs(REF_KIND)}
+        taken = {_ref_name(ref.data) for ref in store.refs(REF_KIND)}
         if name is None:
             name = next((n for n in (random_name() for _ in range(50)) if n not in taken),
                         f"container_{cid[:12]}")
@@ -284,7 +286,7 @@ def create_container(store: Store, image_ref: str, *, cmd: Sequence[str] = (),
             os.mkdir(os.path.join(directory, "runtime"))
             _write_json(os.path.join(directory, "config.json"), config.to_json())
             write_state(store.root, cid, ContainerState())
-            store.add_ref(REF_KIND, cid, image_id=image.id, data=json.dumps({"name": name}))
+            store.add_ref(Ref(REF_KIND, cid, image_id=image.id, data=json.dumps({"name": name}), in_use=True))
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -358,13 +360,13 @@ def load(root: str, container_id: str) -> Container:
 
 def find_container(store: Store, ref: str) -> Container:
     """By full id, name, or unique id prefix (docker's order)."""
-    refs = store.refs(REF_KIND)
-    ids = [key for key, _, _, _ in refs]
+    records = store.refs(REF_KIND)
+    ids = [record.key for record in records]
     if ref in ids:
         return load(store.root, ref)
-    for key, _, _, data in refs:
-        if _ref_name(data) == ref:
-            return load(store.root, key)
+    for record in records:
+        if _ref_name(record.data) == ref:
+            return load(store.root, record.key)
     matches = [key for key in ids if ref and key.startswith(ref)]
     if len(matches) > 1:
         raise InvalidInput(f"ambiguous container id prefix: {ref}")
@@ -376,9 +378,9 @@ def find_container(store: Store, ref: str) -> Container:
 def list_containers(store: Store) -> list[Container]:
     """Every container, newest first."""
     out = []
-    for key, _, _, _ in store.refs(REF_KIND):
+    for record in store.refs(REF_KIND):
         with contextlib.suppress(NotFound):
-            out.append(load(store.root, key))
+            out.append(load(store.root, record.key))
     return sorted(out, key=lambda c: c.config.created, reverse=True)
 
 

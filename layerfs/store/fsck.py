@@ -131,19 +131,18 @@ def _check_names(store: Store, report: FsckReport, bad_images: set[str], bad_lay
     for name, tag, iid in store.db.all("SELECT name, tag, image_id FROM tags"):
         if iid not in images:
             report.problems.append(Problem("tag", f"{name}:{tag}", f"tag {name}:{tag} points at missing image {iid[:12]}"))
-    from layerfs.store.gc import WEAK_PREFIX
-
-    for kind, key, lid, iid in store.db.all("SELECT kind, key, layer_id, image_id FROM refs"):
-        if kind.startswith(WEAK_PREFIX):
+    for ref in store.refs():
+        if ref.weak:
             continue  # weak mappings may dangle until the next gc drops them
-        if (lid and lid not in layers) or (iid and iid not in images):
-            report.problems.append(Problem("ref", f"{kind}\0{key}", f"{kind} {key} points at a missing image or layer"))
+        if (ref.layer_id and ref.layer_id not in layers) or (ref.image_id and ref.image_id not in images):
+            report.problems.append(Problem("ref", f"{ref.kind}\0{ref.key}",
+                                           f"{ref.kind} {ref.key} points at a missing image or layer"))
 
 
 def _repair(store: Store, report: FsckReport, bad_objects: set[str], bad_layers: set[str],
             bad_images: set[str]) -> None:
     from layerfs.store import gc
-    from layerfs.store.gc import MOUNT_KIND
+    from layerfs.store.refs import MOUNT
 
     with store.db.transaction() as c:
         c.executemany("DELETE FROM images WHERE id=?", [(i,) for i in bad_images])
@@ -152,7 +151,7 @@ def _repair(store: Store, report: FsckReport, bad_objects: set[str], bad_layers:
         c.execute("DELETE FROM tags WHERE image_id NOT IN (SELECT id FROM images)")
         c.execute("DELETE FROM refs WHERE kind != ? AND ("
                   "(layer_id IS NOT NULL AND layer_id NOT IN (SELECT id FROM layers))"
-                  " OR (image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))", (MOUNT_KIND,))
+                  " OR (image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))", (MOUNT,))
         c.execute("DELETE FROM stat_cache WHERE digest NOT IN (SELECT digest FROM objects)")
     for d in bad_objects:
         store.objects.remove(d)

@@ -1,18 +1,19 @@
 """Mark and sweep: drop what no tag, image, container or cache still needs.
 
 Roots are the images (an untagged image is still an image until ``rmi``)
-and the rows of ``refs`` (containers, build cache, mounts, OCI maps). The
-sweep runs under the store's exclusive lock, so no writer can commit a
-reference to an object between the mark and the sweep.
+and the references that are not ``weak`` (containers, build cache, mounts;
+see refs.py). Weak ones (OCI maps) go when their target goes. The sweep
+runs under the store's exclusive lock, so no writer can commit a reference
+to an object between the mark and the sweep.
 
-Live mounts: a mount record (ref kind ``mount``, written by
-``fs.registry``) names its mountpoint and, in ``paths``, everything else it
-uses (upper, work dir, its owner's scratch dir). gc never removes those,
-nor any directory that is or holds a mountpoint: removing it would delete
-an upper under a live daemon, or delete through the mount into it. gc
-cannot tell a live daemon from a dead one (that is the filesystem's
-business); ``fs.registry.clean_stale`` drops the records of dead ones
-first, and ``ignore_refs`` lets a dry run count as if it had.
+Paths in use: a reference's ``paths`` (a mount record lists its
+mountpoint, upper, work dir and its owner's scratch dir) and every
+mountpoint the kernel knows. gc never removes those, nor any directory that
+is or holds one: removing it would delete an upper under a live daemon, or
+delete through the mount into it. gc cannot tell whether a reference's
+owner still lives (for a mount that is the filesystem's business):
+``fs.registry.clean_stale`` drops the records of dead daemons first, and
+``ignore_refs`` lets a dry run count as if it had.
 
 A dry run computes exactly what a real run removes, in the same order, and
 ``bytes_freed`` is the disk space (allocated blocks) of everything removed:
@@ -21,7 +22,6 @@ object files, layer manifests and swept debris.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Collection, Sequence
@@ -32,10 +32,6 @@ from layerfs.store.store import Store
 from layerfs.store.usage import tree_bytes
 
 TMP_GRACE = 3600.0
-# Mappings kept for interop (OCI digests <-> layer ids) describe layers but
-# must not keep them alive: they go when their layer or image goes.
-WEAK_PREFIX = "oci-"
-MOUNT_KIND = "mount"
 
 
 @dataclass(frozen=True)
@@ -48,14 +44,13 @@ class GcResult:
 
 def live_layers(store: Store, ignore_refs: Collection[tuple[str, str]] = ()) -> set[str]:
     live = {r[0] for r in store.db.all("SELECT DISTINCT layer_id FROM image_layers")}
-    rows = store.db.all("SELECT kind, key, layer_id, image_id FROM refs WHERE kind NOT LIKE ? || '%'", WEAK_PREFIX)
-    for kind, key, lid, iid in rows:
-        if (kind, key) in ignore_refs:
+    for ref in store.refs():
+        if ref.weak or (ref.kind, ref.key) in ignore_refs:
             continue
-        if lid:
-            live.add(lid)
-        if iid:
-            live |= {r[0] for r in store.db.all("SELECT layer_id FROM image_layers WHERE image_id=?", iid)}
+        if ref.layer_id:
+            live.add(ref.layer_id)
+        if ref.image_id:
+            live |= {r[0] for r in store.db.all("SELECT layer_id FROM image_layers WHERE image_id=?", ref.image_id)}
     return live
 
 
@@ -81,9 +76,9 @@ def collect(store: Store, dry_run: bool = False, ignore_refs: Collection[tuple[s
 def _drop(store: Store, dead_layers: list[str], dead_objects: list[str]) -> None:
     with store.db.transaction() as c:
         c.executemany("DELETE FROM layers WHERE id=?", [(lid,) for lid in dead_layers])
-        c.execute("DELETE FROM refs WHERE kind LIKE ? || '%' AND ("
+        c.execute("DELETE FROM refs WHERE weak AND ("
                   "(layer_id IS NOT NULL AND layer_id NOT IN (SELECT id FROM layers)) OR "
-                  "(image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))", (WEAK_PREFIX,))
+                  "(image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))")
         c.executemany("DELETE FROM objects WHERE digest=?", [(d,) for d in dead_objects])
         c.execute("DELETE FROM stat_cache WHERE digest NOT IN (SELECT digest FROM objects)")
     for d in dead_objects:
@@ -93,19 +88,12 @@ def _drop(store: Store, dead_layers: list[str], dead_objects: list[str]) -> None
 
 
 def _paths_in_use(store: Store, ignore_refs: Collection[tuple[str, str]]) -> list[str]:
-    """Mountpoints and the paths their records list, plus every mountpoint
-    the kernel knows: nothing at or around them may be removed."""
-    gone = {key for kind, key in ignore_refs if kind == MOUNT_KIND}  # the caller detaches these
-    paths = [mp for mp, _ in procfs.mounts() if mp not in gone]
-    for key, _l, _i, raw in store.refs(MOUNT_KIND):
-        if (MOUNT_KIND, key) in ignore_refs:
-            continue
-        paths.append(key)
-        try:
-            paths += [p for p in json.loads(raw or "{}").get("paths", []) if isinstance(p, str)]
-        except (ValueError, AttributeError):
-            continue
-    return paths
+    """The paths references keep, plus every mountpoint the kernel knows
+    but those of ignored references (the caller detaches them)."""
+    refs = store.refs()
+    gone = {p for ref in refs if (ref.kind, ref.key) in ignore_refs for p in ref.paths}
+    kept = [p for ref in refs if (ref.kind, ref.key) not in ignore_refs for p in ref.paths]
+    return [mp for mp, _ in procfs.mounts() if mp not in gone] + kept
 
 
 def _busy(path: str, in_use: Sequence[str]) -> bool:
@@ -130,10 +118,9 @@ def sweep_debris(store: Store, in_use: Sequence[str] = (), dry_run: bool = False
         if digest not in known:
             n, freed = n + 1, freed + _remove(path, dry_run)
     layers = {r[0] for r in store.db.all("SELECT id FROM layers")}
-    ldir = os.path.join(store.root, "layers")
-    for name in os.listdir(ldir):
+    for name in os.listdir(store.layout.layers):
         if name not in layers:
-            n, freed = n + 1, freed + _remove(os.path.join(ldir, name), dry_run)
+            n, freed = n + 1, freed + _remove(store.layout.layer(name), dry_run)
     return n, freed
 
 
@@ -144,16 +131,16 @@ def sweep_fs_leftovers(store: Store, in_use: Sequence[str] = (), dry_run: bool =
     a while: a mount being set up has no record yet)."""
     n = freed = 0
     images = {r[0] for r in store.db.all("SELECT id FROM images")}
-    cache = os.path.join(store.root, "fscache")
-    for name in _listdir(cache):
-        if name.split(".")[0] not in images:
-            n, freed = n + 1, freed + _remove(os.path.join(cache, name), dry_run)
+    layout = store.layout
+    for name in _listdir(layout.fscache):
+        if layout.fscache_image(name) not in images:
+            n, freed = n + 1, freed + _remove(layout.fscache_entry(name), dry_run)
     chains = {image.chain_key for image, _tags in store.images()}
-    metalayers = os.path.join(store.root, "metalayers")
-    for name in _listdir(metalayers):
-        if name.endswith(".erofs") and name.split(".")[0] not in chains:
-            n, freed = n + 1, freed + _remove(os.path.join(metalayers, name), dry_run)
-    uppers = os.path.join(store.root, "uppers")
+    for name in _listdir(layout.metalayers):
+        chain = layout.metalayer_chain(name)
+        if chain is not None and chain not in chains:
+            n, freed = n + 1, freed + _remove(layout.metalayer_entry(name), dry_run)
+    uppers = layout.uppers
     now = time.time()
     for name in _listdir(uppers):
         path = os.path.join(uppers, name)

@@ -22,7 +22,7 @@ import base64
 import json
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import blake3
@@ -131,17 +131,48 @@ def layer_id(canonical: bytes) -> str:
     return blake3.blake3(canonical).hexdigest()
 
 
+# The kernel's limits (linux/limits.h): a name of more than NAME_MAX bytes
+# cannot be created, listed over FUSE or exported, and a path of PATH_MAX
+# bytes or more (with its NUL) cannot be passed to a system call. A layer
+# holding either would import and then fail on every use, so they are
+# refused at the door, as the kernel would refuse them.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def _short(text: str) -> str:
+    return repr(text if len(text) <= 40 else text[:20] + "..." + text[-12:])
+
+
 def check_path(path: str) -> None:
-    """Reject paths that could name something outside the layer root."""
+    """Reject paths that could name something outside the layer root, or
+    that the kernel would refuse (NAME_MAX, PATH_MAX)."""
     if path == "":
         return
     if path.startswith("/") or path.endswith("/"):
-        raise InvalidInput(f"bad path in layer: {path!r}")
+        raise InvalidInput(f"bad path in layer: {_short(path)}")
+    # A str of n characters encodes to at most 4n bytes: most names and
+    # paths need no encoding to be checked.
     for part in path.split("/"):
         if part in ("", ".", ".."):
-            raise InvalidInput(f"bad path in layer: {path!r}")
+            raise InvalidInput(f"bad path in layer: {_short(path)}")
         if "\0" in part:
-            raise InvalidInput(f"NUL byte in path: {path!r}")
+            raise InvalidInput(f"NUL byte in path: {_short(path)}")
+        if 4 * len(part) > NAME_MAX and len(os.fsencode(part)) > NAME_MAX:
+            raise InvalidInput(f"name longer than NAME_MAX: {len(os.fsencode(part))} bytes "
+                               f"(limit {NAME_MAX}) in {_short(path)}")
+    if 4 * len(path) + 2 > PATH_MAX:
+        size = len(os.fsencode(path)) + 1     # as the absolute path /PATH
+        if size >= PATH_MAX:
+            raise InvalidInput(f"path longer than PATH_MAX: {size} bytes as /PATH "
+                               f"(limit {PATH_MAX - 1}): {_short(path)}")
+
+
+def check_link_target(path: str, target: str) -> None:
+    """A symlink's target must fit PATH_MAX, as symlink(2) requires."""
+    if 4 * len(target) >= PATH_MAX and len(os.fsencode(target)) >= PATH_MAX:
+        raise InvalidInput(f"symlink {_short(path)}: target longer than PATH_MAX "
+                           f"({len(os.fsencode(target))} bytes, limit {PATH_MAX - 1})")
 
 
 def validate(ordered: list[Entry]) -> None:
@@ -157,6 +188,8 @@ def validate(ordered: list[Entry]) -> None:
             tgt = seen.get(e.target)
             if tgt is None or tgt.kind != FILE:
                 raise InvalidInput(f"hardlink {e.path!r} -> {e.target!r}: target is not an earlier file of the layer")
+        if e.kind == SYMLINK:
+            check_link_target(e.path, e.target)
         if e.mode & ~0o7777:
             raise InvalidInput(f"{e.path!r}: mode {e.mode:o} has type bits")
         seen[e.path] = e
@@ -173,6 +206,20 @@ def ancestors(path: str) -> list[str]:
     for i in range(len(parts)):
         out.append("/".join(parts[: i + 1]))
     return out if path else []
+
+
+def missing_dirs(path: str, is_dir: Callable[[str], bool]) -> list[str]:
+    """Strict ancestors of *path* up to the nearest one *is_dir* accepts
+    (exclusive), root first: the dirs to make up for it. Stopping there
+    keeps a deep tree linear (``ancestors`` of every entry is cubic)."""
+    out = []
+    while path:
+        path = path.rpartition("/")[0]
+        if is_dir(path):
+            break
+        out.append(path)
+    out.reverse()
+    return out
 
 
 @dataclass

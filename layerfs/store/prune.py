@@ -8,7 +8,7 @@ read from the configs (history entries carry their creation time, so two
 unrelated images do not match by accident).
 
 An image is *used* if it is tagged, if a container or mount record names
-it, or if it is the parent of an image that stays. Removing an image takes
+it (a reference ``in_use``), or if it is the parent of an image that stays. Removing an image takes
 its untagged parents with it as long as nothing else uses them (docker's
 rmi: a build's intermediate step images go with the built image).
 *Dangling* images are untagged, unused images that no image is made from:
@@ -23,8 +23,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from layerfs.store.store import Store
-
-USER_KINDS = ("container", "mount")
 
 
 @dataclass(frozen=True)
@@ -58,9 +56,7 @@ def lineage(store: Store) -> Lineage:
 
 
 def _users(store: Store) -> set[str]:
-    marks = ",".join("?" * len(USER_KINDS))
-    return {r[0] for r in store.db.all(
-        f"SELECT image_id FROM refs WHERE image_id IS NOT NULL AND kind IN ({marks})", *USER_KINDS)}
+    return {r.image_id for r in store.refs() if r.in_use and r.image_id}
 
 
 def remove_image(store: Store, ref: str, force: bool = False) -> list[str]:

@@ -12,6 +12,7 @@ Two readings of a directory:
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -103,13 +104,22 @@ def walk(root: str) -> list[tuple[str, str, os.stat_result]]:
     stack = [("", root)]
     while stack:
         rel, path = stack.pop()
-        with os.scandir(path) as it:
-            for d in it:
-                crel = f"{rel}/{d.name}" if rel else d.name
-                cst = d.stat(follow_symlinks=False)
-                out.append((crel, d.path, cst))
-                if stat.S_ISDIR(cst.st_mode):
-                    stack.append((crel, d.path))
+        try:
+            with os.scandir(path) as it:
+                for d in it:
+                    crel = f"{rel}/{d.name}" if rel else d.name
+                    mf.check_path(crel)     # NAME_MAX, PATH_MAX: before going deeper
+                    cst = d.stat(follow_symlinks=False)
+                    out.append((crel, d.path, cst))
+                    if stat.S_ISDIR(cst.st_mode):
+                        stack.append((crel, d.path))
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise
+            # The tree fits PATH_MAX (checked above) but not below this
+            # directory's own path; tar(1) walks it with *at calls.
+            raise InvalidInput(f"{root}: paths below it pass PATH_MAX together with its own path; "
+                               f"make a tar of it ('tar -C {root} -cf FILE.tar .') and import that") from None
     return out
 
 

@@ -1,6 +1,19 @@
-"""The metadata schema. Bump VERSION and add a step to MIGRATIONS on change."""
+"""The metadata schema, its version, and the steps that upgrade older ones.
 
-VERSION = 1
+``SCHEMA`` creates a database at ``VERSION``. On a change: bump VERSION,
+change SCHEMA, and add ``MIGRATIONS[old_version]``: the step that turns a
+database at *old_version* into one at *old_version + 1*, run inside the
+transaction that records the new version (SQLite's DDL is transactional,
+so an interrupted upgrade leaves the old database untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+
+VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -46,14 +59,59 @@ CREATE TABLE IF NOT EXISTS stat_cache (
     digest TEXT NOT NULL
 ) WITHOUT ROWID;
 -- Anything outside the core that must keep layers or images alive
--- (containers, build cache, OCI digest maps) registers a reference here;
--- gc marks from tags, images and these rows.
+-- (containers, build cache, OCI digest maps) registers a reference here:
+-- gc marks from tags, images and these rows (see refs.py).
 CREATE TABLE IF NOT EXISTS refs (
-    kind TEXT NOT NULL,             -- 'container', 'build-cache', 'oci', ...
+    kind TEXT NOT NULL,             -- 'container', 'build-cache', 'oci-blob', ...
     key TEXT NOT NULL,
     layer_id TEXT,
     image_id TEXT,
-    data TEXT,
+    data TEXT,                      -- the owner's payload, never read by the store
+    weak INTEGER NOT NULL DEFAULT 0,    -- describes its target, does not keep it alive
+    in_use INTEGER NOT NULL DEFAULT 0,  -- something running uses image_id
+    paths TEXT NOT NULL DEFAULT '[]',   -- JSON list of paths gc must leave alone
     PRIMARY KEY (kind, key)
 ) WITHOUT ROWID;
 """
+
+
+def statements() -> list[str]:
+    """SCHEMA as single statements (executescript would commit on its own)."""
+    out, buf = [], ""
+    for line in SCHEMA.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):  # knows comments and quotes
+            out.append(buf.strip())
+            buf = ""
+    return out
+
+
+def migrate(conn: sqlite3.Connection, version: int) -> None:
+    """Upgrade a database at *version* to VERSION, one step at a time."""
+    for old in range(version, VERSION):
+        MIGRATIONS[old](conn)
+
+
+# -- migrations: each one frozen as it was written, never edited later ---------
+def _typed_refs(conn: sqlite3.Connection) -> None:
+    """1 -> 2: references say what they mean in columns. Version 1 said it
+    with kind names (``oci-*`` were weak, ``container`` and ``mount`` in
+    use) and, for mounts, a ``paths`` list inside the owner's JSON."""
+    for column in ("weak INTEGER NOT NULL DEFAULT 0", "in_use INTEGER NOT NULL DEFAULT 0",
+                   "paths TEXT NOT NULL DEFAULT '[]'"):
+        conn.execute(f"ALTER TABLE refs ADD COLUMN {column}")
+    conn.execute("UPDATE refs SET weak=1 WHERE kind LIKE 'oci-%'")
+    conn.execute("UPDATE refs SET in_use=1 WHERE kind IN ('container', 'mount')")
+    for key, raw in conn.execute("SELECT key, data FROM refs WHERE kind='mount'").fetchall():
+        try:
+            data = json.loads(raw or "{}")
+        except ValueError:
+            data = {}
+        used = data.get("paths", []) if isinstance(data, dict) else []
+        paths = [key] + [p for p in (used if isinstance(used, list) else []) if isinstance(p, str)]
+        conn.execute("UPDATE refs SET paths=? WHERE kind='mount' AND key=?", (json.dumps(paths), key))
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {
+    1: _typed_refs,
+}

@@ -1,14 +1,8 @@
 """The store: objects, layers, images and tags under one root directory.
 
-Layout of a root::
-
-    db.sqlite          metadata (see db.py for the concurrency model)
-    objects/ab/cd...   file contents (see objects.py)
-    layers/<id>        canonical layer manifests
-    tmp/               in-flight writes; anything here after a crash is debris
-    config.json        store-wide settings (optional; see fs.backend)
-    metalayers/        kernel-backend metadata layers (see fs.metalayer)
-    lock               flock: shared for writers, exclusive for gc/repair
+The paths under the root are named in ``layout.py``; ``store.layout`` is
+that of this store. The database is described in ``db.py``, the lock
+(shared for writers, exclusive for gc/repair) in :meth:`Store.writing`.
 
 The database is the truth (as in containerd's metastore): an object or
 layer exists when its row is committed. Files are written first and made
@@ -32,6 +26,8 @@ from layerfs.store import manifest as mf
 from layerfs.store import references
 from layerfs.store.db import Database
 from layerfs.store.images import Image
+from layerfs.store.layout import StoreLayout
+from layerfs.store.refs import BUILD_CACHE, COLUMNS, Ref
 from layerfs.store.manifest import Entry
 from layerfs.store.objects import ObjectStore, StoredObject, syncfs
 from layerfs.store.scan import FileRef, parallel_map, scan
@@ -53,17 +49,18 @@ def default_root() -> str:
 
 class Store:
     def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(root)
-        for sub in ("objects", "layers", "tmp"):
+        self.layout = StoreLayout(root)
+        self.root = self.layout.root
+        for sub in self.layout.made_on_open:
             try:
-                os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+                os.makedirs(sub, exist_ok=True)
             except OSError as exc:
                 raise InvalidInput(f"cannot use store root {self.root}: {exc.strerror}") from None
-        self.tmp_dir = os.path.join(self.root, "tmp")
-        self.objects = ObjectStore(os.path.join(self.root, "objects"), self.tmp_dir,
-                                   compress=_config(self.root).get("backend") != "kernel")
-        self.db = Database(os.path.join(self.root, "db.sqlite"))
-        self._lock_fd = os.open(os.path.join(self.root, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.tmp_dir = self.layout.tmp
+        self.objects = ObjectStore(self.layout.objects, self.tmp_dir,
+                                   compress=_config(self.layout).get("backend") != "kernel")
+        self.db = Database(self.layout.db)
+        self._lock_fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._db_lock = threading.Lock()
         self._lease_lock = threading.Lock()
         self._lease_depth = 0
@@ -204,7 +201,7 @@ class Store:
         entries = list(entries)
         data = mf.encode(entries)
         lid = mf.layer_id(data)
-        path = os.path.join(self.root, "layers", lid)
+        path = self.layout.layer(lid)
         if not os.path.exists(path):
             from layerfs.store.atomic import write_bytes
 
@@ -231,10 +228,10 @@ class Store:
         c.executemany("INSERT INTO layer_objects VALUES (?,?)", [(lid, d) for d in digests])
 
     def layer_entries(self, layer_id: str) -> list[Entry]:
-        return list(_read_manifest(self.root, layer_id))
+        return list(_read_manifest(self.layout, layer_id))
 
     def layer_manifest_path(self, layer_id: str) -> str:
-        return os.path.join(self.root, "layers", layer_id)
+        return self.layout.layer(layer_id)
 
     def layer_info(self, layer_id: str) -> tuple[int, int, float]:
         row = self.db.one("SELECT size, entries, created FROM layers WHERE id=?", layer_id)
@@ -340,7 +337,7 @@ class Store:
         if is_tag and len(tags) > 1:
             self.untag(ref)
             return [f"Untagged: {self._as_tag(ref)}"]
-        users = self.db.all("SELECT kind, key FROM refs WHERE image_id=? AND kind IN ('container', 'mount')", image.id)
+        users = self.db.all("SELECT kind, key FROM refs WHERE image_id=? AND in_use ORDER BY kind, key", image.id)
         if users and not force:
             kind, key = users[0]
             raise Conflict(f"image {image.id[:12]} is used by {kind} {key}; remove it first or use --force")
@@ -350,7 +347,7 @@ class Store:
             c.execute("DELETE FROM tags WHERE image_id=?", (image.id,))
             if users:
                 return [f"Untagged: {t}" for t in tags]
-            c.execute("DELETE FROM refs WHERE kind='build-cache' AND image_id=?", (image.id,))
+            c.execute("DELETE FROM refs WHERE kind=? AND image_id=?", (BUILD_CACHE, image.id))
             c.execute("DELETE FROM images WHERE id=?", (image.id,))
         return [f"Untagged: {t}" for t in tags] + [f"Deleted: {image.id}"]
 
@@ -358,17 +355,23 @@ class Store:
     def _as_tag(ref: str) -> str:
         return str(references.parse(ref))
 
-    # -- references from other subsystems ---------------------------------
-    def add_ref(self, kind: str, key: str, *, layer_id: str | None = None,
-                image_id: str | None = None, data: str | None = None) -> None:
+    # -- references from other subsystems (see refs.py) -------------------
+    def add_ref(self, ref: Ref) -> None:
+        """Record *ref*, replacing the one of the same kind and key."""
         with self.db.transaction() as c:
-            c.execute("INSERT OR REPLACE INTO refs VALUES (?,?,?,?,?)", (kind, key, layer_id, image_id, data))
+            c.execute(f"INSERT OR REPLACE INTO refs ({COLUMNS}) VALUES (?,?,?,?,?,?,?,?)", ref.to_row())
 
-    def get_ref(self, kind: str, key: str) -> tuple[str | None, str | None, str | None] | None:
-        return self.db.one("SELECT layer_id, image_id, data FROM refs WHERE kind=? AND key=?", kind, key)
+    def get_ref(self, kind: str, key: str) -> Ref | None:
+        row = self.db.one(f"SELECT {COLUMNS} FROM refs WHERE kind=? AND key=?", kind, key)
+        return None if row is None else Ref.from_row(row)
 
-    def refs(self, kind: str) -> list[tuple[str, str | None, str | None, str | None]]:
-        return self.db.all("SELECT key, layer_id, image_id, data FROM refs WHERE kind=? ORDER BY key", kind)
+    def refs(self, kind: str | None = None) -> list[Ref]:
+        """The references of one *kind* (all of them if None), by key."""
+        if kind is None:
+            rows = self.db.all(f"SELECT {COLUMNS} FROM refs ORDER BY kind, key")
+        else:
+            rows = self.db.all(f"SELECT {COLUMNS} FROM refs WHERE kind=? ORDER BY key", kind)
+        return [Ref.from_row(r) for r in rows]
 
     def drop_refs(self, kind: str, key: str | None = None) -> int:
         with self.db.transaction() as c:
@@ -377,14 +380,14 @@ class Store:
             return c.execute("DELETE FROM refs WHERE kind=? AND key=?", (kind, key)).rowcount
 
 
-def _config(root: str) -> dict:
+def _config(layout: StoreLayout) -> dict:
     """ROOT/config.json, the store-wide settings (``{"backend": "kernel"}``
     makes kernel-backend mounts the default and objects raw); {} if absent.
     Errors in it are reported where the setting is used (``fs.backend``)."""
     import json
 
     try:
-        with open(os.path.join(root, "config.json")) as f:
+        with open(layout.config) as f:
             config = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -408,10 +411,10 @@ def _within(path: str, parent: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _read_manifest(root: str, layer_id: str) -> tuple[Entry, ...]:
+def _read_manifest(layout: StoreLayout, layer_id: str) -> tuple[Entry, ...]:
     # Manifests are immutable, so caching by id is always correct.
     try:
-        with open(os.path.join(root, "layers", layer_id), "rb") as f:
+        with open(layout.layer(layer_id), "rb") as f:
             data = mf.unpack(f.read())
     except FileNotFoundError:
         raise NotFound(f"no such layer: {layer_id[:12]}") from None

@@ -18,16 +18,15 @@ from collections.abc import Callable, Iterable
 from decimal import Decimal
 from typing import BinaryIO
 
-import zstandard
-
 from layerfs.errors import InvalidInput
 from layerfs.store import manifest as mf
+from layerfs.store import streams
 from layerfs.store.manifest import Entry
 from layerfs.store.objects import IN_MEMORY_MAX, ObjectStore, StoredObject
+from layerfs.store.streams import ChunkStream, Limited, Meter, UnpackLimits
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _KIND_OF_TYPE = {
     tarfile.DIRTYPE: mf.DIR, tarfile.SYMTYPE: mf.SYMLINK, tarfile.CHRTYPE: mf.CHAR,
     tarfile.BLKTYPE: mf.BLOCK, tarfile.FIFOTYPE: mf.FIFO,
@@ -49,55 +48,10 @@ def normalize_name(name: str) -> str:
     return "/".join(parts)
 
 
-def decompressed(f: BinaryIO) -> BinaryIO:
-    """The tar bytes of a plain, gzip, bzip2, xz or zstd stream."""
-    peek = Peek(f)
-    head = peek.peek(6)
-    rest = io.BufferedReader(peek, 1 << 20)
-    if head[:4] == _ZSTD_MAGIC:
-        return zstandard.ZstdDecompressor().stream_reader(rest, read_across_frames=True)
-    if head[:2] == b"\x1f\x8b":
-        import gzip
-
-        return gzip.GzipFile(fileobj=rest, mode="rb")
-    if head[:3] == b"BZh":
-        import bz2
-
-        return bz2.BZ2File(rest)
-    if head[:6] == b"\xfd7zXZ\x00":
-        import lzma
-
-        return lzma.LZMAFile(rest)
-    return rest
-
-
-class Peek(io.RawIOBase):
-    """A stream whose first bytes can be looked at without consuming them
-    (to pick a decompressor by magic number on a pipe or socket)."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.head = b""
-
-    def peek(self, n: int) -> bytes:
-        while len(self.head) < n:
-            more = self.f.read(n - len(self.head))
-            if not more:
-                break
-            self.head += more
-        return self.head[:n]
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self.head:
-            n = min(len(b), len(self.head))
-            b[:n], self.head = self.head[:n], self.head[n:]
-            return n
-        data = self.f.read(len(b))
-        b[: len(data)] = data
-        return len(data)
+def decompressed(f: BinaryIO, limits: UnpackLimits | None = None) -> BinaryIO:
+    """The tar bytes of a plain, gzip, bzip2, xz or zstd stream, within the
+    unpack limits; ``read(n)`` returns *n* bytes unless the data ends."""
+    return io.BufferedReader(streams.unpack(f, limits).stream, streams.CHUNK)
 
 
 def _xattrs(member: tarfile.TarInfo) -> tuple[tuple[str, bytes], ...]:
@@ -120,163 +74,18 @@ def _mtime_ns(member: tarfile.TarInfo) -> int:
     return int(member.mtime) * 1_000_000_000
 
 
-class _ChunkStream:
-    """The tar bytes as one forward-only stream over a chunk source.
-
-    ``read(n)`` returns exactly *n* bytes unless the data ends; it stands
-    in for tarfile's own stream (``r|``), which reads in 10 KiB records
-    and copies every byte twice more. ``tell``/``seek`` (forward only) are
-    what ``TarInfo.fromtarfile`` and sparse members need."""
-
-    def __init__(self, next_chunk: Callable[[], bytes]) -> None:
-        self.next_chunk = next_chunk
-        self.buf = b""
-        self.pos = 0          # in buf
-        self.base = 0         # stream offset of buf[0]
-        self.eof = False
-
-    def tell(self) -> int:
-        return self.base + self.pos
-
-    def _more(self) -> bool:
-        if self.eof:
-            return False
-        chunk = self.next_chunk()
-        if not chunk:
-            self.eof = True
-            return False
-        self.base += len(self.buf)
-        self.buf, self.pos = bytes(chunk), 0
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            parts = [self.buf[self.pos:]]
-            self.pos = len(self.buf)
-            while self._more():
-                parts.append(self.buf)
-                self.pos = len(self.buf)
-            return b"".join(parts)
-        end = self.pos + n
-        if end <= len(self.buf):
-            out = self.buf[self.pos:end]
-            self.pos = end
-            return out
-        parts = [self.buf[self.pos:]]
-        need = n - len(parts[0])
-        self.pos = len(self.buf)
-        while need > 0 and self._more():
-            take = self.buf[:need]
-            parts.append(take)
-            self.pos = len(take)
-            need -= len(take)
-        return b"".join(parts)
-
-    def skip(self, n: int) -> int:
-        """Discard up to *n* bytes; returns how many were there."""
-        done = 0
-        while done < n:
-            avail = len(self.buf) - self.pos
-            if avail == 0 and not self._more():
-                break
-            step = min(n - done, len(self.buf) - self.pos)
-            self.pos += step
-            done += step
-        return done
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        if whence != 0 or pos < self.tell():
-            raise OSError("tar stream can only seek forward")
-        self.skip(pos - self.tell())
-        return self.tell()
-
-    def drain(self) -> int:
-        """Read to the end; returns the total length of the stream."""
-        while self._more():
-            pass
-        self.pos = len(self.buf)
-        return self.tell()
-
-
-class _Limited:
-    """At most *size* bytes of a stream (a big member's data)."""
-
-    def __init__(self, stream: _ChunkStream, size: int) -> None:
-        self.stream, self.left = stream, size
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0 or n > self.left:
-            n = self.left
-        data = self.stream.read(n)
-        self.left -= len(data)
-        return data
-
-
 class _TarState:
     """The attributes of a TarFile that ``TarInfo.fromtarfile`` uses."""
 
-    def __init__(self, fileobj: _ChunkStream) -> None:
+    def __init__(self, fileobj: ChunkStream) -> None:
         self.fileobj = fileobj
         self.encoding, self.errors = "utf-8", "surrogateescape"
         self.pax_headers: dict[str, str] = {}
         self.offset = 0
 
 
-_EOF = object()
-READ_CHUNK = 1 << 20
-READ_AHEAD = 8                 # chunks of decompressed tar buffered ahead
 STORE_WINDOW = 64 << 20        # bytes of file contents being stored at once
 STORE_WORKERS = min(4, os.cpu_count() or 1)
-
-
-class _Prefetch:
-    """Reads *f* in a thread of its own, READ_AHEAD chunks ahead, so that
-    download, digest checks and decompression (all GIL-free in C) overlap
-    with parsing the tar in the caller's thread."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        import queue
-        import threading
-
-        self.f = f
-        self.q: "queue.Queue" = queue.Queue(READ_AHEAD)
-        self.stop = False
-        self.done = False
-        self.t = threading.Thread(target=self._run, name="layerfs-tar-read", daemon=True)
-        self.t.start()
-
-    def _run(self) -> None:
-        try:
-            while not self.stop:
-                chunk = self.f.read(READ_CHUNK)
-                if not chunk:
-                    break
-                self.q.put(chunk)
-            self.q.put(_EOF)
-        except BaseException as exc:  # handed to the reading thread
-            self.q.put(exc)
-
-    def __call__(self) -> bytes:
-        if self.done:
-            return b""
-        item = self.q.get()
-        if item is _EOF:
-            self.done = True
-            return b""
-        if isinstance(item, BaseException):
-            self.done = True
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Stop the thread (it may be blocked on a full queue) and wait for it."""
-        self.stop = True
-        while self.t.is_alive():
-            try:
-                self.q.get(timeout=0.05)
-            except Exception:
-                pass
-        self.t.join()
 
 
 class TarReader:
@@ -286,10 +95,17 @@ class TarReader:
     caller's, and file contents are hashed, compressed and written by
     worker threads (blake3, zstd and file I/O release the GIL), at most
     STORE_WINDOW bytes at a time; entries get their digests once every
-    store finished. ``known`` is called from those workers."""
+    store finished. ``known`` is called from those workers.
 
-    def __init__(self, objects: ObjectStore, known: Callable[[str], bool], workers: int | None = None) -> None:
+    *limits* bound how far the archive may expand (default: from the
+    environment, see :class:`~layerfs.store.streams.UnpackLimits`); the
+    holes of sparse members count, as they cost hashing like data."""
+
+    def __init__(self, objects: ObjectStore, known: Callable[[str], bool], workers: int | None = None,
+                 limits: UnpackLimits | None = None) -> None:
         self.objects, self.known = objects, known
+        self.limits = limits
+        self._meter: Meter | None = None
         self.entries: dict[str, Entry] = {}
         self.groups: dict[str, list[str]] = {}
         self.fresh: list[StoredObject] = []
@@ -305,8 +121,10 @@ class TarReader:
         lists them instead (no parent dirs made up, hardlinks naming their
         holder, whiteouts as read, opaque markers in :attr:`opaque`) for a
         caller that places them itself (the builder's ADD)."""
-        prefetch = _Prefetch(decompressed(f))
-        stream = _ChunkStream(prefetch)
+        unpacked = streams.unpack(f, self.limits)
+        self._meter = unpacked.meter
+        prefetch = streams.Prefetch(unpacked.stream, "layerfs-tar-read")
+        stream = ChunkStream(prefetch)
         state = _TarState(stream)
         if self.workers > 0:
             from concurrent.futures import ThreadPoolExecutor
@@ -316,7 +134,7 @@ class TarReader:
             try:
                 self._parse(stream, state)
                 total = stream.drain()
-            except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
+            except (tarfile.TarError, EOFError) as exc:
                 raise InvalidInput(f"malformed tar archive: {exc}") from None
             except OSError as exc:
                 raise InvalidInput(f"malformed tar archive: {exc}") from None
@@ -331,7 +149,7 @@ class TarReader:
                 self._pool = None
         return list(self.entries.values()) if as_listed else self._finish()
 
-    def _parse(self, stream: _ChunkStream, state: _TarState) -> None:
+    def _parse(self, stream: ChunkStream, state: _TarState) -> None:
         first = True
         while True:
             gap = state.offset - stream.tell()
@@ -355,10 +173,15 @@ class TarReader:
                 raise InvalidInput("tar archive is truncated (no end-of-archive marker)") from None
             except tarfile.SubsequentHeaderError as exc:
                 raise InvalidInput(f"{'not a readable tar archive' if first else 'malformed tar archive'}: {exc}") from None
+            except ValueError as exc:
+                # tarfile's GNU sparse map parsers call int() on header text.
+                raise InvalidInput(f"malformed tar header: {exc}") from None
             first = False
+            if m.size < 0:
+                raise InvalidInput(f"malformed tar header: negative size for {m.name!r}")
             self._member(stream, state, m)
 
-    def _member(self, stream: _ChunkStream, state: _TarState, m: tarfile.TarInfo) -> None:
+    def _member(self, stream: ChunkStream, state: _TarState, m: tarfile.TarInfo) -> None:
         path = normalize_name(m.name)
         name = path.rpartition("/")[2]
         if name == WH_OPAQUE:
@@ -384,7 +207,9 @@ class TarReader:
             raise InvalidInput(f"unsupported tar member type {m.type!r}: {m.name!r}")
 
     def _put(self, e: Entry) -> None:
-        mf.check_path(e.path) if e.path else None
+        mf.check_path(e.path)
+        if e.kind == mf.SYMLINK:
+            mf.check_link_target(e.path, e.target)
         old = self.entries.get(e.path)
         if old is not None and old.kind == mf.DIR and e.kind == mf.DIR:
             # A later header for the same dir updates metadata, as tar does.
@@ -408,12 +233,13 @@ class TarReader:
             return e.target
         return target if e.kind == mf.FILE else None
 
-    def _data(self, stream: _ChunkStream, state: _TarState, m: tarfile.TarInfo) -> BinaryIO:
+    def _data(self, stream: ChunkStream, state: _TarState, m: tarfile.TarInfo) -> BinaryIO:
         if m.sparse is not None:
-            return tarfile._FileInFile(stream, m.offset_data, m.size, m.name, m.sparse)
-        return _Limited(stream, m.size)
+            segments = _sparse_segments(m, state.offset - m.offset_data)
+            return _SparseData(stream, segments, m.size, self._meter)
+        return Limited(stream, m.size)
 
-    def _store(self, e: Entry, stream: _ChunkStream, state: _TarState, m: tarfile.TarInfo) -> None:
+    def _store(self, e: Entry, stream: ChunkStream, state: _TarState, m: tarfile.TarInfo) -> None:
         size = m.size
         if size <= IN_MEMORY_MAX:
             data = stream.read(size) if m.sparse is None else self._data(stream, state, m).read(size)
@@ -459,20 +285,77 @@ class TarReader:
         self._inflight_bytes = 0
 
     def _finish(self) -> list[Entry]:
+        from dataclasses import replace
+
         entries = self.entries
-        for path in list(entries):
-            for anc in mf.ancestors(path):
-                if anc not in entries or entries[anc].kind != mf.DIR:
-                    entries[anc] = Entry(anc, mf.DIR, 0o755)
         for path in self.opaque:
             e = entries.get(path) or Entry(path, mf.DIR, 0o755)
-            from dataclasses import replace
-
             entries[path] = replace(e, opaque=True)
+        # Every path's parent must be a dir. Walking up stops at the first
+        # dir already there (its own parents are seen to when it is
+        # visited), so a deep tree costs its size, not depth cubed.
+        for path in list(entries):
+            for anc in mf.missing_dirs(path, lambda p: p in entries and entries[p].kind == mf.DIR):
+                entries[anc] = Entry(anc, mf.DIR, 0o755)
         # Members whose link holder was later replaced lose the link.
         groups = {h: [p for p in ps if entries.get(p, Entry(p, mf.FILE)).kind == mf.HARDLINK]
                   for h, ps in self.groups.items() if entries.get(h) and entries[h].kind == mf.FILE}
         return mf.canonical_links(list(entries.values()), {h: ps for h, ps in groups.items() if ps})
+
+
+def _sparse_segments(m: tarfile.TarInfo, room: int) -> list[tuple[int, int]]:
+    """The data segments (offset, length) of a sparse member, checked:
+    in order, not overlapping, inside the file, within the member's data."""
+    segments = []
+    end = 0
+    for offset, length in m.sparse:
+        if offset < 0 or length < 0:
+            raise InvalidInput(f"bad sparse map for {m.name!r}: negative offset or length")
+        if not length:
+            continue   # GNU tar ends a map with (size, 0)
+        if offset < end or offset + length > m.size:
+            raise InvalidInput(f"bad sparse map for {m.name!r}: segments overlap or pass the file's end")
+        segments.append((offset, length))
+        end = offset + length
+    if sum(n for _, n in segments) > room:
+        raise InvalidInput(f"bad sparse map for {m.name!r}: it names more data than the member holds")
+    return segments
+
+
+class _SparseData:
+    """The content of a sparse member: its data segments, read in order
+    from the archive, with zeros in between (which the object store keeps
+    as holes). Holes count against the unpack limits."""
+
+    def __init__(self, stream: ChunkStream, segments: list[tuple[int, int]], size: int,
+                 meter: Meter | None) -> None:
+        self.stream, self.segments, self.size, self.meter = stream, segments, size, meter
+        self.pos = 0
+        self.i = 0           # next segment not yet wholly read
+
+    def read(self, n: int = -1) -> bytes:
+        left = self.size - self.pos
+        n = left if n is None or n < 0 else min(n, left)
+        parts = []
+        while n > 0:
+            if self.i < len(self.segments) and self.pos >= self.segments[self.i][0]:
+                offset, length = self.segments[self.i]
+                take = min(n, offset + length - self.pos)
+                data = self.stream.read(take)
+                if len(data) != take:
+                    raise InvalidInput("tar archive is truncated")
+                if self.pos + take == offset + length:
+                    self.i += 1
+            else:
+                hole_end = self.segments[self.i][0] if self.i < len(self.segments) else self.size
+                take = min(n, hole_end - self.pos)
+                if self.meter is not None:
+                    self.meter.expand(take)
+                data = bytes(take)
+            parts.append(data)
+            self.pos += take
+            n -= take
+        return b"".join(parts)
 
 
 def tarinfo_for(e: Entry, layer: bool) -> list[tarfile.TarInfo]:
@@ -630,6 +513,6 @@ def is_tar_file(path: str) -> bool:
         return False
     with open(path, "rb") as f:
         head = f.read(512)
-    if head[:2] == b"\x1f\x8b" or head[:4] == _ZSTD_MAGIC or head[:3] == b"BZh" or head[:6] == b"\xfd7zXZ\x00":
+    if streams.sniff(head) != streams.NONE:
         return True
     return len(head) == 512 and head[257:262] == b"ustar"

@@ -29,10 +29,13 @@ class MergedTree:
     links: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     def remove_subtree(self, path: str) -> None:
-        for child in self.children.pop(path, ()):
-            self.remove_subtree(f"{path}/{child}" if path else child)
-        self.entries.pop(path, None)
-        self.links.pop(path, None)
+        # A loop, not recursion: a layer may nest thousands of dirs.
+        todo = [path]
+        while todo:
+            p = todo.pop()
+            todo.extend(f"{p}/{child}" if p else child for child in self.children.pop(p, ()))
+            self.entries.pop(p, None)
+            self.links.pop(p, None)
 
     def put(self, e: Entry) -> None:
         old = self.entries.get(e.path)
@@ -84,9 +87,9 @@ def apply_layer(tree: MergedTree, index: int, entries: list[Entry]) -> None:
         if e.kind == mf.WHITEOUT:
             tree.delete(e.path)
             continue
-        for anc in mf.ancestors(e.path):
-            if anc not in tree.entries or tree.entries[anc].kind != mf.DIR:
-                tree.put(Entry(anc, mf.DIR, 0o755))
+        # The tree's dirs have only dirs above them: the walk up stops at the first.
+        for anc in mf.missing_dirs(e.path, lambda p: p in tree.entries and tree.entries[p].kind == mf.DIR):
+            tree.put(Entry(anc, mf.DIR, 0o755))
         if e.kind == mf.DIR and e.opaque:
             tree.hide_below(e.path)
         if e.kind == mf.HARDLINK:
@@ -124,8 +127,8 @@ def diff(lower: MergedTree, upper: MergedTree) -> list[Entry]:
                 and lower.entries[parent].kind == mf.DIR:
             out[path] = Entry(path, mf.WHITEOUT)
     for path in list(out):
-        for anc in mf.ancestors(path):
-            if anc not in out and anc in upper.entries:
+        for anc in mf.missing_dirs(path, lambda p: p in out):
+            if anc in upper.entries:
                 out[anc] = upper.entries[anc]
     if "" not in out:
         out[""] = upper.entries[""]
@@ -143,7 +146,7 @@ def _pull_in_link_groups(tree: MergedTree, chosen: dict[str, Entry]) -> dict[str
             continue
         for p in members:
             chosen[p] = tree.entries[p]
-            for anc in mf.ancestors(p):
-                chosen.setdefault(anc, tree.entries[anc])
+            for anc in mf.missing_dirs(p, lambda q: q in chosen):
+                chosen[anc] = tree.entries[anc]
         groups[holder] = others
     return groups

@@ -23,6 +23,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from layerfs.store.refs import BUILD_CACHE
 from layerfs.store.store import Store
 
 
@@ -74,7 +75,7 @@ def measure(store: Store) -> StoreUsage:
     tags: dict[str, list[str]] = {}
     for name, tag, iid in db.all("SELECT name, tag, image_id FROM tags ORDER BY name, tag"):
         tags.setdefault(iid, []).append(f"{name}:{tag}")
-    steps = {iid for _, _, iid, _ in store.refs("build-cache") if iid and iid not in tags}
+    steps = {r.image_id for r in store.refs(BUILD_CACHE) if r.image_id and r.image_id not in tags}
     shown = [iid for (iid,) in images if iid not in steps]
     layer_users = _count_users({iid: set(img_layers[iid]) for iid in shown})
     obj_users = _count_users({iid: img_objs[iid] for iid in shown})
@@ -113,10 +114,9 @@ def physical_bytes(store: Store) -> int:
     total = 0
     for _, path in store.objects.iter_on_disk():
         total += _disk_bytes(path)
-    ldir = os.path.join(store.root, "layers")
-    total += sum(_disk_bytes(os.path.join(ldir, n)) for n in os.listdir(ldir))
-    for name in ("db.sqlite", "db.sqlite-wal"):
-        total += _disk_bytes(os.path.join(store.root, name))
+    layout = store.layout
+    total += sum(_disk_bytes(layout.layer(n)) for n in os.listdir(layout.layers))
+    total += sum(_disk_bytes(path) for path in layout.db_files)
     return total
 
 

@@ -14,6 +14,7 @@ from layerfs.build import run_mounts
 from layerfs.build.executor import BuildError, BuildOptions, build, prune_cache
 from layerfs.build.run_mounts import RunMount, SecretSource, parse_mount, parse_secret
 from layerfs.errors import InvalidInput, NotFound, Unsupported
+from layerfs.store.layout import StoreLayout
 
 from tests.build.helpers import make_context
 from tests.conftest import ROOT, layerfs_cmd
@@ -136,7 +137,7 @@ def test_cache_sharing_private_takes_a_free_instance(tmp_path):
         for p in shared:
             p.close()
     assert run_mounts.prune_cache_mounts(str(tmp_path))[0] == 1
-    assert not os.listdir(os.path.join(tmp_path, run_mounts.CACHE_MOUNTS_DIR))
+    assert not os.listdir(StoreLayout(str(tmp_path)).cache_mounts)
 
 
 # -- real builds -----------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_cache_mount_persists_and_stays_out_of_the_layer(store, base, tmp_path):
     _, lines = _build(store, ctx, no_cache=True)
     assert "runs:2" in lines
     prune_cache(store)
-    assert not os.path.exists(os.path.join(store.root, run_mounts.CACHE_MOUNTS_DIR, "x"))
+    assert not os.path.exists(os.path.join(store.layout.cache_mounts, "x"))
     _, lines = _build(store, ctx)
     assert "runs:1" in lines
 

@@ -83,3 +83,26 @@ def test_fsck_exit_code_on_damage(tmp_path):
     assert p.returncode == 3 and "Traceback" not in _err(p)
     assert layerfs_cmd("fsck", "--repair", root=root).returncode == 0
     assert layerfs_cmd("fsck", root=root).returncode == 0
+
+
+def test_store_from_a_newer_layerfs_is_refused(tmp_path):
+    import sqlite3
+
+    from layerfs.errors import Unsupported
+    from layerfs.store import schema
+
+    root = str(tmp_path / "s")
+    layerfs_cmd("images", root=root, check=True)
+    db = os.path.join(root, "db.sqlite")
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE meta SET value=? WHERE key='schema'", (str(schema.VERSION + 1),))
+    c.close()
+    for args in (["images"], ["gc"], ["fsck"]):
+        p = layerfs_cmd(*args, root=root)
+        assert p.returncode == Unsupported.exit_code, _err(p)
+        assert "Traceback" not in _err(p)
+        lines = _err(p).strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: ") and "newer layerfs" in lines[0], lines
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == (str(schema.VERSION + 1),)
+    c.close()

@@ -5,6 +5,7 @@ a 404 HEAD does not cost a retry backoff."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -20,6 +21,7 @@ from layerfs.oci.registry import Client
 from layerfs.store import manifest as mf
 from layerfs.store import tarlayer, transfer
 from layerfs.store.manifest import Entry
+from layerfs.store.refs import Ref
 from layerfs.store.store import Store
 
 from tests.oci.helpers import tree_signature
@@ -160,10 +162,10 @@ def test_push_of_cached_digest_streams_and_pulls_back(bb_store, busybox, registr
 def test_push_with_stale_cached_digest_fails_cleanly(bb_store, busybox, registry):
     oci.push(bb_store, "busybox:test", f"{registry.host}/stale/a:1")
     lid = busybox.layers[0]
-    row = bb_store.get_ref("oci-layer", layer_key(lid, "gzip"))
-    d = json.loads(row[2])
+    ref = bb_store.get_ref("oci-layer", layer_key(lid, "gzip"))
+    d = json.loads(ref.data)
     d["digest"] = "sha256:" + "e" * 64     # as if an older compressor had made it
-    bb_store.add_ref("oci-layer", layer_key(lid, "gzip"), layer_id=lid, data=json.dumps(d))
+    bb_store.add_ref(dataclasses.replace(ref, data=json.dumps(d)))
     t = time.perf_counter()
     with pytest.raises(LayerfsError, match="regenerated as"):
         oci.push(bb_store, "busybox:test", f"{registry.host}/stale/b:1")
@@ -180,13 +182,13 @@ def test_digests_cached_by_an_older_tar_writer_are_not_reused(bb_store, busybox,
     holds digests of the old bytes under the old key: a push must generate
     the layer anew, not promise a blob it can no longer make."""
     lid = busybox.layers[0]
-    bb_store.add_ref("oci-layer", f"{lid}/gzip", layer_id=lid, data=json.dumps(
+    bb_store.add_ref(Ref("oci-layer", f"{lid}/gzip", layer_id=lid, weak=True, data=json.dumps(
         {"digest": "sha256:" + "e" * 64, "size": 123, "diff_id": "sha256:" + "d" * 64,
-         "media_type": "application/vnd.oci.image.layer.v1.tar+gzip"}))
+         "media_type": "application/vnd.oci.image.layer.v1.tar+gzip"})))
     r = oci.push(bb_store, "busybox:test", f"{registry.host}/oldwriter/a:1")
     assert r.blobs_sent == 1
     assert Client(registry.host).blob_exists("oldwriter/a", json.loads(
-        bb_store.get_ref("oci-layer", layer_key(lid, "gzip"))[2])["digest"])
+        bb_store.get_ref("oci-layer", layer_key(lid, "gzip")).data)["digest"])
 
 
 @pytest.mark.parametrize("after", [1, 10_000])

@@ -111,7 +111,7 @@ def test_create_applies_the_image_config(store: Store) -> None:
     assert c.config.env == ("PATH=/bin", "A=cli", "B=2")
     assert c.state.status == "created"
     assert os.path.isdir(c.rootfs) and os.path.isdir(c.runtime_dir)
-    assert store.get_ref(records.REF_KIND, c.id)[1] == store.image("base:1").id
+    assert store.get_ref(records.REF_KIND, c.id).image_id == store.image("base:1").id
     assert records.cgroup_name(store.root, c.id).startswith(records.store_tag(store.root) + "-")
     assert records.find_container(store, "web").id == c.id
     assert records.find_container(store, c.id[:10]).id == c.id

@@ -13,6 +13,7 @@ import pytest
 from layerfs.store import fsck, gc
 from layerfs.store import images as img
 from layerfs.store import transfer
+from layerfs.store.refs import Ref
 from layerfs.store.store import Store
 
 
@@ -43,7 +44,7 @@ def test_gc_keeps_tagged_drops_removed(store, tmp_path, busybox_tree):
 
 def test_gc_keeps_what_refs_hold(store, busybox_tree):
     base = _image(store, busybox_tree, "bb:1")
-    store.add_ref("build-cache", "k1", layer_id=base.layers[0])
+    store.add_ref(Ref("build-cache", "k1", layer_id=base.layers[0]))
     store.remove_image("bb:1")
     assert gc.collect(store).layers_removed == 0
     assert store.layer_entries(base.layers[0])
@@ -149,7 +150,7 @@ def test_kill_9_during_import_leaves_store_consistent(tmp_path, delay, busybox_t
 
 def test_rmi_of_a_built_image_drops_its_cache_entry(store, busybox_tree):
     im = _image(store, busybox_tree, "built:1")
-    store.add_ref("build-cache", "step-key", image_id=im.id, layer_id=im.layers[-1])
+    store.add_ref(Ref("build-cache", "step-key", image_id=im.id, layer_id=im.layers[-1]))
     store.remove_image("built:1")
     assert store.get_ref("build-cache", "step-key") is None
     assert fsck.check(store).clean
@@ -159,7 +160,7 @@ def test_rmi_refuses_an_image_in_use_and_force_only_untags(store, busybox_tree):
     from layerfs.errors import Conflict
 
     im = _image(store, busybox_tree, "used:1")
-    store.add_ref("container", "c1", image_id=im.id)
+    store.add_ref(Ref("container", "c1", image_id=im.id, in_use=True))
     with pytest.raises(Conflict, match="container c1"):
         store.remove_image("used:1")
     assert store.remove_image("used:1", force=True) == ["Untagged: used:1"]

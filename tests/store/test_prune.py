@@ -10,6 +10,7 @@ import pytest
 
 from layerfs.store import fsck, gc, prune, transfer
 from layerfs.store import images as img
+from layerfs.store.refs import Ref
 from layerfs.store.store import Store
 
 
@@ -27,8 +28,8 @@ def _step(store: Store, parent, created_by: str, layer_src: str | None = None, c
     history = img.history_entry(created_by, empty_layer=lid is None)
     image = store.put_image(img.with_layer(parent.config if parent else None, lid, history))
     if cache:
-        store.add_ref("build-cache", f"key-{created_by}", image_id=image.id, layer_id=lid,
-                      data=json.dumps({"created_by": created_by}))
+        store.add_ref(Ref("build-cache", f"key-{created_by}", image_id=image.id, layer_id=lid,
+                          data=json.dumps({"created_by": created_by})))
     return image
 
 
@@ -72,7 +73,7 @@ def test_rmi_removes_the_untagged_parents_and_gc_frees_their_bytes(store, chain)
 def test_rmi_keeps_parents_something_else_uses(store, chain, tmp_path):
     base, run1, env, built = chain
     sibling = _step(store, env, "RUN three", _tree(tmp_path, "three"))   # a second build sharing two steps
-    store.add_ref("container", "c1", image_id=sibling.id)
+    store.add_ref(Ref("container", "c1", image_id=sibling.id, in_use=True))
     assert prune.remove_image(store, "built:1") == ["Untagged: built:1", f"Deleted: {built.id}"]
     assert _ids(store) == {base.id, run1.id, env.id, sibling.id}
     # a tagged parent stays too, and so does a parent a container uses
@@ -104,7 +105,7 @@ def test_image_prune_all_keeps_what_containers_use(store, chain, tmp_path):
     base, run1, env, built = chain
     other = _step(store, None, "other", _tree(tmp_path, "other"), cache=False)
     store.tag(other.id, "other:1")
-    store.add_ref("container", "c1", image_id=env.id)
+    store.add_ref(Ref("container", "c1", image_id=env.id, in_use=True))
     lines = prune.prune_images(store, all_images=True)
     assert sorted(lines) == sorted(["Untagged: built:1", f"Deleted: {built.id}", "Untagged: other:1",
                                     f"Deleted: {other.id}"])
@@ -144,8 +145,8 @@ def test_gc_and_fsck_keep_what_a_mount_record_names(store, chain):
     base, run1, env, built = chain
     scratch = os.path.join(store.tmp_dir, "build-run-x")
     os.makedirs(os.path.join(scratch, "upper"))
-    store.add_ref("mount", "/nonexistent/mnt", image_id=built.id,
-                  data=json.dumps({"pid": 1, "paths": [os.path.join(scratch, "upper"), scratch]}))
+    store.add_ref(Ref("mount", "/nonexistent/mnt", image_id=built.id, data=json.dumps({"pid": 1}),
+                      in_use=True, paths=("/nonexistent/mnt", os.path.join(scratch, "upper"), scratch)))
     store.remove_image("built:1", force=True)   # only untags: the mount uses it
     assert gc.collect(store) == gc.GcResult(0, 0, 0, 0)
     assert os.path.isdir(os.path.join(scratch, "upper"))

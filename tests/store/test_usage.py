@@ -7,6 +7,7 @@ import os
 
 from layerfs.store import images as img
 from layerfs.store import transfer, usage
+from layerfs.store.refs import Ref
 from layerfs.store.store import Store
 
 from tests.conftest import layerfs_cmd
@@ -37,7 +38,7 @@ def _build_like_store(store: Store, tmp_path) -> dict[str, img.Image]:
     for im, tag in ((base, "base:1"), (final, "app:1"), (other, "other-" + "x" * 60 + ":1")):
         store.tag(im.id, tag)
     for key, im in (("k1", step), ("k2", final), ("k3", orphan)):
-        store.add_ref("build-cache", key, image_id=im.id)
+        store.add_ref(Ref("build-cache", key, image_id=im.id))
     return {"base": base, "step": step, "final": final, "other": other, "orphan": orphan}
 
 
