@@ -96,31 +96,48 @@ def ensure_metalayer(store, image) -> str:
     return path
 
 
-def ensure_raw_objects(objects, files: dict[str, str]) -> int:
-    """Raw copies of the objects in *files* ({digest: path}); returns how many were made."""
+def ensure_raw_objects(objects, files: dict[str, int]) -> int:
+    """Raw copies of the objects in *files* ({digest: slot}, from
+    :func:`nodes_from_index`; the slot names the file in errors) that lack
+    one; returns how many were made. One listdir per fan-out dir, not a
+    stat per object: an image has tens of thousands."""
     from layerfs.store.scan import parallel_map
 
-    exists = os.path.exists
-    raw_path = objects.raw_path
-    todo = [(d, p) for d, p in files.items() if not exists(raw_path(d))]
+    present: dict[str, set[str]] = {}
+    todo = []
+    for digest, slot in files.items():
+        names = present.get(digest[:2])
+        if names is None:
+            try:
+                names = present[digest[:2]] = set(os.listdir(os.path.join(objects.root, digest[:2])))
+            except FileNotFoundError:
+                names = present[digest[:2]] = set()
+        if digest[2:] not in names:
+            todo.append((digest, slot))
 
-    def one(item: tuple[str, str]) -> int:
-        digest, path = item
+    def one(item: tuple[str, object]) -> int:
+        digest, where = item
         try:
             return objects.ensure_raw(digest)
         except NotFound:
-            raise NotFound(f"object {digest[:12]} of /{path} is missing from the store "
+            raise NotFound(f"object {digest[:12]} of /{where} is missing from the store "
                            "(layerfs fsck reports what is damaged)") from None
 
     return sum(parallel_map(one, todo))
 
 
+_METACOPY = (b"trusted.overlay.metacopy", b"")
+_REDIRECT = b"trusted.overlay.redirect"
+
+
 def nodes_from_index(index) -> tuple[list[Node], dict[str, str]]:
-    """EROFS nodes of a merged index, and {digest: first path} of its files."""
-    node_of = array("q", [-1]) * len(index)
+    """EROFS nodes of a merged index, and {digest: path of a file} of its files."""
+    n = len(index)
+    leader = index.leader
+    node_of = array("q", [-1]) * n
     count = 0
-    for slot in range(len(index)):
-        lead = index.leader.get(slot, slot)
+    for slot in range(n):
+        lead = leader.get(slot, slot)
         if lead == slot:
             node_of[slot] = count
             count += 1
@@ -128,31 +145,46 @@ def nodes_from_index(index) -> tuple[list[Node], dict[str, str]]:
             node_of[slot] = node_of[lead]
     nodes: list[Node] = []
     files: dict[str, str] = {}
-    for slot in range(len(index)):
-        if index.leader.get(slot, slot) != slot:
+    meta, kids, parent, paths, groups = index.meta, index.kids, index.parent, index.paths, index.groups
+    nsubdirs = index.nsubdirs
+    append = nodes.append
+    for slot in range(n):
+        lead = leader.get(slot, slot)
+        if lead != slot:
             continue
-        nodes.append(_node(index, slot, node_of, files))
+        st_mode, uid, gid, mtime_ns, size, digest, target, rdev, xattrs = meta[slot]
+        fmt = st_mode & 0o170000
+        xa = [(escape_xattr(k).encode(), v) for k, v in xattrs] if xattrs else []
+        if fmt == stat.S_IFDIR:
+            node = Node(st_mode, uid, gid, mtime_ns, xattrs=xa, nlink=2 + nsubdirs[slot],
+                        parent=node_of[max(parent[slot], 0)],
+                        children=[(name, node_of[child]) for name, child in kids[slot].items()])
+        else:
+            if fmt == stat.S_IFCHR and rdev == 0:
+                raise Unsupported(f"the image has a 0/0 character device at /{os.fsdecode(paths[slot])}, "
+                                  "which kernel overlayfs would take for a whiteout and hide; use "
+                                  "--backend fuse for this image")
+            node = Node(st_mode, uid, gid, mtime_ns, rdev=rdev, target=target, xattrs=xa,
+                        nlink=len(groups[slot]) if slot in groups else 1)
+            if fmt == stat.S_IFREG and size:
+                if digest not in files:
+                    files[digest] = _LazyPath(paths, slot)
+                node.size = size
+                xa += (_METACOPY, (_REDIRECT, object_redirect(digest)))
+        append(node)
     return nodes, files
 
 
-def _node(index, slot: int, node_of: array, files: dict[str, str]) -> Node:
-    st_mode, uid, gid, mtime_ns, size, digest, target, rdev, xattrs = index.meta[slot]
-    fmt = stat.S_IFMT(st_mode)
-    path = index.paths[slot].decode(errors="replace")
-    if fmt == stat.S_IFCHR and rdev == 0:
-        raise Unsupported(f"the image has a 0/0 character device at /{path}, which kernel overlayfs "
-                          "would take for a whiteout and hide; use --backend fuse for this image")
-    xa = [(escape_xattr(k).encode(), v) for k, v in xattrs]
-    node = Node(st_mode, uid, gid, mtime_ns, rdev=rdev, target=target, nlink=index.nlink(slot))
-    if fmt == stat.S_IFREG and size:
-        files.setdefault(digest, path)
-        node.size = size
-        xa += [(b"trusted.overlay.metacopy", b""), (b"trusted.overlay.redirect", object_redirect(digest))]
-    node.xattrs = xa
-    if fmt == stat.S_IFDIR:
-        node.parent = node_of[max(index.parent[slot], 0)]
-        node.children = [(name, node_of[child]) for name, child in index.kids[slot].items()]
-    return node
+class _LazyPath:
+    """A slot's path, decoded only if an error names it."""
+
+    __slots__ = ("paths", "slot")
+
+    def __init__(self, paths: list[bytes], slot: int) -> None:
+        self.paths, self.slot = paths, slot
+
+    def __str__(self) -> str:
+        return os.fsdecode(self.paths[self.slot])
 
 
 def _publish(tmp_dir: str, path: str, data: bytes) -> None:
