@@ -97,10 +97,13 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
     except BaseException:
         _remove_private(params)
         raise
+    pid = 0
     try:
         pid = _spawn_keeper(params)
         register(params, image.id, pid)
     except BaseException:
+        if pid:
+            os.kill(pid, signal.SIGTERM)  # the keeper unmounts and cleans up too
         if procfs.mounted_fstype(mp) == FSTYPE:
             kernel.unmount(mp, lazy=True)
         _remove_private(params)
