@@ -64,6 +64,10 @@ class MountError(LayerfsError):
     """The kernel refused a mount; the message carries its reason."""
 
 
+class BadMetaLayer(MountError):
+    """The kernel cannot mount the metadata layer image (damaged file)."""
+
+
 @dataclass(frozen=True)
 class Support:
     """What this kernel can do for the kernel backend."""
@@ -176,7 +180,7 @@ def mount_overlay(mountpoint: str, meta_image: str, data_dir: str, upper: str | 
     try:
         meta_fd = mount_erofs(meta_image)
     except OSError as exc:
-        raise MountError(f"cannot mount the metadata layer {meta_image}: {exc.strerror}") from None
+        raise BadMetaLayer(f"cannot mount the metadata layer {meta_image}: {exc.strerror}") from None
     try:
         if prepare is not None:
             prepare(os.fstat(meta_fd))

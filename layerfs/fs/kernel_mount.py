@@ -93,7 +93,14 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
             raise NotFound(f"the process {owner} the mount would serve is gone")
         params |= {"owner": owner, "owner_start": start, "scratch": owner_scratch}
     try:
-        _mount(mp, meta, objects, upper_dir, read_only)
+        try:
+            _mount(mp, meta, objects, upper_dir, read_only)
+        except kernel.BadMetaLayer:
+            # A damaged cache file (a disk error; never a torn write, see
+            # fs.metalayer) is rebuilt once, not trusted.
+            with Store(root) as store:
+                meta = params["metalayer"] = ensure_metalayer(store, image, rebuild=True)
+            _mount(mp, meta, objects, upper_dir, read_only)
     except BaseException:
         _remove_private(params)
         raise

@@ -71,15 +71,16 @@ def object_redirect(digest: str) -> bytes:
     return f"/{digest[:2]}/{digest[2:]}".encode()
 
 
-def ensure_metalayer(store, image) -> str:
-    """Path of *image*'s metadata layer, built now if it is not cached.
+def ensure_metalayer(store, image, rebuild: bool = False) -> str:
+    """Path of *image*'s metadata layer, built now if it is not cached
+    (or if *rebuild*: the cached file proved unusable).
 
     Also makes sure every object the image reads is in the store raw.
     The caller holds the store open; this takes its writer lease so gc
     cannot sweep the temp file or the raw copies being made.
     """
     path = cache_path(store.root, image)
-    if os.path.exists(path):
+    if os.path.exists(path) and not rebuild:
         return path
     from layerfs.fs.index import ensure_index_cache, read_index_cache
 

@@ -89,6 +89,25 @@ def test_metadata_layer_is_cached_by_chain_and_reused(fs_env, tmp_path):
 
 
 @needs_kernel
+def test_a_damaged_metadata_layer_is_rebuilt_not_trusted(tmp_path):
+    root = str(tmp_path / "store")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"content\n")
+    image = _image_of(root, [str(src)], "damaged:1")
+    with Store(root) as store:
+        path = metalayer.ensure_metalayer(store, store.image(image))
+    with open(path, "r+b") as f:
+        f.seek(1024)
+        f.write(b"\0" * 128)                      # the superblock
+    with kmount(root, image, str(tmp_path / "k"), read_only=True):
+        with open(tmp_path / "k" / "f", "rb") as f:
+            assert f.read() == b"content\n"
+    with open(path, "rb") as f:
+        assert f.read()[1024:1028] == (0xE0F5E1E2).to_bytes(4, "little")
+
+
+@needs_kernel
 def test_compressed_objects_get_raw_copies(fs_env):
     with Store(fs_env["root"]) as store:
         entry = next(e for e in store.merged_tree(store.image(fs_env["image"])).entries.values()
@@ -358,3 +377,46 @@ def test_a_store_configured_for_the_kernel_backend_stores_objects_raw(tmp_path):
             files = [n for _d, _s, names in os.walk(store.objects.root) for n in names]
         assert len(files) == 1
         assert files[0].endswith(".zst") == (name == "zstd")
+
+
+def _tar(path, members: list[tuple[str, bytes | None]]) -> str:
+    """A layer tar: (name, data) files, (name/, None) dirs."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name.rstrip("/"))
+            info.mtime = 1_600_000_000
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@needs_kernel
+def test_whiteouts_and_opaque_markers_in_odd_places(tmp_path):
+    """OCI whiteouts of nothing, opaque markers in new dirs and beside
+    files, a whiteout under a path that was a file: both backends show the
+    tree the store's flattening made."""
+    root = str(tmp_path / "store")
+    low = _tar(tmp_path / "low.tar", [("a/", None), ("a/keep", b"k\n"), ("a/sub/", None), ("a/sub/x", b"x\n"),
+                                      ("f", b"file\n"), ("d/", None), ("d/y", b"y\n")])
+    top = _tar(tmp_path / "top.tar", [(".wh.nothing-here", b""), ("a/.wh..wh..opq", b""), ("a/new", b"n\n"),
+                                      ("new/", None), ("new/.wh..wh..opq", b""), ("new/z", b"z\n"),
+                                      ("f/.wh.inside", b""), ("d/.wh.y", b""), ("d/.wh.y2", b""),
+                                      ("e/.wh.deep", b"")])
+    with Store(root) as store:
+        lids = [transfer.import_layer(store, t) for t in (low, top)]
+        image = store.put_image(img.new_config(lids))
+        store.tag(image.id, "odd:1")
+    with kmount(root, "odd:1", str(tmp_path / "k"), read_only=True):
+        got = describe(str(tmp_path / "k"))
+    with layerfs_mount(root, "odd:1", str(tmp_path / "fu"), read_only=True):
+        want = describe(str(tmp_path / "fu"))
+    assert got == want
+    assert "a/keep" not in got and got["a/new"][6] == b"n\n" and "d/y" not in got
+    assert not any(".wh." in p for p in got)
