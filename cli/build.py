@@ -12,7 +12,7 @@ from typing import TextIO
 
 import click
 
-from layerfs.build import executor, run_mounts
+from layerfs.builder import executor, run_mounts
 from layerfs.errors import InvalidInput
 from layerfs.store.store import Store
 from layerfs_cli.common import ellipsize, human_size, with_store

@@ -272,7 +272,7 @@ def _pct(whole: int, part: int) -> str:
 # Other command groups add their own df sections here when imported;
 # the CLI loads groups lazily, so df imports the ones that contribute.
 EXTRA_USAGE: list = []
-USAGE_CONTRIBUTORS = ("layerfs_cli.containers",)
+USAGE_CONTRIBUTORS = ("layerfs_cli.containers", "layerfs_cli.snapshotter")
 
 
 def _load_usage_contributors() -> None:

@@ -31,6 +31,7 @@ COMMANDS = {
     "build": ("build", "builder"),
     "oci": ("load", "login", "logout", "pull", "push", "save"),
     "prune": ("image", "system"),
+    "snapshotter": ("snapshotter",),
 }
 MODULE_OF = {cmd: module for module, cmds in COMMANDS.items() for cmd in cmds}
 

@@ -80,7 +80,7 @@ def system_prune_cmd(store: Store, all_images: bool, force: bool) -> None:
     containers, freed = _prune_containers(store)
     _echo_section("Deleted Containers:", containers)
     _echo_section("Deleted Images:", prune.prune_images(store, all_images))
-    from layerfs.build import executor
+    from layerfs.builder import executor
 
     records = executor.prune_cache(store)
     if records:

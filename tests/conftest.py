@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,8 +10,57 @@ import pytest
 
 from layerfs.store.store import Store
 
+from tests import capabilities
+
 ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not ROOT, reason="needs root (device nodes, chown, trusted.* xattrs)")
+needs_root = pytest.mark.root
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """The one skip hook: a test's markers say what it needs."""
+    for mark in item.iter_markers():
+        reason = capabilities.missing(mark)
+        if reason is not None:
+            pytest.skip(reason)
+
+
+# Parts of the suite whose tests write stores through mounts, builds and
+# containers: every store such a test leaves under its tmp_path is fsck'ed.
+FSCK_AFTER = ("fs", "builder", "runtime", "cli", "snapshotter")
+
+
+def _stores_under(top: str, depth: int = 3) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        if "db.sqlite" in filenames and "objects" in dirnames:
+            found.append(dirpath)
+            dirnames[:] = []
+        elif dirpath[len(top):].count(os.sep) >= depth:
+            dirnames[:] = []
+        else:
+            # never walk into a mount a failed test left behind
+            dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def fsck_stores_after(request: pytest.FixtureRequest):
+    """After each fs/builder/runtime/cli test, every store it wrote must
+    pass fsck: kill -9 paths, failed builds and unmounts included. A test
+    that damages a store on purpose says so with @pytest.mark.damages_store."""
+    part = os.path.relpath(str(request.path), os.path.dirname(__file__)).split(os.sep)[0]
+    if part not in FSCK_AFTER or request.node.get_closest_marker("damages_store"):
+        yield
+        return
+    top = str(request.getfixturevalue("tmp_path"))
+    yield
+    from layerfs.store import fsck
+
+    for root in _stores_under(top):
+        with Store(root) as st:
+            report = fsck.check(st)
+        assert report.clean, f"fsck of {root} after the test: {report.problems[:5]}"
 
 
 @pytest.fixture
@@ -41,8 +89,8 @@ def layerfs_cmd(*args: str, root: str, input: bytes | None = None, check: bool =
 def busybox_tree(tmp_path):
     from layerfs.bootstrap import busybox_tree as make
 
-    if shutil.which("busybox") is None:
-        pytest.skip("busybox-static is not installed")
+    if (reason := capabilities.tools("busybox")) is not None:
+        pytest.skip(reason)
     dest = str(tmp_path / "busybox-rootfs")
     make(dest)
     return dest

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass
 
 from layerfs.runtime.containers import RUNTIME_PATHS, Container
+from layerfs.runtime.rootpath import is_unused_mountpoint
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
 from layerfs.store import references, transfer
@@ -38,13 +39,8 @@ def _is_whiteout(st: os.stat_result) -> bool:
 
 
 def _runtime_only(upper: str, rel: str, tree: MergedTree) -> bool:
-    """A mountpoint the runtime made: absent from the image and empty."""
-    if rel not in RUNTIME_PATHS or rel in tree.entries:
-        return False
-    st = os.lstat(os.path.join(upper, rel))
-    if stat.S_ISREG(st.st_mode):
-        return st.st_size == 0
-    return stat.S_ISDIR(st.st_mode) and not os.listdir(os.path.join(upper, rel))
+    """A mountpoint the runtime made: absent from the image and unused."""
+    return rel in RUNTIME_PATHS and rel not in tree.entries and is_unused_mountpoint(os.path.join(upper, rel))
 
 
 def _same_dir(st: os.stat_result, tree: MergedTree, rel: str) -> bool:

@@ -64,6 +64,24 @@ def make_mountpoint(root: str, path: str, directory: bool) -> str:
     return target
 
 
+def is_unused_mountpoint(path: str) -> bool:
+    """Whether ``path`` is still what :func:`make_mountpoint` makes: an
+    empty regular file or an empty directory (a link is never one).
+
+    The one rule for leaving the runtime's stubs out of a layer: commit and
+    diff apply it to the runtime's paths the image lacks, a RUN step to the
+    paths it made before the command. Anything the command wrote or filled
+    is kept.
+    """
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode):
+            return st.st_size == 0
+        return stat.S_ISDIR(st.st_mode) and not os.listdir(path)
+    except OSError:
+        return False
+
+
 def read_root_file(root: str, path: str, limit: int = 1 << 20) -> str | None:
     """Read a small text file from the rootfs; None if it does not exist."""
     target = secure_join(root, path)

@@ -121,6 +121,9 @@ def sweep_debris(store: Store, in_use: Sequence[str] = (), dry_run: bool = False
     for name in os.listdir(store.layout.layers):
         if name not in layers:
             n, freed = n + 1, freed + _remove(store.layout.layer(name), dry_run)
+    for path in store.layout.old_build_stat_cache:
+        if os.path.lexists(path):
+            n, freed = n + 1, freed + _remove(path, dry_run)
     return n, freed
 
 

@@ -15,10 +15,12 @@ use::
     metalayers/<chain>.v1.erofs kernel backend's metadata layers (fs.metalayer); rebuilt if lost
     config.json                 store-wide settings: the default mount backend (fs.backend)
     uppers/<token>/upper        private uppers of mounts (fs.mount)
+    snapshots/<id>/             containerd snapshots: uppers, mountpoints (snapshotter)
     containers/<id>/            container records and uppers (runtime)
     logs/mount-<hash>.log       mount daemon logs (fs.mount)
-    cache-mounts/<name>         RUN --mount=type=cache dirs (build.run_mounts)
-    build-stat-cache.sqlite     the builder's stat cache of context files
+    cache-mounts/<name>         RUN --mount=type=cache dirs (builder.run_mounts)
+    build-stat-cache.sqlite*    the builder's own stat cache before it used
+                                the db's stat_cache table: debris gc removes
     auth.json                   registry credentials (oci.auth)
 """
 
@@ -112,6 +114,12 @@ class StoreLayout:
     def uppers(self) -> str:
         return self._at("uppers")
 
+    @property
+    def snapshots(self) -> str:
+        """containerd snapshots' dirs; staging like tmp/: their uppers are
+        imported as layers at Commit, then deleted."""
+        return self._at("snapshots")
+
     def private_upper(self, token: str) -> str:
         """The upper of a mount that made its own; its parent goes with it."""
         return self._at("uppers", token, "upper")
@@ -136,8 +144,11 @@ class StoreLayout:
         return self._at("cache-mounts")
 
     @property
-    def build_stat_cache(self) -> str:
-        return self._at("build-stat-cache.sqlite")
+    def old_build_stat_cache(self) -> tuple[str, ...]:
+        """The files of the builder's former stat cache (with SQLite's WAL
+        and shared-memory files); the builder now uses the db's table."""
+        base = self._at("build-stat-cache.sqlite")
+        return (base, base + "-wal", base + "-shm")
 
     @property
     def auth_file(self) -> str:

@@ -165,7 +165,7 @@ class ObjectStore:
     def hash_file(self, path: str) -> tuple[str, int]:
         """Digest and size of a file on disk, without storing it."""
         with open(path, "rb", buffering=0) as f:
-            return _hash_stream(f)
+            return hash_stream(f)
 
     def put_file(self, path: str, known: KnownDigests | None = None) -> StoredObject:
         """Store the content of *path*; skip the write if *known* has it."""
@@ -179,7 +179,7 @@ class ObjectStore:
                 return self.put_bytes(data, digest)
             # Big: hash first, copy only new content (a touched but unchanged
             # file costs one read, not a full write and delete).
-            digest, _ = _hash_stream(f)
+            digest, _ = hash_stream(f)
             if known is not None and known(digest):
                 return StoredObject(digest, size, -1, False)
             f.seek(0)
@@ -369,7 +369,9 @@ def _link_fd(fd: int, dst: str) -> None:
         raise OSError(err, os.strerror(err), dst)
 
 
-def _hash_stream(f: "io.RawIOBase") -> tuple[str, int]:
+def hash_stream(f: "io.RawIOBase") -> tuple[str, int]:
+    """blake3 hex digest and byte count of what ``f`` reads to its end:
+    the one file hasher (objects, import, the builder's context)."""
     h = blake3.blake3()
     size = 0
     while chunk := f.read(CHUNK):

@@ -31,6 +31,7 @@ from layerfs.store.refs import BUILD_CACHE, COLUMNS, Ref
 from layerfs.store.manifest import Entry
 from layerfs.store.objects import ObjectStore, StoredObject, syncfs
 from layerfs.store.scan import FileRef, parallel_map, scan
+from layerfs.store.statcache import StatCache
 from layerfs.store.tree import MergedTree, flatten
 
 DEFAULT_ROOT = "/var/lib/layerfs"
@@ -139,7 +140,7 @@ class Store:
             return self.objects.put_file(ref.abspath, known=known)
 
         racy = time.time_ns() - RACY_NS
-        staged = bool(files) and _within(os.path.realpath(files[0].abspath), os.path.realpath(self.tmp_dir))
+        staged = bool(files) and self._staged(os.path.realpath(files[0].abspath))
         for ref, obj in zip(misses, parallel_map(store_one, misses)):
             out[ref.rel] = obj.digest
             if obj.stored_size >= 0:
@@ -157,19 +158,10 @@ class Store:
         """{rel: digest} of files unchanged since they were last stored."""
         if not files:
             return {}
-        prefix = os.fsencode(os.path.commonpath([f.abspath for f in files]))
-        rows = self.db.all(
-            "SELECT s.path, s.dev, s.ino, s.size, s.mtime_ns, s.ctime_ns, s.digest FROM stat_cache s"
-            " JOIN objects o ON o.digest = s.digest WHERE s.path >= ? AND s.path < ?",
-            prefix, prefix + b"\xff")
-        cache = {r[0]: r[1:] for r in rows}
-        hits = {}
-        for ref in files:
-            row = cache.get(os.fsencode(ref.abspath))
-            st = ref.st
-            if row and row[:5] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-                hits[ref.rel] = row[5]
-        return hits
+        # Only rows of stored objects: a hit skips storing the file.
+        cache = StatCache(self.db, stored_only=True)
+        cache.preload(os.path.commonpath([f.abspath for f in files]))
+        return {ref.rel: digest for ref in files if (digest := cache.lookup(ref.abspath, ref.st))}
 
     # -- layers --------------------------------------------------------------
     def import_dir(self, path: str, overlay: bool = False) -> str:
@@ -178,12 +170,17 @@ class Store:
             scanned = self.scan_dir(path, overlay)
             return self.commit_layer(*scanned)
 
+    def _staged(self, realpath: str) -> bool:
+        """Inside a tree the store stages and deletes once imported: tmp/,
+        or a containerd snapshot's upper (imported at Commit)."""
+        return any(_within(realpath, os.path.realpath(d)) for d in (self.tmp_dir, self.layout.snapshots))
+
     def scan_dir(self, path: str, overlay: bool = False) -> tuple[list[Entry], list[StoredObject], list[tuple]]:
         """Entries of *path* with contents stored but no layer committed yet:
         (entries, new objects, stat-cache rows) for :meth:`commit_layer`."""
         src = os.path.realpath(path)
         root = os.path.realpath(self.root)
-        staged = _within(src, os.path.realpath(self.tmp_dir))  # our own staging area
+        staged = self._staged(src)  # our own staging areas
         if not staged and (_within(src, root) or _within(root, src)):
             raise InvalidInput(f"{path} overlaps the store at {self.root}; refusing to import the store into itself")
         fresh: list[StoredObject] = []

@@ -85,6 +85,7 @@ def test_fsck_exit_code_on_damage(tmp_path):
     assert layerfs_cmd("fsck", root=root).returncode == 0
 
 
+@pytest.mark.damages_store
 def test_store_from_a_newer_layerfs_is_refused(tmp_path):
     import sqlite3
 

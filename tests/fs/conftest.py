@@ -12,22 +12,16 @@ import time
 
 import pytest
 
+from tests import capabilities
+
 from layerfs.fs import mount as fsmount
 from layerfs.store import images as img
 from layerfs.store import transfer
 from layerfs.store.store import Store
 
 
-def _fuse_skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "FUSE mount tests need root (mount, chown, trusted.* xattrs)"
-    if not os.path.exists("/dev/fuse"):
-        return "FUSE mount tests need /dev/fuse"
-    return None
-
-
-FUSE_SKIP = _fuse_skip_reason()
-needs_fuse = pytest.mark.skipif(FUSE_SKIP is not None, reason=FUSE_SKIP or "")
+FUSE_SKIP = capabilities.fuse()
+needs_fuse = pytest.mark.fuse
 
 T0 = 1_600_000_000  # a fixed, old mtime for every lower node
 

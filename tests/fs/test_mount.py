@@ -224,6 +224,7 @@ def test_upper_round_trips_to_a_layer(fs_env, tmp_path):
         assert got[p][:4] == expected[p][:4] and got[p][5:] == expected[p][5:], p
 
 
+@pytest.mark.damages_store
 def test_corrupt_object_gives_eio_and_a_log_line(tmp_path):
     root = str(tmp_path / "store")
     src = tmp_path / "src"

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import tarfile
 
@@ -46,9 +45,8 @@ def test_save_load_round_trip(bb_store, busybox, tmp_path, fmt):
     assert hashlib.sha256(open(out, "rb").read()).digest() == hashlib.sha256(open(out2, "rb").read()).digest()
 
 
+@pytest.mark.tools("skopeo")
 def test_load_layout_directory_and_skopeo_inspects(bb_store, busybox, tmp_path):
-    if shutil.which("skopeo") is None:
-        pytest.skip("skopeo is not installed")
     oci.save(bb_store, ["busybox:test"], str(tmp_path / "bb.tar"))
     p = subprocess.run(["skopeo", "inspect", f"oci-archive:{tmp_path / 'bb.tar'}:test"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -65,10 +63,9 @@ def test_load_layout_directory_and_skopeo_inspects(bb_store, busybox, tmp_path):
         assert x.image.id == busybox.id
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="umoci unpack keeps owners only as root")
+@pytest.mark.root
+@pytest.mark.tools("umoci")
 def test_umoci_unpacks_what_layerfs_saved(bb_store, busybox, tmp_path):
-    if shutil.which("umoci") is None:
-        pytest.skip("umoci is not installed")
     app = add_layer(bb_store, busybox, {"srv/app.txt": b"hello\n"}, tmp_path, "app:3")
     # a whiteout in the top layer, to check it is applied
     d = tmp_path / "wh"

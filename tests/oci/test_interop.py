@@ -14,6 +14,8 @@ import tarfile
 
 import pytest
 
+from tests import capabilities
+
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
 from layerfs.store import tarlayer, transfer
@@ -107,10 +109,8 @@ def _image(store, tmp_path, name: str) -> img.Image:
 @pytest.fixture
 def pushed(bb_store, registry, tmp_path):
     """(store root, remote ref, `layerfs export` signature) of the odd image."""
-    if shutil.which("busybox") is None:
-        pytest.skip("busybox-static is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("owners and security.capability need root")
+    if (reason := capabilities.root() or capabilities.tools("busybox")) is not None:
+        pytest.skip(reason)
     _image(bb_store, tmp_path, "odd:1")
     root = bb_store.root
     ref = f"{registry.host}/interop/odd:1"

@@ -130,11 +130,9 @@ def test_layerfs_pulls_what_skopeo_pushed(bb_store, busybox, registry, tmp_path)
     assert tree_signature(str(tmp_path / "a")) == tree_signature(str(tmp_path / "b"))
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="runc and umoci unpack need root")
+@pytest.mark.root
+@pytest.mark.tools("umoci", "runc", "skopeo")
 def test_runc_runs_image_from_layerfs_via_registry_skopeo_umoci(bb_store, busybox, registry, tmp_path):
-    for tool in ("umoci", "runc"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
     oci.push(bb_store, "busybox:test", f"{registry.host}/run/bb:1")
     layout = tmp_path / "layout"
     p = skopeo("copy", "--src-tls-verify=false", f"docker://{registry.host}/run/bb:1", f"oci:{layout}:1")

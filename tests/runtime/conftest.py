@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import capabilities
+
 from layerfs.runtime import ContainerResult, ContainerSpec, run_container
 from layerfs.runtime import process
 from layerfs.runtime.cgroups import parent_dirs
@@ -29,18 +31,13 @@ GROUP = "root:x:0:\ntty:x:5:\nuser:x:1000:\nextra:x:2000:user\nnogroup:x:65534:\
 
 
 def root_skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (namespaces, mounts, cgroups)"
     if not os.path.exists(BUSYBOX):
         return f"needs busybox-static at {BUSYBOX}"
-    if not os.path.exists("/proc/self/ns/user"):
-        return "kernel lacks namespaces"
-    return None
+    return capabilities.namespaces()
 
 
-needs_root = pytest.mark.skipif(root_skip_reason() is not None,
-                                reason=root_skip_reason() or "")
-root_tests = [pytest.mark.root, needs_root]
+needs_root = pytest.mark.namespaces
+root_tests = [pytest.mark.root, pytest.mark.namespaces, pytest.mark.tools("busybox")]
 
 
 @pytest.fixture(scope="session")

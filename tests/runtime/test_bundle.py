@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.conftest import root_skip_reason
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.runtime import (ContainerSpec, IdMap, UserNamespace, Volume, bundle_config,
                              run_bundle, write_bundle)
@@ -105,8 +104,8 @@ def _check_output(out: str) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.skipif(root_skip_reason() is not None or not shutil.which("runc"),
-                    reason=root_skip_reason() or "runc is not installed")
+@pytest.mark.namespaces
+@pytest.mark.tools("busybox", "runc")
 def test_runc_runs_the_bundle(rootfs: Path, tmp_path: Path) -> None:
     bundle = _bundle(rootfs, tmp_path, SCRIPT, memory=64 << 20, pids_limit=50)
     code, out, err = _run("runc", bundle, tmp_path)
@@ -115,8 +114,8 @@ def test_runc_runs_the_bundle(rootfs: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.skipif(root_skip_reason() is not None or not shutil.which("crun"),
-                    reason=root_skip_reason() or "crun is not installed")
+@pytest.mark.namespaces
+@pytest.mark.tools("busybox", "crun")
 def test_crun_runs_the_bundle(rootfs: Path, tmp_path: Path) -> None:
     bundle = _bundle(rootfs, tmp_path, SCRIPT, memory=64 << 20, pids_limit=50)
     # On a v1/v2 hybrid crun 1.8 refuses to start unless the cgroup2 tree is
@@ -130,8 +129,8 @@ def test_crun_runs_the_bundle(rootfs: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.skipif(root_skip_reason() is not None or not shutil.which("runc"),
-                    reason=root_skip_reason() or "runc is not installed")
+@pytest.mark.namespaces
+@pytest.mark.tools("busybox", "runc")
 def test_runc_mounts_a_tmpfs(rootfs: Path, tmp_path: Path) -> None:
     bundle = _bundle(rootfs, tmp_path, "grep ' /scratch tmpfs ' /proc/mounts",
                      tmpfs=[Tmpfs("/scratch", 1 << 20)])
@@ -141,8 +140,8 @@ def test_runc_mounts_a_tmpfs(rootfs: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.root
-@pytest.mark.skipif(root_skip_reason() is not None or not shutil.which("runc"),
-                    reason=root_skip_reason() or "runc is not installed")
+@pytest.mark.namespaces
+@pytest.mark.tools("busybox", "runc")
 def test_runc_bundle_as_non_root_user_read_only(rootfs: Path, tmp_path: Path) -> None:
     bundle = _bundle(rootfs, tmp_path, "id -u; touch /x 2>/dev/null || echo ro; "
                      "grep CapEff /proc/self/status", user="1000", read_only=True)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import capabilities
+
 from layerfs.runtime.cgroups import parent_dirs
 from layerfs.runtime.containers import store_tag
 
@@ -28,17 +30,10 @@ LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (namespaces, mounts, cgroups)"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse for the layerfs mount"
-    if shutil.which("busybox") is None:
-        return "needs busybox-static"
-    return None
+    return capabilities.fuse() or capabilities.namespaces() or capabilities.tools("busybox")
 
 
-pytestmark = [pytest.mark.root, pytest.mark.fuse,
-              pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
+pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.namespaces, pytest.mark.tools("busybox")]
 
 
 class Cli:
@@ -433,14 +428,14 @@ def test_memory_within_limit_runs(cli: Cli) -> None:
 
 
 # -- other runtimes ---------------------------------------------------------------------------
-@pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed")
+@pytest.mark.tools("runc")
 def test_runtime_runc(cli: Cli) -> None:
     proc = cli("run", "--rm", "--runtime", "runc", "--hostname", "viarunc", "busybox",
                "sh", "-c", "echo hi; hostname; exit 4")
     assert (proc.returncode, proc.stdout) == (4, b"hi\nviarunc\n"), proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("crun") is None, reason="crun is not installed")
+@pytest.mark.tools("crun")
 def test_runtime_crun(cli: Cli) -> None:
     proc = cli("run", "--rm", "--runtime", "crun", "busybox", "sh", "-c", "echo hi; exit 5")
     if b"hybrid mode not supported" in proc.stderr:
@@ -448,7 +443,7 @@ def test_runtime_crun(cli: Cli) -> None:
     assert (proc.returncode, proc.stdout) == (5, b"hi\n"), proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed")
+@pytest.mark.tools("runc")
 def test_bundle_runs_under_real_runc(cli: Cli, tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     config = cli.out("bundle", "busybox", str(bundle), "sh", "-c",

@@ -157,7 +157,7 @@ def test_usage_counts_the_image_once(store: Store) -> None:
     assert shared == sum(store.layer_info(lid)[0] for lid in store.image("base:1").layers)
 
 
-@pytest.mark.skipif(not ROOT, reason="needs root (whiteout device nodes)")
+@pytest.mark.root
 def test_diff_and_commit_of_an_upper(store: Store) -> None:
     c = records.create_container(store, "base:1", name="changed")
     upper = Path(c.upper)

@@ -12,7 +12,7 @@ from layerfs.errors import InvalidInput, NotFound
 from layerfs.runtime.spec import (ContainerSpec, IdMap, Tmpfs, Volume, container_env, parse_cpus,
                                   parse_env, parse_id_map, parse_memory, parse_pids_limit,
                                   parse_volume, read_env_file)
-from layerfs.runtime.rootpath import make_mountpoint, secure_join
+from layerfs.runtime.rootpath import is_unused_mountpoint, make_mountpoint, secure_join
 from layerfs.runtime.users import ExecUser, resolve_user
 
 
@@ -146,6 +146,23 @@ def test_make_mountpoint_creates_inside_root(hostile_root: Path) -> None:
     assert path == os.path.join(root, "file") and os.path.isfile(path)
     with pytest.raises(InvalidInput):
         make_mountpoint(root, "/abs", directory=True)
+
+
+def test_unused_mountpoint_is_exactly_an_untouched_stub(tmp_path: Path) -> None:
+    """The one rule commit, diff and RUN layers drop stubs by: what
+    make_mountpoint made and nobody wrote or filled."""
+    root = str(tmp_path)
+    hosts = make_mountpoint(root, "/etc/hosts", directory=False)
+    proc = make_mountpoint(root, "/proc", directory=True)
+    assert is_unused_mountpoint(hosts) and is_unused_mountpoint(proc)
+    Path(hosts).write_text("10.0.0.1 db\n")        # really written: kept
+    (Path(proc) / "x").mkdir()                      # filled: kept
+    assert not is_unused_mountpoint(hosts) and not is_unused_mountpoint(proc)
+    os.symlink("/nowhere", tmp_path / "link")       # not a stub, whatever it points at
+    os.symlink(proc + "/x", tmp_path / "dirlink")
+    os.mkfifo(tmp_path / "fifo")
+    for other in ("link", "dirlink", "fifo", "missing"):
+        assert not is_unused_mountpoint(str(tmp_path / other)), other
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
@@ -34,9 +33,8 @@ def test_apt_caches_are_left_out_as_in_debians_images(tmp_path):
                     "var/lib/dpkg", "var/lib/dpkg/status"]
 
 
+@pytest.mark.tools("debootstrap")
 def test_debootstrap_steps_are_reported_and_failure_is_one_line(tmp_path):
-    if shutil.which("debootstrap") is None:
-        pytest.skip("debootstrap is not installed")
     steps: list[str] = []
     with Store(str(tmp_path / "s")) as store:
         with pytest.raises(LayerfsError) as info:

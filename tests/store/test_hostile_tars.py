@@ -10,7 +10,6 @@ import bz2
 import io
 import lzma
 import os
-import shutil
 import subprocess
 import tarfile
 import zlib
@@ -186,9 +185,8 @@ def _sparse_files(d) -> dict[str, bytes]:
 @pytest.mark.parametrize("fmt", [["--format=gnu"], ["--format=pax"], ["--format=pax", "--sparse-version=0.0"],
                                  ["--format=pax", "--sparse-version=0.1"], ["--format=pax", "--sparse-version=1.0"]],
                          ids=["gnu", "pax", "pax-0.0", "pax-0.1", "pax-1.0"])
+@pytest.mark.tools("tar")
 def test_sparse_tars_import_and_stay_sparse(tmp_path, fmt):
-    if shutil.which("tar") is None:
-        pytest.skip("GNU tar is not installed")
     root = str(tmp_path / "store")
     want = _sparse_files(tmp_path / "src")
     tar = tmp_path / "s.tar"

@@ -16,7 +16,7 @@ def test_paths_are_those_of_existing_stores(tmp_path):
     assert {
         "db": lay.db, "lock": lay.lock, "objects": lay.objects, "layers": lay.layers, "tmp": lay.tmp,
         "fscache": lay.fscache, "uppers": lay.uppers, "containers": lay.containers, "logs": lay.logs,
-        "cache-mounts": lay.cache_mounts, "build-stat-cache.sqlite": lay.build_stat_cache,
+        "cache-mounts": lay.cache_mounts, "build-stat-cache.sqlite": lay.old_build_stat_cache[0],
         "auth.json": lay.auth_file,
     } == {
         "db": f"{root}/db.sqlite", "lock": f"{root}/lock", "objects": f"{root}/objects",
@@ -53,3 +53,18 @@ def test_other_packages_ask_the_layout(tmp_path):
     assert containers_root(root) == lay.containers and container_dir(root, "c1") == lay.container("c1")
     with Store(root) as store:
         assert auth_file(store).path == lay.auth_file
+
+
+def test_gc_removes_the_builders_former_stat_cache(tmp_path):
+    # Before the builder used the db's stat_cache table it kept its own
+    # SQLite file under the root; nothing reads it now, gc takes it.
+    from layerfs.store import gc
+
+    with Store(str(tmp_path / "s")) as store:
+        for path in store.layout.old_build_stat_cache:
+            with open(path, "wb") as f:
+                f.write(b"x" * 100)
+        dry = gc.collect(store, dry_run=True)
+        assert all(os.path.exists(p) for p in store.layout.old_build_stat_cache)
+        assert gc.collect(store).debris_removed == dry.debris_removed == 3
+        assert not any(os.path.exists(p) for p in store.layout.old_build_stat_cache)

@@ -8,14 +8,12 @@ import socket
 import stat
 import subprocess
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerfs.store import images as img
 from layerfs.store import transfer
 from layerfs.store.tarlayer import write_tar
-from tests.conftest import needs_root
 from tests.treeutil import describe
 
 
