@@ -306,6 +306,7 @@ def test_whiteout_device_in_image_content_is_refused(tmp_path):
 
 
 @needs_kernel
+@pytest.mark.damages_store
 def test_missing_object_is_an_error_at_mount_time(tmp_path):
     root = str(tmp_path / "store")
     src = tmp_path / "src"
