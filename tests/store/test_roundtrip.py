@@ -180,7 +180,6 @@ def test_property_dir_layer_dir(tmp_path_factory, ops):
         assert transfer.import_layer(store, str(dest)) == lid
 
 
-@needs_root
 def test_overlay_xattrs_in_content_stay_content_through_an_overlay_format_dir(store, tmp_path):
     """A layer dir in overlay format keeps an image's own trusted.overlay.*
     xattrs escaped (as overlayfs does), and importing it reads them back."""
