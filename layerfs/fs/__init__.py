@@ -9,8 +9,9 @@ Modules, bottom up:
 * ``upper``  -- the upper dir in kernel overlayfs format (whiteouts,
   opaque dirs, copy-up through a work dir);
 * ``inodes`` -- lookup counts and the per-inode state over the index;
-* ``union``  -- overlayfs semantics: lookup, readdir, copy-up, create,
-  unlink, rename, setattr, xattrs, reads with digest checks;
+* ``union``  -- overlayfs semantics: lookup, readdir, copy-up, setattr,
+  xattrs; with ``names`` (create, link, unlink, rename: whiteouts and
+  opaque dirs) and ``files`` (open files, reads with digest checks);
 * ``ops``    -- the thin pyfuse3.Operations adapter (one error decorator);
 * ``mount``  -- the daemon's life: ``mount_image`` (the API the CLI,
   runtime and builder use), and the owner a mount may die with;

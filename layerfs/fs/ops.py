@@ -22,6 +22,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from layerfs.errors import Corrupt, InvalidInput, LayerfsError, NotFound, Unsupported
+from layerfs.fs.names import NAME_MAX
 from layerfs.fs.union import LOWER_TIMEOUT, Union
 
 log = logging.getLogger("layerfs.fs")
@@ -83,6 +84,8 @@ class Operations(pyfuse3.Operations):
     # -- lookups and attributes -----------------------------------------
     @fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
+        if len(name) > NAME_MAX:
+            raise FUSEError(errno.ENAMETOOLONG)
         ino = self.u.child(self.u.node(parent_inode), name)
         if not ino:
             if name == b"." or name == b"..":

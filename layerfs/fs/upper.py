@@ -19,6 +19,14 @@ New nodes and copy-ups are built in the *work* directory (same
 filesystem, created beside the upper) and renamed into place, so a crash
 never leaves a half-copied file under a real name. All functions here are
 synchronous syscalls on bytes paths; callers decide what runs in a thread.
+
+Paths in the upper are relative to its root and reached from a directory
+fd of the root (``openat``, ``mkdirat``, ``renameat2`` ... via ``dir_fd=``),
+never as absolute paths: the upper root's own path then costs nothing, and
+a path longer than PATH_MAX (a deep tree, built by a user with short
+relative paths) is reached by opening its parent a PATH_MAX-sized piece at
+a time -- the only case that costs extra syscalls. Syscalls without an
+``*at`` form (xattrs, truncate) take ``/proc/self/fd/N/name`` then.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ PRIVATE_PREFIX = b"trusted.overlay."
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
+PATH_MAX = 4096           # bytes of a path argument, the terminating NUL included
+NAME_MAX = 255            # bytes of a name: what ext4, xfs, btrfs and tmpfs allow, so overlayfs too
 _ZERO = bytes(HOLE)
 PARALLEL_HASH = 4 << 20   # copy-ups of unverified objects above this hash in a second thread
 
@@ -48,10 +58,24 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
-def renameat2(src: bytes, dst: bytes, flags: int = 0) -> None:
-    if _libc.renameat2(AT_FDCWD, src, AT_FDCWD, dst, flags) != 0:
+def renameat2(src: bytes, dst: bytes, flags: int = 0, src_dir_fd: int | None = None,
+              dst_dir_fd: int | None = None) -> None:
+    sfd = AT_FDCWD if src_dir_fd is None else src_dir_fd
+    dfd = AT_FDCWD if dst_dir_fd is None else dst_dir_fd
+    if _libc.renameat2(sfd, src, dfd, dst, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), src, None, dst)
+
+
+_libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+
+
+def fs_magic(fd: int) -> int:
+    """``f_type`` of the filesystem holding *fd* (0 if fstatfs fails)."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: 120 bytes; f_type first
+    if _libc.fstatfs(fd, buf) != 0:
+        return 0
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def is_whiteout(st: os.stat_result) -> bool:
@@ -70,6 +94,7 @@ class UpperDir:
         self.root = os.fsencode(os.path.abspath(root))
         self.work = os.fsencode(os.path.abspath(work))
         self.objects = objects
+        self.fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._serial = itertools.count()
         if not read_only:
             os.makedirs(work, exist_ok=True)
@@ -82,37 +107,181 @@ class UpperDir:
     def temp(self) -> bytes:
         return b"%s/#%d.%d" % (self.work, os.getpid(), next(self._serial))
 
+    # -- reaching a relative path -----------------------------------------------
+    def at(self, fn, rel: bytes, *args, **kwargs):
+        """``fn(name, *args, dir_fd=fd, **kwargs)`` with a dir fd and name
+        that reach *rel*: the root fd and *rel* itself unless it is too
+        long for one syscall."""
+        if len(rel) < PATH_MAX:
+            return fn(rel or b".", *args, dir_fd=self.fd, **kwargs)
+        fd, name = self._open_parent(rel)
+        try:
+            return fn(name, *args, dir_fd=fd, **kwargs)
+        finally:
+            os.close(fd)
+
+    def at2(self, fn, src: bytes, dst: bytes, *args, **kwargs):
+        """``fn(src, dst, *args, src_dir_fd=, dst_dir_fd=, **kwargs)``, both
+        relative to the upper root (rename, link)."""
+        if len(src) < PATH_MAX and len(dst) < PATH_MAX:
+            return fn(src, dst, *args, src_dir_fd=self.fd, dst_dir_fd=self.fd, **kwargs)
+        sfd, sname = self._open_parent(src) if len(src) >= PATH_MAX else (self.fd, src)
+        try:
+            dfd, dname = self._open_parent(dst) if len(dst) >= PATH_MAX else (self.fd, dst)
+            try:
+                return fn(sname, dname, *args, src_dir_fd=sfd, dst_dir_fd=dfd, **kwargs)
+            finally:
+                if dfd != self.fd:
+                    os.close(dfd)
+        finally:
+            if sfd != self.fd:
+                os.close(sfd)
+
+    def by_path(self, fn, rel: bytes, *args, **kwargs):
+        """``fn(path, ...)`` for syscalls without an ``*at`` form."""
+        if len(self.root) + 1 + len(rel) < PATH_MAX:
+            return fn(self.abspath(rel), *args, **kwargs)
+        fd, name = self._open_parent(rel)
+        try:
+            return fn(b"/proc/self/fd/%d/%s" % (fd, name), *args, **kwargs)
+        finally:
+            os.close(fd)
+
+    def _open_parent(self, rel: bytes) -> tuple[int, bytes]:
+        """An O_PATH fd of the parent dir of *rel* (the caller closes it),
+        opened in pieces shorter than PATH_MAX, and the last name."""
+        head, _, name = rel.rpartition(b"/")
+        fd = self.fd
+        try:
+            while head:
+                if len(head) < PATH_MAX:
+                    piece, head = head, b""
+                else:
+                    cut = head.rindex(b"/", 0, PATH_MAX)
+                    piece, head = head[:cut], head[cut + 1:]
+                nfd = os.open(piece, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                if fd != self.fd:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != self.fd:
+                os.close(fd)
+            raise
+        if fd == self.fd:
+            fd = os.dup(fd)
+        return fd, name
+
+    # -- single syscalls, relative to the root ------------------------------------
+    def lstat(self, rel: bytes) -> os.stat_result:
+        return self.at(os.stat, rel, follow_symlinks=False)
+
+    def open(self, rel: bytes, flags: int, mode: int = 0o777) -> int:
+        return self.at(os.open, rel, flags | os.O_CLOEXEC, mode)
+
+    def mkdir(self, rel: bytes, mode: int) -> None:
+        self.at(os.mkdir, rel, mode)
+
+    def mknod(self, rel: bytes, mode: int, rdev: int = 0) -> None:
+        self.at(os.mknod, rel, mode, rdev)
+
+    def symlink(self, target: bytes, rel: bytes) -> None:
+        self.at(lambda name, dir_fd: os.symlink(target, name, dir_fd=dir_fd), rel)
+
+    def readlink(self, rel: bytes) -> bytes:
+        return self.at(os.readlink, rel)
+
+    def chown(self, rel: bytes, uid: int, gid: int) -> None:
+        self.at(os.chown, rel, uid, gid, follow_symlinks=False)
+
+    def chmod(self, rel: bytes, mode: int) -> None:
+        self.at(os.chmod, rel, mode)
+
+    def utime(self, rel: bytes, ns: tuple[int, int]) -> None:
+        self.at(os.utime, rel, ns=ns, follow_symlinks=False)
+
+    def unlink(self, rel: bytes) -> None:
+        self.at(os.unlink, rel)
+
+    def rmdir(self, rel: bytes) -> None:
+        self.at(os.rmdir, rel)
+
+    def link(self, src: bytes, dst: bytes) -> None:
+        self.at2(os.link, src, dst, follow_symlinks=False)
+
+    def rename(self, src: bytes, dst: bytes, flags: int = 0) -> None:
+        if flags:
+            self.at2(renameat2, src, dst, flags)
+        else:
+            self.at2(os.rename, src, dst)
+
+    def place(self, tmp: bytes, rel: bytes, flags: int = 0) -> None:
+        """Move *tmp* (an absolute path in the work dir) to *rel*."""
+        self.at(lambda name, dir_fd: renameat2(tmp, name, flags, dst_dir_fd=dir_fd), rel)
+
+    def link_from(self, path: bytes, rel: bytes) -> None:
+        """Hard-link the absolute *path* (in the work dir) as *rel*."""
+        self.at(lambda name, dir_fd: os.link(path, name, dst_dir_fd=dir_fd, follow_symlinks=False), rel)
+
+    def truncate(self, rel: bytes, size: int) -> None:
+        self.by_path(os.truncate, rel, size)
+
+    def getxattr(self, rel: bytes, name: bytes) -> bytes:
+        return self.by_path(os.getxattr, rel, name, follow_symlinks=False)
+
+    def setxattr(self, rel: bytes, name: bytes, value: bytes) -> None:
+        self.by_path(os.setxattr, rel, name, value, follow_symlinks=False)
+
+    def removexattr(self, rel: bytes, name: bytes) -> None:
+        self.by_path(os.removexattr, rel, name, follow_symlinks=False)
+
+    def listxattr(self, rel: bytes) -> list[str]:
+        return self.by_path(os.listxattr, rel, follow_symlinks=False)
+
+    def remove_quiet(self, rel: bytes) -> None:
+        try:
+            if stat.S_ISDIR(self.lstat(rel).st_mode):
+                self.rmdir(rel)
+            else:
+                self.unlink(rel)
+        except OSError:
+            pass
+
     # -- listing --------------------------------------------------------------
     def scan(self, rel: bytes) -> list[tuple[bytes, os.stat_result]]:
-        out = []
-        with os.scandir(self.abspath(rel)) as it:
-            for d in it:
-                out.append((d.name, d.stat(follow_symlinks=False)))
-        return out
+        path = self.abspath(rel)
+        if len(path) + NAME_MAX < PATH_MAX:  # each entry's stat takes its full path
+            with os.scandir(path) as it:
+                return [(d.name, d.stat(follow_symlinks=False)) for d in it]
+        fd = self.open(rel, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            with os.scandir(fd) as it:
+                return [(os.fsencode(d.name), d.stat(follow_symlinks=False)) for d in it]
+        finally:
+            os.close(fd)
 
     def is_opaque(self, rel: bytes) -> bool:
         try:
-            return os.getxattr(self.abspath(rel), OPAQUE, follow_symlinks=False) == b"y"
+            return self.getxattr(rel, OPAQUE) == b"y"
         except OSError:
             return False
 
     def set_opaque(self, rel: bytes) -> None:
-        os.setxattr(self.abspath(rel), OPAQUE, b"y", follow_symlinks=False)
+        self.setxattr(rel, OPAQUE, b"y")
 
     # -- whiteouts ------------------------------------------------------------
     def whiteout(self, rel: bytes, replace: bool) -> None:
         """Put a whiteout at *rel*; atomically over what is there if *replace*."""
         if not replace:
-            os.mknod(self.abspath(rel), stat.S_IFCHR, 0)
+            self.mknod(rel, stat.S_IFCHR, 0)
             return
         tmp = self.temp()
         os.mknod(tmp, stat.S_IFCHR, 0)
         try:
-            os.rename(tmp, self.abspath(rel))
+            self.place(tmp, rel)
         except IsADirectoryError:
             # A directory (holding only whiteouts) is in the way: swap
             # it out and drop it.
-            renameat2(tmp, self.abspath(rel), RENAME_EXCHANGE)
+            self.place(tmp, rel, RENAME_EXCHANGE)
             _remove_tree(tmp)
         except BaseException:
             _unlink_quiet(tmp)
@@ -120,23 +289,18 @@ class UpperDir:
 
     def clear_whiteouts(self, rel: bytes) -> None:
         """Remove the whiteouts of an upper dir that is merged-empty."""
-        path = self.abspath(rel)
-        with os.scandir(path) as it:
-            for d in it:
-                st = d.stat(follow_symlinks=False)
-                if is_whiteout(st):
-                    os.unlink(d.path)
-                else:  # the caller checked the dir is empty in the merged view
-                    raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), d.path)
+        for name, st in self.scan(rel):
+            if not is_whiteout(st):  # the caller checked the dir is empty in the merged view
+                raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), name)
+            self.unlink(rel + b"/" + name if rel else name)
 
     def put_over_whiteout(self, tmp: bytes, rel: bytes, is_dir: bool) -> None:
         """Move the new node *tmp* to *rel*, replacing the whiteout there."""
-        dst = self.abspath(rel)
         if is_dir:
-            renameat2(tmp, dst, RENAME_EXCHANGE)
+            self.place(tmp, rel, RENAME_EXCHANGE)
             os.unlink(tmp)
         else:
-            os.rename(tmp, dst)
+            self.place(tmp, rel)
 
     # -- metadata -------------------------------------------------------------
     @staticmethod
@@ -278,6 +442,14 @@ def _unlink_quiet(path: bytes) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
+        pass
+
+
+def discard(path: bytes) -> None:
+    """Remove a node of the work dir, quietly: cleanup after a failure."""
+    try:
+        _remove_tree(path)
+    except OSError:
         pass
 
 

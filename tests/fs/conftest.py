@@ -106,12 +106,21 @@ def make_image(store: Store, layer_dirs: list[str], tag: str):
     return image
 
 
-@pytest.fixture(scope="session")
-def fs_env(tmp_path_factory):
-    """A store holding the three-layer test image, shared by the session."""
-    if FUSE_SKIP:
-        pytest.skip(FUSE_SKIP)
-    base = tmp_path_factory.mktemp("fsenv")
+@contextlib.contextmanager
+def tmpfs(path: str):
+    """A tmpfs mounted at *path* for the duration (a backing filesystem
+    without RWF_NOWAIT reads, unlike ext4)."""
+    os.makedirs(path, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "layerfs-test", path], check=True,
+                   capture_output=True)
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", path], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", path], capture_output=True)
+
+
+def _build_env(base) -> dict:
     root = str(base / "store")
     with Store(root) as store:
         image = make_image(store, build_layers(str(base / "src")), "fstest:latest")
@@ -121,6 +130,24 @@ def fs_env(tmp_path_factory):
             transfer.extract_layer(store, lid, d)
             lowers.append(d)
     return {"root": root, "image": "fstest:latest", "image_id": image.id, "lowers": lowers, "base": base}
+
+
+@pytest.fixture(scope="session")
+def fs_env(tmp_path_factory):
+    """A store holding the three-layer test image, shared by the session."""
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    return _build_env(tmp_path_factory.mktemp("fsenv"))
+
+
+@pytest.fixture(scope="session")
+def fs_env_tmpfs(tmp_path_factory):
+    """fs_env with the store, the lower dirs and every upper on a tmpfs."""
+    if FUSE_SKIP:
+        pytest.skip(FUSE_SKIP)
+    base = tmp_path_factory.mktemp("fsenv-tmpfs")
+    with tmpfs(str(base)):
+        yield _build_env(base)
 
 
 # -- mounting ------------------------------------------------------------------
@@ -168,7 +195,16 @@ def kernel_overlay(lowers: list[str], upper: str, work: str, mp: str, backend: s
     os.makedirs(work, exist_ok=True)
     os.makedirs(mp, exist_ok=True)
     opts = f"lowerdir={':'.join(reversed(lowers))},upperdir={upper},workdir={work},{ORACLE_OPTIONS[backend]}"
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mp], check=True, capture_output=True)
+    # Mounting the same upper again right after an umount is refused now
+    # and then for a moment ("upperdir is in-use") while the old mount's
+    # last reference goes away (seen on a machine busy with other mounts);
+    # that is the oracle's hiccup, not a result.
+    for _ in range(600):
+        r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, mp], capture_output=True)
+        if r.returncode == 0 or not (b"busy" in r.stderr or b"already mounted" in r.stderr):
+            break
+        time.sleep(0.05)
+    assert r.returncode == 0, f"kernel overlay mount of {upper}: {r.stderr.decode()}"
     try:
         yield mp
     finally:

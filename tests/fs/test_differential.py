@@ -7,6 +7,10 @@ semantics layerfs implements) and on a layerfs mount of the same image.
 Every operation must give the same result or errno, and at the end both
 trees must be equal: content, type, mode, owner, xattrs, link targets,
 hardlink groups, and mtimes of everything the operations did not touch.
+
+Sequences may remount both (the same upper again, or the upper turned
+into a new top layer first), and run with the store, the layers and the
+uppers on disk and on a tmpfs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layerfs.fs.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from layerfs.store import images as img
+from layerfs.store import transfer
+from layerfs.store.store import Store
 from tests.fs.conftest import fresh_upper, kernel_overlay, layerfs_mount, needs_fuse
 from tests.fs.test_kernel_backend import KERNEL_SKIP
 from tests.treeutil import describe
@@ -125,33 +132,86 @@ def normalized(root: str, since_ns: int) -> dict:
     return out
 
 
+def _segments(ops: list[tuple]) -> list[tuple[list[tuple], bool | None]]:
+    """Split *ops* at its remount steps: [(ops, move after them or None)]."""
+    out, cur = [], []
+    for op in ops:
+        if op[0] == "remount":
+            out.append((cur, op[1]))
+            cur = []
+        else:
+            cur.append(op)
+    out.append((cur, None))
+    return out
+
+
+def _move_upper_into_layers(env: dict, image: str, upper: str, tag: str) -> str:
+    """What committing a container does: the upper dir becomes a layer on
+    top of the image (``layerfs import --layer --base``); returns the new
+    image's tag."""
+    with Store(env["root"]) as store, store.writing():
+        base = store.image(image)
+        lid = transfer.import_layer(store, upper, base, True)
+        new = store.put_image(img.with_layer(base.config, lid, img.history_entry("remount")))
+        store.tag(new.id, tag)
+    return tag
+
+
 @pytest.fixture(params=["fuse", "kernel"])
 def backend(request) -> str:
-    """Every differential test runs against both layerfs backends."""
+    """Every differential test runs against both layerfs backends (the
+    kernel one against overlay mounted with its options: ORACLE_OPTIONS)."""
     if request.param == "kernel" and KERNEL_SKIP:
         pytest.skip(KERNEL_SKIP)
     return request.param
 
 
 def run_both(env: dict, ops: list[tuple], backend: str = "fuse") -> None:
+    """Run *ops* in lockstep on both mounts. A ("remount", move) step
+    unmounts both and mounts them again over the same uppers; with
+    *move*, each upper first becomes the top lower layer (layerfs's upper,
+    imported into the store as a layer, for both: the trees were equal
+    just before) and both start over with a fresh upper."""
     work = tempfile.mkdtemp(dir=env["base"], prefix="diff-")
+    lowers, image = list(env["lowers"]), env["image"]
     try:
         since = time.time_ns() - 1_000_000_000
-        kupper = fresh_upper(os.path.join(work, "ku"), like=env["lowers"][-1])
-        with kernel_overlay(env["lowers"], kupper, os.path.join(work, "kw"), os.path.join(work, "km"),
-                            backend) as km, \
-                layerfs_mount(env["root"], env["image"], os.path.join(work, "lm"),
-                              upper=os.path.join(work, "lu"), backend=backend) as h:
-            lm = h.mountpoint
-            for i, op in enumerate(ops):
-                want, got = apply(km, op), apply(lm, op)
-                assert got == want, f"op {i} {op!r}: kernel {want!r}, layerfs {got!r}"
-            want, got = normalized(km, since), normalized(lm, since)
-            assert sorted(got) == sorted(want)
-            for path in want:
-                assert got[path] == want[path], path
+        gen = 0
+        kupper = fresh_upper(os.path.join(work, "ku0"), like=lowers[-1])
+        lupper = os.path.join(work, "lu0")
+        done = 0
+        for seg, move in _segments(ops):
+            with kernel_overlay(lowers, kupper, os.path.join(work, f"kw{gen}"), os.path.join(work, "km"),
+                                backend) as km, \
+                    layerfs_mount(env["root"], image, os.path.join(work, "lm"), upper=lupper, backend=backend) as h:
+                lm = h.mountpoint
+                for op in seg:
+                    want, got = apply(km, op), apply(lm, op)
+                    assert got == want, f"op {done} {op!r}: kernel {want!r}, layerfs {got!r}"
+                    done += 1
+                want, got = normalized(km, since), normalized(lm, since)
+                assert sorted(got) == sorted(want), f"after op {done}"
+                for path in want:
+                    assert got[path] == want[path], f"after op {done}: {path}"
+            done += 1  # the remount step
+            if move:
+                gen += 1
+                image = _move_upper_into_layers(env, image, lupper, f"fstest:diff{os.getpid()}-{gen}")
+                layer = os.path.join(work, f"layer{gen}")
+                os.rename(lupper, layer)
+                lowers.append(layer)
+                shutil.rmtree(os.path.join(work, f"kw{gen - 1}"))
+                kupper = fresh_upper(os.path.join(work, f"ku{gen}"), like=layer)
+                lupper = os.path.join(work, f"lu{gen}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(params=["disk", "tmpfs"])
+def env(request):
+    """The test image with store, lowers and uppers on the test's disk
+    (ext4 in CI) or on a tmpfs."""
+    return request.getfixturevalue("fs_env" if request.param == "disk" else "fs_env_tmpfs")
 
 
 SCRIPT = [
@@ -175,8 +235,34 @@ SCRIPT = [
 ]
 
 
-def test_scripted_sequence(fs_env, backend):
-    run_both(fs_env, SCRIPT, backend)
+def test_scripted_sequence(env, backend):
+    run_both(env, SCRIPT, backend)
+
+
+# Restarts: each remount keeps the upper (a stopped and started container)
+# or turns it into a layer (a commit); after each, directories that are in
+# the upper and below are changed through children they never touched.
+REMOUNT_SCRIPT = [
+    ("write", "a/f1", b"x", "a", 0), ("chmod", "b", 0o700), ("chown", "a/sub", 3, 4), ("mkdir", "nd", 0o750),
+    ("remount", False),
+    ("unlink", "a/sub/g"), ("write", "a/sub/n5", b"n", "w", 0), ("chmod", "a/hl3", 0o600), ("stat", "b"),
+    ("remount", False),
+    ("remount", False),
+    ("rename", "b/h", "b/n3", 0), ("link", "a/sub/k", "a/n2"), ("symlink", "top", "nd/x"),
+    ("setxattr", "many/f3", "user.k", b"v"), ("rmdir", "d"), ("rmtree", "d"), ("stat", "a/sub"),
+    ("remount", True),
+    ("write", "b/n3", b"more", "a", 0), ("unlink", "a/f1"), ("chmod", "a", 0o711), ("rmtree", "e"),
+    ("remount", False),
+    ("mkdir", "e", 0o700), ("rename", "a/sub", "e/sub", 0), ("listdir", "e/sub"),
+    ("remount", True),
+    ("remount", True),
+    ("rmtree", "a"), ("write", "many/f3", b"", "w", 0), ("listdir", ""),
+    ("remount", False),
+]
+
+
+def test_remount_sequence(env, backend):
+    run_both(env, REMOUNT_SCRIPT, backend)
 
 
 _path = st.sampled_from(PATHS)
@@ -200,6 +286,7 @@ _ops = st.one_of(
     st.tuples(st.just("listdir"), _path),
     st.tuples(st.just("stat"), _path),
     st.tuples(st.just("rmtree"), _path),
+    st.tuples(st.just("remount"), st.booleans()),
 )
 
 
@@ -207,5 +294,5 @@ _ops = st.one_of(
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
 @given(st.lists(_ops, min_size=1, max_size=14))
-def test_random_sequences(fs_env, backend, ops):
-    run_both(fs_env, ops, backend)
+def test_random_sequences(env, backend, ops):
+    run_both(env, ops, backend)

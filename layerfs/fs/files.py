@@ -1,0 +1,252 @@
+"""Open files of the union: handles, reads with digest checks, writes.
+
+:class:`FileIO` is the open-file half of :class:`layerfs.fs.union.Union`
+(a mixin: it uses the union's nodes, upper dir, object store and write
+lock). A handle reads one of three sources:
+
+* ``upper`` -- an fd of the file in the upper dir (also for lower handles
+  whose node was copied up since, as overlayfs's stacked file ops do);
+* ``mem``   -- a small object read whole and verified once;
+* ``raw``   -- a big uncompressed object file, verified whole (in a worker
+  thread) before its first byte is returned; ``lazy`` until first read.
+
+Reads try ``preadv(RWF_NOWAIT)`` in the trio thread first: a page-cache
+hit costs no thread hop, a miss goes to a worker thread so a disk wait
+does not stall the loop. A filesystem that refuses NOWAIT (EOPNOTSUPP:
+tmpfs, and others without FMODE_NOWAIT) is remembered per source, the
+upper's filesystem and the store's, so it costs one failed syscall per
+mount: tmpfs and ramfs are then read in the trio thread (their pages are
+memory, a read never waits for a disk), anything else in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import blake3
+import trio
+
+from layerfs.errors import Corrupt, NotFound
+from layerfs.fs.inodes import Node
+from layerfs.fs.names import _err
+from layerfs.fs.upper import file_digest, fs_magic
+from layerfs.store.objects import read_object_file, unpack_object
+
+log = logging.getLogger("layerfs.fs")
+
+SMALL_OBJECT = 1 << 20    # read whole (and verify inline) up to this size
+INLINE_READ = 256 << 10   # objects read whole in the trio thread when cached, up to this size
+NOWAIT, INLINE, THREAD = 0, 1, 2   # how reads from a filesystem are done (see module docstring)
+MEMORY_FS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
+
+
+class Handle:
+    """An open file: upper fd, big raw object fd, or small content in memory."""
+
+    __slots__ = ("node", "kind", "fd", "data", "digest", "path", "size")
+
+    def __init__(self, node: Node, kind: str, fd: int = -1, data: bytes | None = None,
+                 digest: str = "", path: str = "", size: int = 0) -> None:
+        self.node, self.kind, self.fd, self.data = node, kind, fd, data
+        self.digest, self.path, self.size = digest, path, size
+
+
+class FileIO:
+    """open/read/write/fsync/release of :class:`Union` (see the module docstring)."""
+
+    def _init_files(self) -> None:
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.read_modes = {"upper": NOWAIT, "raw": NOWAIT}  # by handle kind: upper dir, store
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open a file; returns (fh, keep_cache)."""
+        node = self.node(ino)
+        acc = flags & os.O_ACCMODE
+        writing = acc != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self._writable()
+            if not node.upper:
+                async with self.lock:
+                    await self.copy_up(node, data=not flags & os.O_TRUNC)
+        if node.upper:
+            keep = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+            fd = self.upper.open(self.path(node), (flags & keep) | os.O_NOFOLLOW)
+            h = Handle(node, "upper", fd)
+        else:
+            h = self._lower_handle(node)
+        node.opens += 1
+        fh = self._new_fh()
+        self.handles[fh] = h
+        return fh, True
+
+    def adopt_fd(self, node: Node, fd: int) -> int:
+        """A file handle for an fd that create() opened."""
+        node.opens += 1
+        fh = self._new_fh()
+        self.handles[fh] = Handle(node, "upper", fd)
+        return fh
+
+    def _lower_handle(self, node: Node) -> Handle:
+        """No syscalls here: where the object is gets found at first read
+        (many opens never read, e.g. tar of a file the kernel has cached)."""
+        m = self.index.meta[node.lower]
+        size, digest = m[4], m[5]
+        if size == 0:
+            return Handle(node, "mem", data=b"")
+        return Handle(node, "mem" if size <= SMALL_OBJECT else "lazy", digest=digest, size=size)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.handles[fh]
+        if h.kind != "upper" and h.node.upper:
+            self._switch_to_upper(h)
+        if h.kind == "lazy":
+            self._open_big(h)
+        if h.kind == "mem":
+            if h.data is None:
+                await self._load(h)
+            return h.data[off:off + size]
+        if h.kind == "raw" and h.digest not in self.verified:
+            await self._verify_big(h)
+        return await self._pread(h.kind, h.fd, size, off)
+
+    def _switch_to_upper(self, h: Handle) -> None:
+        """A lower handle whose node was copied up since reads the copy, as
+        overlayfs's stacked file operations do."""
+        fd = self.upper.open(self.path(h.node), os.O_RDONLY | os.O_NOFOLLOW)
+        if h.fd >= 0:
+            os.close(h.fd)
+        h.kind, h.fd, h.data = "upper", fd, None
+
+    def _open_big(self, h: Handle) -> None:
+        try:
+            path, compressed = self.objects.locate(h.digest)
+        except NotFound as exc:
+            raise Corrupt(str(exc)) from None
+        if compressed:  # (only if the store's size rule changes) decompress whole
+            h.kind, h.path, h.fd = "mem", path, -2
+            return
+        h.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        h.kind, h.path = "raw", path
+
+    async def _load(self, h: Handle) -> None:
+        if not h.path:
+            h.path = self.objects.raw_path(h.digest)
+        try:
+            data = self._read_cached(h.path, h.fd == -2)
+        except FileNotFoundError:
+            h.path, h.fd = self.objects.zst_path(h.digest), -2
+            try:
+                data = self._read_cached(h.path, True)
+            except FileNotFoundError:
+                raise Corrupt(f"object {h.digest[:12]} is missing from the store") from None
+        compressed = h.fd == -2
+        if data is None:  # not in the page cache: wait for the disk in a thread
+            data = await trio.to_thread.run_sync(read_object_file, h.path, compressed)
+        if h.digest not in self.verified:
+            if len(data) > INLINE_READ:
+                ok = await trio.to_thread.run_sync(_digest_ok, data, h.digest)
+            else:
+                ok = _digest_ok(data, h.digest)
+            self._check(ok, h)
+        h.data = data
+
+    def _read_cached(self, path: str, compressed: bool) -> bytes | None:
+        """The object's content if reading it cannot wait for a disk and
+        it is small enough to handle in the trio thread, else None."""
+        if self.read_modes["raw"] == THREAD:
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            n = os.fstat(fd).st_size
+            if n > INLINE_READ:
+                return None
+            buf = bytearray(n)
+            got = self._pread_cached("raw", fd, buf, 0) if n else 0
+            if got != n:
+                return None
+        finally:
+            os.close(fd)
+        return unpack_object(bytes(buf), path) if compressed else bytes(buf)
+
+    def _pread_cached(self, kind: str, fd: int, buf: bytearray, off: int) -> int:
+        """Bytes read into *buf* without waiting for a disk (0 if that
+        would wait); switches *kind* away from NOWAIT when it is refused."""
+        if self.read_modes[kind] == INLINE:
+            return os.preadv(fd, [buf], off)
+        try:
+            return os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+        mode = INLINE if fs_magic(fd) in MEMORY_FS else THREAD
+        log.info("%s: no RWF_NOWAIT reads, reading %s", "upper dir" if kind == "upper" else "store",
+                 "in the loop (memory filesystem)" if mode == INLINE else "in worker threads")
+        self.read_modes[kind] = mode
+        return os.preadv(fd, [buf], off) if mode == INLINE else 0
+
+    async def _pread(self, kind: str, fd: int, size: int, off: int) -> bytes:
+        """pread in the trio thread when the bytes are at hand, otherwise
+        in a worker thread so a disk wait does not stall the loop."""
+        if self.read_modes[kind] == THREAD:
+            return await trio.to_thread.run_sync(os.pread, fd, size, off)
+        buf = bytearray(size)
+        n = self._pread_cached(kind, fd, buf, off)
+        if n == size:
+            return buf
+        if self.read_modes[kind] == INLINE:  # a short plain read: end of file
+            return bytes(memoryview(buf)[:n])
+        if n == 0:
+            return await trio.to_thread.run_sync(os.pread, fd, size, off)
+        rest = await trio.to_thread.run_sync(os.pread, fd, size - n, off + n)
+        return bytes(memoryview(buf)[:n]) + rest
+
+    async def _verify_big(self, h: Handle) -> None:
+        ok = await trio.to_thread.run_sync(_file_digest_ok, h.path, h.digest)
+        self._check(ok, h)
+
+    def _check(self, ok: bool, h: Handle) -> None:
+        if not ok:
+            if h.digest not in self.bad:
+                self.bad.add(h.digest)
+            log.error("object %s (%s) fails its digest check; returning EIO",
+                      h.digest, os.fsdecode(self.index.paths[h.node.lower]) if h.node.lower >= 0 else "?")
+            raise _err(errno.EIO)
+        self.verified.add(h.digest)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self.handles[fh]
+        if h.kind != "upper":
+            raise _err(errno.EBADF)
+        return os.pwrite(h.fd, buf, off)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self.handles.get(fh)
+        if h is not None and h.kind == "upper":
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
+
+    def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        if h.fd >= 0:
+            os.close(h.fd)
+        h.node.opens -= 1
+        self.table.maybe_drop(h.node.ino)
+
+
+def _digest_ok(data: bytes, digest: str) -> bool:
+    return blake3.blake3(data).hexdigest() == digest
+
+
+def _file_digest_ok(path: str, digest: str) -> bool:
+    return file_digest(path) == digest

@@ -1,0 +1,272 @@
+"""Changing names in the union: create, link, unlink, rename.
+
+:class:`NameOps` is the namespace half of :class:`layerfs.fs.union.Union`
+(a mixin over its nodes, upper dir and write lock), with the overlayfs
+rules for names: deleting a name the lower layers have leaves a whiteout;
+a node made over a whiteout is built in the work dir and swapped in (a
+directory made there is opaque); a directory that moves is copied up
+whole first and made opaque where the lower layers have its new name.
+
+Checks come in the kernel's order: the name's length (ENAMETOOLONG, before
+anything else), then its existence (EEXIST), then the kind (EPERM for a
+0/0 character device, which would read back as a whiteout), and only then
+is anything copied up.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from layerfs.fs.inodes import Node
+from layerfs.fs.upper import NAME_MAX, OPAQUE, RENAME_EXCHANGE, RENAME_NOREPLACE, discard
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def _join(base: bytes, name: bytes) -> bytes:
+    return base + b"/" + name if base else name
+
+
+def check_name(name: bytes) -> None:
+    """ENAMETOOLONG for a name no backing filesystem takes (FUSE passes up to 1024 bytes)."""
+    if len(name) > NAME_MAX:
+        raise _err(errno.ENAMETOOLONG)
+
+
+class NameOps:
+    """create/link/unlink/rename of :class:`Union` (see the module docstring)."""
+
+    async def create(self, parent: int, name: bytes, fmt: int, mode: int, uid: int, gid: int,
+                     rdev: int = 0, target: bytes = b"", flags: int = 0) -> tuple[Node, int]:
+        """Make a new node; returns it and, for regular files, an open fd."""
+        check_name(name)
+        self._writable()
+        async with self.lock:
+            d = self.node(parent)
+            if self.child(d, name):
+                raise _err(errno.EEXIST)
+            if fmt == stat.S_IFCHR and rdev == 0:
+                raise _err(errno.EPERM)  # would read back as a whiteout; overlayfs refuses it too
+            await self.copy_up(d)
+            kids = self.children(d)
+            base = self.path(d)
+            rel = _join(base, name)
+            pst = self.upper.lstat(base)
+            if pst.st_mode & stat.S_ISGID:
+                gid = pst.st_gid
+                if fmt == stat.S_IFDIR:
+                    mode |= stat.S_ISGID
+            over_whiteout = self.lower_has(d, name)
+            # Over a whiteout the node is made in the work dir and swapped in.
+            if over_whiteout:
+                dst, at = self.upper.temp(), _at_cwd
+            else:
+                dst, at = rel, self.upper.at
+            fd = -1
+            made = False  # on failure, remove only what this call made
+            perm = stat.S_IMODE(mode)
+            try:
+                if fmt == stat.S_IFREG:
+                    acc = flags & os.O_ACCMODE if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDWR
+                    fd = at(os.open, dst, os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | acc, perm)
+                elif fmt == stat.S_IFDIR:
+                    at(os.mkdir, dst, perm)
+                elif fmt == stat.S_IFLNK:
+                    at(_symlink, dst, target)
+                else:
+                    at(os.mknod, dst, fmt | perm, rdev)
+                made = True
+                if fd >= 0:
+                    os.fchown(fd, uid, gid)
+                else:
+                    at(os.chown, dst, uid, gid, follow_symlinks=False)
+                if fmt != stat.S_IFLNK and perm & 0o7000:
+                    at(os.chmod, dst, perm)
+                if over_whiteout:
+                    if fmt == stat.S_IFDIR:
+                        os.setxattr(dst, OPAQUE, b"y")
+                    self.upper.put_over_whiteout(dst, rel, fmt == stat.S_IFDIR)
+            except BaseException:
+                if fd >= 0:
+                    os.close(fd)
+                if over_whiteout:
+                    discard(dst)
+                elif made:
+                    self.upper.remove_quiet(rel)
+                raise
+            node = self.table.add(Node(self.table.new_ino(), d.ino, name, fmt, -1, True))
+            node.nocaps = fmt == stat.S_IFREG
+            if fmt == stat.S_IFDIR:
+                node.children = {}
+                d.nsubdirs += 1
+            kids[name] = node.ino
+            return node, fd
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Node:
+        check_name(name)
+        self._writable()
+        async with self.lock:
+            node = self.node(ino)
+            d = self.node(parent)
+            if self.child(d, name):
+                raise _err(errno.EEXIST)
+            if node.is_dir:
+                raise _err(errno.EPERM)
+            await self.copy_up(node)
+            await self.copy_up(d)
+            kids = self.children(d)
+            rel = _join(self.path(d), name)
+            src = self.path(node)
+            if self.lower_has(d, name):
+                tmp = self.upper.temp()
+                self.upper.at(_link_out, src, tmp)
+                try:
+                    self.upper.place(tmp, rel)
+                except BaseException:
+                    discard(tmp)
+                    raise
+            else:
+                self.upper.link(src, rel)
+            kids[name] = node.ino
+            node.add_link(d.ino, name)
+            return node
+
+    async def unlink(self, parent: int, name: bytes, want_dir: bool) -> None:
+        check_name(name)
+        self._writable()
+        async with self.lock:
+            d = self.node(parent)
+            ino = self.child(d, name)
+            if not ino:
+                raise _err(errno.ENOENT)
+            node = self.node(ino)
+            if want_dir and not node.is_dir:
+                raise _err(errno.ENOTDIR)
+            if not want_dir and node.is_dir:
+                raise _err(errno.EISDIR)
+            if want_dir and not self.is_empty(node):
+                raise _err(errno.ENOTEMPTY)
+            if not node.upper and node.links:
+                await self.copy_up(node)  # keep the rest of the hardlink group one inode
+            await self.copy_up(d)
+            kids = self.children(d)
+            rel = _join(self.path(d), name)
+            whiteout = self.lower_has(d, name)
+            if node.upper:
+                if want_dir:
+                    self.upper.clear_whiteouts(rel)
+                if whiteout:
+                    self.upper.whiteout(rel, replace=True)
+                elif want_dir:
+                    self.upper.rmdir(rel)
+                else:
+                    self.upper.unlink(rel)
+            else:
+                self.upper.whiteout(rel, replace=False)
+            del kids[name]
+            if node.is_dir:
+                d.nsubdirs -= 1
+            node.drop_link(d.ino, name)
+            self.table.maybe_drop(ino)
+
+    async def _prepare_move(self, node: Node) -> None:
+        if node.is_dir:
+            if not node.upper or node.lower >= 0:
+                await self.copy_up_tree(node)
+        else:
+            await self.copy_up(node)
+
+    async def rename(self, op: int, oname: bytes, np_: int, nname: bytes, flags: int) -> None:
+        check_name(oname)
+        check_name(nname)
+        self._writable()
+        async with self.lock:
+            od, nd = self.node(op), self.node(np_)
+            sino = self.child(od, oname)
+            if not sino:
+                raise _err(errno.ENOENT)
+            tino = self.child(nd, nname)
+            if flags & RENAME_NOREPLACE and tino:
+                raise _err(errno.EEXIST)
+            if flags & RENAME_EXCHANGE and not tino:
+                raise _err(errno.ENOENT)
+            s = self.node(sino)
+            t = self.node(tino) if tino else None
+            if t is s:
+                return
+            if t is not None and not flags & RENAME_EXCHANGE:
+                if s.is_dir and not t.is_dir:
+                    raise _err(errno.ENOTDIR)
+                if not s.is_dir and t.is_dir:
+                    raise _err(errno.EISDIR)
+                if t.is_dir and not self.is_empty(t):
+                    raise _err(errno.ENOTEMPTY)
+            await self._prepare_move(s)
+            if t is not None and (flags & RENAME_EXCHANGE or (not t.upper and t.links)):
+                await self._prepare_move(t)
+            await self.copy_up(od)
+            await self.copy_up(nd)
+            okids, nkids = self.children(od), self.children(nd)
+            orel, nrel = _join(self.path(od), oname), _join(self.path(nd), nname)
+            if flags & RENAME_EXCHANGE:
+                self.upper.rename(orel, nrel, RENAME_EXCHANGE)
+                for n, (dd, nm, rel) in ((s, (nd, nname, nrel)), (t, (od, oname, orel))):
+                    if n.is_dir and self.lower_has(dd, nm):
+                        self.upper.set_opaque(rel)
+                okids[oname], nkids[nname] = t.ino, s.ino
+                if s.is_dir != t.is_dir:
+                    delta = 1 if s.is_dir else -1
+                    od.nsubdirs -= delta
+                    nd.nsubdirs += delta
+                s.move_link((od.ino, oname), (nd.ino, nname))
+                t.move_link((nd.ino, nname), (od.ino, oname))
+                return
+            need_whiteout = self.lower_has(od, oname)
+            if t is not None:
+                if t.is_dir and t.upper:
+                    self.upper.clear_whiteouts(nrel)
+                self.upper.rename(orel, nrel)
+            elif self.lower_has(nd, nname) and s.is_dir:
+                # A whiteout sits at the target: swap it with the dir and
+                # reuse it at the old place when one is needed there.
+                self.upper.rename(orel, nrel, RENAME_EXCHANGE)
+                if need_whiteout:
+                    need_whiteout = False
+                else:
+                    self.upper.unlink(orel)
+            else:
+                self.upper.rename(orel, nrel)
+            if need_whiteout:
+                self.upper.whiteout(orel, replace=False)
+            if s.is_dir and self.lower_has(nd, nname):
+                self.upper.set_opaque(nrel)
+            del okids[oname]
+            nkids[nname] = s.ino
+            if s.is_dir:
+                od.nsubdirs -= 1
+                nd.nsubdirs += 1
+            if t is not None:
+                if t.is_dir:
+                    nd.nsubdirs -= 1
+                t.drop_link(nd.ino, nname)
+            s.move_link((od.ino, oname), (nd.ino, nname))
+            if t is not None:
+                self.table.maybe_drop(t.ino)
+
+
+def _at_cwd(fn, path: bytes, *args, **kwargs):
+    """``UpperDir.at`` for an absolute path (a node made in the work dir)."""
+    return fn(path, *args, dir_fd=None, **kwargs)
+
+
+def _symlink(name: bytes, target: bytes, dir_fd: int | None) -> None:
+    os.symlink(target, name, dir_fd=dir_fd)
+
+
+def _link_out(name: bytes, path: bytes, dir_fd: int) -> None:
+    """Hard-link *name* (under *dir_fd*) as the absolute *path*."""
+    os.link(name, path, src_dir_fd=dir_fd, follow_symlinks=False)
