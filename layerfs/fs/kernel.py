@@ -151,10 +151,60 @@ def _move_mount(mfd: int, target: str) -> None:
 
 # -- mounting ------------------------------------------------------------------
 def mount_erofs(image: str) -> int:
-    """Mount the EROFS *image* file read-only, detached; returns the mount fd."""
-    with _Context("erofs") as ctx:
-        ctx.set("source", image)
-        return ctx.mount(read_only=True)
+    """Mount the EROFS *image* file read-only, detached; returns the mount fd.
+
+    Straight from the file where its filesystem allows (no loop device);
+    a file on tmpfs cannot back EROFS directly (ENOTBLK), so it gets a
+    read-only, auto-clearing loop device, which goes away with the mount.
+    """
+    try:
+        with _Context("erofs") as ctx:
+            ctx.set("source", image)
+            return ctx.mount(read_only=True)
+    except OSError as exc:
+        if exc.errno != errno.ENOTBLK:
+            raise
+    dev_fd, dev = _loop_device(image)
+    try:
+        with _Context("erofs") as ctx:
+            ctx.set("source", dev)
+            ctx.set("ro")  # a read-only superblock: the device is read-only
+            return ctx.mount(read_only=True)
+    finally:
+        os.close(dev_fd)  # the mount holds the device now; autoclear frees it after
+
+
+LOOP_CTL_GET_FREE, LOOP_CONFIGURE = 0x4C82, 0x4C0A
+LO_FLAGS_READ_ONLY, LO_FLAGS_AUTOCLEAR = 1, 4
+
+
+def _loop_device(image: str) -> tuple[int, str]:
+    """A free loop device bound read-only to *image* (fd, path)."""
+    import fcntl
+    import struct
+
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    img = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # struct loop_config: fd, block_size, struct loop_info64 (flags at
+        # byte 52 of it), reserved
+        info = struct.pack("<5Q4I64s64s32s2Q", 0, 0, 0, 0, 0, 0, 0, 0, LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+                           b"", b"", b"", 0, 0)
+        config = struct.pack("<II", img, 4096) + info + bytes(64)
+        for _ in range(50):
+            path = f"/dev/loop{fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)}"
+            dev = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(dev, LOOP_CONFIGURE, config)
+                return dev, path
+            except OSError as exc:
+                os.close(dev)
+                if exc.errno != errno.EBUSY:  # another process took it meanwhile: next one
+                    raise
+        raise OSError(errno.EBUSY, "no free loop device")
+    finally:
+        os.close(img)
+        os.close(ctl)
 
 
 def overlay_options(upper: str | None, work: str | None, metacopy: bool) -> list[tuple[str, str | None]]:

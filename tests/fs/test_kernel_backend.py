@@ -421,3 +421,32 @@ def test_whiteouts_and_opaque_markers_in_odd_places(tmp_path):
     assert got == want
     assert "a/keep" not in got and got["a/new"][6] == b"n\n" and "d/y" not in got
     assert not any(".wh." in p for p in got)
+
+
+@needs_kernel
+def test_a_store_on_tmpfs_mounts_its_metadata_layer_through_a_loop_device(tmp_path):
+    """EROFS cannot read a file on tmpfs directly: a read-only loop device
+    serves it, and goes away with the mount."""
+    fsdir = tmp_path / "tmpfs"
+    fsdir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(fsdir)], check=True)
+    try:
+        root = str(fsdir / "store")
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f").write_bytes(b"on tmpfs\n")
+        image = _image_of(root, [str(src)], "tmp:1")
+        mp = str(tmp_path / "k")
+        with kmount(root, image, mp) as h:
+            with open(f"{mp}/f", "rb") as f:
+                assert f.read() == b"on tmpfs\n"
+            with open(f"{mp}/new", "wb") as f:
+                f.write(b"written\n")
+            with Store(root) as store:
+                meta = metalayer.cache_path(root, store.image(image))
+            bound = subprocess.run(["losetup", "-j", meta], capture_output=True, text=True).stdout
+            assert "/dev/loop" in bound
+            assert h.upper.startswith(root)
+        assert subprocess.run(["losetup", "-j", meta], capture_output=True, text=True).stdout == ""
+    finally:
+        subprocess.run(["umount", str(fsdir)], check=True)
