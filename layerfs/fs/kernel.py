@@ -74,7 +74,7 @@ class Support:
 
     kernel: str
     mount_api: bool          # fsopen/fsconfig/fsmount/move_mount
-    erofs_file: bool         # EROFS mounted straight from a regular file
+    erofs_file: bool         # EROFS images mount (from the file, else through a loop device)
     data_only: bool          # overlay data-only lower layers without metacopy=on (6.16+)
     data_only_metacopy: bool  # ... only with metacopy=on (6.5-6.15): read-only mounts
     reason: str = ""         # why the backend cannot work at all, if it cannot
@@ -349,8 +349,8 @@ def _probe_in(base: str, release: str) -> Support:
         os.close(mount_erofs(image))
     except OSError as exc:
         return Support(release, True, False, False, False,
-                       f"this kernel cannot mount EROFS from a file ({exc.strerror}; needs Linux 6.12+ "
-                       "with CONFIG_EROFS_FS_BACKED_BY_FILE)")
+                       f"this kernel cannot mount an EROFS image, from a file (Linux 6.12+) or through a "
+                       f"loop device ({exc.strerror})")
     results = []
     for metacopy in (False, True):
         try:
