@@ -54,7 +54,7 @@ FSOPEN_CLOEXEC = FSMOUNT_CLOEXEC = 1
 MOUNT_ATTR_RDONLY = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 OVERLAYFS_MAGIC = 0x794C7630
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
