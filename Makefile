@@ -1,5 +1,5 @@
 # The two commands of the README's quick start. Each does its own set-up.
-.PHONY: demo test setup bench clean
+.PHONY: demo test lint setup bench clean
 
 demo:
 	scripts/setup.sh runtime
@@ -8,6 +8,10 @@ demo:
 test:
 	scripts/setup.sh test
 	.venv/bin/pytest -q -p no:cacheprovider tests
+
+lint:
+	scripts/setup.sh test
+	.venv/bin/ruff check layerfs cli tests benchmarks
 
 bench:
 	scripts/setup.sh test

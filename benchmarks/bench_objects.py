@@ -39,10 +39,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
-import zstandard  # noqa: E402
-
 import gen_tree  # noqa: E402
+import zstandard  # noqa: E402
 from bench_import import can_drop_caches, drop_caches, environment  # noqa: E402
+
 from layerfs.store import objects as ob  # noqa: E402
 from layerfs.store.objects import ObjectStore  # noqa: E402
 

@@ -47,7 +47,7 @@ def make_tree(root: str, size: int, seed: int = 1) -> int:
     rnd = random.Random(seed)
     total = n = 0
     dirs = [f"usr/share/doc/pkg{i}" for i in range(300)] + [f"usr/lib/x86_64-linux-gnu/m{i}" for i in range(60)] + \
-        [f"usr/bin", "usr/sbin", "etc", "var/lib/dpkg/info", "usr/share/locale/de/LC_MESSAGES"]
+        ["usr/bin", "usr/sbin", "etc", "var/lib/dpkg/info", "usr/share/locale/de/LC_MESSAGES"]
     for d in dirs:
         os.makedirs(os.path.join(root, d), exist_ok=True)
     while total < size:
@@ -165,7 +165,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    lines = [f"# OCI push/pull benchmark", "",
+    lines = ["# OCI push/pull benchmark", "",
              f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()} · "
              f"medians of {args.reps} · local docker-registry on 127.0.0.1 (filesystem storage)", ""]
     lines += [f"- {k}: {v}" for k, v in facts.items()] + [""]

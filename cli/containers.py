@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from layerfs.errors import LayerfsError
-from layerfs_cli.common import (ellipsize, emit_json, format_option, human_ago, human_size, open_store,
-                                table, with_store)
+from layerfs_cli.common import ellipsize, emit_json, format_option, human_ago, human_size, open_store, table, with_store
 
 if TYPE_CHECKING:
     from layerfs.runtime import containers as records
@@ -135,8 +134,7 @@ def _run(store: Store, interactive: bool, tty: bool, detach: bool, auto_remove: 
          command: tuple[str, ...], backend: str | None = None) -> int | None:
     """The body of ``run``: the container's exit code, None when detached."""
     from layerfs.runtime import containers as records
-    from layerfs.runtime.spec import (parse_cpus, parse_env, parse_memory, parse_pids_limit,
-                                      parse_volume, read_env_file)
+    from layerfs.runtime.spec import parse_cpus, parse_env, parse_memory, parse_pids_limit, parse_volume, read_env_file
 
     env_items: list[str] = []
     for path in env_file:

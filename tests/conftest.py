@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from layerfs.store.store import Store
-
 from tests import capabilities
 
 ROOT = os.geteuid() == 0

@@ -32,8 +32,8 @@ from typing import Any
 import blake3
 
 from layerfs.builder import config as image_config
-from layerfs.builder import dockerfile as dfm
 from layerfs.builder import copy_step, run_mounts, run_step, sources, substitution
+from layerfs.builder import dockerfile as dfm
 from layerfs.builder.context import BuildContext, BuildContextError, ResolvedSources
 from layerfs.builder.run_step import BuildError
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported

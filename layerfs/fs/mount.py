@@ -54,8 +54,18 @@ from dataclasses import dataclass
 
 from layerfs import procfs
 from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound, Unsupported
-from layerfs.fs.registry import (FSNAME, REF_KIND, MountInfo, clean_stale, forget, is_enotconn,  # noqa: F401
-                                 list_mounts, register, remove_private, unmount)
+from layerfs.fs.registry import (  # noqa: F401
+    FSNAME,
+    REF_KIND,
+    MountInfo,
+    clean_stale,
+    forget,
+    is_enotconn,
+    list_mounts,
+    register,
+    remove_private,
+    unmount,
+)
 from layerfs.procfs import mounted_fstype  # noqa: F401 - part of this module's API
 from layerfs.store.layout import StoreLayout
 

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from layerfs.errors import InvalidInput, Interrupted, NotFound
+from layerfs.errors import Interrupted, InvalidInput, NotFound
 from layerfs.oci import convert, media
 from layerfs.oci.cache import BlobInfoCache, LayerBlob
 from layerfs.oci.copy import parallel
@@ -17,8 +17,6 @@ from layerfs.oci.media import Descriptor, Manifest
 from layerfs.oci.types import Context, ImageSource
 from layerfs.store import references
 from layerfs.store.images import Image
-from layerfs.store.store import Store
-
 
 # The media type of progress reports for a layer whose blob is being made.
 PREPARING = "application/vnd.layerfs.layer.preparing"

@@ -28,8 +28,7 @@ from layerfs.runtime.caps import DEFAULT_CAPABILITIES
 from layerfs.runtime.cgroups import CPU_PERIOD_US
 from layerfs.runtime.hostfiles import write_host_files
 from layerfs.runtime.rootfs import MASKED_PATHS, READONLY_PATHS
-from layerfs.runtime.spec import (ContainerSpec, IdMap, check_name, check_volume_sources,
-                                  container_env)
+from layerfs.runtime.spec import ContainerSpec, IdMap, check_name, check_volume_sources, container_env
 from layerfs.runtime.users import resolve_user
 
 OCI_VERSION = "1.0.2"

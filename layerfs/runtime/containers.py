@@ -36,8 +36,7 @@ from typing import Any
 from layerfs.errors import Conflict, InvalidInput, NotFound
 from layerfs.procfs import alive as process_alive  # noqa: F401 - the runtime's name for it
 from layerfs.procfs import start_time as process_start_time  # noqa: F401
-from layerfs.runtime.spec import (DEFAULT_PATH, ContainerSpec, Volume, check_name,
-                                  check_volume_sources)
+from layerfs.runtime.spec import DEFAULT_PATH, ContainerSpec, Volume, check_name, check_volume_sources
 from layerfs.store import refs
 from layerfs.store.layout import StoreLayout
 from layerfs.store.refs import Ref

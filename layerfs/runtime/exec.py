@@ -28,8 +28,7 @@ from layerfs.runtime import syscalls
 from layerfs.runtime.caps import apply_rlimits, drop_privileges
 from layerfs.runtime.containers import Container, read_state
 from layerfs.runtime.errors import ContainerSetupError
-from layerfs.runtime.pty import (copy_winsize, make_controlling_terminal, open_pty, raw_mode,
-                                 relay)
+from layerfs.runtime.pty import copy_winsize, make_controlling_terminal, open_pty, raw_mode, relay
 from layerfs.runtime.spec import container_env
 from layerfs.runtime.users import resolve_user
 

@@ -52,9 +52,15 @@ from layerfs.runtime.caps import apply_rlimits, drop_privileges
 from layerfs.runtime.cgroups import remove_cgroup_paths
 from layerfs.runtime.network import loopback_up
 from layerfs.runtime.pty import make_controlling_terminal, open_pty
-from layerfs.runtime.rootfs import (MountPlan, bind_console, make_root_readonly,
-                                    mount_host_side, mount_namespace_side, pivot_into,
-                                    rebind_cwd)
+from layerfs.runtime.rootfs import (
+    MountPlan,
+    bind_console,
+    make_root_readonly,
+    mount_host_side,
+    mount_namespace_side,
+    pivot_into,
+    rebind_cwd,
+)
 from layerfs.runtime.spec import Rlimit
 from layerfs.runtime.users import ExecUser
 

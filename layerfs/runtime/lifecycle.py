@@ -34,8 +34,7 @@ from layerfs.runtime import containers as records
 from layerfs.runtime.cgroups import remove_cgroup_paths
 from layerfs.runtime.containers import Container, ContainerState, load, update_state
 from layerfs.runtime.errors import ContainerSetupError
-from layerfs.runtime.process import (ContainerProcess, ContainerResult, run_container, stream_fileno,
-                                     start_container)
+from layerfs.runtime.process import ContainerProcess, ContainerResult, run_container, start_container, stream_fileno
 from layerfs.runtime.pty import relay
 from layerfs.store.store import Store
 

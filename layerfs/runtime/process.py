@@ -55,8 +55,7 @@ from layerfs.runtime.init import LaunchPlan, run_shim
 from layerfs.runtime.pty import copy_winsize, get_winsize, raw_mode, relay, set_winsize
 from layerfs.runtime.rootfs import prepare_mountpoints
 from layerfs.runtime.rootpath import make_mountpoint
-from layerfs.runtime.spec import (ContainerSpec, UserNamespace, check_name,
-                                  check_volume_sources, container_env)
+from layerfs.runtime.spec import ContainerSpec, UserNamespace, check_name, check_volume_sources, container_env
 from layerfs.runtime.users import resolve_user
 
 Stream = Union[int, IO[bytes], IO[str], None]

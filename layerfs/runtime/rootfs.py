@@ -27,9 +27,19 @@ from dataclasses import dataclass
 from layerfs.errors import InvalidInput
 from layerfs.runtime import syscalls
 from layerfs.runtime.rootpath import make_mountpoint
-from layerfs.runtime.syscalls import (MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE,
-                                      MS_RDONLY, MS_REC, MS_REMOUNT, MS_SLAVE, MS_STRICTATIME,
-                                      mount)
+from layerfs.runtime.syscalls import (
+    MS_BIND,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_RDONLY,
+    MS_REC,
+    MS_REMOUNT,
+    MS_SLAVE,
+    MS_STRICTATIME,
+    mount,
+)
 
 MASKED_PATHS = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",

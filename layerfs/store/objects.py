@@ -31,11 +31,11 @@ references them. The database, not the directory, says which objects exist.
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import itertools
-import threading
-import errno
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 

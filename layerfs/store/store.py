@@ -27,9 +27,9 @@ from layerfs.store import references
 from layerfs.store.db import Database
 from layerfs.store.images import Image
 from layerfs.store.layout import StoreLayout
-from layerfs.store.refs import BUILD_CACHE, COLUMNS, Ref
 from layerfs.store.manifest import Entry
 from layerfs.store.objects import ObjectStore, StoredObject, syncfs
+from layerfs.store.refs import BUILD_CACHE, COLUMNS, Ref
 from layerfs.store.scan import FileRef, parallel_map, scan
 from layerfs.store.statcache import StatCache
 from layerfs.store.tree import MergedTree, flatten

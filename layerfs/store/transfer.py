@@ -38,14 +38,11 @@ def import_layer(store: Store, source: str, base: Image | None = None, as_layer:
 
 
 def _read_tar(store: Store, path: str) -> tuple[list[Entry], list]:
+    # On failure, objects written so far are uncommitted debris for gc:
+    # nothing references them, so the store stays consistent.
     reader = TarReader(store.objects, store.import_claims())
-    try:
-        with open(path, "rb") as f:
-            entries = reader.read(f)
-    except BaseException:
-        # Objects written so far are uncommitted debris for gc; nothing
-        # references them, so the store stays consistent.
-        raise
+    with open(path, "rb") as f:
+        entries = reader.read(f)
     return entries, reader.fresh
 
 

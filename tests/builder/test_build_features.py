@@ -12,7 +12,6 @@ import pytest
 from layerfs.builder.chmod import parse_chmod
 from layerfs.builder.executor import BuildEvent, BuildOptions, build
 from layerfs.errors import InvalidInput
-
 from tests.builder.helpers import make_context
 
 pytestmark = [pytest.mark.root, pytest.mark.tools("busybox")]

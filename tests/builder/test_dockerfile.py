@@ -7,7 +7,6 @@ import textwrap
 import pytest
 
 from layerfs.builder import dockerfile as df
-from layerfs.builder.instruction_parser import go_duration
 from layerfs.builder.dockerfile import (
     Add,
     Arg,
@@ -34,6 +33,7 @@ from layerfs.builder.dockerfile import (
     parse,
     required_stages,
 )
+from layerfs.builder.instruction_parser import go_duration
 from layerfs.builder.substitution import expand_instruction
 from layerfs.errors import InvalidInput, LayerfsError, NotFound
 

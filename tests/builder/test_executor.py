@@ -10,7 +10,6 @@ from layerfs.builder import executor
 from layerfs.builder.context import BuildContextError
 from layerfs.builder.executor import BuildError, BuildOptions, build
 from layerfs.errors import InvalidInput, NotFound
-
 from tests.builder.helpers import make_context
 
 pytestmark = [pytest.mark.root, pytest.mark.tools("busybox")]

@@ -14,7 +14,6 @@ from layerfs.builder.executor import BuildError, BuildOptions, build, prune_cach
 from layerfs.builder.run_mounts import RunMount, SecretSource, parse_mount, parse_secret
 from layerfs.errors import InvalidInput, NotFound, Unsupported
 from layerfs.store.layout import StoreLayout
-
 from tests.builder.helpers import make_context
 from tests.conftest import layerfs_cmd
 

@@ -19,7 +19,6 @@ from layerfs.builder.executor import BuildOptions, build
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.store import fsck
 from layerfs.store import manifest as mf
-
 from tests.builder.helpers import make_context
 from tests.conftest import layerfs_cmd
 

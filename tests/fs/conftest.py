@@ -12,13 +12,11 @@ import time
 
 import pytest
 
-from tests import capabilities
-
 from layerfs.fs import mount as fsmount
 from layerfs.store import images as img
 from layerfs.store import transfer
 from layerfs.store.store import Store
-
+from tests import capabilities
 
 FUSE_SKIP = capabilities.fuse()
 needs_fuse = pytest.mark.fuse

@@ -18,7 +18,6 @@ from layerfs.errors import Corrupt, InvalidInput, LayerfsError, NotFound
 from layerfs.oci import media
 from layerfs.store import transfer
 from layerfs.store.store import Store
-
 from tests.conftest import layerfs_cmd
 from tests.oci.conftest import add_layer
 from tests.oci.helpers import tree_signature

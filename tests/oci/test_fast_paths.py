@@ -23,7 +23,6 @@ from layerfs.store import tarlayer, transfer
 from layerfs.store.manifest import Entry
 from layerfs.store.refs import Ref
 from layerfs.store.store import Store
-
 from tests.oci.helpers import tree_signature
 
 

@@ -14,13 +14,11 @@ import tarfile
 
 import pytest
 
-from tests import capabilities
-
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
 from layerfs.store import tarlayer, transfer
 from layerfs.store.manifest import Entry
-
+from tests import capabilities
 from tests.conftest import layerfs_cmd
 from tests.oci.conftest import make_busybox_tree
 from tests.oci.interop import Buildah, Containerd, diff_signatures, full_signature

@@ -16,7 +16,6 @@ from layerfs.oci import media
 from layerfs.oci.registry import AuthError, Client, RegistryError
 from layerfs.store import transfer
 from layerfs.store.store import Store
-
 from tests.conftest import layerfs_cmd
 from tests.oci.conftest import add_layer
 from tests.oci.helpers import FaultProxy, tree_signature

@@ -18,7 +18,6 @@ from layerfs.oci.registry import Client, RegistryError, is_loopback, plain_http_
 from layerfs.store import images as img
 from layerfs.store import transfer
 from layerfs.store.store import Store
-
 from tests.conftest import layerfs_cmd
 from tests.oci.conftest import add_layer
 from tests.oci.helpers import FaultProxy

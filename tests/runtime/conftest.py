@@ -17,11 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import capabilities
-
-from layerfs.runtime import ContainerResult, ContainerSpec, run_container
-from layerfs.runtime import process
+from layerfs.runtime import ContainerResult, ContainerSpec, process, run_container
 from layerfs.runtime.cgroups import parent_dirs
+from tests import capabilities
 
 BUSYBOX = "/bin/busybox"
 PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from layerfs.errors import InvalidInput, NotFound
-from layerfs.runtime import (ContainerSpec, IdMap, UserNamespace, Volume, bundle_config,
-                             run_bundle, write_bundle)
+from layerfs.runtime import ContainerSpec, IdMap, UserNamespace, Volume, bundle_config, run_bundle, write_bundle
 from layerfs.runtime.spec import Tmpfs
 
 DOCKER_DEFAULT_CAPS = "00000000a80425fb"

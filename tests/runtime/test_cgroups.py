@@ -8,10 +8,9 @@ import time
 
 import pytest
 
-from tests.runtime.conftest import root_tests
 from layerfs.errors import Conflict, InvalidInput
-from layerfs.runtime.cgroups import (CgroupLimits, V1Cgroup, V2Cgroup, cgroup_version,
-                                     create_cgroup)
+from layerfs.runtime.cgroups import CgroupLimits, V1Cgroup, V2Cgroup, cgroup_version, create_cgroup
+from tests.runtime.conftest import root_tests
 
 pytestmark = root_tests
 

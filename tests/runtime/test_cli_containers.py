@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import capabilities
-
 from layerfs.runtime.cgroups import parent_dirs
 from layerfs.runtime.containers import store_tag
+from tests import capabilities
 
 LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
 

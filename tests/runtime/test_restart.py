@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.runtime.test_cli_containers import (Cli, _skip_reason, _wait_for_log, cli,  # noqa: F401
-                                               template_store)
+from tests.runtime.test_cli_containers import Cli, _skip_reason, _wait_for_log, cli, template_store  # noqa: F401
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse,
               pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]

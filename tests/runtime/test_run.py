@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.conftest import Ran, root_tests
 from layerfs.errors import InvalidInput, NotFound
-from layerfs.runtime import (ContainerSetupError, ContainerSpec, IdMap, UserNamespace, Volume,
-                             start_container)
+from layerfs.runtime import ContainerSetupError, ContainerSpec, IdMap, UserNamespace, Volume, start_container
 from layerfs.runtime.cgroups import V1Cgroup, V2Cgroup, parent_dirs
+from tests.runtime.conftest import Ran, root_tests
 
 pytestmark = root_tests
 Run = Callable[..., Ran]

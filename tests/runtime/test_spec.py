@@ -9,10 +9,21 @@ from pathlib import Path
 import pytest
 
 from layerfs.errors import InvalidInput, NotFound
-from layerfs.runtime.spec import (ContainerSpec, IdMap, Tmpfs, Volume, container_env, parse_cpus,
-                                  parse_env, parse_id_map, parse_memory, parse_pids_limit,
-                                  parse_volume, read_env_file)
 from layerfs.runtime.rootpath import is_unused_mountpoint, make_mountpoint, secure_join
+from layerfs.runtime.spec import (
+    ContainerSpec,
+    IdMap,
+    Tmpfs,
+    Volume,
+    container_env,
+    parse_cpus,
+    parse_env,
+    parse_id_map,
+    parse_memory,
+    parse_pids_limit,
+    parse_volume,
+    read_env_file,
+)
 from layerfs.runtime.users import ExecUser, resolve_user
 
 

@@ -138,7 +138,7 @@ class Containerd:
                 '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]',
                 '  runtime_type = "io.containerd.runc.v2"',
                 # LFS_RUNC=wrapper: a developer's hook to log runc's calls.
-                *([f'[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]',
+                *(['[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]',
                    f'  BinaryName = "{os.environ["LFS_RUNC"]}"'] if os.environ.get("LFS_RUNC") else []),
                 '[plugins."io.containerd.grpc.v1.cri".cni]',
                 f'  bin_dir = "{base}/cni/bin"',

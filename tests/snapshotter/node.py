@@ -12,7 +12,16 @@ import subprocess
 import pytest
 
 from tests.oci.conftest import Registry
-from tests.snapshotter.harness import CONTAINERD, CTR, LAYERFS, Containerd, Snapshotter, short_tmpdir, unmount_all, wait_for
+from tests.snapshotter.harness import (
+    CONTAINERD,
+    CTR,
+    LAYERFS,
+    Containerd,
+    Snapshotter,
+    short_tmpdir,
+    unmount_all,
+    wait_for,
+)
 
 PAUSE_DOCKERFILE = """FROM busybox:latest
 ENTRYPOINT ["/bin/sleep", "2147483647"]

@@ -12,9 +12,8 @@ import urllib.request
 import pytest
 
 from layerfs.fs import mount as fsmount
-from layerfs.snapshotter import proto
 from layerfs.snapshotter import mounts as mnt
-from layerfs.snapshotter import records
+from layerfs.snapshotter import proto, records
 from layerfs.store.store import Store
 from tests.oci.conftest import free_port
 from tests.snapshotter.harness import short_tmpdir, wait_for

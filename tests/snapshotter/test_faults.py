@@ -17,9 +17,8 @@ import grpc
 import pytest
 
 from layerfs.snapshotter import proto, records
-from layerfs.store import fsck
+from layerfs.store import fsck, transfer
 from layerfs.store import images as img
-from layerfs.store import transfer
 from layerfs.store.store import Store
 from tests.snapshotter.harness import LAYERFS, Snapshotter, unmount_all, wait_for
 from tests.snapshotter.node import layerfs

@@ -10,9 +10,8 @@ import time
 
 import pytest
 
-from layerfs.store import fsck, gc
+from layerfs.store import fsck, gc, transfer
 from layerfs.store import images as img
-from layerfs.store import transfer
 from layerfs.store.refs import Ref
 from layerfs.store.store import Store
 

@@ -9,7 +9,6 @@ from layerfs.store import images as img
 from layerfs.store import transfer, usage
 from layerfs.store.refs import Ref
 from layerfs.store.store import Store
-
 from tests.conftest import layerfs_cmd
 
 SIZES = {"base": 1000, "step": 3000, "final": 4000, "other": 5000, "orphan": 6000}
