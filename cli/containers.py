@@ -105,7 +105,7 @@ def _is_the_layerfs_program() -> bool:
 @click.option("--entrypoint", help="Override the image's ENTRYPOINT (drops its CMD too).")
 @click.option("--runtime", type=click.Choice(list(RUNTIMES)), default="builtin", show_default=True)
 @click.option("--backend", type=click.Choice(["fuse", "kernel"]), default=None,
-              help="Mount with the FUSE daemon or kernel overlayfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
+              help="FUSE daemon or kernel overlayfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(interactive: bool, tty: bool, detach: bool, auto_remove: bool,
@@ -393,7 +393,7 @@ def diff_cmd(store: Store, container: str) -> None:
 @click.command("bundle", context_settings={"allow_interspersed_args": False})
 @click.option("--container", metavar="NAME", help="Write into this container's upper dir.")
 @click.option("--backend", type=click.Choice(["fuse", "kernel"]), default=None,
-              help="Mount with the FUSE daemon or kernel overlayfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
+              help="FUSE daemon or kernel overlayfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
 @click.argument("image")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)

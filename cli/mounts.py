@@ -24,7 +24,7 @@ def _root() -> str:
 @click.option("--foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("--debug", "fs_debug", is_flag=True, help="Log every FUSE request to the mount's log file.")
 @click.option("--backend", type=click.Choice(["fuse", "kernel"]), default=None,
-              help="Mount with the FUSE daemon or kernel overlayfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
+              help="FUSE daemon or kernel overlayfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
 def mount_cmd(image: str, mountpoint: str, read_only: bool, upper: str | None, container: str | None,
               foreground: bool, fs_debug: bool, backend: str | None) -> None:
     """Mount IMAGE at MOUNTPOINT; returns once the mount serves requests.

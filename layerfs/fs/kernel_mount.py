@@ -36,9 +36,8 @@ import time
 
 from layerfs import procfs
 from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound
-from layerfs.fs import kernel
+from layerfs.fs import kernel, registry
 from layerfs.fs import mount as fsmount  # noqa: F401 - imported before any fork (see _spawn_keeper)
-from layerfs.fs import registry
 from layerfs.fs.metalayer import ensure_metalayer
 from layerfs.fs.upper import work_dir_for
 from layerfs.store.layout import StoreLayout
