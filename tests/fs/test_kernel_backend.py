@@ -480,6 +480,20 @@ def test_a_store_on_tmpfs_mounts_its_metadata_layer_through_a_loop_device(tmp_pa
             bound = subprocess.run(["losetup", "-j", meta], capture_output=True, text=True).stdout
             assert "/dev/loop" in bound
             assert h.upper.startswith(root)
-        assert subprocess.run(["losetup", "-j", meta], capture_output=True, text=True).stdout == ""
+        # the kernel lets go of the detached EROFS mount, then of the loop
+        # device (autoclear), a moment after the overlay's umount returns
+        assert _eventually(lambda: subprocess.run(["losetup", "-j", meta], capture_output=True,
+                                                  text=True).stdout == "")
     finally:
-        subprocess.run(["umount", str(fsdir)], check=True)
+        _eventually(lambda: subprocess.run(["umount", str(fsdir)], capture_output=True).returncode == 0)
+
+
+def _eventually(check, seconds: float = 20.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
