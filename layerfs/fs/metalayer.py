@@ -9,11 +9,11 @@ the object's file in ``ROOT/objects`` (mounted as a data-only layer):
     trusted.overlay.redirect   /ab/cdef...    (the object's path there)
 
 Format: an EROFS image written by ``fs.erofs``, at
-``ROOT/metalayers/<chain key>.erofs``. Measured on this project's machine
-(kernel 6.18, ext4, 30,000 files; benchmarks/bench_fs.py --meta-formats):
-a directory tree takes ~4 KiB of disk per file (each file's xattr block)
-and seconds to write, the EROFS image ~190 bytes per file and a fraction
-of a second; see README for the numbers.
+``ROOT/metalayers/<chain key>.v<FORMAT>.erofs``. Chosen by measurement
+(benchmarks/bench_metalayer.py, kernel 6.18, ext4, 30,000 paths): a
+directory tree of sparse files takes ~4 KiB of disk per path (each file's
+xattr block) and 14-22 s to write (2-3 s on tmpfs, lost at reboot); the
+EROFS image ~200 bytes per path and under a second. README has the table.
 
 * Keyed by the image's *layer chain* (``Image.chain_key``), so images that
   differ only in their config share it. Dropped by gc when no image has
@@ -29,7 +29,9 @@ of a second; see README for the numbers.
   same tree.
 * Every regular file's object must be in the store, raw: ``.zst`` objects
   get a raw copy beside them (``ObjectStore.ensure_raw``); a missing object
-  is a NotFound naming the path, at mount time rather than EIO later.
+  is a NotFound naming the path, when the layer is built (the first kernel
+  mount of the chain) rather than EIO later. Later mounts trust the cache:
+  objects of a live image are never removed by gc.
 """
 
 from __future__ import annotations
