@@ -48,7 +48,8 @@ def _build_args(items: tuple[str, ...]) -> dict[str, str]:
               help="A secret for RUN --mount=type=secret (repeatable); never stored in the image.")
 @click.option("--target", default=None, metavar="STAGE", help="Build this stage (and what it needs) only.")
 @click.option("--no-cache", is_flag=True, help="Do not use the build cache.")
-@click.option("--pull", type=click.Choice(["never"]), default="never", help="Only 'never' (images come from the store).")
+@click.option("--pull", type=click.Choice(["never"]), default="never",
+              help="Only 'never' (images come from the store).")
 @click.option("--network", type=click.Choice(["host", "none"]), default="host", show_default=True,
               help="Network for RUN steps.")
 @click.option("--progress", type=click.Choice(["auto", "plain", "tty"]), default="auto", show_default=True,

@@ -36,7 +36,8 @@ def image_size(store: Store, image: Image) -> int:
               help="With --base: SOURCE is a layer as it is (overlayfs upper dir / OCI whiteouts), not a full tree.")
 @click.option("-m", "--message", default="", help="Comment recorded in the history.")
 @with_store
-def import_cmd(store: Store, source: str, tags: tuple[str, ...], base: str | None, as_layer: bool, message: str) -> None:
+def import_cmd(store: Store, source: str, tags: tuple[str, ...], base: str | None, as_layer: bool,
+               message: str) -> None:
     """Import a directory or tar archive as an image (or as a layer on --base)."""
     if as_layer and not base:
         raise InvalidInput("--layer needs --base")
@@ -109,8 +110,8 @@ def history_cmd(store: Store, image: str, no_trunc: bool, quiet: bool, fmt: str)
     im = store.image(image)
     rows = _history_rows(store, im)
     if fmt == "json":
-        emit_json([{"Image": i, "Layer": l, "CreatedAt": c, "CreatedBy": b, "Size": s, "Comment": m}
-                   for i, l, c, b, s, m in rows])
+        emit_json([{"Image": i, "Layer": lid, "CreatedAt": c, "CreatedBy": b, "Size": s, "Comment": m}
+                   for i, lid, c, b, s, m in rows])
         return
     cut = (lambda x: x) if no_trunc else (lambda x: x[:12])
     if quiet:
@@ -121,8 +122,8 @@ def history_cmd(store: Store, image: str, no_trunc: bool, quiet: bool, fmt: str)
         return text if no_trunc else ellipsize(text, 45)
 
     table(["IMAGE", "LAYER", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
-          [(cut(i) if i else "<missing>", cut(l) if l else "<none>", human_ago(img.parse_timestamp(c)) if c else "",
-            by(b), human_size(s), m) for i, l, c, b, s, m in rows])
+          [(cut(i) if i else "<missing>", cut(lid) if lid else "<none>", human_ago(img.parse_timestamp(c)) if c else "",
+            by(b), human_size(s), m) for i, lid, c, b, s, m in rows])
 
 
 def _history_rows(store: Store, im: Image) -> list[tuple[str, str, str, str, int, str]]:
@@ -257,6 +258,8 @@ def df_cmd(store: Store, verbose: bool, no_trunc: bool, fmt: str) -> None:
             table(headers, [(r.image_id[:12], tags(r), human_size(r.logical), human_size(r.shared_layers),
                              human_size(r.shared_files), human_size(r.unique)) for r in rows])
         for title, headers, rows in _extra_usage_tables(store):
+            if not rows:
+                continue    # no containers, no snapshots: no empty table
             click.echo()
             click.echo(title)
             table(headers, rows)

@@ -23,7 +23,9 @@ from layerfs.store.images import Image
 from layerfs.store.store import Store
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
-PASSWD = "root:x:0:0:root:/root:/bin/sh\ndaemon:x:1:1:daemon:/usr/sbin:/bin/false\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
+          "daemon:x:1:1:daemon:/usr/sbin:/bin/false\n"
+          "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
 GROUP = "root:x:0:\ndaemon:x:1:\ntty:x:5:\nnogroup:x:65534:\n"
 Step = Callable[[str], None]   # told what a long operation is doing now
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -49,7 +51,8 @@ def busybox_tree(dest: str, busybox: str | None = None) -> None:
     """Lay out a minimal busybox root filesystem at *dest*."""
     busybox = busybox or find_busybox()
     mtime = int(os.stat(busybox).st_mtime)
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "home", "tmp", "var/tmp", "proc", "sys", "dev", "var/log"):
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "home", "tmp", "var/tmp", "proc", "sys", "dev",
+              "var/log"):
         os.makedirs(os.path.join(dest, d), exist_ok=True)
     os.chmod(os.path.join(dest, "tmp"), 0o1777)
     os.chmod(os.path.join(dest, "var/tmp"), 0o1777)

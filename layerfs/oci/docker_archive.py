@@ -25,7 +25,8 @@ class DockerArchiveSource:
     def __init__(self, bundle: Bundle, entry: dict[str, Any], index: int) -> None:
         self.bundle = bundle
         config_name, layers, tags = entry.get("Config"), entry.get("Layers"), entry.get("RepoTags") or []
-        if not isinstance(config_name, str) or not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
+        if (not isinstance(config_name, str) or not isinstance(layers, list)
+                or not all(isinstance(x, str) for x in layers)):
             raise InvalidInput(f"{bundle.description}: manifest.json entry {index} is malformed")
         if not isinstance(tags, list):
             raise InvalidInput(f"{bundle.description}: RepoTags is not a list")

@@ -55,7 +55,8 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 def check_digest(digest: Any, what: str = "digest") -> str:
     if not isinstance(digest, str) or not _DIGEST.match(digest):
-        if isinstance(digest, str) and not digest.startswith("sha256:") and re.match(r"^[a-z0-9+._-]+:[a-zA-Z0-9=_-]+$", digest):
+        if (isinstance(digest, str) and not digest.startswith("sha256:")
+                and re.match(r"^[a-z0-9+._-]+:[a-zA-Z0-9=_-]+$", digest)):
             raise Unsupported(f"unsupported {what} algorithm: {digest[:40]!r} (only sha256 is supported)")
         raise InvalidInput(f"invalid {what}: {str(digest)[:80]!r}")
     return digest

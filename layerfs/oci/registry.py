@@ -210,8 +210,8 @@ class Client:
                 self._sleep(attempt, r.getheader("Retry-After"))
                 continue
             if r.status in (401, 403):
-                raise AuthError(f"{self.host}: the token service rejected the credentials "
-                                f"({'run layerfs login ' + self.host if not self.credentials else 'wrong username or password'})")
+                hint = f"run layerfs login {self.host}" if not self.credentials else "wrong username or password"
+                raise AuthError(f"{self.host}: the token service rejected the credentials ({hint})")
             if r.status != 200:
                 raise AuthError(f"{self.host}: token service answered {r.status} {r.reason}")
             try:

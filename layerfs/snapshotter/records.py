@@ -168,7 +168,8 @@ def drop_orphan_images(store: Store) -> int:
     with store.db.transaction() as c:
         for iid, cfg in c.execute("SELECT id, config FROM images").fetchall():
             labels = (json.loads(cfg).get("config") or {}).get("Labels") or {}
-            if labels.get(CHAIN_LABEL) and not c.execute("SELECT 1 FROM refs WHERE image_id=? AND NOT weak", (iid,)).fetchone() \
+            if labels.get(CHAIN_LABEL) \
+                    and not c.execute("SELECT 1 FROM refs WHERE image_id=? AND NOT weak", (iid,)).fetchone() \
                     and not c.execute("SELECT 1 FROM tags WHERE image_id=?", (iid,)).fetchone():
                 c.execute("DELETE FROM images WHERE id=?", (iid,))
                 n += 1

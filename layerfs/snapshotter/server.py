@@ -88,7 +88,8 @@ class Servicer:
 
     @_rpc
     def Prepare(self, req, ctx):
-        return self.pb.PrepareSnapshotResponse(mounts=self._mounts(self.s.prepare(req.key, req.parent, dict(req.labels))))
+        mounts = self._mounts(self.s.prepare(req.key, req.parent, dict(req.labels)))
+        return self.pb.PrepareSnapshotResponse(mounts=mounts)
 
     @_rpc
     def View(self, req, ctx):

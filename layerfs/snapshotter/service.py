@@ -89,7 +89,8 @@ class Snapshotter:
                 image_id = p.image_id
             mode = _mode(kind, key, parent, labels)
             now = rec.now_ns()
-            snap = Snapshot(key, secrets.token_hex(8), kind, parent, dict(labels), now, now, image_id=image_id, mode=mode)
+            snap = Snapshot(key, secrets.token_hex(8), kind, parent, dict(labels), now, now,
+                            image_id=image_id, mode=mode)
             mnt.create_dirs(self.root, snap.id, mode)
             try:
                 rec.insert(store, snap)

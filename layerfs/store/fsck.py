@@ -130,7 +130,8 @@ def _check_names(store: Store, report: FsckReport, bad_images: set[str], bad_lay
     layers = {r[0] for r in store.db.all("SELECT id FROM layers")} - bad_layers
     for name, tag, iid in store.db.all("SELECT name, tag, image_id FROM tags"):
         if iid not in images:
-            report.problems.append(Problem("tag", f"{name}:{tag}", f"tag {name}:{tag} points at missing image {iid[:12]}"))
+            report.problems.append(Problem("tag", f"{name}:{tag}",
+                                           f"tag {name}:{tag} points at missing image {iid[:12]}"))
     for ref in store.refs():
         if ref.weak:
             continue  # weak mappings may dangle until the next gc drops them

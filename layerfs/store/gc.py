@@ -64,7 +64,8 @@ def collect(store: Store, dry_run: bool = False, ignore_refs: Collection[tuple[s
         dead = set(dead_layers)
         needed = {d for lid, d in store.db.all("SELECT layer_id, digest FROM layer_objects") if lid not in dead}
         dead_objects = [d for (d,) in store.db.all("SELECT digest FROM objects") if d not in needed]
-        freed = sum(_disk_bytes(p) for d in dead_objects for p in (store.objects.raw_path(d), store.objects.zst_path(d)))
+        freed = sum(_disk_bytes(p) for d in dead_objects
+                    for p in (store.objects.raw_path(d), store.objects.zst_path(d)))
         freed += sum(_disk_bytes(store.layer_manifest_path(lid)) for lid in dead_layers)
         if not dry_run:
             _drop(store, dead_layers, dead_objects)

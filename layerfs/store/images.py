@@ -21,7 +21,8 @@ import blake3
 from layerfs.errors import Corrupt
 
 ROOTFS_TYPE = "layerfs"
-_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x"}
+_GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386",
+           "ppc64le": "ppc64le", "s390x": "s390x"}
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,8 @@ class Store:
         return r
 
     def tags_of(self, image_id: str) -> list[str]:
-        return [f"{n}:{t}" for n, t in self.db.all("SELECT name, tag FROM tags WHERE image_id=? ORDER BY name, tag", image_id)]
+        rows = self.db.all("SELECT name, tag FROM tags WHERE image_id=? ORDER BY name, tag", image_id)
+        return [f"{n}:{t}" for n, t in rows]
 
     def untag(self, ref: str) -> str:
         r = references.parse(ref)

@@ -172,7 +172,8 @@ class TarReader:
                     raise InvalidInput(f"not a readable tar archive: {exc}") from None
                 raise InvalidInput("tar archive is truncated (no end-of-archive marker)") from None
             except tarfile.SubsequentHeaderError as exc:
-                raise InvalidInput(f"{'not a readable tar archive' if first else 'malformed tar archive'}: {exc}") from None
+                what = "not a readable tar archive" if first else "malformed tar archive"
+                raise InvalidInput(f"{what}: {exc}") from None
             except ValueError as exc:
                 # tarfile's GNU sparse map parsers call int() on header text.
                 raise InvalidInput(f"malformed tar header: {exc}") from None

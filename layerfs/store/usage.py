@@ -65,7 +65,8 @@ def measure(store: Store) -> StoreUsage:
     layer_size = dict(db.all("SELECT id, size FROM layers"))
     obj_size = dict(db.all("SELECT digest, size FROM objects"))
     images = db.all("SELECT id FROM images ORDER BY created")
-    img_layers = {iid: [r[0] for r in db.all("SELECT layer_id FROM image_layers WHERE image_id=? ORDER BY position", iid)]
+    img_layers = {iid: [r[0] for r in db.all("SELECT layer_id FROM image_layers WHERE image_id=? ORDER BY position",
+                                             iid)]
                   for (iid,) in images}
     layer_objs: dict[str, set[str]] = {}
     for lid, d in db.all("SELECT layer_id, digest FROM layer_objects"):
@@ -87,8 +88,8 @@ def measure(store: Store) -> StoreUsage:
         mine = 0 if iid in steps else 1
         rows.append(ImageUsage(
             iid, tuple(tags.get(iid, ())),
-            logical=sum(layer_size.get(l, 0) for l in lids),
-            shared_layers=sum(layer_size.get(l, 0) for l in set(lids) if layer_users.get(l, 0) > mine),
+            logical=sum(layer_size.get(lid, 0) for lid in lids),
+            shared_layers=sum(layer_size.get(lid, 0) for lid in set(lids) if layer_users.get(lid, 0) > mine),
             shared_files=sum(obj_size.get(d, 0) for d in objs if obj_users.get(d, 0) > mine),
             unique=sum(obj_size.get(d, 0) for d in objs if obj_users.get(d, 0) <= mine),
             build_step=iid in steps,
@@ -100,8 +101,8 @@ def measure(store: Store) -> StoreUsage:
         # Shown images as full copies, plus the layers only build steps
         # use, once: never less than layer-level, and steps do not inflate it.
         logical=sum(r.logical for r in rows if not r.build_step)
-        + sum(layer_size.get(l, 0) for l in used_layers if l not in layer_users),
-        layer_level=sum(layer_size.get(l, 0) for l in used_layers),
+        + sum(layer_size.get(lid, 0) for lid in used_layers if lid not in layer_users),
+        layer_level=sum(layer_size.get(lid, 0) for lid in used_layers),
         file_level=sum(obj_size.values()),
         physical=physical_bytes(store),
         objects=len(obj_size),

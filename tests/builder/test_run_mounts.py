@@ -336,7 +336,8 @@ def test_cli_secret_and_prune(store_root, tmp_path):
     with tarfile.open(tmp_path / "out.tar") as tf:
         names = {n.removeprefix("./") for n in tf.getnames()}
         assert "len" in names and not any(n.startswith(("run/", "c/")) for n in names), names
-        assert tf.extractfile(tf.getmember(next(n for n in tf.getnames() if n.endswith("len")))).read().strip() == str(len(src.read_text())).encode()
+        member = tf.getmember(next(n for n in tf.getnames() if n.endswith("len")))
+        assert tf.extractfile(member).read().strip() == str(len(src.read_text())).encode()
     out = layerfs_cmd("builder", "prune", root=store_root, check=True).stdout.decode()
     assert "Deleted 1 cache mount" in out
 

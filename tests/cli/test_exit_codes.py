@@ -40,7 +40,8 @@ def test_every_command_has_help(tmp_path):
     p = layerfs_cmd("--help", root=str(tmp_path))
     assert p.returncode == 0
     commands = [line.split()[0] for line in p.stdout.decode().split("Commands:")[1].splitlines() if line.strip()]
-    assert {"import", "images", "history", "inspect", "tag", "rmi", "gc", "fsck", "export", "df", "bootstrap"} <= set(commands)
+    expected = {"import", "images", "history", "inspect", "tag", "rmi", "gc", "fsck", "export", "df", "bootstrap"}
+    assert expected <= set(commands)
     for c in commands:
         assert layerfs_cmd(c, "--help", root=str(tmp_path)).returncode == 0, c
 

@@ -50,12 +50,14 @@ def test_load_layout_directory_and_skopeo_inspects(bb_store, busybox, tmp_path):
     p = subprocess.run(["skopeo", "inspect", f"oci-archive:{tmp_path / 'bb.tar'}:test"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     oci.save(bb_store, ["busybox:test"], str(tmp_path / "bb-docker.tar"), fmt="docker")
-    p = subprocess.run(["skopeo", "inspect", f"docker-archive:{tmp_path / 'bb-docker.tar'}"], capture_output=True, text=True)
+    p = subprocess.run(["skopeo", "inspect", f"docker-archive:{tmp_path / 'bb-docker.tar'}"],
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert len(json.loads(p.stdout)["Layers"]) == 1
     # skopeo writes a layout dir; layerfs loads it
     d = tmp_path / "layout"
-    p = subprocess.run(["skopeo", "copy", f"oci-archive:{tmp_path / 'bb.tar'}:test", f"oci:{d}:test"], capture_output=True, text=True)
+    p = subprocess.run(["skopeo", "copy", f"oci-archive:{tmp_path / 'bb.tar'}:test", f"oci:{d}:test"],
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     with Store(str(tmp_path / "s")) as s:
         (x,) = oci.load(s, str(d))
@@ -73,7 +75,8 @@ def test_umoci_unpacks_what_layerfs_saved(bb_store, busybox, tmp_path):
     lid = transfer.import_layer(bb_store, str(d), as_layer=True)
     from layerfs.store import images as img
 
-    top = bb_store.put_image(img.with_layer(app.config, lid, img.history_entry("RUN rm /bin/vi", created="2024-01-03T00:00:00Z")))
+    entry = img.history_entry("RUN rm /bin/vi", created="2024-01-03T00:00:00Z")
+    top = bb_store.put_image(img.with_layer(app.config, lid, entry))
     bb_store.tag(top.id, "app:top")
     oci.save(bb_store, ["app:top"], str(tmp_path / "app.tar"))
     layout = tmp_path / "layout"

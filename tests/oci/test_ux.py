@@ -171,7 +171,8 @@ def test_ctrl_c_stops_a_push(bb_store, registry, tmp_path):
     finally:
         proxy.close()
     assert code == 130, err
-    assert re.search(rf"Error: interrupted: 1 of 3 layer\(s\) are complete at {proxy.host}/ux/bigpush:1 and are kept", err), err
+    assert re.search(rf"Error: interrupted: 1 of 3 layer\(s\) are complete at {proxy.host}/ux/bigpush:1 "
+                     r"and are kept", err), err
     _fsck_clean(bb_store.root)
     assert not [n for n in os.listdir(bb_store.tmp_dir)], "spooled blobs are removed"
     # What was uploaded is kept: pushing again sends only the rest.

@@ -1,4 +1,5 @@
-"""Fixtures for the runtime tests: a busybox rootfs and a run helper.
+"""Fixtures for the runtime tests: a busybox rootfs and a run helper, and
+a store for the tests that drive the real `layerfs` CLI (`cli`).
 
 The rootfs is a directory with the static busybox (a private copy, made
 once per session and hard-linked per test), one symlink per applet and a
@@ -10,7 +11,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ import pytest
 from layerfs.runtime import ContainerResult, ContainerSpec, process, run_container
 from layerfs.runtime.cgroups import parent_dirs
 from tests import capabilities
+from tests.runtime.cli_helpers import Cli, cli_skip_reason, leftovers
 
 BUSYBOX = "/bin/busybox"
 PASSWD = ("root:x:0:0:root:/root:/bin/sh\n"
@@ -126,3 +130,38 @@ def no_leftover_cgroups(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     leftovers = _container_cgroups() - before
     assert not leftovers, f"container cgroups left behind: {sorted(leftovers)}"
+
+
+# -- the real CLI (test_cli_containers.py, test_restart.py) --------------------------------
+@pytest.fixture(scope="module")
+def template_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    if cli_skip_reason():
+        pytest.skip(cli_skip_reason() or "")
+    root = str(tmp_path_factory.mktemp("template") / "store")
+    Cli(root).out("bootstrap", "busybox")
+    return root
+
+
+@pytest.fixture
+def cli(template_store: str, tmp_path: Path) -> Iterator[Cli]:
+    root = str(tmp_path / "store")
+    shutil.copytree(template_store, root, symlinks=True)
+    tool = Cli(root)
+    yield tool
+    # Tests stop what they start; anything still here is a leak. Clean up
+    # (so one failure does not cascade), then fail.
+    deadline = time.monotonic() + 10
+    while any(leftovers(root, str(tmp_path)).values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leaks = leftovers(root, str(tmp_path))
+    if any(leaks.values()):
+        for ref in tool("ps", "-aq", "--no-trunc").stdout.decode().split():
+            tool("rm", "-f", ref)
+        for mp in leaks["mounts"]:
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+        for pid in leaks["processes"]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not any(leaks.values()), f"left behind: {leaks}"

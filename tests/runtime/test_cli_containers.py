@@ -12,112 +12,16 @@ import json
 import os
 import pty
 import select
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from layerfs.runtime.cgroups import parent_dirs
-from layerfs.runtime.containers import store_tag
-from tests import capabilities
-
-LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
-
-
-def _skip_reason() -> str | None:
-    return capabilities.fuse() or capabilities.namespaces() or capabilities.tools("busybox")
-
+from tests.runtime.cli_helpers import LAYERFS, Cli, wait_for_log
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.namespaces, pytest.mark.tools("busybox")]
-
-
-class Cli:
-    def __init__(self, root: str) -> None:
-        self.root = root
-        self.env = dict(os.environ, LAYERFS_ROOT=root)
-
-    def __call__(self, *args: str, timeout: float = 120, input: bytes | None = None,
-                 check: bool = False) -> subprocess.CompletedProcess:
-        proc = subprocess.run([LAYERFS, *args], capture_output=True, env=self.env, input=input,
-                              timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"layerfs {' '.join(args)} -> {proc.returncode}: "
-                                 f"{proc.stderr.decode()}")
-        return proc
-
-    def out(self, *args: str, **kwargs: object) -> str:
-        return self(*args, check=True, **kwargs).stdout.decode()  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def template_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    if _skip_reason():
-        pytest.skip(_skip_reason() or "")
-    root = str(tmp_path_factory.mktemp("template") / "store")
-    Cli(root).out("bootstrap", "busybox")
-    return root
-
-
-def _mounts_below(path: str) -> list[str]:
-    with open("/proc/self/mountinfo", encoding="utf-8") as handle:
-        return [line.split()[4] for line in handle if line.split()[4].startswith(path)]
-
-
-def _cgroups_of(root: str) -> list[str]:
-    tag = store_tag(root)
-    found = []
-    for parent in parent_dirs():
-        if os.path.isdir(parent):
-            found += [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(tag)]
-    return found
-
-
-def _processes_of(root: str) -> list[int]:
-    marker = f"LAYERFS_ROOT={root}\0".encode()
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/environ", "rb") as handle:
-                    if marker in handle.read() + b"\0":
-                        pids.append(int(name))
-            except OSError:
-                continue
-    return pids
-
-
-def _leftovers(root: str, base: str) -> dict[str, list]:
-    return {"mounts": _mounts_below(base), "cgroups": _cgroups_of(root),
-            "processes": _processes_of(root)}
-
-
-@pytest.fixture
-def cli(template_store: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    root = str(tmp_path / "store")
-    shutil.copytree(template_store, root, symlinks=True)
-    tool = Cli(root)
-    yield tool
-    # Tests stop what they start; anything still here is a leak. Clean up
-    # (so one failure does not cascade), then fail.
-    deadline = time.monotonic() + 10
-    while any(_leftovers(root, str(tmp_path)).values()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    leaks = _leftovers(root, str(tmp_path))
-    if any(leaks.values()):
-        for ref in tool("ps", "-aq", "--no-trunc").stdout.decode().split():
-            tool("rm", "-f", ref)
-        for mp in leaks["mounts"]:
-            subprocess.run(["umount", "-l", mp], capture_output=True)
-        for pid in leaks["processes"]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    assert not any(leaks.values()), f"left behind: {leaks}"
 
 
 def _records(cli: Cli) -> list[str]:
@@ -226,23 +130,13 @@ def test_volumes_and_read_only(cli: Cli, tmp_path: Path) -> None:
 LOOP = "echo started; trap 'echo got-term; exit 7' TERM; while :; do sleep 0.1; done"
 
 
-def _wait_for_log(cli: Cli, name: str, text: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        log = cli.out("logs", name)
-        if text in log:
-            return log
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} not in the log of {name}: {log!r}")
-
-
 def test_detached_ps_logs_stop_rm(cli: Cli) -> None:
     cid = cli.out("run", "-d", "--name", "web", "busybox", "sh", "-c", LOOP).strip()
     assert len(cid) == 64
     ps = cli.out("ps")
     assert cid[:12] in ps and "Up " in ps and "web" in ps
     assert cli.out("ps", "-q") == cid[:12] + "\n"
-    _wait_for_log(cli, "web", "started")
+    wait_for_log(cli, "web", "started")
     # A running container is not removed without -f.
     proc = cli("rm", "web")
     assert proc.returncode == 1 and "stop it first" in _one_line_error(proc)
@@ -388,7 +282,7 @@ def test_five_containers_cost_only_their_uppers(cli: Cli) -> None:
     try:
         assert [p.wait(timeout=120) for p in starts] == [0] * 5, [p.stderr.read() for p in starts]  # type: ignore[union-attr]
         for i in range(5):
-            _wait_for_log(cli, f"c{i}", "done")
+            wait_for_log(cli, f"c{i}", "done")
         assert len(cli.out("ps", "-q").split()) == 5
         _settle_db(cli.root)
         growth = _du(cli.root) - before

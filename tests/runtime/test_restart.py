@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from tests.runtime.test_cli_containers import Cli, _skip_reason, _wait_for_log, cli, template_store  # noqa: F401
+from tests.runtime.cli_helpers import Cli, cli_skip_reason, wait_for_log
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse,
-              pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")]
+              pytest.mark.skipif(cli_skip_reason() is not None, reason=cli_skip_reason() or "")]
 
 # PID 1 writes under several image directories at every start, then waits.
 START = ("echo run >> /usr/bin/added; echo run >> /etc/runs; mkdir -p /var/log/app; "
@@ -35,15 +35,15 @@ CHECK = ("set -e; cat /usr/bin/added; test ! -e /usr/sbin/arping; test -L /usr/s
 def test_restarted_container_changes_untouched_dirs_and_commits(cli: Cli) -> None:
     cli.out("run", "-d", "--name", "keep", "busybox", "sh", "-c", START)
     try:
-        _wait_for_log(cli, "keep", "ready")
+        wait_for_log(cli, "keep", "ready")
         cli.out("stop", "-t", "10", "keep")
         cli.out("start", "keep")
-        _wait_for_log(cli, "keep", "ready\nready\n")
+        wait_for_log(cli, "keep", "ready\nready\n")
         proc = cli("exec", "keep", "sh", "-c", CHANGES)
         assert proc.returncode == 0, proc.stderr.decode()
         cli.out("stop", "-t", "10", "keep")
         cli.out("start", "keep")
-        _wait_for_log(cli, "keep", "ready\nready\nready\n")
+        wait_for_log(cli, "keep", "ready\nready\nready\n")
         expected = ["run", "run", "run", "700 0:0", "755 5:6", "600 0:0", "busybox", "2", "appended"]
         assert cli.out("exec", "keep", "sh", "-c", CHECK).splitlines() == expected
         cli.out("stop", "-t", "10", "keep")

@@ -197,7 +197,8 @@ class Containerd:
                     os.rmdir(d)
                 except OSError:
                     pass
-        for hierarchy, group in ((h, g) for h in os.listdir("/sys/fs/cgroup") for g in (self.namespace, self.cgroup_parent)):
+        groups = (self.namespace, self.cgroup_parent)
+        for hierarchy, group in ((h, g) for h in os.listdir("/sys/fs/cgroup") for g in groups):
             path = f"/sys/fs/cgroup/{hierarchy}/{group}"
             if os.path.isdir(path):
                 for d in sorted((dp for dp, _, _ in os.walk(path)), key=len, reverse=True):

@@ -43,7 +43,8 @@ def skip_without_tools() -> None:
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.skip("needs root and /dev/fuse")
     for tool, name in ((CONTAINERD, "containerd"), (CTR, "ctr"), (shutil.which("runc"), "runc"),
-                       (shutil.which("busybox"), "busybox-static"), (shutil.which("docker-registry"), "docker-registry")):
+                       (shutil.which("busybox"), "busybox-static"),
+                       (shutil.which("docker-registry"), "docker-registry")):
         if tool is None:
             pytest.skip(f"{name} is not installed")
 

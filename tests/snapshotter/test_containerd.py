@@ -38,7 +38,8 @@ def test_pull_run_three_containers_remove_prune_gc(node, images):
     for i in range(3):
         node.ctr("run", "-d", *LF, images.busybox, f"c{i}", "sh", "-c", f"echo {i} > /mine; exec sleep 1000")
     for i in range(3):
-        got = node.ctr("tasks", "exec", "--exec-id", "x", f"c{i}", "sh", "-c", "while [ ! -e /mine ]; do sleep 0.05; done; cat /mine")
+        got = node.ctr("tasks", "exec", "--exec-id", "x", f"c{i}", "sh", "-c",
+                       "while [ ! -e /mine ]; do sleep 0.05; done; cat /mine")
         assert got.stdout.strip() == str(i)  # each container has its own upper
     active = [s for s in store_snapshots(node.root) if s.kind == "active"]
     assert len(active) == 3 and all(s.mode == "fuse" for s in active)
