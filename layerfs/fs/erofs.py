@@ -25,7 +25,6 @@ by binary search. ``.`` and ``..`` are ordinary sorted entries.
 
 from __future__ import annotations
 
-import functools
 import os
 import stat
 import struct
@@ -76,7 +75,10 @@ def write_image(nodes: list[Node], uuid: bytes) -> bytes:
     layouts, tails, data_blocks = [], [], 0
     full_start: list[int] = []
     for i, n in enumerate(nodes):
-        layout, tail, nfull = _plan(n, xbodies[i], dir_splits[i])
+        if n.size and n.mode & 0o170000 == stat.S_IFREG:
+            layout, tail, nfull = CHUNK_BASED, 4, 0  # the common case, without a call
+        else:
+            layout, tail, nfull = _plan(n, xbodies[i], dir_splits[i])
         layouts.append(layout)
         tails.append(tail)
         full_start.append(1 + data_blocks if nfull else 0)
@@ -114,9 +116,9 @@ def write_image(nodes: list[Node], uuid: bytes) -> bytes:
             else:
                 at = full_start[i] * BLKSZ
                 img[at:at + size] = n.target
-        elif stat.S_ISREG(n.mode) and n.size:
+        elif layouts[i] == CHUNK_BASED:
             size = n.size
-            data = struct.pack("<I", NULL_ADDR)
+            data = _HOLE_MAP
         else:
             size = 0
         rec = _inode(n, layouts[i], size, full_start[i], i + 1, xbodies[i]) + xbodies[i] + data
@@ -181,25 +183,33 @@ def _xattr_body(xattrs: list[tuple[bytes, bytes]]) -> bytes:
     if not xattrs:
         return b""
     parts = [_IBODY_HEADER]
+    heads = _HEADS
     for name, value in xattrs:
-        head, suffix = _entry_head(name)
+        entry = heads.get(name) or _entry_head(name)
         if len(value) > 0xFFFF:
             raise Unsupported(f"xattr {name!r} is too long for the kernel backend's metadata layer")
-        parts += (head, len(value).to_bytes(2, "little"), suffix, value, _PAD[(len(suffix) + len(value)) % 4])
+        # entry: name_len + index bytes, suffix; then value_size, suffix, value, padding
+        parts += (entry[0], len(value).to_bytes(2, "little"), entry[1], value,
+                  _PAD[(len(entry[1]) + len(value)) % 4])
     return b"".join(parts)
+
+
+_HEADS: dict[bytes, tuple[bytes, bytes]] = {}  # _entry_head's answers (the same few names repeat)
 
 
 _IBODY_HEADER = struct.pack("<IB7x", 0, 0)  # no name filter, no shared xattrs
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")
+_HOLE_MAP = struct.pack("<I", NULL_ADDR)  # a chunk map of one chunk, a hole
 
 
-@functools.lru_cache(maxsize=4096)
 def _entry_head(name: bytes) -> tuple[bytes, bytes]:
-    """(e_name_len + e_name_index bytes, name suffix) of an xattr entry;
-    cached, since the same few names repeat on every file."""
+    """(e_name_len + e_name_index bytes, name suffix) of an xattr entry,
+    remembered in _HEADS (bounded: an image has few distinct names)."""
     index, suffix = _prefix(name)
     if len(suffix) > 255:
         raise Unsupported(f"xattr {name!r} is too long for the kernel backend's metadata layer")
+    if len(_HEADS) < 4096:
+        _HEADS[name] = (bytes((len(suffix), index)), suffix)
     return bytes((len(suffix), index)), suffix
 
 
@@ -224,8 +234,11 @@ def _inode(n: Node, layout: int, size: int, blkaddr: int, ino: int, xbody: bytes
         i_u = blkaddr
     icount = (len(xbody) - 12) // 4 + 1 if xbody else 0
     sec, nsec = divmod(n.mtime_ns, 1_000_000_000)
-    return struct.pack("<HHHHQIIIIqII16x", 1 | (layout << 1), icount, n.mode & 0xFFFF, 0, size, i_u,
+    return _INODE.pack(1 | (layout << 1), icount, n.mode & 0xFFFF, 0, size, i_u,
                        ino & 0xFFFFFFFF, n.uid, n.gid, sec, nsec, n.nlink)
+
+
+_INODE = struct.Struct("<HHHHQIIIIqII16x")
 
 
 def _encode_dev(rdev: int) -> int:
