@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""layerfs vs kernel overlayfs vs fuse-overlayfs on the same three-layer tree.
+"""layerfs (both backends) vs kernel overlayfs vs fuse-overlayfs on the same three-layer tree.
 
 Run as root (mounts, drop_caches)::
 
@@ -18,6 +18,11 @@ Each figure is the median of --repeat runs; "cold" means caches dropped
 (``echo 3 > /proc/sys/vm/drop_caches``) and the filesystem remounted just
 before. Results are printed as a markdown table of seconds and ratios to
 kernel overlayfs, and written to --out.
+
+"layerfs" is the FUSE daemon, "layerfs-kernel" the kernel backend
+(``--backend kernel``: the image's EROFS metadata layer over the object
+dir as a data-only layer); its metadata layer is cached after the first
+mount, as in use.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
-SYSTEMS = ("kernel", "fuse-overlayfs", "layerfs")
+SYSTEMS = ("kernel", "fuse-overlayfs", "layerfs", "layerfs-kernel")
 
 
 # -- the data set ---------------------------------------------------------------
@@ -199,8 +204,9 @@ class Mount:
                             f"lowerdir={lowers},upperdir={self.upper},workdir={self.work}", self.mp],
                            check=True, stderr=subprocess.DEVNULL)
         else:
+            backend = "kernel" if self.system == "layerfs-kernel" else "fuse"
             subprocess.run([LAYERFS, "--root", self.ds["root"], "mount", self.ds["image"], self.mp,
-                            "--upper", self.upper], check=True)
+                            "--upper", self.upper, "--backend", backend], check=True)
         elapsed = time.perf_counter() - t
         os.stat(self.mp)
         self.pid = self._find_pid()
@@ -209,7 +215,7 @@ class Mount:
     def _find_pid(self) -> int:
         if self.system == "kernel":
             return 0
-        if self.system == "layerfs":
+        if self.system.startswith("layerfs"):
             from layerfs.fs.mount import list_mounts
             for m in list_mounts(self.ds["root"], clean=False):
                 if m.mountpoint == os.path.realpath(self.mp):
@@ -241,7 +247,7 @@ class Mount:
         return vals.get("VmRSS", 0.0), vals.get("VmHWM", 0.0)
 
     def umount(self) -> None:
-        if self.system == "layerfs":
+        if self.system.startswith("layerfs"):
             subprocess.run([LAYERFS, "--root", self.ds["root"], "umount", self.mp], check=True)
         else:
             for _ in range(50):
@@ -262,11 +268,14 @@ def timed(cmd: str) -> float:
     return time.perf_counter() - t
 
 
-def api_mount_time(ds: dict, scratch: str) -> float:
-    """layerfs mount through the Python API the runtime uses (no CLI start-up)."""
-    code = ("import time,sys; t=time.perf_counter(); from layerfs.fs.mount import mount_image; "
+def api_mount_time(ds: dict, scratch: str, backend: str = "fuse") -> float:
+    """layerfs mount through the Python API the runtime uses (no CLI start-up;
+    modules imported first, as in the build's and runtime's fork servers)."""
+    code = ("import time,sys; from layerfs.fs.mount import mount_image; import layerfs.fs.kernel_mount; "
+            "import layerfs.store.store; t=time.perf_counter(); "
             f"mount_image({ds['root']!r}, {ds['image']!r}, {os.path.join(scratch, 'mnt-api')!r}, "
-            f"upper_dir={os.path.join(scratch, 'upper-api')!r}); print(time.perf_counter()-t)")
+            f"upper_dir={os.path.join(scratch, 'upper-api')!r}, backend={backend!r}); "
+            "print(time.perf_counter()-t)")
     shutil.rmtree(os.path.join(scratch, "upper-api"), ignore_errors=True)
     os.makedirs(os.path.join(scratch, "mnt-api"), exist_ok=True)
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
@@ -313,7 +322,7 @@ def run_once(system: str, ds: dict, scratch: str, results: dict) -> None:
     rec("create 10k x 4 KiB + sync", timed(CREATE.replace("{dir}", f"{mp}/created")))
     rec("rm -rf 2,000-entry lower dir", timed(f"rm -rf {mp}/rmdir"))
     rss, hwm = m.rss_mb()
-    if system != "kernel":
+    if system in ("fuse-overlayfs", "layerfs"):
         rec("daemon RSS MB (peak)", hwm)
     m.umount()
 
@@ -322,24 +331,30 @@ ORDER = ["mount", "walk cold", "walk warm", "tar cold", "tar warm", "1 GiB read 
          "fio 4k randread", "copy-up 200 MiB + sync", "create 10k x 4 KiB + sync", "rm -rf 2,000-entry lower dir"]
 
 
-def report(results: dict, ds: dict, args, api_times: list[float]) -> str:
+def report(results: dict, ds: dict, args, api_times: dict[str, list[float]]) -> str:
     med = {s: {k: statistics.median(v) for k, v in results.get(s, {}).items()} for s in SYSTEMS}
-    lines = ["| operation | kernel overlayfs (s) | fuse-overlayfs (s) | ratio | layerfs (s) | ratio |",
-             "|---|---:|---:|---:|---:|---:|"]
+    others = ("fuse-overlayfs", "layerfs", "layerfs-kernel")
+    lines = ["| operation | kernel overlayfs (s) | fuse-overlayfs (s) | ratio | layerfs FUSE (s) | ratio "
+             "| layerfs kernel backend (s) | ratio |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(value: float | None, k: float) -> str:
+        if value is None:
+            return "- | -"
+        return f"{value:.3f} | {value / k:.2f}x" if k else f"{value:.3f} | -"
+
     for key in ORDER:
         k = med["kernel"].get(key)
-        f = med["fuse-overlayfs"].get(key)
-        ly = med["layerfs"].get(key)
         if k is None:
             continue
-        fr = f"{f / k:.1f}x" if f is not None and k else "-"
-        lr = f"{ly / k:.1f}x" if ly is not None and k else "-"
-        lines.append(f"| {key} | {k:.3f} | {f:.3f} | {fr} | {ly:.3f} | {lr} |")
+        lines.append(f"| {key} | {k:.3f} | " + " | ".join(cell(med[s].get(key), k) for s in others) + " |")
     if api_times:
-        lines.append(f"| mount via Python API (layerfs) | | | | {statistics.median(api_times):.3f} | |")
+        api = {b: f"{statistics.median(v):.3f}" if v else "-" for b, v in api_times.items()}
+        lines.append(f"| mount via Python API, modules imported | | | | {api.get('fuse', '-')} | | "
+                     f"{api.get('kernel', '-')} | |")
     rss_f = med["fuse-overlayfs"].get("daemon RSS MB (peak)", 0)
     rss_l = med["layerfs"].get("daemon RSS MB (peak)", 0)
-    lines.append(f"| daemon peak RSS (MB) | - | {rss_f:.0f} | | {rss_l:.0f} | |")
+    lines.append(f"| daemon peak RSS (MB) | - | {rss_f:.0f} | | {rss_l:.0f} | | none | |")
     head = [f"Command: `{' '.join(sys.argv)}`", "",
             f"Tree: {ds['files']} files, {ds['bytes'] / 1e9:.2f} GB in 3 layers (scale {ds['scale']:g}); "
             f"median of {args.repeat} run(s); {os.cpu_count()} CPUs, kernel {platform.release()}, "
@@ -361,15 +376,23 @@ def main() -> None:
     scratch = os.path.join(args.work, "scratch")
     os.makedirs(scratch, exist_ok=True)
     results: dict = {}
-    api_times = []
+    api_times: dict[str, list[float]] = {"fuse": [], "kernel": []}
     systems = args.systems.split(",")
+    if "layerfs-kernel" in systems:
+        # the metadata layer is made once per image and cached: not timed
+        # here (benchmarks/bench_metalayer.py times the first mount)
+        warm = Mount("layerfs-kernel", ds, scratch)
+        warm.mount()
+        warm.umount()
     for rep in range(args.repeat):
         for system in systems:
             t = time.monotonic()
             run_once(system, ds, scratch, results)
             print(f"run {rep + 1}/{args.repeat} {system}: {time.monotonic() - t:.0f}s", flush=True)
         if "layerfs" in systems:
-            api_times.append(api_mount_time(ds, scratch))
+            api_times["fuse"].append(api_mount_time(ds, scratch))
+        if "layerfs-kernel" in systems:
+            api_times["kernel"].append(api_mount_time(ds, scratch, "kernel"))
     text = report(results, ds, args, api_times)
     print(text)
     with open(args.out, "w") as f:

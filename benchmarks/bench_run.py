@@ -8,11 +8,12 @@ Needs root, /dev/fuse, busybox-static and runc. Makes a fresh store with
 
 * `layerfs run --rm busybox true`: the whole user-visible path (CLI start,
   container record, layerfs FUSE mount with a fresh upper, namespaces,
-  cgroups, pivot_root, exec, wait, unmount, removal);
+  cgroups, pivot_root, exec, wait, unmount, removal); and the same with
+  `--backend kernel` (kernel overlayfs over the cached metadata layer);
 * the same from a warm interpreter (``lifecycle.run_foreground`` on a
   created container), which leaves out the CLI's Python start-up;
 * `runc run` of the same image as an OCI bundle made by `layerfs bundle`
-  (rootfs = a layerfs mount, mounted once beforehand);
+  (rootfs = a layerfs mount, mounted once beforehand), for both backends;
 * `runc run` of that bundle config on the image extracted to a plain dir;
 * `unshare --mount --uts --ipc --net --pid --fork chroot ROOTFS /bin/true`
   on the extracted rootfs: the floor (namespaces, no cgroups, no pivot).
@@ -48,6 +49,8 @@ from layerfs.runtime import lifecycle  # noqa: E402
 from layerfs.store.store import Store  # noqa: E402
 
 LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
+KERNEL_CLI = "layerfs run --rm --backend kernel busybox true (CLI)"
+RUNC_KERNEL = "runc run, bundle from `layerfs bundle --backend kernel` (kernel rootfs)"
 NOTES_MARKER = "<!-- notes -->"
 
 
@@ -96,12 +99,15 @@ def main() -> None:
     root = os.path.join(work, "store")
     env = dict(os.environ, LAYERFS_ROOT=root)
     bundle = os.path.join(work, "bundle")
+    kbundle = os.path.join(work, "kbundle")
     plain = os.path.join(work, "plain")
     try:
         subprocess.run([LAYERFS, "bootstrap", "busybox"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
         subprocess.run([LAYERFS, "bundle", "busybox", bundle, "true"], env=env, check=True,
                        stdout=subprocess.DEVNULL)
+        subprocess.run([LAYERFS, "bundle", "--backend", "kernel", "busybox", kbundle, "true"], env=env,
+                       check=True, stdout=subprocess.DEVNULL)
         os.makedirs(plain)
         rootfs_dir = os.path.join(plain, "rootfs")
         subprocess.run([LAYERFS, "export", "busybox", "-o", rootfs_dir], env=env, check=True)
@@ -117,10 +123,11 @@ def main() -> None:
             return timed(["runc", "--root", runc_root, "run", "--bundle", bundle_dir,
                           f"bench-{os.getpid()}-{next(counter)}"], env)
 
-        def warm_library() -> float:
+        def warm_library(backend: str = "fuse") -> float:
             start = time.perf_counter()
             with Store(root) as store:
-                c = records.create_container(store, "busybox", cmd=["true"], auto_remove=True)
+                c = records.create_container(store, "busybox", cmd=["true"], auto_remove=True,
+                                             backend=backend)
             with open(os.devnull, "wb") as null:
                 result = lifecycle.run_foreground(root, c.id, stdout=null, stderr=null)
             elapsed = time.perf_counter() - start
@@ -137,9 +144,13 @@ def main() -> None:
         results = []
         if args.baseline:
             results += measure_interleaved([cli_case, baseline_case], args.reps)
+        kernel_argv = [LAYERFS, "run", "--rm", "--backend", "kernel", "busybox", "true"]
         cases = [
+            (KERNEL_CLI, lambda: timed(kernel_argv, env)),
             ("layerfs run, warm interpreter (library)", warm_library),
+            ("layerfs run, warm interpreter (library), kernel backend", lambda: warm_library("kernel")),
             ("runc run, bundle from `layerfs bundle` (FUSE rootfs)", lambda: runc(bundle)),
+            (RUNC_KERNEL, lambda: runc(kbundle)),
             ("runc run, same config on the extracted rootfs", lambda: runc(plain)),
             ("unshare + chroot of the extracted rootfs (floor)",
              lambda: timed(["unshare", "--mount", "--uts", "--ipc", "--net", "--pid", "--fork",
@@ -151,8 +162,8 @@ def main() -> None:
             results.append((cli_case[0], measure(cli_case[0], cli_case[1], args.reps)))
         results += [(name, measure(name, fn, args.reps)) for name, fn in cases]
     finally:
-        subprocess.run([LAYERFS, "umount", os.path.join(bundle, "rootfs")], env=env,
-                       capture_output=True)
+        for b in (bundle, kbundle):
+            subprocess.run([LAYERFS, "umount", os.path.join(b, "rootfs")], env=env, capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
     loads = (load_before, os.getloadavg())
     write_report(args.output, results, args.reps, loads)
@@ -163,7 +174,9 @@ def write_report(path: str, results: list[tuple[str, list[float]]], reps: int,
     med = {name: statistics.median(runs) for name, runs in results}
     names = [name for name, _ in results]
     baseline = [n for n in names if "baseline" in n]
-    cli, lib, runc_fuse, runc_plain, floor, startup = (med[n] for n in names if n not in baseline)
+    rest = [n for n in names if n not in baseline and n not in (KERNEL_CLI, RUNC_KERNEL) and "kernel" not in n]
+    cli, lib, runc_fuse, runc_plain, floor, startup = (med[n] for n in rest)
+    kcli, runc_kernel = med[KERNEL_CLI], med[RUNC_KERNEL]
     lines = [
         "# Container start-to-exit latency of `true`",
         "",
@@ -184,7 +197,8 @@ def write_report(path: str, results: list[tuple[str, list[float]]], reps: int,
         f"layerfs CLI / floor = {cli / floor:.2f}; "
         f"layerfs library (warm) / runc (FUSE bundle) = {lib / runc_fuse:.2f}; "
         f"runc FUSE rootfs / runc plain rootfs = {runc_fuse / runc_plain:.2f}; "
-        f"runc / floor = {runc_plain / floor:.2f}.",
+        f"runc / floor = {runc_plain / floor:.2f}; "
+        f"layerfs CLI, kernel backend / runc (kernel-backend bundle) = {kcli / runc_kernel:.2f}.",
         "",
         "The layerfs paths include what runc's rows do not: creating the container record, "
         "mounting the image with the layerfs FUSE daemon (a forked process that imports trio "

@@ -56,10 +56,12 @@ def _build_args(items: tuple[str, ...]) -> dict[str, str]:
               help="tty: a live status line for the running step, one line per finished step; "
                    "plain: the classic builder's stream with all RUN output; auto: tty on a terminal.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image id.")
+@click.option("--backend", type=click.Choice(["fuse", "kernel"]), default=None,
+              help="How RUN steps mount their rootfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
 @with_store
 def build_cmd(store: Store, context: str, tags: tuple[str, ...], dockerfile: str | None,
               build_args: tuple[str, ...], secrets: tuple[str, ...], target: str | None, no_cache: bool, pull: str,
-              network: str, progress: str, quiet: bool) -> None:
+              network: str, progress: str, quiet: bool, backend: str | None) -> None:
     """Build an image from a Dockerfile and a context directory."""
     if dockerfile is None:
         df_rel = "Dockerfile"
@@ -72,7 +74,8 @@ def build_cmd(store: Store, context: str, tags: tuple[str, ...], dockerfile: str
     options = executor.BuildOptions(context=context, dockerfile=df_rel, tags=tags,
                                     build_args=_build_args(build_args), target=target,
                                     no_cache=no_cache, network=network,
-                                    secrets={s.id: s for s in map(run_mounts.parse_secret, secrets)})
+                                    secrets={s.id: s for s in map(run_mounts.parse_secret, secrets)},
+                                    backend=backend)
     if quiet:
         result = executor.build(store, options)
         click.echo(result.image.id)

@@ -104,20 +104,23 @@ def _is_the_layerfs_program() -> bool:
 @click.option("--read-only", is_flag=True, help="Mount the root filesystem read-only.")
 @click.option("--entrypoint", help="Override the image's ENTRYPOINT (drops its CMD too).")
 @click.option("--runtime", type=click.Choice(list(RUNTIMES)), default="builtin", show_default=True)
+@click.option("--backend", type=click.Choice(["fuse", "kernel"]), default=None,
+              help="FUSE daemon or kernel overlayfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(interactive: bool, tty: bool, detach: bool, auto_remove: bool,
             name: str | None, env: tuple[str, ...], env_file: tuple[str, ...], workdir: str | None,
             user: str | None, hostname: str, network: str, memory: str | None, cpus: str | None,
             pids_limit: str | None, volumes: tuple[str, ...], read_only: bool,
-            entrypoint: str | None, runtime: str, image: str, command: tuple[str, ...]) -> None:
+            entrypoint: str | None, runtime: str, backend: str | None, image: str,
+            command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container from IMAGE (docker run)."""
-    if not detach:  # detached, the shim mounts; this process never does
+    if not detach and backend != "kernel":  # detached, the shim mounts; this process never does
         _prefork_mount()
     with open_store() as store:
         code = _run(store, interactive, tty, detach, auto_remove, name, env, env_file, workdir,
                     user, hostname, network, memory, cpus, pids_limit, volumes, read_only,
-                    entrypoint, runtime, image, command)
+                    entrypoint, runtime, image, command, backend)
     if code is not None:
         _exit_with(code, now=True)
 
@@ -128,7 +131,7 @@ def _run(store: Store, interactive: bool, tty: bool, detach: bool, auto_remove: 
          user: str | None, hostname: str, network: str, memory: str | None, cpus: str | None,
          pids_limit: str | None, volumes: tuple[str, ...], read_only: bool,
          entrypoint: str | None, runtime: str, image: str,
-         command: tuple[str, ...]) -> int | None:
+         command: tuple[str, ...], backend: str | None = None) -> int | None:
     """The body of ``run``: the container's exit code, None when detached."""
     from layerfs.runtime import containers as records
     from layerfs.runtime.spec import parse_cpus, parse_env, parse_memory, parse_pids_limit, parse_volume, read_env_file
@@ -147,7 +150,7 @@ def _run(store: Store, interactive: bool, tty: bool, detach: bool, auto_remove: 
         cpus=parse_cpus(cpus) if cpus is not None else None,
         pids_limit=parse_pids_limit(pids_limit) if pids_limit is not None else None,
         volumes=[parse_volume(v) for v in volumes], read_only=read_only, tty=tty,
-        interactive=interactive and not detach, runtime=runtime, auto_remove=auto_remove)
+        interactive=interactive and not detach, runtime=runtime, auto_remove=auto_remove, backend=backend)
     if detach:
         _start_detached(store, c)
         click.echo(c.id)
@@ -389,11 +392,13 @@ def diff_cmd(store: Store, container: str) -> None:
 
 @click.command("bundle", context_settings={"allow_interspersed_args": False})
 @click.option("--container", metavar="NAME", help="Write into this container's upper dir.")
+@click.option("--backend", type=click.Choice(["fuse", "kernel"]), default=None,
+              help="FUSE daemon or kernel overlayfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
 @click.argument("image")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @with_store
-def bundle_cmd(store: Store, container: str | None, image: str, directory: str,
+def bundle_cmd(store: Store, container: str | None, backend: str | None, image: str, directory: str,
                command: tuple[str, ...]) -> None:
     """Write an OCI runtime bundle (rootfs = a layerfs mount) for runc/crun.
 
@@ -402,7 +407,7 @@ def bundle_cmd(store: Store, container: str | None, image: str, directory: str,
     """
     from layerfs.runtime import lifecycle
 
-    config = lifecycle.make_bundle(store, image, directory, container=container, cmd=command)
+    config = lifecycle.make_bundle(store, image, directory, container=container, cmd=command, backend=backend)
     click.echo(config)
 
 

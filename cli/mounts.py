@@ -23,8 +23,10 @@ def _root() -> str:
 @click.option("--container", metavar="NAME", help="Use the upper dir of container NAME (created if missing).")
 @click.option("--foreground", is_flag=True, help="Stay in the foreground until unmounted.")
 @click.option("--debug", "fs_debug", is_flag=True, help="Log every FUSE request to the mount's log file.")
+@click.option("--backend", type=click.Choice(["fuse", "kernel"]), default=None,
+              help="FUSE daemon or kernel overlayfs (default: $LAYERFS_BACKEND, ROOT/config.json, fuse).")
 def mount_cmd(image: str, mountpoint: str, read_only: bool, upper: str | None, container: str | None,
-              foreground: bool, fs_debug: bool) -> None:
+              foreground: bool, fs_debug: bool, backend: str | None) -> None:
     """Mount IMAGE at MOUNTPOINT; returns once the mount serves requests.
 
     Writes go to a copy-on-write upper dir: --upper DIR, the container's
@@ -34,7 +36,7 @@ def mount_cmd(image: str, mountpoint: str, read_only: bool, upper: str | None, c
         raise click.UsageError("--upper and --container are mutually exclusive")
     _check_image(image)
     fsmount.mount_image(_root(), image, mountpoint, upper_dir=upper, read_only=read_only,
-                        foreground=foreground, debug=fs_debug, container=container)
+                        foreground=foreground, debug=fs_debug, container=container, backend=backend)
 
 
 def _check_image(image: str) -> None:
@@ -60,12 +62,12 @@ def mounts_cmd(fmt: str) -> None:
     infos = fsmount.list_mounts(_root())
     if fmt == "json":
         emit_json([{"mountpoint": m.mountpoint, "pid": m.pid, "image": m.image, "image_id": m.image_id,
-                    "upper": m.upper, "container": m.container, "read_only": m.read_only}
+                    "upper": m.upper, "container": m.container, "read_only": m.read_only, "backend": m.backend}
                    for m in infos])
         return
-    rows = [(m.mountpoint, m.image, m.image_id[:12], m.pid, m.container or "",
+    rows = [(m.mountpoint, m.image, m.image_id[:12], m.backend, m.pid, m.container or "",
              "(read-only)" if m.read_only and not m.upper else (m.upper or "")) for m in infos]
-    table(("MOUNTPOINT", "IMAGE", "IMAGE ID", "PID", "CONTAINER", "UPPER"), rows)
+    table(("MOUNTPOINT", "IMAGE", "IMAGE ID", "BACKEND", "PID", "CONTAINER", "UPPER"), rows)
 
 
 def register(cli: click.Group) -> None:

@@ -37,6 +37,7 @@ from layerfs.builder import dockerfile as dfm
 from layerfs.builder.context import BuildContext, BuildContextError, ResolvedSources
 from layerfs.builder.run_step import BuildError
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
+from layerfs.fs import backend as backends
 from layerfs.fs.helper import start_forkserver
 from layerfs.store import images as img
 from layerfs.store import references, refs
@@ -66,6 +67,8 @@ class BuildOptions:
     network: str = "host"
     #: ``--secret`` sources by id, for ``RUN --mount=type=secret``.
     secrets: Mapping[str, run_mounts.SecretSource] = field(default_factory=dict)
+    #: how RUN steps mount their rootfs (``fuse``/``kernel``; None: the store's default)
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,7 @@ class Builder:
         self._forkserver_started = False
         self.no_cache = False
         self.network = "host"
+        self.backend: str | None = None
         self.secrets: Mapping[str, run_mounts.SecretSource] = {}
         self._run_from: dict[str, Image] = {}
         self._run_binds: dict[str, ResolvedSources] = {}
@@ -199,6 +203,7 @@ class Builder:
         self.no_cache = options.no_cache
         self.network = options.network
         self.secrets = options.secrets
+        self.backend = backends.resolve(self.store.root, options.backend)
         for t in options.tags:
             references.parse(t)
         with BuildContext(options.context, dockerfile=options.dockerfile,
@@ -466,6 +471,7 @@ class Builder:
             raise InvalidInput("RUN in a stage FROM scratch: there is no shell to run it with")
         return run_step.run(self.store, st.image, e, rc, shell, scope.run_env(),
                             self._parse_run_mounts(e, st, "RUN"),
-                            network=self.network, secrets=self.secrets, fill=self._fill_mount,
+                            network=self.network, backend=self.backend, secrets=self.secrets,
+                            fill=self._fill_mount,
                             from_ids={k: v.id for k, v in self._run_from.items()},
                             output=lambda line: self._emit("output", line))

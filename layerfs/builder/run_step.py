@@ -47,11 +47,12 @@ class BuildError(LayerfsError):
 
 def run(store: Store, image: Image, e: dfm.Run, rc: Mapping[str, Any], shell: Sequence[str],
         variables: Mapping[str, str], mounts: Sequence[run_mounts.RunMount], *, network: str,
-        secrets: Mapping[str, run_mounts.SecretSource], fill: run_mounts.Filler,
+        secrets: Mapping[str, run_mounts.SecretSource], fill: run_mounts.Filler, backend: str | None = None,
         from_ids: Mapping[str, str], output: Callable[[str], None]) -> str:
     """Run ``e`` on ``image`` with runtime config ``rc``; returns the new
     layer's id. ``variables`` are the build args and ENV the step sees;
-    ``network`` is the build's (``RUN --network`` overrides it)."""
+    ``network`` is the build's (``RUN --network`` overrides it); ``backend``
+    mounts the step's rootfs (``fs.backend``; None: the store's default)."""
     try:
         from layerfs.fs.mount import unmount
         from layerfs.runtime import ContainerSpec, run_container
@@ -82,7 +83,7 @@ def run(store: Store, image: Image, e: dfm.Run, rc: Mapping[str, Any], shell: Se
         prepared = run_mounts.prepare(mounts, store_root=store.root, tmp_dir=tmp,
                                       secrets=secrets, fill=fill, from_ids=from_ids)
         env.update(prepared.env)
-        mount_for_owner(store.root, image.id, mp, upper, scratch=tmp)
+        mount_for_owner(store.root, image.id, mp, upper, scratch=tmp, backend=backend)
         mounted = True
         stubs = MountStubs.make(mp, prepared.mountpoints())
         # The pipe is made after the FUSE daemon forked, so only the

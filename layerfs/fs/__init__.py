@@ -1,4 +1,6 @@
-"""The FUSE union filesystem: an image's layers plus a copy-on-write upper.
+"""Mounting images: an image's layers plus a copy-on-write upper, served by
+one of two backends behind ``mount.mount_image`` (``backend`` picks them):
+the FUSE daemon (the default and the reference) or kernel overlayfs.
 
 Modules, bottom up:
 
@@ -16,5 +18,13 @@ Modules, bottom up:
 * ``registry`` -- the mount records: ``unmount``, ``list_mounts``, the
   clean-up of mounts whose daemon died;
 * ``helper`` -- mounts for a busy owner (a build), forked from a clean
-  forkserver.
+  forkserver;
+* ``backend`` -- which backend a mount uses (``--backend``,
+  ``$LAYERFS_BACKEND``, ``ROOT/config.json``);
+* ``erofs`` -- a writer of metadata-only EROFS images;
+* ``metalayer`` -- the kernel backend's metadata layer of an image (EROFS,
+  cached per layer chain, overlay xattrs escaped, raw objects ensured);
+* ``kernel`` -- overlay mounts through the new mount API, support probe;
+* ``kernel_mount`` -- the kernel backend's ``mount_image`` and the keeper
+  process of each kernel mount.
 """

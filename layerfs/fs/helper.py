@@ -21,7 +21,7 @@ from typing import Any
 
 from layerfs.errors import LayerfsError
 
-_PRELOAD = ["layerfs.fs.helper", "layerfs.fs.mount"]
+_PRELOAD = ["layerfs.fs.helper", "layerfs.fs.mount", "layerfs.fs.kernel_mount"]
 
 
 def start_forkserver() -> Any:
@@ -39,13 +39,15 @@ def start_forkserver() -> Any:
     return ctx
 
 
-def mount_for_owner(store_root: str, image_id: str, mp: str, upper: str, scratch: str | None = None) -> int:
+def mount_for_owner(store_root: str, image_id: str, mp: str, upper: str, scratch: str | None = None,
+                    backend: str | None = None) -> int:
     """Mount *image_id* at *mp* with *upper* for this process; returns the
-    daemon's pid. The mount ends when this process dies (then *scratch*, a
-    dir holding *mp* and *upper*, is removed too)."""
+    daemon's (or kernel mount keeper's) pid. The mount ends when this
+    process dies (then *scratch*, a dir holding *mp* and *upper*, is
+    removed too)."""
     ctx = start_forkserver()
     recv, send = ctx.Pipe(duplex=False)
-    args = (store_root, image_id, mp, upper, os.getpid(), scratch, send)
+    args = (store_root, image_id, mp, upper, os.getpid(), scratch, send, backend)
     proc = ctx.Process(target=_mount_child, args=args, daemon=False)
     proc.start()
     send.close()
@@ -62,11 +64,12 @@ def mount_for_owner(store_root: str, image_id: str, mp: str, upper: str, scratch
 
 
 def _mount_child(store_root: str, image_id: str, mp: str, upper: str, owner: int, scratch: str | None,
-                 conn: Any) -> None:
+                 conn: Any, backend: str | None = None) -> None:
     try:
         from layerfs.fs.mount import mount_image
 
-        handle = mount_image(store_root, image_id, mp, upper_dir=upper, owner=owner, owner_scratch=scratch)
+        handle = mount_image(store_root, image_id, mp, upper_dir=upper, owner=owner, owner_scratch=scratch,
+                             backend=backend)
         conn.send(handle.pid)
     except BaseException as exc:  # sent to the parent, raised there
         try:

@@ -116,9 +116,18 @@ def prefork_for_cli(argv: list[str]) -> None:
         if arg == "--root":
             next(args, None)
         elif not arg.startswith("-"):
-            if arg == "mount" and "--foreground" not in argv and "--help" not in argv and "-h" not in argv:
+            if arg == "mount" and "--foreground" not in argv and "--help" not in argv and "-h" not in argv \
+                    and not _asks_for_kernel(argv):
                 prefork()
             return
+
+
+def _asks_for_kernel(argv: list[str]) -> bool:
+    """A kernel-backend mount needs no daemon (the store's own default is
+    not known yet here: an unneeded daemon is aborted later)."""
+    if "--backend=kernel" in argv or any(a == "--backend" and b == "kernel" for a, b in zip(argv, argv[1:])):
+        return True
+    return "--backend" not in " ".join(argv) and os.environ.get("LAYERFS_BACKEND") == "kernel"
 
 
 def preload() -> None:
@@ -144,13 +153,21 @@ def _take_preforked() -> "_Daemon | None":
 def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str | None = None,
                 read_only: bool = False, foreground: bool = False, debug: bool = False,
                 container: str | None = None, owner: int | None = None,
-                owner_scratch: str | None = None) -> MountHandle:
+                owner_scratch: str | None = None, backend: str | None = None) -> MountHandle:
     """Mount *image_ref* at *mountpoint*; see the module docstring.
+
+    *backend* (``fuse`` or ``kernel``; default from ``fs.backend.resolve``)
+    picks the data path; the kernel one is ``fs.kernel_mount``.
 
     The daemon is forked first thing, so its imports of trio and pyfuse3
     (the bulk of its start-up) overlap with the caller resolving the image
     and loading its index; a message on a pipe then tells it what to mount.
     """
+    from layerfs.fs import backend as backends
+
+    if backends.resolve(store_root, backend) == backends.KERNEL:
+        return _mount_kernel(store_root, image_ref, mountpoint, upper_dir, read_only, foreground, container,
+                             owner, owner_scratch)
     if not os.path.exists("/dev/fuse"):
         raise Unsupported("/dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)")
     mp = os.path.realpath(mountpoint)
@@ -181,6 +198,19 @@ def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str
             daemon.abort()
     os.stat(mp)  # answered by the daemon: the mount serves requests
     return MountHandle(mp, pid, image_id, params["upper"], params["log"])
+
+
+def _mount_kernel(store_root, image_ref, mountpoint, upper_dir, read_only, foreground, container, owner,
+                  owner_scratch) -> MountHandle:
+    from layerfs.fs.kernel_mount import mount_image_kernel
+
+    daemon = _take_preforked()
+    if daemon is not None:
+        daemon.abort()  # forked for a FUSE mount (``prefork``): not needed
+    if foreground:
+        raise InvalidInput("--foreground is for the fuse backend: a kernel mount has no daemon to keep")
+    return mount_image_kernel(store_root, image_ref, mountpoint, upper_dir, read_only, container, owner,
+                              owner_scratch)
 
 
 def _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container) -> tuple[dict, str]:

@@ -6,7 +6,9 @@ everything the mount uses (mountpoint, upper, its work dir, scratch): gc
 and fsck keep them while the record exists. Its JSON data, which only this
 module reads, says what the mount serves::
 
-    pid, start            the daemon (its start time pins the pid)
+    pid, start            the daemon (its start time pins the pid); for the
+                          kernel backend the mount's keeper (``fs.kernel_mount``)
+    backend, metalayer    ``"kernel"`` and its metadata layer, for kernel mounts
     image, container, read_only, log
     upper, private        the upper dir; ``private``: made for this mount,
                           removed when it ends
@@ -51,6 +53,7 @@ class MountInfo:
     container: str | None
     read_only: bool
     alive: bool
+    backend: str = "fuse"
 
 
 def _data(raw: str | None) -> dict:
@@ -73,7 +76,8 @@ def register(params: dict, image_id: str, pid: int) -> None:
     """Record the mount *params* (``fs.mount``'s) served by daemon *pid*."""
     from layerfs.store.store import Store
 
-    keys = ("image", "upper", "container", "read_only", "private", "log", "owner", "owner_start", "scratch")
+    keys = ("image", "upper", "container", "read_only", "private", "log", "owner", "owner_start", "scratch",
+            "backend", "metalayer")
     data = {k: params.get(k) for k in keys} | {"pid": pid, "start": procfs.start_time(pid)}
     mp, upper = params["mountpoint"], params.get("upper")
     paths = tuple(p for p in (mp, upper, upper and upper + ".work", params.get("scratch")) if p)
@@ -113,6 +117,13 @@ def daemon_alive(data: dict) -> bool:
     return procfs.alive(data.get("pid", 0), data.get("start"))
 
 
+def ours_mounted(mp: str, data: dict) -> bool:
+    """True if the mount at *mp* is the kind the record *data* made: a FUSE
+    mount, or an overlay for the kernel backend (whose pid is its keeper)."""
+    fstype = procfs.mounted_fstype(mp)
+    return fstype == FSTYPE or (fstype == "overlay" and data.get("backend") == "kernel")
+
+
 # -- ending mounts ---------------------------------------------------------------
 def detach(mp: str) -> None:
     """Lazily unmount whatever is at *mp* (works on a dead FUSE mount)."""
@@ -147,7 +158,7 @@ def unmount(store_root: str, mountpoint: str, timeout: float = 30.0) -> None:
                 time.sleep(0.01)
             if daemon_alive(data):
                 raise Conflict(f"the daemon of {mp} (pid {pid}) did not exit")
-        if procfs.mounted_fstype(mp) == FSTYPE:
+        if ours_mounted(mp, data):
             detach(mp)
         store.drop_refs(REF_KIND, mp)
         remove_private(data)
@@ -175,7 +186,7 @@ def force_unmount(store_root: str, mountpoint: str, timeout: float = 10.0) -> No
                 os.kill(data["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if procfs.mounted_fstype(mp) == FSTYPE:
+        if ours_mounted(mp, data):
             detach(mp)
         store.drop_refs(REF_KIND, mp)
         remove_private(data)
@@ -193,7 +204,7 @@ def clean_stale(store, mp: str | None = None) -> list[str]:
         data = _data(ref.data)
         if (mp is not None and ref.key != mp) or daemon_alive(data):
             continue
-        if procfs.mounted_fstype(ref.key) == FSTYPE:
+        if ours_mounted(ref.key, data):
             detach(ref.key)
         store.drop_refs(REF_KIND, ref.key)
         remove_private(data)
@@ -213,7 +224,7 @@ def list_mounts(store_root: str, clean: bool = True) -> list[MountInfo]:
             data = _data(ref.data)
             out.append(MountInfo(ref.key, data.get("pid", 0), ref.image_id or "", data.get("image", ""),
                                  data.get("upper"), data.get("container"), bool(data.get("read_only")),
-                                 daemon_alive(data)))
+                                 daemon_alive(data), data.get("backend") or "fuse"))
         return out
 
 

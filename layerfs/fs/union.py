@@ -61,7 +61,15 @@ from layerfs.fs.files import FileIO
 from layerfs.fs.index import LowerIndex
 from layerfs.fs.inodes import ROOT, Attr, InodeTable, Node, SetAttr
 from layerfs.fs.names import NameOps, _err, _join
-from layerfs.fs.upper import NAME_MAX, PRIVATE_PREFIX, RENAME_NOREPLACE, UpperDir, discard, is_whiteout
+from layerfs.fs.upper import (
+    NAME_MAX,
+    RENAME_NOREPLACE,
+    UpperDir,
+    discard,
+    escape_xattr,
+    is_whiteout,
+    shown_xattr,
+)
 from layerfs.store.objects import ObjectStore
 
 log = logging.getLogger("layerfs.fs")
@@ -373,12 +381,10 @@ class Union(FileIO, NameOps):
         node = self.table.nodes.get(ino)
         if node is None or not node.upper:
             return list(self.index.xattrs(ino - 1 if node is None else node.lower))
-        names = self.upper.listxattr(self.path(node))
-        return [os.fsencode(n) for n in names if not os.fsencode(n).startswith(PRIVATE_PREFIX)]
+        names = (shown_xattr(os.fsencode(n)) for n in self.upper.listxattr(self.path(node)))
+        return [n for n in names if n is not None]
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        if name.startswith(PRIVATE_PREFIX):
-            raise _err(errno.ENODATA)
         node = self.table.nodes.get(ino)
         if node is None or not node.upper:
             value = self.index.xattrs(ino - 1 if node is None else node.lower).get(name)
@@ -389,7 +395,7 @@ class Union(FileIO, NameOps):
             # The kernel asks this before every write(2) (file_remove_privs);
             # a file this mount made has none until a setxattr puts one.
             raise _err(errno.ENODATA)
-        return self.upper.getxattr(self.path(node), name)
+        return self.upper.getxattr(self.path(node), escape_xattr(name))
 
     # -- directories ------------------------------------------------------------
     def opendir(self, ino: int) -> int:
@@ -496,24 +502,20 @@ class Union(FileIO, NameOps):
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         self._writable()
-        if name.startswith(PRIVATE_PREFIX):
-            raise _err(errno.EPERM)
         async with self.lock:
             node = self.node(ino)
             await self.copy_up(node)
             node.nocaps = False
-            self.upper.setxattr(self.path(node), name, value)
+            self.upper.setxattr(self.path(node), escape_xattr(name), value)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
         self._writable()
-        if name.startswith(PRIVATE_PREFIX):
-            raise _err(errno.EPERM)
         async with self.lock:
             node = self.node(ino)
             if not node.upper and name not in self.index.xattrs(node.lower):
                 raise _err(errno.ENODATA)
             await self.copy_up(node)
-            self.upper.removexattr(self.path(node), name)
+            self.upper.removexattr(self.path(node), escape_xattr(name))
 
     def statfs(self) -> os.statvfs_result:
         return os.statvfs(self.upper.root if self.upper is not None else self.objects.root)

@@ -46,6 +46,21 @@ from layerfs.store.objects import CHUNK, HOLE, ObjectStore, copy_sparse, file_di
 
 OPAQUE = b"trusted.overlay.opaque"
 PRIVATE_PREFIX = b"trusted.overlay."
+ESCAPED_PREFIX = b"trusted.overlay.overlay."
+
+
+def escape_xattr(name: bytes) -> bytes:
+    """The name a node's own ``trusted.overlay.X`` has in the upper dir:
+    ``trusted.overlay.overlay.X``, as overlayfs (6.7+) stores it, so image
+    content and users' xattrs never act as overlay markers."""
+    return ESCAPED_PREFIX + name[len(PRIVATE_PREFIX):] if name.startswith(PRIVATE_PREFIX) else name
+
+
+def shown_xattr(name: bytes) -> bytes | None:
+    """The name a reader sees for an upper dir xattr; None for overlay's own."""
+    if name.startswith(ESCAPED_PREFIX):
+        return PRIVATE_PREFIX + name[len(ESCAPED_PREFIX):]
+    return None if name.startswith(PRIVATE_PREFIX) else name
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -310,7 +325,7 @@ class UpperDir:
         xattrs, mode, times, as the store's extractor does."""
         os.chown(path, uid, gid, follow_symlinks=False)
         for key, value in xattrs:
-            os.setxattr(path, key, value, follow_symlinks=False)
+            os.setxattr(path, escape_xattr(key), value, follow_symlinks=False)
         if fmt != stat.S_IFLNK:
             os.chmod(path, mode)
         at = mtime_ns if atime_ns is None else atime_ns

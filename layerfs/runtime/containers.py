@@ -85,6 +85,7 @@ class ContainerConfig:
     runtime: str = "builtin"
     auto_remove: bool = False
     stop_signal: str = "SIGTERM"
+    backend: str | None = None       # how the rootfs is mounted (None: the store's default)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -239,7 +240,7 @@ def create_container(store: Store, image_ref: str, *, cmd: Sequence[str] = (),
                      cpus: float | None = None, pids_limit: int | None = None,
                      volumes: Sequence[Volume] = (), read_only: bool = False, tty: bool = False,
                      interactive: bool = False, runtime: str = "builtin",
-                     auto_remove: bool = False) -> Container:
+                     auto_remove: bool = False, backend: str | None = None) -> Container:
     """``docker create``: resolve the image and options, record the container.
 
     Everything is validated before anything is written, so a bad option
@@ -247,6 +248,10 @@ def create_container(store: Store, image_ref: str, *, cmd: Sequence[str] = (),
     """
     if runtime not in RUNTIMES:
         raise InvalidInput(f"unknown runtime {runtime!r} (use {', '.join(RUNTIMES)})")
+    if backend is not None:
+        from layerfs.fs import backend as backends
+
+        backends.resolve(store.root, backend)  # validates the name
     if name is not None:
         check_name(name, "container name")
     image = store.image(image_ref)
@@ -260,7 +265,8 @@ def create_container(store: Store, image_ref: str, *, cmd: Sequence[str] = (),
         cwd=cwd or rc.get("WorkingDir") or "/", user=user if user is not None else rc.get("User") or "",
         hostname=hostname, network=network, memory=memory, cpus=cpus, pids_limit=pids_limit,
         volumes=tuple(volumes), read_only=read_only, tty=tty, interactive=interactive,
-        runtime=runtime, auto_remove=auto_remove, stop_signal=rc.get("StopSignal") or "SIGTERM")
+        runtime=runtime, auto_remove=auto_remove, stop_signal=rc.get("StopSignal") or "SIGTERM",
+        backend=backend)
     parse_signal(config.stop_signal)
     probe = Container(store.root, config, ContainerState())
     probe.spec()  # ContainerSpec validates cwd, env, network, limits, volumes

@@ -80,7 +80,8 @@ def own(root: str, container_id: str, *, foreground: bool, stdin: Any = None,
     log_fd = os.open(c.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     try:
         fsmount.mount_image(root, c.config.image_id, c.rootfs, upper_dir=c.upper,
-                            container=c.id, owner=me)  # the mount dies with its owner
+                            container=c.id, owner=me,  # the mount dies with its owner
+                            backend=c.config.backend)
         mounted = True
         if c.config.runtime == "builtin":
             result = _run_builtin(c, foreground, stdin, stdout, stderr, log_fd, ready)
@@ -500,7 +501,7 @@ def require_builtin(c: Container, what: str) -> None:
 
 # -- bundles for other runtimes ----------------------------------------------------
 def make_bundle(store: Store, image_ref: str, bundle_dir: str, *, container: str | None = None,
-                cmd: tuple[str, ...] = ()) -> str:
+                cmd: tuple[str, ...] = (), backend: str | None = None) -> str:
     """An OCI runtime bundle whose rootfs is a layerfs mount of the image.
 
     ``bundle_dir/rootfs`` is mounted (unmount it with ``fs.mount.unmount``
@@ -539,7 +540,9 @@ def make_bundle(store: Store, image_ref: str, bundle_dir: str, *, container: str
         spec = ContainerSpec(rootfs=rootfs, args=records.resolve_command(rc, cmd, None),
                              env=records.merge_env(rc.get("Env") or [], ()),
                              cwd=rc.get("WorkingDir") or "/", user=rc.get("User") or "")
-    fsmount.mount_image(store.root, image.id, rootfs, upper_dir=upper, container=container)
+    if backend is None and spec_source is not None:
+        backend = spec_source.config.backend
+    fsmount.mount_image(store.root, image.id, rootfs, upper_dir=upper, container=container, backend=backend)
     try:
         return write_bundle(replace(spec, rootfs=rootfs), bundle_dir, hostname="layerfs",
                             state_dir=os.path.join(os.path.abspath(bundle_dir), "etc"))

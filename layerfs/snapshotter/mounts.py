@@ -112,7 +112,9 @@ def _ensure(root: str, image_id: str, mp: str, upper: str | None, read_only: boo
     if _alive(mp):
         return
     _stop(root, mp)  # a dead daemon leaves an ENOTCONN mount and a stale reference
-    fsmount.mount_image(root, image_id, mp, upper_dir=upper, read_only=read_only)
+    # The FUSE daemon whatever the store's default backend: the modes above
+    # (and _alive) are written for it.
+    fsmount.mount_image(root, image_id, mp, upper_dir=upper, read_only=read_only, backend="fuse")
 
 
 def activate(root: str, snap: Snapshot) -> None:

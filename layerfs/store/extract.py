@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from layerfs.errors import Conflict, InvalidInput
 from layerfs.store import manifest as mf
 from layerfs.store.manifest import Entry
+from layerfs.store.scan import ESCAPED_XATTR_PREFIX, OVERLAY_XATTR_PREFIX
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -104,7 +105,7 @@ def _create(e: Entry, pfd: int, root_fd: int, write_content: ContentWriter, over
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=pfd)
         try:
             _write_file(e, fd, write_content)
-            _set_meta(e, fd=fd)
+            _set_meta(e, overlay, fd=fd)
         finally:
             os.close(fd)
         return
@@ -117,7 +118,7 @@ def _create(e: Entry, pfd: int, root_fd: int, write_content: ContentWriter, over
         return
     else:
         os.mknod(name, e.st_mode, e.rdev, dir_fd=pfd)
-    _set_meta(e, pfd=pfd, name=name)
+    _set_meta(e, overlay, pfd=pfd, name=name)
 
 
 def _open_parent(root_fd: int, path: str) -> int:
@@ -135,9 +136,12 @@ def _write_file(e: Entry, fd: int, write_content: ContentWriter) -> None:
         os.ftruncate(fd, e.size)
 
 
-def _set_meta(e: Entry, fd: int | None = None, pfd: int | None = None, name: str = "") -> None:
+def _set_meta(e: Entry, overlay: bool, fd: int | None = None, pfd: int | None = None, name: str = "") -> None:
     """Owner, xattrs, mode, times, in that order: chown clears setuid bits
-    and some xattrs (security.capability), so it must come first."""
+    and some xattrs (security.capability), so it must come first. In an
+    overlay-format dir an image's own ``trusted.overlay.*`` xattrs are
+    written escaped (``trusted.overlay.overlay.*``, as overlayfs does), so
+    they stay content and never act as markers; ``scan`` reads them back."""
     target = fd if fd is not None else f"/proc/self/fd/{pfd}/{name}"
     follow = fd is not None
     if fd is not None:
@@ -145,6 +149,8 @@ def _set_meta(e: Entry, fd: int | None = None, pfd: int | None = None, name: str
     else:
         os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
     for key, value in e.xattrs:
+        if overlay and key.startswith(OVERLAY_XATTR_PREFIX):
+            key = ESCAPED_XATTR_PREFIX + key[len(OVERLAY_XATTR_PREFIX):]
         try:
             os.setxattr(target, key, value, follow_symlinks=follow)
         except OSError as exc:
@@ -167,7 +173,7 @@ def _finish_dir(e: Entry, pfd: int, overlay: bool) -> None:
     else:
         fd = os.open(_name(e.path), _DIR_FLAGS, dir_fd=pfd)
     try:
-        _set_meta(e, fd=fd)
+        _set_meta(e, overlay, fd=fd)
         if overlay and e.opaque:
             os.setxattr(fd, "trusted.overlay.opaque", b"y")
     finally:

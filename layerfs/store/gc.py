@@ -129,14 +129,21 @@ def sweep_debris(store: Store, in_use: Sequence[str] = (), dry_run: bool = False
 
 
 def sweep_fs_leftovers(store: Store, in_use: Sequence[str] = (), dry_run: bool = False) -> tuple[int, int]:
-    """Index caches of deleted images, and private uppers no mount record
-    names (untouched for a while: a mount being set up has no record yet)."""
+    """Index caches of deleted images, kernel-backend metadata layers no
+    image's layer chain uses (a mounted image is never deleted, so neither
+    is its layer), and private uppers no mount record names (untouched for
+    a while: a mount being set up has no record yet)."""
     n = freed = 0
     images = {r[0] for r in store.db.all("SELECT id FROM images")}
     layout = store.layout
     for name in _listdir(layout.fscache):
         if layout.fscache_image(name) not in images:
             n, freed = n + 1, freed + _remove(layout.fscache_entry(name), dry_run)
+    chains = {image.chain_key for image, _tags in store.images()}
+    for name in _listdir(layout.metalayers):
+        chain = layout.metalayer_chain(name)
+        if chain is not None and chain not in chains:
+            n, freed = n + 1, freed + _remove(layout.metalayer_entry(name), dry_run)
     uppers = layout.uppers
     now = time.time()
     for name in _listdir(uppers):

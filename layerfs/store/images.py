@@ -36,6 +36,12 @@ class Image:
         return list(self.config["rootfs"]["layers"])
 
     @property
+    def chain_key(self) -> str:
+        """Digest of the ordered layer ids: what caches of the merged tree
+        that ignore the config (the kernel backend's metadata layer) key on."""
+        return blake3.blake3("\n".join(self.layers).encode()).hexdigest()
+
+    @property
     def runtime_config(self) -> dict[str, Any]:
         return self.config.get("config") or {}
 

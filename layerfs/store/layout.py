@@ -12,6 +12,8 @@ use::
     layers/<id>                 canonical layer manifests
     tmp/                        in-flight writes and staging; debris after a crash
     fscache/<image id>...       merged-index caches (fs.index); rebuilt if lost
+    metalayers/<chain>.v1.erofs kernel backend's metadata layers (fs.metalayer); rebuilt if lost
+    config.json                 store-wide settings: the default mount backend (fs.backend)
     uppers/<token>/upper        private uppers of mounts (fs.mount)
     snapshots/<id>/             containerd snapshots: uppers, mountpoints (snapshotter)
     containers/<id>/            container records and uppers (runtime)
@@ -88,6 +90,25 @@ class StoreLayout:
     def fscache_image(name: str) -> str:
         """The image id an index cache file belongs to."""
         return name.split(".")[0]
+
+    @property
+    def metalayers(self) -> str:
+        return self._at("metalayers")
+
+    def metalayer_entry(self, name: str) -> str:
+        """A file there: ``<chain key>.v<format>.erofs`` (fs.metalayer) or
+        the kernel support probe's cache (fs.kernel)."""
+        return self._at("metalayers", name)
+
+    @staticmethod
+    def metalayer_chain(name: str) -> str | None:
+        """The layer chain key a metadata layer file belongs to (None: not one)."""
+        return name.split(".")[0] if name.endswith(".erofs") else None
+
+    @property
+    def config(self) -> str:
+        """Store-wide settings (``{"backend": "kernel"}``; fs.backend)."""
+        return self._at("config.json")
 
     @property
     def uppers(self) -> str:

@@ -11,6 +11,10 @@ An object lives at ``objects/ab/cdef...`` (raw) or ``objects/ab/cdef....zst``
 * Smaller files are compressed only when that frees at least a quarter of
   their 4 KiB blocks: a 3 KiB file that compresses to 1 KiB still occupies
   one block, so compressing it would only cost CPU on every read.
+* A store configured for the kernel backend (``{"backend": "kernel"}`` in
+  ``ROOT/config.json``) stores everything raw: kernel overlayfs reads
+  objects straight from their files. Elsewhere a kernel mount makes raw
+  copies beside ``.zst`` objects on first use (:meth:`ObjectStore.ensure_raw`).
 
 benchmarks/bench_objects.py measures the read cost and the disk saved of
 this policy against "never" and "always".
@@ -95,9 +99,12 @@ def is_digest(s: str) -> bool:
 class ObjectStore:
     """Files of objects under one directory; knows nothing of the database."""
 
-    def __init__(self, root: str, tmp_dir: str) -> None:
+    def __init__(self, root: str, tmp_dir: str, compress: bool = True) -> None:
         self.root = root
         self.tmp_dir = tmp_dir
+        # False in a store whose mounts default to the kernel backend, which
+        # reads objects straight from their files: no zstd, no raw copies.
+        self.compress = compress
         self._local = threading.local()
         self._counter = itertools.count()
         os.makedirs(root, exist_ok=True)
@@ -145,7 +152,7 @@ class ObjectStore:
     # -- writing -----------------------------------------------------------
     def put_bytes(self, data: bytes, digest: str | None = None) -> StoredObject:
         digest = digest or blake3.blake3(data).hexdigest()
-        if len(data) > COMPRESS_MAX:
+        if len(data) > COMPRESS_MAX or not self.compress:
             self._write(self.raw_path(digest), [data])
             return StoredObject(digest, len(data), len(data), False)
         packed = self._compressor().compress(data) if len(data) >= COMPRESS_MIN else b""
@@ -275,6 +282,29 @@ class ObjectStore:
                 return hash_stream(reader)[0] == digest
         except zstandard.ZstdError:
             return False
+
+    def ensure_raw(self, digest: str) -> bool:
+        """Make sure a raw copy of the object exists beside a ``.zst`` one
+        (the kernel backend reads objects straight from their files).
+        Returns True if a copy was written now; raises NotFound if the
+        object is missing. The copy is published atomically but not
+        fsynced: callers :func:`syncfs` once after a batch, before they
+        rely on it (kernel reads are not digest-checked). :meth:`locate`
+        then prefers it; :meth:`remove` drops both files.
+        """
+        raw = self.raw_path(digest)
+        if os.path.exists(raw):
+            return False
+        zst = raw + ".zst"
+        try:
+            with open(zst, "rb") as f:
+                data = unpack_object(f.read(), zst)
+        except FileNotFoundError:
+            raise NotFound(f"object {digest[:12]} is missing from the store") from None
+        if blake3.blake3(data).hexdigest() != digest:
+            raise Corrupt(f"object {digest[:12]} fails its digest check")
+        self._write(raw, [data])
+        return True
 
     def remove(self, digest: str) -> None:
         for p in (self.raw_path(digest), self.zst_path(digest)):

@@ -5,7 +5,9 @@ Two readings of a directory:
 * ``overlay=False``: a full root filesystem; every node is what it is.
 * ``overlay=True``: an overlayfs upper dir: a 0/0 character device is a
   whiteout, ``trusted.overlay.opaque=y`` marks an opaque dir, and the other
-  ``trusted.overlay.*`` bookkeeping xattrs are dropped.
+  ``trusted.overlay.*`` bookkeeping xattrs are dropped. Overlayfs (6.7+)
+  keeps a user's own ``trusted.overlay.X`` escaped as
+  ``trusted.overlay.overlay.X``; that is read back as the user's xattr.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from layerfs.store.manifest import Entry
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
+ESCAPED_XATTR_PREFIX = "trusted.overlay.overlay."
 HASH_WORKERS = os.cpu_count() or 2
 
 
@@ -47,10 +50,13 @@ def read_xattrs(path: str, overlay: bool) -> tuple[tuple[str, bytes], ...]:
         return ()
     out = []
     for name in names:
+        shown = name
         if overlay and name.startswith(OVERLAY_XATTR_PREFIX):
-            continue
+            if not name.startswith(ESCAPED_XATTR_PREFIX):
+                continue
+            shown = OVERLAY_XATTR_PREFIX + name[len(ESCAPED_XATTR_PREFIX):]
         try:
-            out.append((name, os.getxattr(path, name, follow_symlinks=False)))
+            out.append((shown, os.getxattr(path, name, follow_symlinks=False)))
         except OSError:
             continue
     return tuple(sorted(out))

@@ -58,7 +58,8 @@ class Store:
             except OSError as exc:
                 raise InvalidInput(f"cannot use store root {self.root}: {exc.strerror}") from None
         self.tmp_dir = self.layout.tmp
-        self.objects = ObjectStore(self.layout.objects, self.tmp_dir)
+        self.objects = ObjectStore(self.layout.objects, self.tmp_dir,
+                                   compress=_config(self.layout).get("backend") != "kernel")
         self.db = Database(self.layout.db)
         self._lock_fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._db_lock = threading.Lock()
@@ -375,6 +376,20 @@ class Store:
             if key is None:
                 return c.execute("DELETE FROM refs WHERE kind=?", (kind,)).rowcount
             return c.execute("DELETE FROM refs WHERE kind=? AND key=?", (kind, key)).rowcount
+
+
+def _config(layout: StoreLayout) -> dict:
+    """ROOT/config.json, the store-wide settings (``{"backend": "kernel"}``
+    makes kernel-backend mounts the default and objects raw); {} if absent.
+    Errors in it are reported where the setting is used (``fs.backend``)."""
+    import json
+
+    try:
+        with open(layout.config) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _missing_objects(c, digests: set[str]) -> list[str]:

@@ -43,6 +43,25 @@ def _store_mounts(root: str) -> list[str]:
     return procfs.mounts_under(root)
 
 
+FSTYPE = {"fuse": "fuse.layerfs", "kernel": "overlay"}
+
+
+@pytest.fixture(params=["fuse", "kernel"])
+def backend(request) -> str:
+    """Both backends, chosen by the store's config (the commands take no flag)."""
+    from tests.fs.test_kernel_backend import KERNEL_SKIP
+
+    if request.param == "kernel" and KERNEL_SKIP:
+        pytest.skip(KERNEL_SKIP)
+    return request.param
+
+
+def _configure(root: str, backend: str) -> None:
+    if backend != "fuse":
+        with open(os.path.join(root, "config.json"), "w") as f:
+            f.write('{"backend": "%s"}' % backend)
+
+
 def _settled(check, seconds: float = 20.0):
     deadline = time.monotonic() + seconds
     while (left := check()) and time.monotonic() < deadline:
@@ -51,9 +70,10 @@ def _settled(check, seconds: float = 20.0):
 
 
 @pytest.mark.timeout(180)
-def test_kill_9_during_run_leaves_no_mount_process_or_leftover(tmp_path, busybox_tree):
+def test_kill_9_during_run_leaves_no_mount_process_or_leftover(tmp_path, busybox_tree, backend):
     root = str(tmp_path / "store")
     layerfs_cmd("import", busybox_tree, "-t", "bb:1", root=root, check=True)
+    _configure(root, backend)
     token = secrets.token_hex(6)
     ctx = tmp_path / "ctx"
     ctx.mkdir()
@@ -72,7 +92,7 @@ def test_kill_9_during_run_leaves_no_mount_process_or_leftover(tmp_path, busybox
                 break
         else:
             raise AssertionError(f"the RUN step never started: {seen.decode(errors='replace')}")
-        assert [mp for mp in _store_mounts(root) if procfs.mounted_fstype(mp) == "fuse.layerfs"]
+        assert [mp for mp in _store_mounts(root) if procfs.mounted_fstype(mp) == FSTYPE[backend]]
         build.kill()
         build.wait()
         assert _settled(lambda: _store_mounts(root)) == []
@@ -97,18 +117,19 @@ def test_kill_9_during_run_leaves_no_mount_process_or_leftover(tmp_path, busybox
 
 
 @pytest.mark.timeout(180)
-def test_kill_9_of_a_containers_owner_unmounts_its_rootfs(tmp_path, busybox_tree):
+def test_kill_9_of_a_containers_owner_unmounts_its_rootfs(tmp_path, busybox_tree, backend):
     from layerfs.runtime import containers as records
     from layerfs.store.store import Store
 
     root = str(tmp_path / "store")
     layerfs_cmd("import", busybox_tree, "-t", "bb:1", root=root, check=True)
+    _configure(root, backend)
     seconds = str(1000 + secrets.randbelow(9000))   # a command line no other process has
     layerfs_cmd("run", "-d", "--name", "c1", "bb:1", "sleep", seconds, root=root, check=True)
     with Store(root) as store:
         c = records.find_container(store, "c1")
     try:
-        assert procfs.mounted_fstype(c.rootfs) == "fuse.layerfs"
+        assert procfs.mounted_fstype(c.rootfs) == FSTYPE[backend]
         os.kill(c.state.owner_pid, 9)
         assert _settled(lambda: _store_mounts(root)) == []
         assert _settled(lambda: _leftover_processes(root, f"sleep\0{seconds}")) == []

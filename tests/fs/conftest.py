@@ -155,9 +155,10 @@ def _kill_daemon(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def layerfs_mount(root: str, image: str, mp: str, upper: str | None = None, read_only: bool = False):
+def layerfs_mount(root: str, image: str, mp: str, upper: str | None = None, read_only: bool = False,
+                  backend: str = "fuse"):
     os.makedirs(mp, exist_ok=True)
-    handle = fsmount.mount_image(root, image, mp, upper_dir=upper, read_only=read_only)
+    handle = fsmount.mount_image(root, image, mp, upper_dir=upper, read_only=read_only, backend=backend)
     try:
         yield handle
     finally:
@@ -179,11 +180,19 @@ def fresh_upper(path: str, like: str | None = None) -> str:
     return path
 
 
+# The oracle's options for each layerfs backend. The FUSE daemon keeps
+# hardlinks across copy-up and moves directories (index=on, redirect_dir=on
+# semantics, with a self-contained upper); the kernel backend mounts like
+# docker's overlay2 (no index, no redirects: links break on copy-up,
+# renaming a merged directory is EXDEV) so its upper stays importable.
+ORACLE_OPTIONS = {"fuse": "index=on,redirect_dir=on", "kernel": "index=off,redirect_dir=off,xino=off"}
+
+
 @contextlib.contextmanager
-def kernel_overlay(lowers: list[str], upper: str, work: str, mp: str):
+def kernel_overlay(lowers: list[str], upper: str, work: str, mp: str, backend: str = "fuse"):
     os.makedirs(work, exist_ok=True)
     os.makedirs(mp, exist_ok=True)
-    opts = f"lowerdir={':'.join(reversed(lowers))},upperdir={upper},workdir={work},index=on,redirect_dir=on"
+    opts = f"lowerdir={':'.join(reversed(lowers))},upperdir={upper},workdir={work},{ORACLE_OPTIONS[backend]}"
     # Mounting the same upper again right after an umount is refused now
     # and then for a moment ("upperdir is in-use") while the old mount's
     # last reference goes away (seen on a machine busy with other mounts);

@@ -31,6 +31,7 @@ from layerfs.store import images as img
 from layerfs.store import transfer
 from layerfs.store.store import Store
 from tests.fs.conftest import fresh_upper, kernel_overlay, layerfs_mount, needs_fuse
+from tests.fs.test_kernel_backend import KERNEL_SKIP
 from tests.treeutil import describe
 
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.root]
@@ -156,7 +157,16 @@ def _move_upper_into_layers(env: dict, image: str, upper: str, tag: str) -> str:
     return tag
 
 
-def run_both(env: dict, ops: list[tuple]) -> None:
+@pytest.fixture(params=["fuse", "kernel"])
+def backend(request) -> str:
+    """Every differential test runs against both layerfs backends (the
+    kernel one against overlay mounted with its options: ORACLE_OPTIONS)."""
+    if request.param == "kernel" and KERNEL_SKIP:
+        pytest.skip(KERNEL_SKIP)
+    return request.param
+
+
+def run_both(env: dict, ops: list[tuple], backend: str = "fuse") -> None:
     """Run *ops* in lockstep on both mounts. A ("remount", move) step
     unmounts both and mounts them again over the same uppers; with
     *move*, each upper first becomes the top lower layer (layerfs's upper,
@@ -171,8 +181,9 @@ def run_both(env: dict, ops: list[tuple]) -> None:
         lupper = os.path.join(work, "lu0")
         done = 0
         for seg, move in _segments(ops):
-            with kernel_overlay(lowers, kupper, os.path.join(work, f"kw{gen}"), os.path.join(work, "km")) as km, \
-                    layerfs_mount(env["root"], image, os.path.join(work, "lm"), upper=lupper) as h:
+            with kernel_overlay(lowers, kupper, os.path.join(work, f"kw{gen}"), os.path.join(work, "km"),
+                                backend) as km, \
+                    layerfs_mount(env["root"], image, os.path.join(work, "lm"), upper=lupper, backend=backend) as h:
                 lm = h.mountpoint
                 for op in seg:
                     want, got = apply(km, op), apply(lm, op)
@@ -216,6 +227,10 @@ SCRIPT = [
     ("rename", "b", "c", RENAME_EXCHANGE), ("listdir", "c"), ("read", "b"),
     ("rename", "xf", "n1", 0), ("getxattr", "n1", "user.k"), ("listxattr", "n1"),
     ("setxattr", "link1", "trusted.lnk", b"1"), ("setxattr", "a/f1", "user.z", b"zz"), ("removexattr", "n1", "user.k"),
+    # overlay's own names are content when a user sets them (kept escaped)
+    ("setxattr", "c", "trusted.overlay.opaque", b"y"), ("listdir", ""), ("getxattr", "c", "trusted.overlay.opaque"),
+    ("setxattr", "e", "trusted.overlay.opaque", b"y"), ("listdir", "e"), ("listxattr", "e"),
+    ("removexattr", "e", "trusted.overlay.opaque"), ("getxattr", "e", "trusted.overlay.opaque"),
     ("chmod", "suid", 0o755), ("chown", "sticky", 5, 6), ("utime", "dangling", 1_500_000_000_000_000_000),
     ("symlink", "../top", "a/n2"), ("readlink", "a/n2"), ("link", "a/sub/g", "d/n4"), ("link", "a/sub/g", "d/n4"),
     ("mkfifo", "a/sub/n5"), ("unlink", "a/sub"), ("rmdir", "a/sub"), ("unlink", "nope"), ("mkdir", "a", 0o755),
@@ -224,8 +239,8 @@ SCRIPT = [
 ]
 
 
-def test_scripted_sequence(env):
-    run_both(env, SCRIPT)
+def test_scripted_sequence(env, backend):
+    run_both(env, SCRIPT, backend)
 
 
 # Restarts: each remount keeps the upper (a stopped and started container)
@@ -250,8 +265,8 @@ REMOUNT_SCRIPT = [
 ]
 
 
-def test_remount_sequence(env):
-    run_both(env, REMOUNT_SCRIPT)
+def test_remount_sequence(env, backend):
+    run_both(env, REMOUNT_SCRIPT, backend)
 
 
 _path = st.sampled_from(PATHS)
@@ -269,8 +284,9 @@ _ops = st.one_of(
     st.tuples(st.just("chmod"), _path, st.sampled_from([0o600, 0o4755, 0o2775, 0o1777])),
     st.tuples(st.just("chown"), _path, st.sampled_from([0, 7, 1000]), st.sampled_from([0, 8])),
     st.tuples(st.just("utime"), _path, st.sampled_from([1_400_000_000_000_000_000, 1_500_000_000_123_456_789])),
-    st.tuples(st.just("setxattr"), _path, st.sampled_from(["user.k", "user.new", "trusted.t"]), st.binary(max_size=8)),
-    st.tuples(st.just("removexattr"), _path, st.sampled_from(["user.k", "trusted.t"])),
+    st.tuples(st.just("setxattr"), _path,
+              st.sampled_from(["user.k", "user.new", "trusted.t", "trusted.overlay.opaque"]), st.binary(max_size=8)),
+    st.tuples(st.just("removexattr"), _path, st.sampled_from(["user.k", "trusted.t", "trusted.overlay.opaque"])),
     st.tuples(st.just("mkfifo"), _path),
     st.tuples(st.just("listdir"), _path),
     st.tuples(st.just("stat"), _path),
@@ -283,5 +299,5 @@ _ops = st.one_of(
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                  HealthCheck.data_too_large])
 @given(st.lists(_ops, min_size=1, max_size=14))
-def test_random_sequences(env, ops):
-    run_both(env, ops)
+def test_random_sequences(env, backend, ops):
+    run_both(env, ops, backend)

@@ -178,3 +178,20 @@ def test_property_dir_layer_dir(tmp_path_factory, ops):
         lid = _roundtrip(store, src, dest)
         assert describe(str(dest)) == describe(src)
         assert transfer.import_layer(store, str(dest)) == lid
+
+
+def test_overlay_xattrs_in_content_stay_content_through_an_overlay_format_dir(store, tmp_path):
+    """A layer dir in overlay format keeps an image's own trusted.overlay.*
+    xattrs escaped (as overlayfs does), and importing it reads them back."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    os.setxattr(src / "d", "trusted.overlay.opaque", b"y")
+    (src / "f").write_bytes(b"f\n")
+    os.setxattr(src / "f", "trusted.overlay.redirect", b"/elsewhere")
+    lid = transfer.import_layer(store, str(src))          # a full tree: the xattrs are content
+    out = str(tmp_path / "layer")
+    transfer.extract_layer(store, lid, out)               # overlay format
+    assert os.getxattr(f"{out}/d", "trusted.overlay.overlay.opaque") == b"y"
+    assert "trusted.overlay.opaque" not in os.listxattr(f"{out}/d")
+    assert os.getxattr(f"{out}/f", "trusted.overlay.overlay.redirect") == b"/elsewhere"
+    assert transfer.import_layer(store, out, as_layer=True) == lid
