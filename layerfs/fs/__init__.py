@@ -13,8 +13,12 @@ Modules, bottom up:
   xattrs; with ``names`` (create, link, unlink, rename: whiteouts and
   opaque dirs) and ``files`` (open files, reads with digest checks);
 * ``ops``    -- the thin pyfuse3.Operations adapter (one error decorator);
-* ``mount``  -- the daemon's life: ``mount_image`` (the API the CLI,
-  runtime and builder use), and the owner a mount may die with;
+* ``mount``  -- ``mount_image`` (the API the CLI, runtime and builder
+  use): resolve the image, pick the backend, hand a forked daemon its job;
+* ``daemon`` -- the FUSE daemon process: forked early, serves the union
+  until unmount, SIGTERM or its owner's death;
+* ``mountproc`` -- what every mount process does, either backend: drop
+  inherited fds, watch its owner, clean up after the unmount;
 * ``registry`` -- the mount records: ``unmount``, ``list_mounts``, the
   clean-up of mounts whose daemon died;
 * ``helper`` -- mounts for a busy owner (a build), forked from a clean

@@ -36,8 +36,11 @@ import time
 
 from layerfs import procfs
 from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound
-from layerfs.fs import kernel, registry
-from layerfs.fs import mount as fsmount  # noqa: F401 - imported before any fork (see _spawn_keeper)
+from layerfs.fs import (
+    kernel,
+    mountproc,  # imported before any fork (see _spawn_keeper)
+    registry,
+)
 from layerfs.fs.metalayer import ensure_metalayer
 from layerfs.fs.upper import work_dir_for
 from layerfs.store.layout import StoreLayout
@@ -184,7 +187,7 @@ def _spawn_keeper(params: dict) -> int:
 
 
 def _keeper_main(params: dict, ready_w: int) -> int:
-    fsmount._close_inherited_fds({ready_w})
+    mountproc.close_inherited_fds({ready_w})
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -199,7 +202,7 @@ def _keeper_main(params: dict, ready_w: int) -> int:
     orphaned = False
     try:
         try:
-            owner_fd = fsmount._open_owner(params)
+            owner_fd = mountproc.open_owner(params)
         except LayerfsError as exc:
             os.write(ready_w, f"error {exc}".encode())
             orphaned = True
@@ -245,4 +248,4 @@ def _end(params: dict, orphaned: bool) -> None:
             syncfs(upper)
         except OSError:
             pass
-    fsmount._finish(params, orphaned, logging.getLogger("layerfs.fs"))
+    mountproc.finish_mount(params, orphaned, logging.getLogger("layerfs.fs"))

@@ -22,9 +22,9 @@ import blake3
 import pytest
 import trio
 
+from layerfs.fs.daemon import prepare_upper
 from layerfs.fs.index import LowerIndex
 from layerfs.fs.inodes import ROOT, Attr, SetAttr
-from layerfs.fs.mount import _prepare_upper
 from layerfs.fs.union import Union
 from layerfs.fs.upper import OPAQUE, RENAME_EXCHANGE, RENAME_NOREPLACE, UpperDir, work_dir_for
 from layerfs.store import fsck, transfer
@@ -137,7 +137,7 @@ def make_union(root: str, image, upper: str) -> Union:
 
     with Store(root) as store:
         index = read_index_cache(root, image.id, ensure_index_cache(store, image))
-    _prepare_upper(upper, index.meta[0], False)  # what the daemon does before it mounts
+    prepare_upper(upper, index.meta[0], False)  # what the daemon does before it mounts
     layout = StoreLayout(root)
     objects = ObjectStore(layout.objects, layout.tmp)
     return Union(index, objects, UpperDir(upper, work_dir_for(upper), objects))
