@@ -54,12 +54,32 @@ def fsck_stores_after(request: pytest.FixtureRequest):
         return
     top = str(request.getfixturevalue("tmp_path"))
     yield
+    for root in _stores_under(top):
+        assert_fsck_clean(root)
+
+
+def assert_fsck_clean(root: str) -> None:
+    """The store at *root* passes fsck: every object re-hashed, every
+    reference resolved."""
     from layerfs.store import fsck
 
-    for root in _stores_under(top):
-        with Store(root) as st:
-            report = fsck.check(st)
-        assert report.clean, f"fsck of {root} after the test: {report.problems[:5]}"
+    with Store(root) as st:
+        report = fsck.check(st)
+    assert report.clean, f"fsck of {root}: {report.problems[:5]}"
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int | None = None, *words: str) -> str:
+    """A failed command's stderr is one ``Error: ...`` line (no traceback,
+    no progress: callers pass -q) with exit *code* and these *words*."""
+    err = proc.stderr.decode()
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    if code is not None:
+        assert proc.returncode == code, err
+    for w in words:
+        assert w in err, err
+    return lines[0]
 
 
 @pytest.fixture

@@ -19,23 +19,8 @@ import pytest
 from layerfs.errors import InvalidInput
 from layerfs.oci import convert, media
 from layerfs.store.store import Store
-from tests.conftest import layerfs_cmd
+from tests.conftest import assert_fsck_clean, layerfs_cmd, one_line_error
 from tests.oci.test_archive import _layout, _tar, _ti
-
-
-def _one_line(p, code: int, *words: str) -> str:
-    """The failure alone on stderr (callers pass -q: no progress lines)."""
-    err = p.stderr.decode()
-    assert p.returncode == code, err
-    assert err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
-    return err
-
-
-def _fsck_clean(root: str) -> None:
-    p = layerfs_cmd("fsck", root=root)
-    assert p.returncode == 0 and b"clean" in p.stdout, p.stdout + p.stderr
 
 
 def _images(root: str) -> list[str]:
@@ -58,18 +43,18 @@ def test_gzip_bomb_layer_stops_at_the_ratio_limit(tmp_path, monkeypatch):
     root = str(tmp_path / "store")
     monkeypatch.setenv("LAYERFS_MAX_RATIO", "50")
     monkeypatch.setenv("LAYERFS_RATIO_FROM", "4M")
-    _one_line(layerfs_cmd("load", "-q", "-i", str(path), root=root), 2, "more than 50:1", "LAYERFS_MAX_RATIO")
+    one_line_error(layerfs_cmd("load", "-q", "-i", str(path), root=root), 2, "more than 50:1", "LAYERFS_MAX_RATIO")
     assert _images(root) == []
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
 
 @pytest.mark.parametrize("name,words", [("n" * 256, "NAME_MAX"), ("/".join(["p" * 250] * 17), "PATH_MAX")])
 def test_names_past_the_kernel_limits_refused(tmp_path, name, words):
     path = _layout(tmp_path / "l", [gzip.compress(_tar([(_ti(name), b"x")]), mtime=0)])
     root = str(tmp_path / "store")
-    _one_line(layerfs_cmd("load", "-q", "-i", str(path), root=root), 2, words)
+    one_line_error(layerfs_cmd("load", "-q", "-i", str(path), root=root), 2, words)
     assert _images(root) == []
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
 
 def test_pulled_layer_blob_with_a_long_name_refused(tmp_path):
@@ -110,24 +95,24 @@ def test_reused_layer_is_reported_and_verify_reads_every_blob(tmp_path):
     p = layerfs_cmd("load", "-i", str(layout), root=root, check=True)
     assert p.stdout == b"Loaded image: app:1\n"
     _says_reused(p, short)
-    _one_line(layerfs_cmd("load", "-q", "--verify", "-i", str(layout), root=root), 3, "does not match")
-    _fsck_clean(root)
+    one_line_error(layerfs_cmd("load", "-q", "--verify", "-i", str(layout), root=root), 3, "does not match")
+    assert_fsck_clean(root)
 
     # Missing blob: the same.
     _blob_path(layout, blob).unlink()
     p = layerfs_cmd("load", "-i", str(layout), root=root, check=True)
     _says_reused(p, short)
-    _one_line(layerfs_cmd("load", "-q", "--verify", "-i", str(layout), root=root), 1, "cannot provide blob")
+    one_line_error(layerfs_cmd("load", "-q", "--verify", "-i", str(layout), root=root), 1, "cannot provide blob")
     assert len(_images(root)) == 1
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
     # A blob the store never saw (uncompressed this time), missing, whose
     # diff_id names a layer the store holds: reused by diff_id, reported.
     other = _layout(tmp_path / "raw", [layer], name="app:2", drop_blob=0)
     p = layerfs_cmd("load", "-i", str(other), root=root, check=True)
     _says_reused(p, media.sha256_digest(layer)[7:19])
-    _one_line(layerfs_cmd("load", "-q", "--verify", "-i", str(other), root=root), 1, "cannot provide blob")
-    _fsck_clean(root)
+    one_line_error(layerfs_cmd("load", "-q", "--verify", "-i", str(other), root=root), 1, "cannot provide blob")
+    assert_fsck_clean(root)
 
 
 def _docker_archive(path, config_name: str | None) -> None:
@@ -158,7 +143,7 @@ def test_docker_archive_config_named_for_another_digest_warns(tmp_path):
     assert p.stdout == b"Loaded image: da:1\n"
     (line,) = [x for x in p.stderr.decode().splitlines() if x.startswith("Warning: ")]
     assert "sha256:abababababab" in line and "altered or mislabelled" in line, line
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
 
 def test_compressed_archive_is_unpacked_within_the_limits(bb_store, busybox, tmp_path, monkeypatch):
@@ -185,6 +170,6 @@ def test_compressed_archive_is_unpacked_within_the_limits(bb_store, busybox, tmp
     bomb.write_bytes(b"".join(parts) + c.compress(bytes(1024)) + c.flush())
     monkeypatch.setenv("LAYERFS_MAX_RATIO", "50")
     monkeypatch.setenv("LAYERFS_RATIO_FROM", "4M")
-    _one_line(layerfs_cmd("load", "-q", "-i", str(bomb), root=root), 2, "LAYERFS_MAX_RATIO")
+    one_line_error(layerfs_cmd("load", "-q", "-i", str(bomb), root=root), 2, "LAYERFS_MAX_RATIO")
     assert len(_images(root)) == 1
-    _fsck_clean(root)
+    assert_fsck_clean(root)

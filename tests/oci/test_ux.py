@@ -18,7 +18,7 @@ from layerfs.oci.registry import Client, RegistryError, is_loopback, plain_http_
 from layerfs.store import images as img
 from layerfs.store import transfer
 from layerfs.store.store import Store
-from tests.conftest import layerfs_cmd
+from tests.conftest import assert_fsck_clean, layerfs_cmd
 from tests.oci.conftest import add_layer
 from tests.oci.helpers import FaultProxy
 
@@ -133,11 +133,6 @@ def _interrupt_after(cmd: list[str], root: str, marker: str) -> tuple[int, str]:
     return proc.returncode, "".join(seen) + rest
 
 
-def _fsck_clean(root: str) -> None:
-    p = layerfs_cmd("fsck", root=root)
-    assert p.returncode == 0 and b": clean" in p.stdout, p.stdout + p.stderr
-
-
 def test_ctrl_c_stops_a_pull_and_keeps_finished_layers(bb_store, registry, tmp_path):
     _big_image(bb_store, tmp_path)
     ref = f"{registry.host}/ux/big:1"
@@ -154,12 +149,12 @@ def test_ctrl_c_stops_a_pull_and_keeps_finished_layers(bb_store, registry, tmp_p
     assert re.fullmatch(r"Error: interrupted: 1 of 3 layer\(s\) are complete at layerfs store \S+ and are kept "
                         r"there \(1 copied now\); run the same command again to finish", last), err
     assert "Traceback" not in err
-    _fsck_clean(root)
+    assert_fsck_clean(root)
     assert layerfs_cmd("images", "-q", root=root, check=True).stdout == b""
     # The next pull (straight from the registry) takes the kept layer from the store.
     p = layerfs_cmd("pull", ref, root=root, check=True)
     assert sum(": Already exists" in x for x in p.stderr.decode().splitlines()) == 1, p.stderr
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
 
 def test_ctrl_c_stops_a_push(bb_store, registry, tmp_path):
@@ -173,7 +168,7 @@ def test_ctrl_c_stops_a_push(bb_store, registry, tmp_path):
     assert code == 130, err
     assert re.search(rf"Error: interrupted: 1 of 3 layer\(s\) are complete at {proxy.host}/ux/bigpush:1 "
                      r"and are kept", err), err
-    _fsck_clean(bb_store.root)
+    assert_fsck_clean(bb_store.root)
     assert not [n for n in os.listdir(bb_store.tmp_dir)], "spooled blobs are removed"
     # What was uploaded is kept: pushing again sends only the rest.
     p = layerfs_cmd("push", "big:1", f"{registry.host}/ux/bigpush:1", root=bb_store.root, check=True)

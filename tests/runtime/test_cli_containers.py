@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import one_line_error
 from tests.runtime.cli_helpers import LAYERFS, Cli, wait_for_log
 
 pytestmark = [pytest.mark.root, pytest.mark.fuse, pytest.mark.namespaces, pytest.mark.tools("busybox")]
@@ -29,14 +30,6 @@ def _records(cli: Cli) -> list[str]:
     if not os.path.isdir(base):
         return []
     return [n for n in os.listdir(base) if not n.startswith(".")]
-
-
-def _one_line_error(proc: subprocess.CompletedProcess) -> str:
-    err = proc.stderr.decode()
-    lines = err.strip().splitlines()
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("Error: "), err
-    return lines[0]
 
 
 # -- run ---------------------------------------------------------------------------------
@@ -55,7 +48,7 @@ def test_exit_codes(cli: Cli, args: list[str], code: int) -> None:
     proc = cli("run", "--rm", "busybox", *args)
     assert proc.returncode == code, proc.stderr
     if code in (126, 127):
-        assert _one_line_error(proc)
+        assert one_line_error(proc)
 
 
 def test_oom_kill_is_137_and_shown_in_ps(cli: Cli) -> None:
@@ -72,7 +65,7 @@ def test_oom_kill_is_137_and_shown_in_ps(cli: Cli) -> None:
 def test_unknown_image_is_125_and_leaves_nothing(cli: Cli) -> None:
     proc = cli("run", "--rm", "nope:1", "true")
     assert proc.returncode == 125
-    assert "no such image" in _one_line_error(proc)
+    assert "no such image" in one_line_error(proc)
     assert _records(cli) == []
 
 
@@ -139,7 +132,7 @@ def test_detached_ps_logs_stop_rm(cli: Cli) -> None:
     wait_for_log(cli, "web", "started")
     # A running container is not removed without -f.
     proc = cli("rm", "web")
-    assert proc.returncode == 1 and "stop it first" in _one_line_error(proc)
+    assert proc.returncode == 1 and "stop it first" in one_line_error(proc)
     # stop sends SIGTERM, which this command traps.
     cli.out("stop", "-t", "5", "web")
     assert cli.out("wait", "web") == "7\n"
@@ -230,7 +223,7 @@ def test_exec_joins_the_container(cli: Cli) -> None:
     assert pids and all(line.endswith(":/") for line in pids), cgroups
     cli.out("rm", "-f", "box")
     proc = cli("exec", "box", "true")
-    assert proc.returncode == 125 and "no such container" in _one_line_error(proc)
+    assert proc.returncode == 125 and "no such container" in one_line_error(proc)
 
 
 # -- commit and diff -------------------------------------------------------------------------
@@ -418,14 +411,14 @@ def test_exec_it_in_a_pty(cli: Cli) -> None:
 def test_bad_run_input(cli: Cli, args: list[str], message: str) -> None:
     proc = cli("run", "--rm", *args)
     assert proc.returncode == 125
-    assert message in _one_line_error(proc)
+    assert message in one_line_error(proc)
     assert _records(cli) == []
 
 
 def test_name_in_use(cli: Cli) -> None:
     cli.out("run", "--name", "taken", "busybox", "true")
     proc = cli("run", "--name", "taken", "busybox", "true")
-    assert proc.returncode == 125 and "already in use" in _one_line_error(proc)
+    assert proc.returncode == 125 and "already in use" in one_line_error(proc)
     assert len(_records(cli)) == 1
     cli.out("rm", "taken")
 
@@ -436,7 +429,7 @@ def test_name_in_use(cli: Cli) -> None:
 def test_unknown_container(cli: Cli, command: list[str]) -> None:
     proc = cli(*command)
     assert proc.returncode in (1, 125)
-    assert "no such container" in _one_line_error(proc)
+    assert "no such container" in one_line_error(proc)
 
 
 def test_escapes_are_contained(cli: Cli) -> None:

@@ -10,8 +10,8 @@ import time
 
 from layerfs.fs import mount as fsmount
 from layerfs.snapshotter import records
-from layerfs.store import fsck
 from layerfs.store.store import Store
+from tests.conftest import assert_fsck_clean
 from tests.snapshotter.node import layerfs
 
 LF = ("--snapshotter", "layerfs")
@@ -20,12 +20,6 @@ LF = ("--snapshotter", "layerfs")
 def store_snapshots(root: str) -> list[records.Snapshot]:
     with Store(root) as store:
         return records.all_snapshots(store)
-
-
-def fsck_clean(root: str) -> None:
-    with Store(root) as store:
-        report = fsck.check(store)
-    assert report.clean, report.problems
 
 
 def test_pull_run_three_containers_remove_prune_gc(node, images):
@@ -74,7 +68,7 @@ def test_pull_run_three_containers_remove_prune_gc(node, images):
     with Store(node.root) as store:
         assert store.db.value("SELECT COUNT(*) FROM objects") == 0
         assert store.db.value("SELECT COUNT(*) FROM layers") == 0
-    fsck_clean(node.root)
+    assert_fsck_clean(node.root)
 
 
 def _exec(node, cid: str, *cmd: str) -> str:
@@ -88,7 +82,7 @@ def test_restarts_of_snapshotter_and_containerd_keep_containers(node, images):
     before = sorted(node.snapshots())
 
     assert node.snapshotter.stop() == 0  # SIGTERM: a clean exit
-    fsck_clean(node.root)
+    assert_fsck_clean(node.root)
     assert _exec(node, "keep", "cat", "/state").strip() == "state"  # rootfs outlives the server
     node.restart_snapshotter()
     assert sorted(node.snapshots()) == before
@@ -102,4 +96,4 @@ def test_restarts_of_snapshotter_and_containerd_keep_containers(node, images):
     # the snapshotter killed: its daemons keep serving; a restart finds them
     node.restart_snapshotter(signal.SIGKILL)
     assert _exec(node, "keep", "cat", "/state").strip() == "state"
-    fsck_clean(node.root)
+    assert_fsck_clean(node.root)

@@ -17,9 +17,10 @@ import grpc
 import pytest
 
 from layerfs.snapshotter import proto, records
-from layerfs.store import fsck, transfer
 from layerfs.store import images as img
+from layerfs.store import transfer
 from layerfs.store.store import Store
+from tests.conftest import assert_fsck_clean
 from tests.snapshotter.harness import LAYERFS, Snapshotter, unmount_all, wait_for
 from tests.snapshotter.node import layerfs
 
@@ -48,12 +49,6 @@ def code_of(call, *args) -> grpc.StatusCode:
             list(r)
     assert exc.value.details()  # a message saying what went wrong
     return exc.value.code()
-
-
-def fsck_clean(root: str) -> None:
-    with Store(root) as store:
-        report = fsck.check(store)
-    assert report.clean, report.problems
 
 
 def test_grpc_errors_are_containerds_codes(server):
@@ -118,7 +113,7 @@ def test_killed_during_commit_leaves_no_half_committed_snapshot(server):
     server.stop(signal.SIGKILL)
     t.join()
     channel.close()
-    fsck_clean(server.root)
+    assert_fsck_clean(server.root)
     with Store(server.root) as store:
         keys = {s.key: s.kind for s in records.all_snapshots(store)}
     assert keys in ({"a": "active"}, {"done": "committed"})  # one or the other, never both or neither
@@ -129,7 +124,7 @@ def test_killed_during_commit_leaves_no_half_committed_snapshot(server):
     v = stub.View(pb.ViewSnapshotRequest(key="v", parent="done")).mounts[0].source
     assert sum(len(files) for _, _, files in os.walk(v)) == 400
     channel.close()
-    fsck_clean(server.root)
+    assert_fsck_clean(server.root)
 
 
 def _commit(stub, pb, err: list) -> None:
@@ -219,7 +214,7 @@ def test_hostile_layer_applied_by_containerd_stays_inside(node, short_dir):
     assert p.returncode != 0 and "hard" in p.stderr
     assert [s.key for s in _snapshots(node.root) if s.kind == "committed"] == [c.key]
     assert os.listdir(outside) == []
-    fsck_clean(node.root)
+    assert_fsck_clean(node.root)
 
 
 def test_containerd_killed_mid_unpack_then_restarted(node, registry, short_dir):
@@ -252,7 +247,7 @@ def test_containerd_killed_mid_unpack_then_restarted(node, registry, short_dir):
         node.ctr("leases", "rm", lease)
     node.ctr("images", "rm", "--sync", ref)
     wait_for(lambda: _snapshots(node.root) == [], "containerd's GC to remove every snapshot", timeout=60)
-    fsck_clean(node.root)
+    assert_fsck_clean(node.root)
 
 
 def _snapshots(root: str) -> list[records.Snapshot]:

@@ -14,8 +14,9 @@ from layerfs.fs import mount as fsmount
 from layerfs.snapshotter import mounts as mnt
 from layerfs.snapshotter.records import AlreadyExists, FailedPrecondition
 from layerfs.snapshotter.service import Snapshotter
-from layerfs.store import fsck, gc
+from layerfs.store import gc
 from layerfs.store.store import Store
+from tests.conftest import assert_fsck_clean
 from tests.snapshotter.conftest import needs_fuse
 
 pytestmark = needs_fuse
@@ -40,12 +41,6 @@ def committed_base(sn: Snapshotter) -> None:
     sn.commit("ns/2/base", "ns/1/extract-1 base")
 
 
-def fsck_clean(root: str) -> None:
-    with Store(root) as store:
-        report = fsck.check(store)
-    assert report.clean, report.problems
-
-
 def test_parentless_prepare_is_a_bind_mount_of_a_plain_dir(sn):
     ms = sn.prepare("ns/1/a")
     assert [(m.type, m.options) for m in ms] == [("bind", ("rw", "rbind"))]
@@ -65,7 +60,7 @@ def test_commit_makes_a_layer_and_a_chain_image(sn):
         paths = {e.path for e in store.layer_entries(info.layer_id)}
     assert {"etc/hostname", "bin/tool"} <= paths
     assert not os.path.exists(mnt.dirs(sn.root, info.id).base)  # the upper is in the store now
-    fsck_clean(sn.root)
+    assert_fsck_clean(sn.root)
 
 
 def test_container_snapshot_is_the_layerfs_union_with_a_private_upper(sn):
@@ -200,7 +195,7 @@ def test_remove_then_gc_gives_the_bytes_back(sn):
         assert store.images() == []
         result = gc.collect(store)
         assert result.layers_removed == 1 and store.db.all("SELECT * FROM objects") == []
-    fsck_clean(sn.root)
+    assert_fsck_clean(sn.root)
 
 
 def test_cleanup_sweeps_what_no_snapshot_names(sn):

@@ -22,21 +22,7 @@ from layerfs.store import manifest as mf
 from layerfs.store.manifest import Entry
 from layerfs.store.streams import UnpackLimits
 from layerfs.store.tarlayer import TarReader, decompressed
-from tests.conftest import layerfs_cmd
-
-
-def _fails_cleanly(p: subprocess.CompletedProcess, code: int, *words: str) -> str:
-    err = p.stderr.decode()
-    assert p.returncode == code, err
-    assert err.startswith("Error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, err
-    return err
-
-
-def _fsck_clean(root: str) -> None:
-    p = layerfs_cmd("fsck", root=root)
-    assert p.returncode == 0 and b"clean" in p.stdout, p.stdout + p.stderr
+from tests.conftest import assert_fsck_clean, layerfs_cmd, one_line_error
 
 
 def _images(root: str) -> bytes:
@@ -76,15 +62,15 @@ def test_gzip_bomb_stops_at_the_ratio_limit(tmp_path, monkeypatch):
     assert bomb.stat().st_size < 1 << 20       # 256 MiB of zeros in a few hundred KiB
     monkeypatch.setenv("LAYERFS_MAX_RATIO", "50")
     monkeypatch.setenv("LAYERFS_RATIO_FROM", "4M")
-    err = _fails_cleanly(layerfs_cmd("import", str(bomb), "-t", "bomb:1", root=root), 2,
+    err = one_line_error(layerfs_cmd("import", str(bomb), "-t", "bomb:1", root=root), 2,
                          "more than 50:1", "LAYERFS_MAX_RATIO")
     assert "compression bomb" in err
     assert _images(root) == b""
-    _fsck_clean(root)
+    assert_fsck_clean(root)
     # Raised past the bomb's ratio, the same archive imports (it is only zeros).
     monkeypatch.setenv("LAYERFS_MAX_RATIO", "0")
     layerfs_cmd("import", str(bomb), "-t", "zeros:1", root=root, check=True)
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
 
 def test_size_limit_stops_a_plain_tar(tmp_path, monkeypatch):
@@ -94,9 +80,9 @@ def test_size_limit_stops_a_plain_tar(tmp_path, monkeypatch):
         for piece in _zero_tar_chunks(24 << 20):
             f.write(piece)
     monkeypatch.setenv("LAYERFS_MAX_UNPACKED", "8M")
-    _fails_cleanly(layerfs_cmd("import", str(tar), "-t", "big:1", root=root), 2,
+    one_line_error(layerfs_cmd("import", str(tar), "-t", "big:1", root=root), 2,
                    "past 8.0 MiB", "LAYERFS_MAX_UNPACKED")
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd", "bzip2", "xz"])
@@ -116,7 +102,7 @@ def test_bad_limit_setting_is_one_line(tmp_path, monkeypatch, value):
     tar = tmp_path / "x.tar"
     tar.write_bytes(b"".join(_zero_tar_chunks(1000)))
     monkeypatch.setenv("LAYERFS_MAX_UNPACKED", value)
-    _fails_cleanly(layerfs_cmd("import", str(tar), "-t", "x:1", root=str(tmp_path / "s")), 2,
+    one_line_error(layerfs_cmd("import", str(tar), "-t", "x:1", root=str(tmp_path / "s")), 2,
                    "LAYERFS_MAX_UNPACKED")
 
 
@@ -160,7 +146,7 @@ def test_deep_tree_imports_exports_and_can_be_deleted(tmp_path):
     gone = tmp_path / "gone"
     layerfs_cmd("export", "deep:2", "-o", str(gone), root=root, check=True)
     assert os.listdir(gone) == []
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
 
 # -- item 6: sparse tars ---------------------------------------------------------------
@@ -202,7 +188,7 @@ def test_sparse_tars_import_and_stay_sparse(tmp_path, fmt):
     assert os.stat(out / "hole.img").st_blocks == 0
     used = sum(os.stat(p).st_blocks * 512 for p in (tmp_path / "store" / "objects").rglob("*") if p.is_file())
     assert used < 1 << 20
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
 
 def _pax_sparse(map_: str, realsize: int, stored: bytes) -> bytes:
@@ -226,8 +212,8 @@ def test_bad_sparse_maps_refused(tmp_path, map_, realsize, stored, words):
     root = str(tmp_path / "store")
     tar = tmp_path / "bad.tar"
     tar.write_bytes(_pax_sparse(map_, realsize, stored))
-    _fails_cleanly(layerfs_cmd("import", str(tar), "-t", "bad:1", root=root), 2, "bad sparse map", words)
-    _fsck_clean(root)
+    one_line_error(layerfs_cmd("import", str(tar), "-t", "bad:1", root=root), 2, "bad sparse map", words)
+    assert_fsck_clean(root)
 
 
 def test_sparse_bomb_holes_count_against_the_limit(tmp_path, monkeypatch):
@@ -236,8 +222,8 @@ def test_sparse_bomb_holes_count_against_the_limit(tmp_path, monkeypatch):
     tar = tmp_path / "holes.tar"
     tar.write_bytes(_pax_sparse("0,512", 1 << 40, b"y" * 512))
     monkeypatch.setenv("LAYERFS_RATIO_FROM", "16M")
-    _fails_cleanly(layerfs_cmd("import", str(tar), "-t", "holes:1", root=root), 2, "LAYERFS_MAX_RATIO")
-    _fsck_clean(root)
+    one_line_error(layerfs_cmd("import", str(tar), "-t", "holes:1", root=root), 2, "LAYERFS_MAX_RATIO")
+    assert_fsck_clean(root)
 
 
 # -- item 7: NAME_MAX and PATH_MAX -------------------------------------------------------
@@ -260,9 +246,9 @@ def test_names_and_paths_past_the_kernel_limits_refused(tmp_path, name, kind, ta
     root = str(tmp_path / "store")
     tar = tmp_path / "long.tar"
     _one_member_tar(tar, name, kind, target)
-    _fails_cleanly(layerfs_cmd("import", str(tar), "-t", "long:1", root=root), 2, words)
+    one_line_error(layerfs_cmd("import", str(tar), "-t", "long:1", root=root), 2, words)
     assert _images(root) == b""
-    _fsck_clean(root)
+    assert_fsck_clean(root)
 
 
 def test_names_and_paths_at_the_kernel_limits_work(tmp_path):
@@ -281,7 +267,7 @@ def test_names_and_paths_at_the_kernel_limits_work(tmp_path):
     layerfs_cmd("export", "ok:1", "-o", str(out), root=root, check=True)
     with tarfile.open(out) as t:
         assert {"n" * 255, longest_path, "link"} <= set(t.getnames())
-    _fsck_clean(root)
+    assert_fsck_clean(root)
     with pytest.raises(InvalidInput, match="PATH_MAX"):
         mf.check_path(longest_path + "q")
 
@@ -290,7 +276,7 @@ def test_deeper_than_path_max_refused_for_tar_and_dir(tmp_path):
     root = str(tmp_path / "store")
     tar = tmp_path / "deep.tar"
     _deep_tar(tar, 3000, file_at_bottom=False)
-    _fails_cleanly(layerfs_cmd("import", str(tar), "-t", "deep:1", root=root), 2, "PATH_MAX")
+    one_line_error(layerfs_cmd("import", str(tar), "-t", "deep:1", root=root), 2, "PATH_MAX")
     # The same depth as a directory, made step by step with *at calls.
     src = tmp_path / "src"
     src.mkdir()
@@ -303,9 +289,9 @@ def test_deeper_than_path_max_refused_for_tar_and_dir(tmp_path):
             fd = nfd
     finally:
         os.close(fd)
-    _fails_cleanly(layerfs_cmd("import", str(src), "-t", "deepdir:1", root=root), 2)
+    one_line_error(layerfs_cmd("import", str(src), "-t", "deepdir:1", root=root), 2)
     assert _images(root) == b""
-    _fsck_clean(root)
+    assert_fsck_clean(root)
     subprocess.run(["rm", "-rf", str(src)], check=True)
 
 
@@ -333,5 +319,5 @@ def test_garbled_headers_are_one_line(tmp_path, headers):
     tar = tmp_path / "garbled.tar"
     tar.write_bytes(buf.getvalue())
     root = str(tmp_path / "store")
-    _fails_cleanly(layerfs_cmd("import", str(tar), "-t", "g:1", root=root), 2, "malformed tar")
-    _fsck_clean(root)
+    one_line_error(layerfs_cmd("import", str(tar), "-t", "g:1", root=root), 2, "malformed tar")
+    assert_fsck_clean(root)
