@@ -166,24 +166,9 @@ def _spawn_keeper(params: dict) -> int:
     The keeper runs only code this module imported at its top: a fork of a
     threaded caller must not need the import lock another thread may hold."""
     ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(ready_r)
-            os.setsid()
-            if os.fork() == 0:
-                code = 1
-                code = _keeper_main(params, ready_w)
-        finally:
-            os._exit(code)
+    pid = mountproc.fork_detached(lambda: _keeper_main(params, ready_w), (ready_r,))
     os.close(ready_w)
-    os.waitpid(pid, 0)
-    with os.fdopen(ready_r, "rb") as f:
-        msg = f.read().decode(errors="replace")
-    if not msg.startswith("ok "):
-        raise LayerfsError(msg.removeprefix("error ").strip() or "the mount's keeper died before it was ready")
-    return int(msg.split()[1])
+    return mountproc.wait_ready(pid, ready_r, "the mount's keeper died before it was ready")
 
 
 def _keeper_main(params: dict, ready_w: int) -> int:
