@@ -13,7 +13,6 @@ import signal
 import stat
 
 from layerfs import procfs
-from layerfs.errors import LayerfsError
 from layerfs.fs import mountproc
 from layerfs.fs.registry import FSNAME
 from layerfs.store.layout import StoreLayout
@@ -25,18 +24,7 @@ class Daemon:
     def __init__(self) -> None:
         go_r, self.go_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:  # first child: new session, fork the daemon, leave
-            code = 0
-            try:
-                os.close(self.go_w)
-                os.close(self.ready_r)
-                os.setsid()
-                if os.fork() == 0:
-                    code = 1
-                    code = _daemon_main(go_r, ready_w)
-            finally:
-                os._exit(code)
+        self.pid = mountproc.fork_detached(lambda: _daemon_main(go_r, ready_w), (self.go_w, self.ready_r))
         os.close(go_r)
         os.close(ready_w)
 
@@ -45,12 +33,7 @@ class Daemon:
         os.write(self.go_w, json.dumps(params).encode())
         os.close(self.go_w)
         self.go_w = -1
-        os.waitpid(self.pid, 0)
-        with os.fdopen(self.ready_r, "rb") as f:
-            msg = f.read().decode(errors="replace")
-        if not msg.startswith("ok "):
-            raise LayerfsError(msg.removeprefix("error ").strip() or "the mount daemon died before the mount was ready")
-        return int(msg.split()[1])
+        return mountproc.wait_ready(self.pid, self.ready_r, "the mount daemon died before the mount was ready")
 
     def abort(self) -> None:
         if self.go_w >= 0:

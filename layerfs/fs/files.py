@@ -79,19 +79,17 @@ class FileIO:
         if node.upper:
             keep = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
             fd = self.upper.open(self.path(node), (flags & keep) | os.O_NOFOLLOW)
-            h = Handle(node, "upper", fd)
-        else:
-            h = self._lower_handle(node)
-        node.opens += 1
-        fh = self._new_fh()
-        self.handles[fh] = h
-        return fh, True
+            return self.adopt_fd(node, fd), True
+        return self._add_handle(self._lower_handle(node)), True
 
     def adopt_fd(self, node: Node, fd: int) -> int:
-        """A file handle for an fd that create() opened."""
-        node.opens += 1
+        """A file handle for an fd of *node* in the upper dir (open, create)."""
+        return self._add_handle(Handle(node, "upper", fd))
+
+    def _add_handle(self, h: Handle) -> int:
+        h.node.opens += 1
         fh = self._new_fh()
-        self.handles[fh] = Handle(node, "upper", fd)
+        self.handles[fh] = h
         return fh
 
     def _lower_handle(self, node: Node) -> Handle:
@@ -216,8 +214,7 @@ class FileIO:
 
     def _check(self, ok: bool, h: Handle) -> None:
         if not ok:
-            if h.digest not in self.bad:
-                self.bad.add(h.digest)
+            self.bad.add(h.digest)
             log.error("object %s (%s) fails its digest check; returning EIO",
                       h.digest, os.fsdecode(self.index.paths[h.node.lower]) if h.node.lower >= 0 else "?")
             raise _err(errno.EIO)

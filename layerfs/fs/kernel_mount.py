@@ -35,7 +35,7 @@ import stat
 import time
 
 from layerfs import procfs
-from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound
+from layerfs.errors import LayerfsError, NotFound
 from layerfs.fs import (
     kernel,
     mountproc,  # imported before any fork (see _spawn_keeper)
@@ -60,7 +60,7 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
                        owner_scratch: str | None = None):
     """Mount *image_ref* at *mountpoint* with kernel overlayfs; see the module docstring."""
     from layerfs.fs.mount import MountHandle, container_upper
-    from layerfs.fs.registry import REF_KIND, clean_stale, register
+    from layerfs.fs.registry import claim, register
     from layerfs.store.store import Store
 
     mp = os.path.realpath(mountpoint)
@@ -69,9 +69,7 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
     if container is not None and upper_dir is None:
         upper_dir = container_upper(store_root, container)
     with Store(store_root) as store:
-        clean_stale(store, mp)
-        if procfs.mounted_fstype(mp) is not None and store.get_ref(REF_KIND, mp) is not None:
-            raise Conflict(f"{mp} is already a layerfs mount")
+        claim(store, mp)
         kernel.require(support(store.root), writable=not read_only)
         image = store.image(image_ref)
         meta = ensure_metalayer(store, image)
@@ -121,11 +119,8 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
 
 
 def _check_upper(upper: str, mp: str, read_only: bool) -> str:
-    if upper == mp or upper.startswith(mp + "/"):
-        raise InvalidInput("the upper dir cannot be inside the mountpoint")
+    registry.check_upper(upper, mp, read_only)
     if read_only:
-        if not os.path.isdir(upper):
-            raise NotFound(f"upper dir {upper} does not exist")
         return upper
     parent = os.path.dirname(upper)
     os.makedirs(parent, exist_ok=True)
@@ -166,24 +161,9 @@ def _spawn_keeper(params: dict) -> int:
     The keeper runs only code this module imported at its top: a fork of a
     threaded caller must not need the import lock another thread may hold."""
     ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(ready_r)
-            os.setsid()
-            if os.fork() == 0:
-                code = 1
-                code = _keeper_main(params, ready_w)
-        finally:
-            os._exit(code)
+    pid = mountproc.fork_detached(lambda: _keeper_main(params, ready_w), (ready_r,))
     os.close(ready_w)
-    os.waitpid(pid, 0)
-    with os.fdopen(ready_r, "rb") as f:
-        msg = f.read().decode(errors="replace")
-    if not msg.startswith("ok "):
-        raise LayerfsError(msg.removeprefix("error ").strip() or "the mount's keeper died before it was ready")
-    return int(msg.split()[1])
+    return mountproc.wait_ready(pid, ready_r, "the mount's keeper died before it was ready")
 
 
 def _keeper_main(params: dict, ready_w: int) -> int:

@@ -49,7 +49,7 @@ import re
 from dataclasses import dataclass
 
 from layerfs import procfs
-from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound, Unsupported
+from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.fs.daemon import (
     Daemon,
     preload,  # noqa: F401 - part of this module's API
@@ -59,6 +59,8 @@ from layerfs.fs.registry import (  # noqa: F401
     FSNAME,
     REF_KIND,
     MountInfo,
+    check_upper,
+    claim,
     clean_stale,
     forget,
     is_enotconn,
@@ -205,9 +207,7 @@ def _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container) 
     from layerfs.store.store import Store
 
     with Store(store_root) as store:
-        clean_stale(store, mp)
-        if mounted_fstype(mp) is not None and store.get_ref(REF_KIND, mp) is not None:
-            raise Conflict(f"{mp} is already a layerfs mount")
+        claim(store, mp)
         image = store.image(image_ref)
         cache = ensure_index_cache(store, image)
         private = upper_dir is None and not read_only
@@ -217,10 +217,7 @@ def _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container) 
             upper_dir = store.layout.private_upper(secrets.token_hex(6))
         if upper_dir is not None:
             upper_dir = os.path.abspath(upper_dir)
-            if upper_dir == mp or upper_dir.startswith(mp + "/"):
-                raise InvalidInput("the upper dir cannot be inside the mountpoint")
-            if read_only and not os.path.isdir(upper_dir):
-                raise NotFound(f"upper dir {upper_dir} does not exist")
+            check_upper(upper_dir, mp, read_only)
         log_file = store.layout.mount_log(mp)
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
         params = {"root": store.root, "index": cache, "mountpoint": mp, "image": image_ref,

@@ -13,6 +13,36 @@ from layerfs.errors import LayerfsError
 from layerfs.fs.registry import forget, remove_private
 
 
+def fork_detached(main, close: tuple[int, ...] = ()) -> int:
+    """Fork a detached mount process (double fork + setsid) that runs
+    *main()* and exits with its return code; the child closes the fds in
+    *close* first. Returns the pid of the intermediate child, to reap."""
+    pid = os.fork()
+    if pid == 0:  # first child: new session, fork the mount process, leave
+        code = 0
+        try:
+            for fd in close:
+                os.close(fd)
+            os.setsid()
+            if os.fork() == 0:
+                code = 1
+                code = main()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_ready(pid: int, ready_r: int, died: str) -> int:
+    """Reap the intermediate child *pid* and read the mount process's
+    "ok <pid>" (or "error <msg>") from *ready_r*; returns its pid."""
+    os.waitpid(pid, 0)
+    with os.fdopen(ready_r, "rb") as f:
+        msg = f.read().decode(errors="replace")
+    if not msg.startswith("ok "):
+        raise LayerfsError(msg.removeprefix("error ").strip() or died)
+    return int(msg.split()[1])
+
+
 def close_inherited_fds(keep: set[int]) -> None:
     """Drop every fd the forking process had open (store lock, sqlite,
     pipes of other children): a daemon must not keep the store's flock

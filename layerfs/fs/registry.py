@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 
 from layerfs import procfs
-from layerfs.errors import Conflict, LayerfsError, NotFound
+from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound
 from layerfs.store import refs
 from layerfs.store.refs import Ref
 
@@ -210,6 +210,22 @@ def clean_stale(store, mp: str | None = None) -> list[str]:
         remove_private(data)
         cleaned.append(ref.key)
     return cleaned
+
+
+def claim(store, mp: str) -> None:
+    """Before mounting at *mp*: drop its stale record, if any; Conflict if
+    a live layerfs mount is there."""
+    clean_stale(store, mp)
+    if procfs.mounted_fstype(mp) is not None and store.get_ref(REF_KIND, mp) is not None:
+        raise Conflict(f"{mp} is already a layerfs mount")
+
+
+def check_upper(upper: str, mp: str, read_only: bool) -> None:
+    """Refuse an upper dir (absolute) a mount at *mp* cannot use."""
+    if upper == mp or upper.startswith(mp + "/"):
+        raise InvalidInput("the upper dir cannot be inside the mountpoint")
+    if read_only and not os.path.isdir(upper):
+        raise NotFound(f"upper dir {upper} does not exist")
 
 
 def list_mounts(store_root: str, clean: bool = True) -> list[MountInfo]:
