@@ -278,7 +278,7 @@ class Builder:
                     instr = dfm.parse(f"FROM scratch\n{text}", file=f"{frm.image} ONBUILD").stages[0].instructions[0]
                 except (LayerfsError, IndexError) as exc:
                     raise InvalidInput(f"bad ONBUILD trigger {text!r} in {frm.image}: {exc}") from None
-                self._run_instruction(self._ctx, df, stage, st, instr, built, trigger=True)
+                self._run_instruction(self._ctx, df, stage, st, instr, built)
         return st
 
     # -- one step ------------------------------------------------------------
@@ -291,8 +291,7 @@ class Builder:
         self._run_instruction(ctx, df, stage, st, instr, built)
 
     def _run_instruction(self, ctx: BuildContext | None, df: dfm.Dockerfile, stage: dfm.Stage,
-                         st: _Stage, instr: dfm.Instruction, built: dict[int, Image | None],
-                         trigger: bool = False) -> None:
+                         st: _Stage, instr: dfm.Instruction, built: dict[int, Image | None]) -> None:
         with sources.GeneratedSources(self.store.tmp_dir) as self._generated:
             self._run_instruction_body(ctx, df, stage, st, instr, built)
 

@@ -279,24 +279,16 @@ def split_words(text: str, escape: str = "\\") -> list[str]:
     i, n = 0, len(text)
     while i < n:
         ch = text[i]
-        if quote:
-            if ch == quote:
-                quote = ""
-            elif ch == escape and quote != "'":
-                if i + 1 == n:
-                    break
-                word.append(ch)
-                i += 1
-                ch = text[i]
-            word.append(ch)
-        elif ch.isspace():
+        if not quote and ch.isspace():
             if word or blank_ok:
                 words.append("".join(word))
             word, blank_ok = [], False
         else:
-            if ch in ("'", '"'):
+            if quote and ch == quote:
+                quote = ""
+            elif not quote and ch in ("'", '"'):
                 quote, blank_ok = ch, True
-            elif ch == escape:
+            elif ch == escape and quote != "'":
                 if i + 1 == n:
                     break
                 word.append(ch)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 
 from layerfs.errors import LayerfsError, NotFound
@@ -166,7 +167,7 @@ def disk_usage(path: str) -> tuple[int, int]:
             continue
         seen.add((st.st_dev, st.st_ino))
         size += st.st_blocks * 512
-        if os.path.isdir(top) and not os.path.islink(top):
+        if stat.S_ISDIR(st.st_mode):  # the lstat above: a link to a directory is not one
             try:
                 stack += [os.path.join(top, n) for n in os.listdir(top)]
             except OSError as exc:
