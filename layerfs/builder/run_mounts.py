@@ -45,6 +45,7 @@ import blake3
 from layerfs.builder.context import ResolvedSources
 from layerfs.errors import InvalidInput, NotFound, Unsupported
 from layerfs.store.layout import StoreLayout
+from layerfs.store.usage import tree_bytes
 
 __all__ = [
     "MAX_SECRET_SIZE",
@@ -496,7 +497,7 @@ def prune_cache_mounts(store_root: str) -> tuple[int, int]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a build is using it
-            freed += _disk_bytes(path)
+            freed += tree_bytes(path)  # what removing it frees: like du, links once
             shutil.rmtree(path, ignore_errors=True)
             os.unlink(path + ".lock")
             count += 1
@@ -504,13 +505,3 @@ def prune_cache_mounts(store_root: str) -> tuple[int, int]:
             os.close(fd)
     return count, freed
 
-
-def _disk_bytes(path: str) -> int:
-    total = 0
-    for dirpath, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
