@@ -75,12 +75,13 @@ def images_cmd(store: Store, show_all: bool, quiet: bool, no_trunc: bool, fmt: s
     rows = []
     # Like docker, untagged images that other images are made from (a
     # build's steps) are intermediate; an untagged leaf is dangling, shown.
+    listing = store.images()
     intermediate: set[str] = set()
     if not show_all:
         from layerfs.store import prune
 
-        intermediate = set(prune.lineage(store).children)
-    for image, tags in store.images():
+        intermediate = set(prune.lineage(store, listing).children)
+    for image, tags in listing:
         if not tags and image.id in intermediate:
             continue
         size = image_size(store, image)

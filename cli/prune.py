@@ -34,6 +34,18 @@ def _confirm(force: bool, warning: str) -> bool:
     return force or click.confirm(f"WARNING! {warning}\nAre you sure you want to continue?", default=False)
 
 
+def _prune_options(f):
+    """The options image prune and system prune share."""
+    f = click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")(f)
+    return click.option("-a", "--all", "all_images", is_flag=True,
+                        help="Remove all unused images, not just dangling ones.")(f)
+
+
+def _images_pruned(all_images: bool) -> str:
+    """What ``prune`` (-a or not) removes of the images, for its warning."""
+    return "all images without at least one container associated to them" if all_images else "all dangling images"
+
+
 def _echo_section(title: str, lines: list[str]) -> None:
     if lines:
         click.echo(title)
@@ -48,14 +60,11 @@ def image_grp() -> None:
 
 
 @image_grp.command("prune")
-@click.option("-a", "--all", "all_images", is_flag=True, help="Remove all unused images, not just dangling ones.")
-@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
+@_prune_options
 @with_store
 def image_prune_cmd(store: Store, all_images: bool, force: bool) -> None:
     """Remove unused images, then gc; says how much space came back."""
-    what = ("all images without at least one container associated to them" if all_images
-            else "all dangling images")
-    if not _confirm(force, f"This will remove {what}."):
+    if not _confirm(force, f"This will remove {_images_pruned(all_images)}."):
         return
     _echo_section("Deleted Images:", prune.prune_images(store, all_images))
     click.echo(f"Total reclaimed space: {human_size(collect_garbage(store).bytes_freed)}")
@@ -67,14 +76,12 @@ def system_grp() -> None:
 
 
 @system_grp.command("prune")
-@click.option("-a", "--all", "all_images", is_flag=True, help="Remove all unused images, not just dangling ones.")
-@click.option("-f", "--force", is_flag=True, help="Do not prompt for confirmation.")
+@_prune_options
 @with_store
 def system_prune_cmd(store: Store, all_images: bool, force: bool) -> None:
     """Remove stopped containers, dangling (-a: unused) images and the
     build cache, then gc; says how much space came back."""
-    images = "all images without at least one container associated to them" if all_images else "all dangling images"
-    if not _confirm(force, f"This will remove:\n  - all stopped containers\n  - {images}\n"
+    if not _confirm(force, f"This will remove:\n  - all stopped containers\n  - {_images_pruned(all_images)}\n"
                            "  - all build cache\n"):
         return
     containers, freed = _prune_containers(store)

@@ -22,6 +22,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from layerfs.store.images import Image
 from layerfs.store.store import Store
 
 
@@ -31,12 +32,13 @@ class Lineage:
     children: dict[str, set[str]] = field(default_factory=dict)
 
 
-def lineage(store: Store) -> Lineage:
-    """Parents and children of every image in the store."""
+def lineage(store: Store, listing: list[tuple[Image, list[str]]] | None = None) -> Lineage:
+    """Parents and children of every image in the store (*listing*: what
+    ``store.images()`` returned, if the caller has it already)."""
     def key(layers: list[str], history: list[dict]) -> tuple:
         return tuple(layers), json.dumps(history, sort_keys=True)
 
-    images = [image for image, _tags in store.images()]
+    images = [image for image, _tags in (store.images() if listing is None else listing)]
     by_key: dict[tuple, list[str]] = {}
     for image in images:
         by_key.setdefault(key(image.layers, image.history), []).append(image.id)
@@ -87,11 +89,13 @@ def _remove_parents(store: Store, family: Lineage, removed: set[str]) -> list[st
     return lines
 
 
-def dangling(store: Store, family: Lineage | None = None) -> list[str]:
+def dangling(store: Store, family: Lineage | None = None,
+             listing: list[tuple[Image, list[str]]] | None = None) -> list[str]:
     """Untagged, unused images no other image is made from."""
-    family = family or lineage(store)
+    listing = store.images() if listing is None else listing
+    family = family or lineage(store, listing)
     users = _users(store)
-    return [image.id for image, tags in store.images()
+    return [image.id for image, tags in listing
             if not tags and image.id not in users and not family.children.get(image.id)]
 
 
@@ -99,12 +103,13 @@ def prune_images(store: Store, all_images: bool = False) -> list[str]:
     """docker image prune [-a]: dangling images, or with *all_images* every
     image no container or mount uses, each with the untagged parents
     nothing else uses. Returns the Untagged:/Deleted: lines."""
-    family = lineage(store)
+    listing = store.images()
+    family = lineage(store, listing)
     if all_images:
         users = _users(store)
-        candidates = [image.id for image, _tags in store.images() if image.id not in users]
+        candidates = [image.id for image, _tags in listing if image.id not in users]
     else:
-        candidates = dangling(store, family)
+        candidates = dangling(store, family, listing)
     removed: set[str] = set()
     lines = _remove_leaves_first(store, family, candidates, removed)
     return lines + _remove_parents(store, family, set(removed))

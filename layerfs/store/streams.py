@@ -174,10 +174,12 @@ def _into(b, data: bytes) -> int:
 # (gunzip through four layers ran at 60% of GzipFile's speed otherwise).
 
 class _Counted(io.RawIOBase):
-    """The compressed input, counted into the meter as it is consumed."""
+    """A stream whose bytes are counted as they are consumed: *count* is
+    the meter's took (the compressed input) or expand (the expanded
+    bytes, which raises past a limit)."""
 
-    def __init__(self, f: BinaryIO, meter: Meter) -> None:
-        self.f, self.meter = f, meter
+    def __init__(self, f: BinaryIO, count: Callable[[int], None]) -> None:
+        self.f, self.count = f, count
 
     def readable(self) -> bool:
         return True
@@ -186,7 +188,8 @@ class _Counted(io.RawIOBase):
         if n is None or n < 0:
             return self.readall()
         data = self.f.read(n)
-        self.meter.took(len(data))
+        if data:
+            self.count(len(data))
         return data
 
     def readinto(self, b) -> int:
@@ -273,27 +276,6 @@ class _Decoded(io.RawIOBase):
         return _into(b, self.read(len(b)))
 
 
-class _Metered(io.RawIOBase):
-    """The expanded bytes, counted into the meter (which raises past a limit)."""
-
-    def __init__(self, f: io.RawIOBase, meter: Meter) -> None:
-        self.f, self.meter = f, meter
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            return self.readall()
-        data = self.f.read(n)
-        if data:
-            self.meter.expand(len(data))
-        return data
-
-    def readinto(self, b) -> int:
-        return _into(b, self.read(len(b)))
-
-
 @dataclass(frozen=True)
 class Unpacked:
     """An uncompressed view of a stream: the bytes, what they were, the meter."""
@@ -307,7 +289,7 @@ def unpack(f: BinaryIO, limits: UnpackLimits | None = None) -> Unpacked:
     """The uncompressed bytes of *f* (gzip, zstd, bzip2, xz or plain),
     metered against *limits* (default: from the environment)."""
     meter = Meter(limits if limits is not None else UnpackLimits.from_env())
-    peek = Peek(_Counted(f, meter))
+    peek = Peek(_Counted(f, meter.took))
     kind = sniff(peek.peek(6))
     if kind == GZIP:
         raw: io.RawIOBase = _Inflate(peek)
@@ -316,7 +298,7 @@ def unpack(f: BinaryIO, limits: UnpackLimits | None = None) -> Unpacked:
     else:
         raw = _Decoded(kind, peek)
     # Unbuffered: a read may return fewer bytes than asked, as from a pipe.
-    return Unpacked(_Metered(raw, meter), kind, meter)
+    return Unpacked(_Counted(raw, meter.expand), kind, meter)
 
 
 # -- forward-only plumbing for the tar reader ----------------------------------
