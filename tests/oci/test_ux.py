@@ -116,8 +116,11 @@ def _big_image(store: Store, tmp_path) -> str:
 def _interrupt_after(cmd: list[str], root: str, marker: str) -> tuple[int, str]:
     """Run the console script, SIGINT it once *marker* shows on stderr."""
     exe = os.path.join(os.path.dirname(sys.executable), "layerfs")
+    # As from a terminal: a runner that started us in the background with
+    # SIGINT ignored would pass that on, and Ctrl-C would never arrive.
     proc = subprocess.Popen([exe, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, LAYERFS_ROOT=root))
+                            env=dict(os.environ, LAYERFS_ROOT=root),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     try:
         for line in proc.stderr:
