@@ -60,9 +60,11 @@ class Readahead:
 
     def take(self, digest: str) -> bytes | None:
         """The verified content of *digest* if it was read ahead (once)."""
-        data = self._ready.pop(digest, None)
-        if data is not None:
-            with self._wake:
+        if digest not in self._ready:  # the common case, without the lock
+            return None
+        with self._wake:
+            data = self._ready.pop(digest, None)
+            if data is not None:
                 self._held -= len(data)
                 self._wake.notify()
         return data
@@ -117,8 +119,9 @@ class Readahead:
             data = self._load(digest)
             if data is not None:
                 with self._wake:
-                    self._ready[digest] = data
-                    self._held += len(data)
+                    if digest not in self._ready:  # (two windows may list one digest)
+                        self._ready[digest] = data
+                        self._held += len(data)
 
     def _load(self, digest: str) -> bytes | None:
         raw = self.objects.raw_path(digest)
