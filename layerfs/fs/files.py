@@ -33,6 +33,8 @@ import errno
 import logging
 import os
 import struct
+import threading
+from collections.abc import Callable
 
 import blake3
 import trio
@@ -70,12 +72,17 @@ class FileIO:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.read_modes = {"upper": NOWAIT, "raw": NOWAIT}  # by handle kind: upper dir, store
-        self.readahead = Readahead(self.index, self.objects, _digest_ok)
-        # Lower inodes whose content the kernel has had (handed over at open,
-        # or read): an open of one needs nothing from read-ahead, since the
-        # kernel keeps the pages (keep_cache) until it forgets the inode.
-        # Without this a second tar would have every file handed over again.
+        # Lower inodes whose content the kernel has had (handed over, or
+        # read): read-ahead leaves them alone, since the kernel keeps the
+        # pages (keep_cache) until it forgets the inode. Without this a
+        # second tar would have every file handed over again.
         self.kernel_has: set[int] = set()
+        # How content reaches the kernel's page cache: set by the adapter
+        # (fs.ops: notify_store); None in-process, where opens take it.
+        self.push: Callable[[int, bytes], None] | None = None
+        self.push_lock = threading.Lock()  # guards pushing and the copy-up's marking of nodes upper
+        self.pushing: set[int] = set()     # inodes a read-ahead thread is handing over right now
+        self.readahead = Readahead(self.index, self.objects, _digest_ok, self._wanted, self._hand_over)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -83,8 +90,7 @@ class FileIO:
         return fh
 
     async def open(self, ino: int, flags: int) -> Opened:
-        """Open a file. A lower file that read-ahead has loaded comes with
-        its content (see :class:`Opened`)."""
+        """Open a file; moves read-ahead's window along for lower files."""
         node = self.node(ino)
         acc = flags & os.O_ACCMODE
         writing = acc != os.O_RDONLY or flags & os.O_TRUNC
@@ -98,14 +104,63 @@ class FileIO:
             fd = self.upper.open(self.path(node), (flags & keep) | os.O_NOFOLLOW)
             return Opened(self.adopt_fd(node, fd), True)
         h = self._lower_handle(node)
-        if h.data is None and h.kind == "mem" and ino not in self.kernel_has:
-            h.data = self.readahead.take(h.digest)
-            if h.data is not None:
-                self.verified.add(h.digest)
-                self.kernel_has.add(ino)
-                self.readahead.loaded(node.lower, False)
-                return Opened(self._add_handle(h), True, h.data)
+        if h.kind == "mem" and h.data is None:
+            if ino not in self.kernel_has:  # read ahead but not handed over: reads come here, from memory
+                h.data = self.readahead.take(h.digest)
+                if h.data is not None:  # (the kernel keeps what it reads from here)
+                    self.verified.add(h.digest)
+                    self.kernel_has.add(ino)
+            self.readahead.opened(node.lower)
         return Opened(self._add_handle(h), True)
+
+    # -- read-ahead's side (called in its threads) -------------------------
+    def _wanted(self, slot: int) -> bool:
+        return self.index.ino(slot) not in self.kernel_has
+
+    def _hand_over(self, slot: int, digest: str, data: bytes) -> bool:
+        """Give a lower file's verified content to the kernel's page cache
+        now, if the kernel knows the inode and its content is still the
+        lower file's; False keeps the content for an open.
+
+        Never over written data: a write needs an open for writing, which
+        copies the file up first, and the copy-up marks the node upper
+        under ``push_lock``, so the check and the push here cannot straddle it.
+        """
+        ino = self.index.ino(slot)
+        if self.push is None or ino not in self.table.lookups:
+            return False
+        with self.push_lock:
+            node = self.table.nodes.get(ino)
+            if ino in self.kernel_has or (node is not None and (node.upper or node.lower < 0)):
+                return True  # not needed, or no longer the lower file's content
+            self.pushing.add(ino)
+        try:
+            # Not under the lock: the kernel may make this wait for a READ of
+            # the same file, which the request loop must be free to answer.
+            self.push(ino, data)
+        except OSError:
+            return False
+        else:
+            self.kernel_has.add(ino)
+            self.verified.add(digest)
+            return True
+        finally:
+            with self.push_lock:
+                self.pushing.discard(ino)
+
+    async def settle_pushes(self, node: Node) -> None:
+        """Mark *node* as being in the upper dir only once no read-ahead
+        thread is handing the kernel its lower content (the copy-up's
+        caller answers the open only after this, so no write can come
+        before such a hand-over and be covered by it)."""
+        while True:
+            with self.push_lock:
+                if node.ino not in self.pushing:
+                    node.upper = True
+                    if not node.is_dir:
+                        node.lower = -1
+                    return
+            await trio.sleep(0.001)  # the push may wait for a READ this loop answers
 
     def adopt_fd(self, node: Node, fd: int) -> int:
         """A file handle for an fd of *node* in the upper dir (open, create)."""

@@ -52,13 +52,11 @@ class Attr(NamedTuple):
 
 
 class Opened(NamedTuple):
-    """An open's reply. ``content``, when set, is the whole verified
-    content of a lower file, for the adapter to put in the kernel's page
-    cache now (the reads then never reach the daemon)."""
+    """An open's reply: the file handle, and whether the kernel may keep
+    the file's cached pages."""
 
     fh: int
     keep_cache: bool
-    content: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -83,13 +83,13 @@ def _build(a: Attr) -> pyfuse3.EntryAttributes:
 
 
 def _store_in_page_cache(inode: int, content: bytes) -> None:
-    """Hand the kernel a file's content before the open returns: its reads
-    then come from the page cache, and with no READ there is no GETATTR
-    either (a READ makes the kernel drop the cached atime)."""
-    try:
-        pyfuse3.notify_store(inode, 0, content)
-    except OSError as exc:  # only a lost shortcut: the reads come to the daemon instead
-        log.debug("notify_store of inode %d: %s", inode, exc)
+    """Put a file's content in the kernel's page cache: its reads then come
+    from there, and with no READ there is no GETATTR either (a READ makes
+    the kernel drop the cached atime). Called by read-ahead threads only,
+    never by the request loop: the kernel may make it wait for a READ of
+    the same file (libfuse's notify is one write(2), safe beside the loop).
+    Raises OSError if the kernel refused (ENOENT: it does not know the inode)."""
+    pyfuse3.notify_store(inode, 0, content)
 
 
 def _setattr_request(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> SetAttr:
@@ -111,6 +111,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, union: Union) -> None:
         super().__init__()
         self.u = union
+        union.push = _store_in_page_cache
         # requests served, by handler (the daemon logs them on SIGUSR1;
         # benchmarks/bench_fs.py reports them per operation)
         self.requests: collections.Counter[str] = collections.Counter()
@@ -193,8 +194,6 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode, flags, ctx):
         opened = await self.u.open(inode, flags)
-        if opened.content:
-            _store_in_page_cache(inode, opened.content)
         return pyfuse3.FileInfo(fh=opened.fh, keep_cache=opened.keep_cache)
 
     @fuse_errors

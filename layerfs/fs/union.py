@@ -335,9 +335,7 @@ class Union(FileIO, NameOps):
             self.upper.link(first, _join(parents[p], name))
         for p, st in times.items():
             self.upper.utime(parents[p], (st.st_atime_ns, st.st_mtime_ns))
-        node.upper = True
-        if not node.is_dir:
-            node.lower = -1
+        await self.settle_pushes(node)  # node.upper = True, once read-ahead leaves it alone
         self.index._attr_cache.pop(node.ino - 1, None)
 
     def _adopt(self, node: Node, rel: bytes) -> None:
@@ -438,6 +436,7 @@ class Union(FileIO, NameOps):
             start = 2
         lookups = self.table.lookups
         lower_attr = self.lower_attr
+        waiting = self.readahead.waiting
         for i in range(start - 2, len(listing)):
             name, ino, slot = listing[i]
             n = nodes.get(ino)
@@ -450,6 +449,8 @@ class Union(FileIO, NameOps):
                     continue  # removed since opendir
             yield name, a, i + 3
             lookups[ino] = lookups.get(ino, 0) + 1
+            if waiting and slot in waiting:
+                self.readahead.known(slot)
 
     def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)

@@ -1,11 +1,13 @@
-"""Read-ahead across files (fs/readahead.py) and the open that hands
-content to the kernel (files.py): driven in-process over the union core,
-then through a FUSE mount.
+"""Read-ahead across files (fs/readahead.py) and the hand-over of its
+content (files.py): driven in-process over the union core (content taken
+at open), then through a FUSE mount (content put in the kernel's page
+cache by read-ahead threads).
 
-What must hold: content handed out at open is exactly the file's, and only
-after its digest matched (a damaged object is never kept: its own read
-reports EIO); random access starts no read-ahead; unread content stays
-within the budget; the index knows which objects are stored compressed.
+What must hold: content served from read-ahead is exactly the file's, and
+only after its digest matched (a damaged object is never kept: its own
+read reports EIO); a write racing a hand-over is never covered by it;
+random access starts no read-ahead; unread content stays within the
+budget; the index knows which objects are stored compressed.
 """
 
 from __future__ import annotations
@@ -69,14 +71,15 @@ def _wait_idle(ra: readahead.Readahead) -> None:
 
 
 async def _open_read(k: Kernel, ino: int) -> tuple[bytes | None, bytes]:
-    """(content handed out at open, content read)."""
+    """(content read ahead, taken at open; content read)."""
     opened = await k.u.open(ino, os.O_RDONLY)
     try:
+        given = k.u.handles[opened.fh].data
         out, off = b"", 0
         while chunk := bytes(await k.u.read(opened.fh, off, 1 << 17)):
             out += chunk
             off += len(chunk)
-        return opened.content, out
+        return given, out
     finally:
         k.u.release(opened.fh)
 
@@ -143,7 +146,7 @@ def test_a_damaged_object_is_never_handed_out(kernel, many_env):
                 await _open_read(k, k.ino(f"d/f{i:04d}"))
             _wait_idle(k.u.readahead)
             opened = await k.u.open(k.ino(f"d/f{victim:04d}"), os.O_RDONLY)
-            assert opened.content is None
+            assert k.u.handles[opened.fh].data is None
             with pytest.raises(OSError) as exc:
                 await k.u.read(opened.fh, 0, 4096)
             assert exc.value.errno == errno.EIO
@@ -205,23 +208,45 @@ def test_legacy_index_cache_is_replaced(many_env):
     assert not os.path.exists(legacy)
 
 
-# -- through a mount: the content the kernel caches at open ------------------------
+# -- through a mount: content put in the kernel's page cache ----------------------
+def _requests(handle) -> dict[str, int]:
+    """The daemon's request counts (it logs them on SIGUSR1)."""
+    import json
+    import signal
+
+    start = os.path.getsize(handle.log)
+    os.kill(handle.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with open(handle.log) as f:
+            f.seek(start)
+            for line in f:
+                if " requests {" in line:
+                    return json.loads(line[line.index(" requests {") + 10:])
+        time.sleep(0.05)
+    raise AssertionError("the daemon logged no request counts")
+
+
 @needs_fuse
 def test_sequential_reads_through_a_mount(many_env, tmp_path):
-    """tar-like reads of a cold tree: every file reads back exactly (most of
-    them from content the daemon put in the page cache at open); a copy-up
-    in the middle of the sequence is read from the upper."""
+    """tar-like reads of a cold tree: every file reads back exactly, most
+    of them without a READ reaching the daemon (read-ahead put them in the
+    page cache); a copy-up in the middle of the sequence reads the upper."""
     root, image = many_env
     _evict(root)
     mp, upper = str(tmp_path / "mnt"), str(tmp_path / "up")
-    with layerfs_mount(root, image.id, mp, upper=upper):
+    with layerfs_mount(root, image.id, mp, upper=upper) as handle:
         with open(f"{mp}/d/f0150", "ab") as f:  # copied up before read-ahead reaches it
             f.write(b"appended")
+        os.listdir(f"{mp}/d")  # as tar does: the kernel knows the inodes before their opens
+        before = _requests(handle)
         for i in range(NFILES):
             with open(f"{mp}/d/f{i:04d}", "rb") as f:
                 want = _content(i) + (b"appended" if i == 150 else b"")
                 assert f.read() == want, i
                 assert os.fstat(f.fileno()).st_size == len(want)
+        reads = _requests(handle).get("read", 0) - before.get("read", 0)
+    assert reads < NFILES // 2, reads
 
 
 @needs_fuse
@@ -249,3 +274,31 @@ def test_a_damaged_object_gives_eio_through_a_mount(many_env, tmp_path):
     finally:
         with open(path, "wb") as f:
             f.write(saved)
+
+
+@needs_fuse
+def test_writes_racing_read_ahead_are_never_covered(many_env, tmp_path):
+    """Appends to files that read-ahead is loading at the same moment: the
+    content read back is always the written one (a hand-over of the lower
+    content after a copy-up would leave stale pages in the kernel's cache)."""
+    import threading
+
+    root, image = many_env
+    _evict(root)
+    mp = str(tmp_path / "mnt")
+    changed = set(range(5, NFILES, 3))
+    with layerfs_mount(root, image.id, mp, upper=str(tmp_path / "up")):
+        def writer():
+            for i in sorted(changed):
+                with open(f"{mp}/d/f{i:04d}", "ab") as f:
+                    f.write(b"+written")
+
+        t = threading.Thread(target=writer)
+        t.start()
+        for i in range(NFILES):  # the reader starts read-ahead windows the writer runs into
+            with open(f"{mp}/d/f{i:04d}", "rb") as f:
+                f.read()
+        t.join()
+        for i in range(NFILES):
+            with open(f"{mp}/d/f{i:04d}", "rb") as f:
+                assert f.read() == _content(i) + (b"+written" if i in changed else b""), i
