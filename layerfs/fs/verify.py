@@ -26,8 +26,9 @@ do that, and even then it must not happen: the object is mapped only
 under a read lease (``F_SETLEASE``), which makes the kernel hold any open
 for writing or truncate of it until the lease is released, and only
 ``SEGMENT`` bytes at a time, the lease checked before each. Once a writer
-waits, the rest is read with ``pread`` (a damaged object then hashes
-wrong: EIO, never SIGBUS) and the lease released. Where no lease can be
+waits, the lease is released and the rest read with ``pread``, which sees
+what the writer did: a damaged object hashes wrong (EIO), never SIGBUS.
+(Damage done after an object was verified is not seen, as before.) Where no lease can be
 had (the object is open for writing, a filesystem without leases,
 ``/proc/sys/fs/leases-enable`` off) the whole object is read with
 ``pread``. The lease break is signalled to its holder: SIGIO by default,
