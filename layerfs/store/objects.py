@@ -21,7 +21,9 @@ this policy against "never" and "always".
 
 Hashing is single-threaded on purpose: blake3's multi-threaded mode keeps
 a thread pool that a fork() (the FUSE daemon is forked) copies without its
-threads, and the child's next multi-threaded hash then waits forever.
+threads, and the child's next multi-threaded hash then waits forever. The
+one exception is the detached FUSE daemon, which forks nothing: it
+verifies big objects on every core (``fs.verify``).
 
 Durability: object files are written tmp + rename without an fsync each;
 the store calls :func:`syncfs` once before it commits the metadata that
