@@ -28,10 +28,10 @@ for writing or truncate of it until the lease is released, and only
 ``SEGMENT`` bytes at a time, the lease checked before each. Once a writer
 waits, the lease is released and the rest read with ``pread``, which sees
 what the writer did: a damaged object hashes wrong (EIO), never SIGBUS.
-(Damage done after an object was verified is not seen, as before.) Where no lease can be
-had (the object is open for writing, a filesystem without leases,
-``/proc/sys/fs/leases-enable`` off) the whole object is read with
-``pread``. The lease break is signalled to its holder: SIGIO by default,
+(Damage done after an object was verified is not seen, as before.)
+Where no lease can be had (the object is open for writing, a filesystem
+without leases, ``/proc/sys/fs/leases-enable`` off) the whole object is
+read with ``pread``. The lease break is signalled to its holder: SIGIO by default,
 which terminates; ``F_SETSIG`` makes it SIGURG, ignored by default (no
 part of layerfs handles SIGURG).
 """
