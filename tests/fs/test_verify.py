@@ -17,7 +17,11 @@ import pytest
 import trio
 
 from layerfs.fs import verify
+from layerfs.store import images as img
+from layerfs.store import transfer
 from layerfs.store.objects import file_digest
+from layerfs.store.store import Store
+from tests.fs.conftest import layerfs_mount
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "layerfs")
 
@@ -199,11 +203,6 @@ def test_objects_truncated_in_place_give_eio_and_the_daemon_lives(tmp_path):
     open and first read (``open(path, 'wb')``, as a careless hand would):
     both EIO with a log line, and the daemon (mapping objects to hash them,
     on threads) goes on serving."""
-    from layerfs.store import images as img
-    from layerfs.store import transfer
-    from layerfs.store.store import Store
-    from tests.fs.conftest import layerfs_mount
-
     root = str(tmp_path / "store")
     src = tmp_path / "src"
     src.mkdir()
