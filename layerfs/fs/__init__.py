@@ -12,6 +12,8 @@ Modules, bottom up:
 * ``union``  -- overlayfs semantics: lookup, readdir, copy-up, setattr,
   xattrs; with ``names`` (create, link, unlink, rename: whiteouts and
   opaque dirs) and ``files`` (open files, reads with digest checks);
+* ``verify`` -- whole-object verification of big objects (mapped under a
+  read lease; on every core only in the detached daemon);
 * ``ops``    -- the thin pyfuse3.Operations adapter (one error decorator);
 * ``mount``  -- ``mount_image`` (the API the CLI, runtime and builder
   use): resolve the image, pick the backend, hand a forked daemon its job;

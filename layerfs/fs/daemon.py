@@ -126,6 +126,9 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
         os.close(fd)
         os.close(null)
         os.chdir("/")
+        from layerfs.fs import verify
+
+        verify.allow_threads()  # a detached daemon forks nothing: blake3 may use its thread pool here
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter(f"%(asctime)s {os.getpid()} %(levelname)s %(name)s: %(message)s"))
     root_log = logging.getLogger()

@@ -7,8 +7,9 @@ lock). A handle reads one of three sources:
 * ``upper`` -- an fd of the file in the upper dir (also for lower handles
   whose node was copied up since, as overlayfs's stacked file ops do);
 * ``mem``   -- a small object read whole and verified once;
-* ``raw``   -- a big uncompressed object file, verified whole (in a worker
-  thread) before its first byte is returned; ``lazy`` until first read.
+* ``raw``   -- a big uncompressed object file, verified whole (``verify``,
+  in a worker thread) before its first byte is returned; ``lazy`` until
+  first read.
 
 Small objects that ``fs.readahead`` has loaded (and verified) because the
 files before them were read in order are taken at open and handed to the
@@ -40,11 +41,12 @@ import blake3
 import trio
 
 from layerfs.errors import Corrupt, NotFound
+from layerfs.fs import verify
 from layerfs.fs.inodes import Node, Opened
 from layerfs.fs.names import _err
 from layerfs.fs.readahead import Readahead
 from layerfs.fs.upper import fs_magic
-from layerfs.store.objects import file_digest, read_object_file, unpack_object
+from layerfs.store.objects import read_object_file, unpack_object
 
 log = logging.getLogger("layerfs.fs")
 
@@ -305,8 +307,7 @@ class FileIO:
         return bytes(memoryview(buf)[:n]) + rest
 
     async def _verify_big(self, h: Handle) -> None:
-        ok = await trio.to_thread.run_sync(_file_digest_ok, h.path, h.digest)
-        self._check(ok, h)
+        self._check(await verify.object_ok(h.fd, h.digest, self.verified), h)
 
     def _check(self, ok: bool, h: Handle) -> None:
         if not ok:
@@ -380,7 +381,3 @@ def open_cached(path: str) -> int:
 
 def _digest_ok(data: bytes, digest: str) -> bool:
     return blake3.blake3(data).hexdigest() == digest
-
-
-def _file_digest_ok(path: str, digest: str) -> bool:
-    return file_digest(path) == digest

@@ -42,7 +42,8 @@ import blake3
 import zstandard
 
 from layerfs.errors import Corrupt
-from layerfs.store.objects import CHUNK, HOLE, ObjectStore, copy_sparse, file_digest
+from layerfs.fs import verify
+from layerfs.store.objects import CHUNK, HOLE, ObjectStore, copy_sparse
 
 OPAQUE = b"trusted.overlay.opaque"
 PRIVATE_PREFIX = b"trusted.overlay."
@@ -396,7 +397,7 @@ class UpperDir:
 
             def hash_it() -> None:
                 try:
-                    result.append(file_digest(path))
+                    result.append(verify.fd_digest(f.fileno()))
                 except BaseException as exc:  # noqa: BLE001 - re-raised below
                     result.append(exc)
 

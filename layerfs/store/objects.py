@@ -21,7 +21,9 @@ this policy against "never" and "always".
 
 Hashing is single-threaded on purpose: blake3's multi-threaded mode keeps
 a thread pool that a fork() (the FUSE daemon is forked) copies without its
-threads, and the child's next multi-threaded hash then waits forever.
+threads, and the child's next multi-threaded hash then waits forever. The
+one exception is the detached FUSE daemon, which forks nothing: it
+verifies big objects on every core (``fs.verify``).
 
 Durability: object files are written tmp + rename without an fsync each;
 the store calls :func:`syncfs` once before it commits the metadata that
@@ -388,26 +390,28 @@ HASH_BUF = 8 << 20
 
 
 def file_digest(path) -> str:
-    """blake3 of a file read front to back in big chunks, the next chunk
-    already on its way (WILLNEED) while this one is hashed on all cores.
-
-    Not ``update_mmap``: its threads fault the pages of a cold file in
-    scattered order, several times slower from disk than one sequential
-    stream (a cold 1 GiB first read waited for that)."""
+    """blake3 of a whole file on disk, single-threaded (see the module
+    docstring), read with :func:`hash_fd`. The FUSE daemon verifies big
+    objects with ``fs.verify.fd_digest`` instead (mapped, threaded there)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        h = blake3.blake3()
-        buf = bytearray(HASH_BUF)
-        view = memoryview(buf)
-        off = 0
-        while n := os.preadv(fd, [buf], off):
-            off += n
-            os.posix_fadvise(fd, off, HASH_BUF, os.POSIX_FADV_WILLNEED)
-            h.update(view[:n])
-        return h.hexdigest()
+        return hash_fd(fd, blake3.blake3()).hexdigest()
     finally:
         os.close(fd)
+
+
+def hash_fd(fd: int, h: "blake3.blake3", off: int = 0) -> "blake3.blake3":
+    """Feed *h* what fd holds from *off* to its end, in 8 MiB preads front
+    to back, the next chunk already on its way (WILLNEED) while this one
+    is hashed; returns *h*. Threads are *h*'s (its ``max_threads``)."""
+    os.posix_fadvise(fd, off, 0, os.POSIX_FADV_SEQUENTIAL)
+    buf = bytearray(HASH_BUF)
+    view = memoryview(buf)
+    while n := os.preadv(fd, [buf], off):
+        off += n
+        os.posix_fadvise(fd, off, HASH_BUF, os.POSIX_FADV_WILLNEED)
+        h.update(view[:n])
+    return h
 
 
 def _fill(fd: int, parts: list[bytes]) -> None:
