@@ -13,11 +13,11 @@ from __future__ import annotations
 import sys
 
 if "mount" in sys.argv:
-    # Start the FUSE daemon before this process spends time importing the
-    # CLI: the daemon's own imports then overlap ours (mount latency).
-    from layerfs.fs.mount import prefork_for_cli
+    # Answered by the warm mount server before click, the store or trio are
+    # imported (exits here), unless the request is not one it takes.
+    from layerfs_cli.fastpath import mount_fast
 
-    prefork_for_cli(sys.argv[1:])
+    mount_fast(sys.argv[1:])
 
 import click  # noqa: E402
 

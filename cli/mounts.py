@@ -34,18 +34,9 @@ def mount_cmd(image: str, mountpoint: str, read_only: bool, upper: str | None, c
     """
     if upper and container:
         raise click.UsageError("--upper and --container are mutually exclusive")
-    _check_image(image)
+    fsmount.check_image(_root(), image)
     fsmount.mount_image(_root(), image, mountpoint, upper_dir=upper, read_only=read_only,
                         foreground=foreground, debug=fs_debug, container=container, backend=backend)
-
-
-def _check_image(image: str) -> None:
-    """What was asked for before where it goes: a missing image is the
-    error to report even when the mountpoint is missing too."""
-    from layerfs.store.store import Store
-
-    with Store(_root()) as store:
-        store.image(image)
 
 
 @click.command("umount")
