@@ -9,7 +9,8 @@
 (``--help``, ``--foreground``, the kernel backend, ``--opt=value``, an
 unknown option, ``--upper`` with ``--container``, a MOUNTPOINT that is a
 file) returns to the click CLI, as does a server that cannot be had or that
-says the request is not its (``fallback``). The server runs the click
+says the request is not its (``fallback``), and everything when
+``LAYERFS_MOUNT_SERVER=off``. The server runs the click
 command's own checks and ``mount_image``, so errors are the same one
 ``Error: ...`` line and exit code; on success nothing is printed.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
+OFF_ENV = "LAYERFS_MOUNT_SERVER"
 _FLAGS = {"--read-only": "read_only", "--debug": "debug"}
 _VALUES = {"--upper": "upper", "--container": "container", "--backend": "backend"}
 
@@ -30,6 +32,8 @@ def parse(argv: list[str]) -> dict | None:
     """The mount request *argv* (``sys.argv[1:]``) asks for, or None if it
     is not one this parser is sure of."""
     root = None
+    if os.environ.get(OFF_ENV) == "off":
+        return None
     try:
         at = argv.index("mount")
     except ValueError:
@@ -77,13 +81,11 @@ def mount_fast(argv: list[str]) -> None:
         return  # a store not made yet: click's path makes it as always
     request |= {"cwd": os.getcwd(), "umask": _umask(), **mountclient.caller_namespace(),
                 "env": {k: v for k, v in os.environ.items() if k.startswith("LAYERFS_")}}
-    from layerfs.errors import LayerfsError
-
     try:
         answer = mountclient.call(root, request)
     except mountclient.Unavailable:
         return
-    except LayerfsError as exc:
+    except mountclient.Failed as exc:
         answer = {"error": str(exc), "code": exc.exit_code}
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")

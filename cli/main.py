@@ -26,7 +26,7 @@ from layerfs_cli import common  # noqa: E402
 
 COMMANDS = {
     "images": ("bootstrap", "df", "export", "fsck", "gc", "history", "images", "import", "inspect", "rmi", "tag"),
-    "mounts": ("mount", "mounts", "umount"),
+    "mounts": ("mount", "mount-server", "mounts", "umount"),
     "containers": ("bundle", "commit", "diff", "exec", "kill", "logs", "ps", "rm", "run", "start", "stop", "wait"),
     "build": ("build", "builder"),
     "oci": ("load", "login", "logout", "pull", "push", "save"),

@@ -40,7 +40,16 @@ _MAX_FRAME = 1 << 20
 
 
 class Unavailable(Exception):
-    """No server answered (none could be started, or it went away)."""
+    """No server took the request (none could be started, or it went away):
+    nothing was done, the caller may do the work itself."""
+
+
+class Failed(Exception):
+    """The server took the request but no answer came (its worker died):
+    what was done is unknown, so the request must not be repeated.
+    (Not a LayerfsError: importing ``layerfs.errors`` costs the fast path.)"""
+
+    exit_code = 1
 
 
 # -- paths -------------------------------------------------------------------
@@ -102,7 +111,7 @@ def recv_frame(sock) -> dict:
 def call(root: str, request: dict, start: bool = True) -> dict:
     """Send *request* to the server of the store at *root* (started if
     need be, unless not *start*) and return its answer. Unavailable: not
-    taken by any server; LayerfsError: taken, but no answer came."""
+    taken by any server; Failed: taken, but no answer came."""
     for _ in range(2):
         sock = connect(root, start)
         try:
@@ -118,9 +127,7 @@ def call(root: str, request: dict, start: bool = True) -> dict:
             try:
                 return recv_frame(sock)
             except (OSError, EOFError, ValueError) as exc:
-                from layerfs.errors import LayerfsError
-
-                raise LayerfsError(f"the mount server's worker died ({exc}); see {log_path(root)}") from None
+                raise Failed(f"the mount server's worker died ({exc}); see {log_path(root)}") from None
         finally:
             sock.close()
     raise Unavailable("the mount server did not take the request")

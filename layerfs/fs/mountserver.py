@@ -53,6 +53,10 @@ log = logging.getLogger("layerfs.mountserver")
 
 DEFAULT_IDLE = 600.0
 INDEXES_KEPT = 4
+#: The server's process name (``ps -o comm``, /proc/PID/comm). Its workers
+#: and the daemons they fork share its command line (a fork does not change
+#: it) but are named ``layerfs``, as when the CLI forked them.
+COMM = "layerfs-mserver"
 
 
 class IndexMemory:
@@ -272,6 +276,7 @@ def _worker(server: Server, conn: socket.socket, request: dict, report_w: int) -
     """A forked worker: mount as the CLI would, answer the client, report
     the image id to the server (to keep its index)."""
     gc.disable()  # short-lived: a collection would only copy the server's pages
+    _set_comm("layerfs")
     server.listener.close()
     for fd in (server.lock_fd, *server.workers):
         try:
@@ -285,6 +290,14 @@ def _worker(server: Server, conn: socket.socket, request: dict, report_w: int) -
     if image_id:
         os.write(report_w, image_id.encode())
     return 0
+
+
+def _set_comm(name: str) -> None:
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
 
 
 def _mount(root: str, request: dict) -> tuple[dict, str | None]:
@@ -315,6 +328,7 @@ def _mount(root: str, request: dict) -> tuple[dict, str | None]:
 # -- start-up --------------------------------------------------------------------
 def _preload() -> None:
     """Import everything a worker and its daemon run, so forks import nothing."""
+    import encodings.ascii  # noqa: F401 - looked up at mount time
     import json  # noqa: F401
     import secrets  # noqa: F401
     import shutil  # noqa: F401
@@ -348,6 +362,7 @@ def serve(root: str, lock_fd: int = -1, ready_fd: int = -1) -> int:
             log.error("another mount server runs for %s", root)
             return 1
     os.set_inheritable(lock_fd, False)
+    _set_comm(COMM)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
