@@ -165,10 +165,13 @@ class Server:
                     log.info("idle for %gs: exiting", self.idle)
                     break
                 for fd, _ in self.poller.poll(timeout * 1000):
-                    if fd == self.listener.fileno():
-                        self._accept()
-                    else:
+                    if fd != self.listener.fileno():
                         self._report(fd)
+                        continue
+                    try:
+                        self._accept()
+                    except OSError as exc:  # out of fds or processes: this request fails, not the server
+                        log.error("cannot take a request: %s", exc)
         except _Stop:
             log.info("SIGTERM: exiting")
         self._close()
@@ -187,7 +190,7 @@ class Server:
         while True:
             try:
                 self._accept()
-            except BlockingIOError:
+            except OSError:  # BlockingIOError: nothing left
                 break
         self.listener.close()
 
@@ -233,11 +236,20 @@ class Server:
     def _fork_worker(self, conn: socket.socket, request: dict) -> None:
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            os.close(report_r)
+            os.close(report_w)
+            raise
         if pid == 0:
             code = 1
             try:
+                # the signal dispositions of a fresh `layerfs mount`, which forked daemons before
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.close(report_r)
                 code = _worker(self, conn, request, report_w)
