@@ -40,7 +40,7 @@ def parse(argv: list[str]) -> dict | None:
         return None
     head, rest = argv[:at], argv[at + 1:]
     if head:
-        if len(head) != 2 or head[0] != "--root" or not head[1]:
+        if len(head) != 2 or head[0] != "--root" or not head[1] or head[1].startswith("-"):
             return None
         root = head[1]
     request: dict = {"op": "mount", "read_only": False, "debug": False}
@@ -62,7 +62,8 @@ def parse(argv: list[str]) -> dict | None:
             ("upper" in request and "container" in request):
         return None
     request["image"], request["mountpoint"] = positional
-    if os.path.exists(request["mountpoint"]) and not os.path.isdir(request["mountpoint"]):
+    mp = request["mountpoint"]
+    if os.path.exists(mp) and not (os.path.isdir(mp) and os.access(mp, os.R_OK)):
         return None  # click's Path(file_okay=False) says so, with its usage text
     request["root"] = root or os.environ.get("LAYERFS_ROOT") or None
     return request
