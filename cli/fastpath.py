@@ -10,7 +10,8 @@
 unknown option, ``--upper`` with ``--container``, a MOUNTPOINT that is a
 file) returns to the click CLI, as does a server that cannot be had or that
 says the request is not its (``fallback``), and everything when
-``LAYERFS_MOUNT_SERVER=off``. The server runs the click
+``LAYERFS_MOUNT_SERVER=off``; for a FUSE mount the daemon is then forked
+before click loads (``fs.mount.prefork``), as before the server existed. The server runs the click
 command's own checks and ``mount_image``, so errors are the same one
 ``Error: ...`` line and exit code; on success nothing is printed.
 
@@ -85,6 +86,7 @@ def mount_fast(argv: list[str]) -> None:
     try:
         answer = mountclient.call(root, request)
     except mountclient.Unavailable:
+        _prefork()
         return
     except mountclient.Failed as exc:
         answer = {"error": str(exc), "code": exc.exit_code}
@@ -92,6 +94,8 @@ def mount_fast(argv: list[str]) -> None:
         sys.stderr.write("Interrupted.\n")
         sys.exit(130)
     if "fallback" in answer:
+        if answer.get("backend") != "kernel":
+            _prefork()
         return
     if "error" in answer:
         if answer.get("bug") or request["debug"]:
@@ -100,6 +104,14 @@ def mount_fast(argv: list[str]) -> None:
         sys.stderr.write(f"Error: {answer['error']}\n")
         sys.exit(answer["code"])
     sys.exit(0)
+
+
+def _prefork() -> None:
+    """The click path will mount with the FUSE daemon: fork it now, so its
+    imports overlap click's (``fs.mount.prefork``)."""
+    from layerfs.fs.mount import prefork
+
+    prefork()
 
 
 def _umask() -> int:

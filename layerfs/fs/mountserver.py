@@ -325,7 +325,7 @@ def _mount(root: str, request: dict) -> tuple[dict, str | None]:
         os.chdir(request["cwd"])
         mount.check_image(root, request["image"])
         if backends.resolve(root, request.get("backend")) != backends.FUSE:
-            return {"fallback": "kernel backend"}, None
+            return {"fallback": "kernel backend", "backend": "kernel"}, None
         handle = mount.mount_image(root, request["image"], request["mountpoint"], upper_dir=request.get("upper"),
                                    read_only=bool(request.get("read_only")), debug=bool(request.get("debug")),
                                    container=request.get("container"), backend=request.get("backend"))
