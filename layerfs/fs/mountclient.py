@@ -154,9 +154,7 @@ def connect(root: str, start: bool = True):
         lock = _lock_if_free(root)
         if lock >= 0:
             try:
-                sock = _try_connect(root)  # started and gone idle between our two looks? no: we hold its lock
-                if sock is None:
-                    _start_server(root, lock)
+                _start_server(root, lock)  # we hold the lock: no server lives
             finally:
                 os.close(lock)
             continue

@@ -53,6 +53,7 @@ log = logging.getLogger("layerfs.mountserver")
 
 DEFAULT_IDLE = 600.0
 INDEXES_KEPT = 4
+SOCKET_CHECK = 5.0  # seconds between checks that our socket is still there
 #: The server's process name (``ps -o comm``, /proc/PID/comm). Its workers
 #: and the daemons they fork share its command line (a fork does not change
 #: it) but are named ``layerfs``, as when the CLI forked them.
@@ -164,7 +165,10 @@ class Server:
                 if timeout <= 0:
                     log.info("idle for %gs: exiting", self.idle)
                     break
-                for fd, _ in self.poller.poll(timeout * 1000):
+                if not self._socket_is_ours():
+                    log.info("%s was removed: exiting", self.path)  # clients that cannot reach us start another
+                    break
+                for fd, _ in self.poller.poll(min(timeout, SOCKET_CHECK) * 1000):
                     if fd != self.listener.fileno():
                         self._report(fd)
                         continue
@@ -177,15 +181,18 @@ class Server:
         self._close()
         return 0
 
+    def _socket_is_ours(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self.bound
+        except OSError:
+            return False
+
     def _close(self) -> None:
         """Unlink the socket first (new clients start a new server), then
         serve what is queued, so no accepted connection goes unanswered."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        try:
-            if os.stat(self.path).st_ino == self.bound:
-                os.unlink(self.path)
-        except OSError:
-            pass
+        if self._socket_is_ours():
+            os.unlink(self.path)
         self.listener.setblocking(False)
         while True:
             try:

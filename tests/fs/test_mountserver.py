@@ -274,3 +274,16 @@ def test_index_memory_is_keyed_by_the_cache_file(store_with_image, mounts):
     assert mountclient.call(root, {"op": "status"}, start=False)["indexes"] == 1  # the server kept it
     b = mounts.mount(image, "b")  # served from the new file, then kept again
     assert _serves(b)
+
+
+def test_removed_socket(store_with_image, mounts):
+    """A server whose socket was deleted exits by itself (checked every few
+    seconds); a client meanwhile waits for its lock, then starts another."""
+    root, image = store_with_image
+    a = mounts.mount(image, "a")
+    status = mountclient.call(root, {"op": "status"}, start=False)
+    os.unlink(mountclient.socket_path(root))
+    b = mounts.mount(image, "b")
+    assert not procfs.alive(status["pid"], status["start"])
+    assert mountclient.server_pid(root) not in (None, status["pid"])
+    assert _serves(a) and _serves(b)
