@@ -73,13 +73,16 @@ class IndexMemory:
             st = os.stat(path)
         except OSError:
             return None
-        return image_id, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+        return image_id, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     def get(self, image_id: str, path: str):
         """The index of *image_id* if the cache file at *path* is the one it
         was loaded from; None otherwise (the daemon then reads the file)."""
         key = self._key(image_id, path)
-        return self._kept.get(key) if key else None
+        index = self._kept.get(key) if key else None
+        if index is not None:  # in a forked daemon: its log says so
+            log.info("index of %s kept in memory by the mount server", image_id[:12])
+        return index
 
     def load(self, root: str, image_id: str) -> None:
         """Keep the index of *image_id* (its cache file as it is now)."""

@@ -272,8 +272,13 @@ def test_index_memory_is_keyed_by_the_cache_file(store_with_image, mounts):
     os.replace(path + ".new", path)  # as ensure_index_cache does after a rebuild
     assert memory.get(image_id, path) is None
     assert mountclient.call(root, {"op": "status"}, start=False)["indexes"] == 1  # the server kept it
-    b = mounts.mount(image, "b")  # served from the new file, then kept again
-    assert _serves(b)
+    b = mounts.mount(image, "b")  # its index read from the new file, then kept again
+    c = mounts.mount(image, "c")  # from memory
+    assert _serves(b) and _serves(c)
+    kept = "kept in memory by the mount server"
+    layout = StoreLayout(root)
+    assert kept not in open(layout.mount_log(b)).read()
+    assert kept in open(layout.mount_log(c)).read()
 
 
 def test_removed_socket(store_with_image, mounts):
