@@ -59,6 +59,7 @@ def _daemon_main(go_r: int, ready_w: int) -> int:
 
     gc.disable()
     _import_pyfuse3()
+    import layerfs.fs.loop  # noqa: F401
     import layerfs.fs.ops  # noqa: F401
     import layerfs.fs.union  # noqa: F401
     from layerfs.store.objects import ObjectStore  # noqa: F401
@@ -166,6 +167,10 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             options.add("debug")
         owner_fd = mountproc.open_owner(params)
         pyfuse3.init(Operations(union), mp, options)
+        if os.environ.get("LAYERFS_FUSE_LOOP") != "stock":  # developer aid: A/B against pyfuse3's own loop
+            from layerfs.fs import loop
+
+            loop.install(pyfuse3)
     except BaseException as exc:
         log.error("cannot mount %s: %s", mp, exc)
         ready(f"error cannot mount {mp}: {exc}")
@@ -269,6 +274,7 @@ def preload() -> None:
     import, so a mount costs little more than loading the index.
     """
     _import_pyfuse3()
+    import layerfs.fs.loop  # noqa: F401
     import layerfs.fs.ops  # noqa: F401
     import layerfs.fs.union  # noqa: F401
     import layerfs.store.objects  # noqa: F401

@@ -10,9 +10,16 @@ lock). A handle reads one of three sources:
 * ``raw``   -- a big uncompressed object file, verified whole (in a worker
   thread) before its first byte is returned; ``lazy`` until first read.
 
-Reads try ``preadv(RWF_NOWAIT)`` in the trio thread first: a page-cache
-hit costs no thread hop, a miss goes to a worker thread so a disk wait
-does not stall the loop. A filesystem that refuses NOWAIT (EOPNOTSUPP:
+Small objects that ``fs.readahead`` has loaded (and verified) because the
+files before them were read in order are taken at open and handed to the
+adapter with the open's reply (:class:`Opened`), so it can put them in the
+kernel's page cache: the reads of such a file never reach the daemon.
+
+Reads try ``preadv(RWF_NOWAIT)`` in the trio thread first (and the object
+is opened with ``openat2(RESOLVE_CACHED)``): a page-cache hit costs no
+thread hop, a miss goes to a worker thread so a disk wait does not stall
+the loop. The index says which objects are stored as ``.zst``, so the
+right file is opened first. A filesystem that refuses NOWAIT (EOPNOTSUPP:
 tmpfs, and others without FMODE_NOWAIT) is remembered per source, the
 upper's filesystem and the store's, so it costs one failed syscall per
 mount: tmpfs and ramfs are then read in the trio thread (their pages are
@@ -21,16 +28,19 @@ memory, a read never waits for a disk), anything else in a worker thread.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
+import struct
 
 import blake3
 import trio
 
 from layerfs.errors import Corrupt, NotFound
-from layerfs.fs.inodes import Node
+from layerfs.fs.inodes import Node, Opened
 from layerfs.fs.names import _err
+from layerfs.fs.readahead import Readahead
 from layerfs.fs.upper import fs_magic
 from layerfs.store.objects import file_digest, read_object_file, unpack_object
 
@@ -60,14 +70,16 @@ class FileIO:
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.read_modes = {"upper": NOWAIT, "raw": NOWAIT}  # by handle kind: upper dir, store
+        self.readahead = Readahead(self.index, self.objects, _digest_ok)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
         self._next_fh += 1
         return fh
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
-        """Open a file; returns (fh, keep_cache)."""
+    async def open(self, ino: int, flags: int) -> Opened:
+        """Open a file. A lower file that read-ahead has loaded comes with
+        its content (see :class:`Opened`)."""
         node = self.node(ino)
         acc = flags & os.O_ACCMODE
         writing = acc != os.O_RDONLY or flags & os.O_TRUNC
@@ -79,8 +91,15 @@ class FileIO:
         if node.upper:
             keep = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
             fd = self.upper.open(self.path(node), (flags & keep) | os.O_NOFOLLOW)
-            return self.adopt_fd(node, fd), True
-        return self._add_handle(self._lower_handle(node)), True
+            return Opened(self.adopt_fd(node, fd), True)
+        h = self._lower_handle(node)
+        if h.data is None and h.kind == "mem":
+            h.data = self.readahead.take(h.digest)
+            if h.data is not None:
+                self.verified.add(h.digest)
+                self.readahead.loaded(node.lower, False)
+                return Opened(self._add_handle(h), True, h.data)
+        return Opened(self._add_handle(h), True)
 
     def adopt_fd(self, node: Node, fd: int) -> int:
         """A file handle for an fd of *node* in the upper dir (open, create)."""
@@ -135,19 +154,22 @@ class FileIO:
         h.kind, h.path = "raw", path
 
     async def _load(self, h: Handle) -> None:
-        if not h.path:
-            h.path = self.objects.raw_path(h.digest)
-        try:
-            data = self._read_cached(h.path, h.fd == -2)
-        except FileNotFoundError:
-            h.path, h.fd = self.objects.zst_path(h.digest), -2
-            try:
-                data = self._read_cached(h.path, True)
-            except FileNotFoundError:
-                raise Corrupt(f"object {h.digest[:12]} is missing from the store") from None
-        compressed = h.fd == -2
-        if data is None:  # not in the page cache: wait for the disk in a thread
-            data = await trio.to_thread.run_sync(read_object_file, h.path, compressed)
+        """Read a small object whole and check its digest (once per
+        object): in the trio thread when nothing waits for a disk, else in
+        a worker thread; either way the read-ahead hears of it."""
+        data = self.readahead.take(h.digest)
+        if data is not None:
+            self.verified.add(h.digest)
+            h.data = data
+            self.readahead.loaded(h.node.lower, False)
+            return
+        paths = [(h.path, h.fd == -2)] if h.path else self._object_paths(h.digest)
+        data = self._load_cached(paths, h.digest)
+        cold = data is None
+        if cold:  # not in the page cache: wait for the disk in a thread
+            data = await trio.to_thread.run_sync(_load_object, paths, h.digest)
+        if h.node.lower >= 0:
+            self.readahead.loaded(h.node.lower, cold)
         if h.digest not in self.verified:
             if len(data) > INLINE_READ:
                 ok = await trio.to_thread.run_sync(_digest_ok, data, h.digest)
@@ -156,23 +178,35 @@ class FileIO:
             self._check(ok, h)
         h.data = data
 
-    def _read_cached(self, path: str, compressed: bool) -> bytes | None:
+    def _object_paths(self, digest: str) -> list[tuple[str, bool]]:
+        raw = self.objects.raw_path(digest)
+        if digest in self.index.packed:
+            return [(raw + ".zst", True), (raw, False)]
+        return [(raw, False), (raw + ".zst", True)]
+
+    def _load_cached(self, paths: list[tuple[str, bool]], digest: str) -> bytes | None:
         """The object's content if reading it cannot wait for a disk and
         it is small enough to handle in the trio thread, else None."""
         if self.read_modes["raw"] == THREAD:
             return None
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            n = os.fstat(fd).st_size
-            if n > INLINE_READ:
+        for path, compressed in paths:
+            try:
+                fd = open_cached(path)
+            except FileNotFoundError:
+                continue
+            if fd < 0:
                 return None
-            buf = bytearray(n)
-            got = self._pread_cached("raw", fd, buf, 0) if n else 0
-            if got != n:
-                return None
-        finally:
-            os.close(fd)
-        return unpack_object(bytes(buf), path) if compressed else bytes(buf)
+            try:
+                n = os.fstat(fd).st_size
+                if n > INLINE_READ:
+                    return None
+                buf = bytearray(n)
+                if n and self._pread_cached("raw", fd, buf, 0) != n:
+                    return None
+            finally:
+                os.close(fd)
+            return unpack_object(bytes(buf), path) if compressed else bytes(buf)
+        raise _missing(digest)
 
     def _pread_cached(self, kind: str, fd: int, buf: bytearray, off: int) -> int:
         """Bytes read into *buf* without waiting for a disk (0 if that
@@ -239,6 +273,47 @@ class FileIO:
             os.close(h.fd)
         h.node.opens -= 1
         self.table.maybe_drop(h.node.ino)
+
+
+def _load_object(paths: list[tuple[str, bool]], digest: str) -> bytes:
+    """The content of the first of *paths* that exists (in a worker thread)."""
+    for path, compressed in paths:
+        try:
+            return read_object_file(path, compressed)
+        except FileNotFoundError:
+            continue
+    raise _missing(digest)
+
+
+def _missing(digest: str) -> Corrupt:
+    return Corrupt(f"object {digest[:12]} is missing from the store")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_SYS_OPENAT2, _RESOLVE_CACHED = 437, 0x20
+_AT_FDCWD = -100
+_open_how = struct.Struct("QQQ")
+_cached_how = _open_how.pack(os.O_RDONLY | os.O_CLOEXEC, 0, _RESOLVE_CACHED)
+_openat2_works = True
+
+
+def open_cached(path: str) -> int:
+    """Open *path* read-only if its lookup needs no disk read (openat2 with
+    RESOLVE_CACHED, Linux 5.12+); -1 if it would. Without openat2 a plain
+    open is done: it may then wait for the disk's metadata."""
+    global _openat2_works
+    if _openat2_works:
+        fd = _libc.syscall(_SYS_OPENAT2, _AT_FDCWD, os.fsencode(path), _cached_how, len(_cached_how))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err == errno.EAGAIN:
+            return -1
+        if err not in (errno.ENOSYS, errno.EINVAL, errno.EPERM):
+            raise OSError(err, os.strerror(err), path)
+        _openat2_works = False  # (EPERM: a seccomp filter)
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _digest_ok(data: bytes, digest: str) -> bool:

@@ -14,7 +14,7 @@ into flat arrays indexed by a *slot*:
 Nothing here changes after construction. The mutable overlay of the
 upper directory lives in ``fs.inodes`` and refers to slots.
 
-The index of an image is also cached on disk (``ROOT/fscache/<image id>``,
+The index of an image is also cached on disk (``ROOT/fscache/<image id>.v<format>``,
 marshal format): an image id names its layers for ever, so the cache is
 always valid, and loading it is several times faster than decoding the
 manifests and flattening them again.
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the store's modules load only when an index is built (not i
     from layerfs.store.manifest import Entry
     from layerfs.store.tree import MergedTree
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 class LowerIndex:
@@ -44,12 +44,15 @@ class LowerIndex:
     of milliseconds.
     """
 
-    __slots__ = ("paths", "meta", "parent", "kids", "leader", "groups", "nsubdirs", "_attr_cache")
+    __slots__ = ("paths", "meta", "parent", "kids", "leader", "groups", "nsubdirs", "packed", "_attr_cache")
 
     def __init__(self, paths: list[bytes], meta: list[tuple], parent: array,
                  kids: dict[int, dict[bytes, int]], groups: dict[int, list[int]],
-                 nsubdirs: dict[int, int] | None = None) -> None:
+                 nsubdirs: dict[int, int] | None = None, packed: frozenset[str] = frozenset()) -> None:
         self.paths = paths
+        # digests stored as .zst: a hint for the reader, which tries that
+        # file first (a miss in a cold object dir costs a disk read)
+        self.packed = packed
         self.meta = meta
         self.parent = parent
         self.kids = kids
@@ -63,7 +66,7 @@ class LowerIndex:
 
     # -- construction -----------------------------------------------------
     @classmethod
-    def from_tree(cls, tree: MergedTree) -> "LowerIndex":
+    def from_tree(cls, tree: MergedTree, packed: frozenset[str] = frozenset()) -> "LowerIndex":
         encoded = sorted((os.fsencode(p), p) for p in tree.entries)
         paths = [b for b, _ in encoded]
         slot_of = {b: i for i, b in enumerate(paths)}
@@ -96,20 +99,21 @@ class LowerIndex:
             if len(members) > 1:
                 members.sort()
                 groups[members[0]] = members
-        return cls(paths, meta, parent, kids, groups)
+        return cls(paths, meta, parent, kids, groups, packed=packed)
 
     def dump(self) -> bytes:
         return marshal.dumps((CACHE_FORMAT, self.paths, self.meta, self.parent.tobytes(), self.kids,
-                              self.groups, self.nsubdirs))
+                              self.groups, self.nsubdirs, self.packed))
 
     @classmethod
     def load(cls, data: bytes) -> "LowerIndex":
-        fmt, paths, meta, parent, kids, groups, nsubdirs = marshal.loads(data)
-        if fmt != CACHE_FORMAT:
+        fields = marshal.loads(data)
+        if fields[0] != CACHE_FORMAT:
             raise ValueError("index cache format")
+        _, paths, meta, parent, kids, groups, nsubdirs, packed = fields
         par = array("q")
         par.frombytes(parent)
-        return cls(paths, meta, par, kids, groups, nsubdirs)
+        return cls(paths, meta, par, kids, groups, nsubdirs, packed)
 
     # -- queries ----------------------------------------------------------
     def __len__(self) -> int:
@@ -171,7 +175,7 @@ def _kind_of(st_mode: int) -> str:
 def cache_path(store_root: str, image_id: str) -> str:
     from layerfs.store.layout import StoreLayout
 
-    return StoreLayout(store_root).fscache_entry(image_id)
+    return StoreLayout(store_root).fscache_entry(f"{image_id}.v{CACHE_FORMAT}")
 
 
 def ensure_index_cache(store, image) -> str:
@@ -183,8 +187,11 @@ def ensure_index_cache(store, image) -> str:
     path = cache_path(store.root, image.id)
     if os.path.exists(path):
         return path
-    index = LowerIndex.from_tree(store.merged_tree(image))
+    index = LowerIndex.from_tree(store.merged_tree(image), frozenset(store.compressed_objects(image.layers)))
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    legacy = store.layout.fscache_entry(image.id)  # format 2 had no suffix
+    if os.path.exists(legacy):
+        os.unlink(legacy)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(index.dump())

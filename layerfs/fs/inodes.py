@@ -51,6 +51,16 @@ class Attr(NamedTuple):
     lower: bool
 
 
+class Opened(NamedTuple):
+    """An open's reply. ``content``, when set, is the whole verified
+    content of a lower file, for the adapter to put in the kernel's page
+    cache now (the reads then never reach the daemon)."""
+
+    fh: int
+    keep_cache: bool
+    content: bytes | None = None
+
+
 @dataclass(frozen=True)
 class SetAttr:
     """The changes of one setattr request; None leaves a field as it is."""

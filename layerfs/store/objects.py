@@ -328,10 +328,16 @@ def read_object_file(path: str, compressed: bool) -> bytes:
     return unpack_object(data, path) if compressed else data
 
 
+_per_thread = threading.local()
+
+
 def unpack_object(stored: bytes, path: str) -> bytes:
     """Decompress a ``.zst`` object's bytes; damage is Corrupt, not ZstdError."""
+    dctx = getattr(_per_thread, "dctx", None)
+    if dctx is None:  # a context per thread: making one costs more than a small object's decompression
+        dctx = _per_thread.dctx = zstandard.ZstdDecompressor()
     try:
-        return zstandard.ZstdDecompressor().decompress(stored)
+        return dctx.decompress(stored)
     except zstandard.ZstdError as exc:
         raise Corrupt(f"object {os.path.basename(path)[:12]}: {exc}") from None
 

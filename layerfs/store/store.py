@@ -232,6 +232,14 @@ class Store:
     def merged_tree(self, image: Image) -> MergedTree:
         return flatten([self.layer_entries(lid) for lid in image.layers])
 
+    def compressed_objects(self, layer_ids: list[str]) -> set[str]:
+        """Digests of the objects of these layers that are stored as ``.zst``
+        (a reader then opens the right file first)."""
+        marks = ",".join("?" * len(layer_ids))
+        return {d for (d,) in self.db.all(
+            f"SELECT DISTINCT o.digest FROM layer_objects l JOIN objects o ON o.digest = l.digest "
+            f"WHERE l.layer_id IN ({marks}) AND o.compressed", *layer_ids)}
+
     # -- images --------------------------------------------------------------
     def put_image(self, config: dict) -> Image:
         data = img.canonical(config)

@@ -100,7 +100,7 @@ class Kernel:
             self.u.releasedir(fh)
 
     async def read(self, ino: int) -> bytes:
-        fh, _ = await self.u.open(ino, os.O_RDONLY)
+        fh = (await self.u.open(ino, os.O_RDONLY)).fh
         try:
             out, off = b"", 0
             while chunk := bytes(await self.u.read(fh, off, 1 << 17)):
@@ -392,7 +392,7 @@ async def test_xattrs(core, image_env):
 async def test_hardlinks(core, image_env):
     k, u = core, core.u
     ino = k.ino("hl1")
-    fh, _ = await u.open(ino, os.O_WRONLY)
+    fh = (await u.open(ino, os.O_WRONLY)).fh
     await u.write(fh, 0, b"HARD")
     u.release(fh)
     # the whole group was copied up as one inode
@@ -428,7 +428,7 @@ async def test_unlinked_open_file_lives_until_released(core, image_env):
     assert a.ino not in u.table.nodes        # gone with the last forget and close
     # a lower file opened, then removed: its handle keeps reading the lower content
     g = k.path("a/sub/g")
-    fh, _ = await u.open(g.ino, os.O_RDONLY)
+    fh = (await u.open(g.ino, os.O_RDONLY)).fh
     await u.unlink(k.ino("a/sub"), b"g", want_dir=False)
     assert bytes(await u.read(fh, 0, 10)) == b"g\n"
     u.release(fh)

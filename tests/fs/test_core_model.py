@@ -185,7 +185,7 @@ class UnionVsDirectory(RuleBasedStateMachine):
             os.close(fd)
 
         async def core():
-            fh, _ = await self.k.u.open(self.k.ino(path), os.O_WRONLY)
+            fh = (await self.k.u.open(self.k.ino(path), os.O_WRONLY)).fh
             try:
                 await self.k.u.write(fh, offset, content)
             finally:

@@ -18,6 +18,7 @@ import pytest
 from layerfs import procfs
 from layerfs.fs import mount as fsmount
 from layerfs.fs import mountclient
+from layerfs.fs.index import cache_path
 from layerfs.fs.mountserver import IndexMemory
 from layerfs.store.layout import StoreLayout
 from layerfs.store.store import Store
@@ -260,7 +261,7 @@ def test_index_memory_is_keyed_by_the_cache_file(store_with_image, mounts):
     root, image = store_with_image
     mounts.mount(image, "a")  # builds the index cache
     image_id = fsmount.list_mounts(root)[0].image_id
-    path = StoreLayout(root).fscache_entry(image_id)
+    path = cache_path(root, image_id)
     memory = IndexMemory(limit=1)
     memory.load(root, image_id)
     kept = memory.get(image_id, path)

@@ -1,0 +1,116 @@
+"""pyfuse3's request loop with less scheduling per request.
+
+pyfuse3 serves requests from a few worker tasks that take turns reading
+``/dev/fuse``: a task takes a lock, waits until the fd is readable, reads
+one request and handles it. It runs them over the module object
+``pyfuse3.trio`` (the seam ``pyfuse3.asyncio`` uses to swap in asyncio);
+:func:`install` points that at trio with the two parts replaced that cost
+every request scheduler turns and syscalls of their own:
+
+* ``Lock``: ``trio.Lock`` checkpoints on every acquire, even a free one;
+  :class:`HandoverLock` yields only when it has to wait. A release with
+  waiters hands the lock to the first one, so the workers still take
+  turns and the trio loop runs between two requests (thread results,
+  signals and the owner watch are never starved by a stream of requests).
+* ``lowlevel.wait_readable``: trio registers the fd with epoll, parks the
+  task and deregisters it again, per request. :class:`FuseWaiter` first
+  asks ``poll`` whether a request is already queued, and while requests
+  come in a stream (the next one arrived soon after the last reply: tar,
+  find, a build) polls for a few microseconds more before it parks the
+  task, because waking a sleeping process costs more than that on a VM.
+  The spin stops as soon as requests come sporadically, so an idle mount
+  sleeps in epoll as before.
+
+Measured on a 2-CPU VM: an open(2) of a lower file (OPEN) took 187 us
+with pyfuse3's own loop and ~120 us with this one; `tar` of 30,000 cached
+files 9.9 s -> 7.8 s.
+"""
+
+from __future__ import annotations
+
+import select
+import time
+import types
+
+import trio
+
+SPIN = 30e-6        # how long to poll for the next request of a stream, seconds
+STREAM_GAP = 1e-3   # a request that came this soon after the wait began belongs to a stream
+
+
+class HandoverLock:
+    """The async context manager pyfuse3 uses as ``trio.Lock()``; yields
+    only when the lock is held (then waits its turn, FIFO)."""
+
+    __slots__ = ("_held", "_waiters")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._waiters = trio.lowlevel.ParkingLot()
+
+    async def __aenter__(self) -> None:
+        if self._held:
+            await self._waiters.park()  # woken by __aexit__ as the new holder
+        else:
+            self._held = True
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._waiters:
+            self._waiters.unpark()  # ownership passes on: _held stays True
+        else:
+            self._held = False
+
+
+class FuseWaiter:
+    """``wait_readable`` for the FUSE fd: poll first, spin briefly while
+    requests stream in, else park in trio's epoll like before."""
+
+    def __init__(self) -> None:
+        self._polls: dict[int, select.poll] = {}
+        self.streaming = False
+
+    def _poller(self, fd: int) -> select.poll:
+        p = self._polls.get(fd)
+        if p is None:
+            p = self._polls[fd] = select.poll()
+            p.register(fd, select.POLLIN)
+        return p
+
+    async def wait_readable(self, fd: int) -> None:
+        poll = self._poller(fd).poll
+        if poll(0):
+            return
+        if self.streaming:
+            end = time.perf_counter() + SPIN
+            while time.perf_counter() < end:
+                if poll(0):
+                    return
+        start = time.perf_counter()
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        finally:
+            self.streaming = time.perf_counter() - start < STREAM_GAP
+
+    def forget(self, fd: int) -> None:
+        self._polls.pop(fd, None)
+
+
+class _Overlay(types.ModuleType):
+    """A module that is *base* with some names replaced."""
+
+    def __init__(self, name: str, base: types.ModuleType, **replaced: object) -> None:
+        super().__init__(name)
+        self._base = base
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._base, name)
+
+
+def install(pyfuse3: types.ModuleType) -> FuseWaiter:
+    """Make *pyfuse3*'s worker loop use :class:`HandoverLock` and a
+    :class:`FuseWaiter`; call before ``pyfuse3.main``. Returns the waiter."""
+    waiter = FuseWaiter()
+    lowlevel = _Overlay("trio.lowlevel", trio.lowlevel, wait_readable=waiter.wait_readable)
+    pyfuse3.trio = _Overlay("trio", trio, Lock=HandoverLock, lowlevel=lowlevel)
+    return waiter
