@@ -293,3 +293,18 @@ def test_removed_socket(store_with_image, mounts):
     assert not procfs.alive(status["pid"], status["start"])
     assert mountclient.server_pid(root) not in (None, status["pid"])
     assert _serves(a) and _serves(b)
+
+
+def test_store_path_longer_than_a_socket_address(tmp_path, servers):
+    """sun_path holds 108 bytes: a deeper store is reached through an fd of
+    the socket's dir."""
+    root = str(tmp_path / ("x" * 60) / ("y" * 60) / "store")
+    with Store(root) as store:
+        make_image(store, build_layers(str(tmp_path / "src")), "fstest:latest")
+    assert len(mountclient.socket_path(root)) > 108
+    m = Mounts(root, tmp_path)
+    try:
+        a = m.mount("fstest:latest", "a")
+        assert _serves(a) and mountclient.server_pid(root) is not None
+    finally:
+        m.unmount_all()
