@@ -78,11 +78,14 @@ def mount_fast(argv: list[str]) -> None:
     from layerfs.fs import mountclient
     from layerfs.store.rootdir import default_root
 
-    root = os.path.abspath(request.pop("root") or default_root())
-    if not os.path.isdir(root):
-        return  # a store not made yet: click's path makes it as always
-    request |= {"cwd": os.getcwd(), "umask": _umask(), **mountclient.caller_namespace(),
-                "env": {k: v for k, v in os.environ.items() if k.startswith("LAYERFS_")}}
+    try:
+        root = os.path.abspath(request.pop("root") or default_root())
+        if not os.path.isdir(root):
+            return  # a store not made yet: click's path makes it as always
+        request |= {"cwd": os.getcwd(), "umask": _umask(), **mountclient.caller_namespace(),
+                    "env": {k: v for k, v in os.environ.items() if k.startswith("LAYERFS_")}}
+    except OSError:  # no cwd, no /proc: click's path says what it says
+        return
     try:
         answer = mountclient.call(root, request)
     except mountclient.Unavailable:

@@ -151,6 +151,8 @@ def connect(root: str, start: bool = True):
             return sock
         if not start:
             raise Unavailable("no mount server is running")
+        if time.monotonic() > deadline:
+            raise Unavailable("the mount server does not answer")
         lock = _lock_if_free(root)
         if lock >= 0:
             try:
@@ -158,8 +160,6 @@ def connect(root: str, start: bool = True):
             finally:
                 os.close(lock)
             continue
-        if time.monotonic() > deadline:
-            raise Unavailable("the mount server does not answer")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
 

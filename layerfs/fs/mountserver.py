@@ -330,9 +330,12 @@ def _mount(root: str, request: dict) -> tuple[dict, str | None]:
     for name in [k for k in os.environ if k.startswith("LAYERFS_")]:
         del os.environ[name]
     os.environ.update(request.get("env") or {})
+    os.umask(request["umask"])
     try:
-        os.umask(request["umask"])
         os.chdir(request["cwd"])
+    except OSError:
+        return {"fallback": "cannot enter the caller's directory"}, None
+    try:
         mount.check_image(root, request["image"])
         if backends.resolve(root, request.get("backend")) != backends.FUSE:
             return {"fallback": "kernel backend", "backend": "kernel"}, None
@@ -389,7 +392,7 @@ def serve(root: str, lock_fd: int = -1, ready_fd: int = -1) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        idle = float(os.environ.get(mountclient.IDLE_ENV) or DEFAULT_IDLE)
+        idle = max(1.0, float(os.environ.get(mountclient.IDLE_ENV) or DEFAULT_IDLE))
         _preload()
         gc.freeze()
         server = Server(root, lock_fd, idle)
