@@ -11,9 +11,11 @@ unknown option, ``--upper`` with ``--container``, a MOUNTPOINT that is a
 file) returns to the click CLI, as does a server that cannot be had or that
 says the request is not its (``fallback``), and everything when
 ``LAYERFS_MOUNT_SERVER=off``; for a FUSE mount the daemon is then forked
-before click loads (``fs.mount.prefork``), as before the server existed. The server runs the click
-command's own checks and ``mount_image``, so errors are the same one
-``Error: ...`` line and exit code; on success nothing is printed.
+before click loads (``fs.mount.prefork``), as before the server existed.
+
+The server runs the click command's own checks and ``mount_image``, so
+errors are the same one ``Error: ...`` line and exit code; on success
+nothing is printed.
 
 Imports here are what the fast path pays for: ``os``, ``sys`` and
 ``fs.mountclient`` only.
