@@ -38,6 +38,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -237,6 +238,25 @@ class Mount:
                     return int(pid)
         return 0
 
+    def requests(self) -> dict[str, int]:
+        """The FUSE requests the layerfs daemon has served so far, by
+        handler (SIGUSR1 makes it log them); {} for the other systems."""
+        if self.system != "layerfs" or not self.pid:
+            return {}
+        from layerfs.store.layout import StoreLayout
+
+        log = StoreLayout(self.ds["root"]).mount_log(os.path.realpath(self.mp))
+        start = os.path.getsize(log)
+        os.kill(self.pid, signal.SIGUSR1)
+        for _ in range(500):
+            with open(log) as f:
+                f.seek(start)
+                for line in f:
+                    if " requests {" in line:
+                        return json.loads(line[line.index(" requests {") + 10:])
+            time.sleep(0.01)
+        return {}
+
     def rss_mb(self) -> tuple[float, float]:
         if not self.pid:
             return (0.0, 0.0)
@@ -292,12 +312,26 @@ CREATE = ("python3 -c \"import os,sys; d=sys.argv[1]; os.mkdir(d); b=b'x'*4096\n
           "for i in range(10000):\n  f=open(f'{d}/f{i}','wb'); f.write(b); f.close()\" {dir} && sync")
 
 
-def run_once(system: str, ds: dict, scratch: str, results: dict) -> None:
+def run_once(system: str, ds: dict, scratch: str, results: dict, requests: dict) -> None:
     m = Mount(system, ds, scratch)
     r = results.setdefault(system, {})
 
+    counts = requests.setdefault(system, {})
+    seen: dict[str, int] = {}
+
     def rec(key: str, value: float) -> None:
+        nonlocal seen
         r.setdefault(key, []).append(value)
+        now = m.requests()
+        if now:  # what this operation asked of the daemon
+            counts.setdefault(key, []).append({k: n - seen.get(k, 0) for k, n in now.items() if n > seen.get(k, 0)})
+        seen = now
+
+    def fresh_mount() -> float:
+        nonlocal seen
+        elapsed = m.mount()
+        seen = m.requests()
+        return elapsed
 
     mp = m.mp
     if system == "layerfs":
@@ -305,31 +339,31 @@ def run_once(system: str, ds: dict, scratch: str, results: dict) -> None:
         # that the first mount starts: time that start too, from none running
         stop_mount_server(ds)
         drop_caches()
-        rec(FIRST_MOUNT, m.mount())
+        r.setdefault(FIRST_MOUNT, []).append(m.mount())
         m.umount()
     drop_caches()
-    rec("mount", m.mount())
+    r.setdefault("mount", []).append(fresh_mount())
     rec("walk cold", timed(f"find {mp} -printf '%s %m %u %T@\\n' | wc -l"))
     rec("walk warm", timed(f"find {mp} -printf '%s %m %u %T@\\n' | wc -l"))
     m.umount()
     drop_caches()
-    m.mount()
+    fresh_mount()
     rec("tar cold", timed(f"tar cf - -C {mp} . | cat > /dev/null"))
     rec("tar warm", timed(f"tar cf - -C {mp} . | cat > /dev/null"))
     m.umount()
     drop_caches()
-    m.mount()
+    fresh_mount()
     rec("1 GiB read cold", timed(f"cat {mp}/big/one-gib.bin > /dev/null"))
     rec("1 GiB read warm", timed(f"cat {mp}/big/one-gib.bin > /dev/null"))
     m.umount()
     drop_caches()
-    m.mount()
+    fresh_mount()
     io = max(4 << 20, int((64 << 20) * ds["scale"]))
     rec("fio 4k randread", timed(f"fio --name=rr --filename={mp}/big/one-gib.bin --rw=randread --bs=4k "
                                  f"--io_size={io} --ioengine=psync --randrepeat=1 --norandommap "
                                  f"--output=/dev/null"))
     m.umount()
-    m.mount()
+    fresh_mount()
     rec("copy-up 200 MiB + sync", timed(f"printf x >> {mp}/copyup/file200 && sync"))
     rec("create 10k x 4 KiB + sync", timed(CREATE.replace("{dir}", f"{mp}/created")))
     rec("rm -rf 2,000-entry lower dir", timed(f"rm -rf {mp}/rmdir"))
@@ -381,6 +415,23 @@ def report(results: dict, ds: dict, args, api_times: dict[str, list[float]]) -> 
     return "\n".join(head + lines) + "\n"
 
 
+def request_report(counts: dict[str, list[dict[str, int]]]) -> str:
+    """FUSE requests the layerfs daemon served per operation: the run with
+    the median total, by handler (most frequent first)."""
+    if not counts:
+        return ""
+    lines = ["", "FUSE requests served by the layerfs daemon (run with the median total):", "",
+             "| operation | requests | by handler |", "|---|---:|---|"]
+    for key in ORDER:
+        runs = counts.get(key)
+        if not runs:
+            continue
+        run = sorted(runs, key=lambda c: sum(c.values()))[len(runs) // 2]
+        top = ", ".join(f"{k} {n}" for k, n in sorted(run.items(), key=lambda kv: -kv[1])[:6])
+        lines.append(f"| {key} | {sum(run.values())} | {top} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0)
@@ -395,6 +446,7 @@ def main() -> None:
     scratch = os.path.join(args.work, "scratch")
     os.makedirs(scratch, exist_ok=True)
     results: dict = {}
+    requests: dict = {}
     api_times: dict[str, list[float]] = {"fuse": [], "kernel": []}
     systems = args.systems.split(",")
     if "layerfs-kernel" in systems:
@@ -406,7 +458,7 @@ def main() -> None:
     for rep in range(args.repeat):
         for system in systems:
             t = time.monotonic()
-            run_once(system, ds, scratch, results)
+            run_once(system, ds, scratch, results, requests)
             print(f"run {rep + 1}/{args.repeat} {system}: {time.monotonic() - t:.0f}s", flush=True)
         if "layerfs" in systems:
             api_times["fuse"].append(api_mount_time(ds, scratch))
@@ -414,7 +466,7 @@ def main() -> None:
             api_times["kernel"].append(api_mount_time(ds, scratch, "kernel"))
     if "layerfs" in systems:
         stop_mount_server(ds)  # leave nothing running on the bench's store
-    text = report(results, ds, args, api_times)
+    text = report(results, ds, args, api_times) + request_report(requests.get("layerfs", {}))
     print(text)
     with open(args.out, "w") as f:
         f.write("# layerfs filesystem benchmark\n\n" + text)

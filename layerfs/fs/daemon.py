@@ -121,6 +121,7 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
 
     mp, upper_dir, read_only, log_file = params["mountpoint"], params["upper"], params["read_only"], params["log"]
     os.umask(0)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until serve() reports request counts on it
     if detached:
         fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         null = os.open(os.devnull, os.O_RDWR)
@@ -166,7 +167,8 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
         if params["debug"]:
             options.add("debug")
         owner_fd = mountproc.open_owner(params)
-        pyfuse3.init(Operations(union), mp, options)
+        operations = Operations(union)
+        pyfuse3.init(operations, mp, options)
         if os.environ.get("LAYERFS_FUSE_LOOP") != "stock":  # developer aid: A/B against pyfuse3's own loop
             from layerfs.fs import loop
 
@@ -189,6 +191,11 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
                         pyfuse3.terminate()
                         return
 
+            async def report_requests() -> None:
+                with trio.open_signal_receiver(signal.SIGUSR1) as sigs:
+                    async for _ in sigs:
+                        log.info("requests %s", json.dumps(dict(operations.requests), sort_keys=True))
+
             async def announce() -> None:
                 await trio.sleep(0)
                 ready(f"ok {os.getpid()}\n")
@@ -206,6 +213,7 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
                 pyfuse3.terminate()
 
             nursery.start_soon(on_signal)
+            nursery.start_soon(report_requests)
             nursery.start_soon(announce)
             if params.get("owner"):
                 nursery.start_soon(on_owner_exit)

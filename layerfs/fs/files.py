@@ -71,6 +71,11 @@ class FileIO:
         self._next_fh = 1
         self.read_modes = {"upper": NOWAIT, "raw": NOWAIT}  # by handle kind: upper dir, store
         self.readahead = Readahead(self.index, self.objects, _digest_ok)
+        # Lower inodes whose content the kernel has had (handed over at open,
+        # or read): an open of one needs nothing from read-ahead, since the
+        # kernel keeps the pages (keep_cache) until it forgets the inode.
+        # Without this a second tar would have every file handed over again.
+        self.kernel_has: set[int] = set()
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -93,10 +98,11 @@ class FileIO:
             fd = self.upper.open(self.path(node), (flags & keep) | os.O_NOFOLLOW)
             return Opened(self.adopt_fd(node, fd), True)
         h = self._lower_handle(node)
-        if h.data is None and h.kind == "mem":
+        if h.data is None and h.kind == "mem" and ino not in self.kernel_has:
             h.data = self.readahead.take(h.digest)
             if h.data is not None:
                 self.verified.add(h.digest)
+                self.kernel_has.add(ino)
                 self.readahead.loaded(node.lower, False)
                 return Opened(self._add_handle(h), True, h.data)
         return Opened(self._add_handle(h), True)
@@ -170,6 +176,7 @@ class FileIO:
             data = await trio.to_thread.run_sync(_load_object, paths, h.digest)
         if h.node.lower >= 0:
             self.readahead.loaded(h.node.lower, cold)
+            self.kernel_has.add(h.node.ino)
         if h.digest not in self.verified:
             if len(data) > INLINE_READ:
                 ok = await trio.to_thread.run_sync(_digest_ok, data, h.digest)

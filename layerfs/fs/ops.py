@@ -13,6 +13,7 @@ daemon down.
 
 from __future__ import annotations
 
+import collections
 import errno
 import functools
 import logging
@@ -35,8 +36,11 @@ _ERRNO_OF = ((NotFound, errno.ENOENT), (InvalidInput, errno.EINVAL), (Unsupporte
 def fuse_errors(fn: Callable) -> Callable:
     """Turn every exception of a handler into a FUSEError with the right errno."""
 
+    name = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self: "Operations", *args: Any) -> Any:
+        self.requests[name] += 1
         try:
             return await fn(self, *args)
         except FUSEError:
@@ -107,6 +111,9 @@ class Operations(pyfuse3.Operations):
     def __init__(self, union: Union) -> None:
         super().__init__()
         self.u = union
+        # requests served, by handler (the daemon logs them on SIGUSR1;
+        # benchmarks/bench_fs.py reports them per operation)
+        self.requests: collections.Counter[str] = collections.Counter()
         # Replies for lower-only attrs (the union caches those records per
         # slot and they never change): made once, as the union did before it
         # spoke its own records. Keyed by the record's id, which stays its
@@ -133,6 +140,7 @@ class Operations(pyfuse3.Operations):
         return _NEGATIVE if a is None else self._reply(a)
 
     async def forget(self, inode_list):
+        self.requests["forget"] += 1
         try:
             for ino, n in inode_list:
                 self.u.forget(ino, n)
@@ -198,6 +206,7 @@ class Operations(pyfuse3.Operations):
         return await self.u.write(fh, off, buf)
 
     async def flush(self, fh):
+        self.requests["flush"] += 1
         # Nothing to do at close(2): ENOSYS makes the kernel stop sending
         # FLUSH at all, one request less per open file.
         raise FUSEError(errno.ENOSYS)

@@ -292,6 +292,8 @@ class Union(FileIO, NameOps):
 
     def forget(self, ino: int, n: int) -> None:
         self.table.forget(ino, n)
+        if ino not in self.table.lookups:  # the kernel dropped the inode, and its pages with it
+            self.kernel_has.discard(ino)
 
     # -- copy-up ------------------------------------------------------------
     def _writable(self) -> None:

@@ -112,6 +112,17 @@ def test_sequential_reads_get_content_at_open(kernel, many_env):
     assert handed > NFILES // 2
     assert k.u.readahead._held == sum(map(len, k.u.readahead._ready.values()))
 
+    async def again():
+        """The kernel keeps what it was given until it forgets the inode:
+        a second pass is handed nothing (it would only cost copies)."""
+        for i in range(NFILES):
+            given, read = await _open_read(k, k.ino(f"d/f{i:04d}"))
+            assert given is None and read == _content(i), i
+
+    trio.run(again)
+    k.forget_all()
+    assert not k.u.kernel_has  # forgotten inodes take their pages with them
+
 
 def test_a_damaged_object_is_never_handed_out(kernel, many_env):
     k = kernel

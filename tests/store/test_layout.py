@@ -41,14 +41,15 @@ def test_relative_roots_are_made_absolute(tmp_path, monkeypatch):
 
 
 def test_other_packages_ask_the_layout(tmp_path):
-    from layerfs.fs.index import cache_path
+    from layerfs.fs.index import CACHE_FORMAT, cache_path
     from layerfs.fs.mount import container_upper
     from layerfs.oci.transports import auth_file
     from layerfs.runtime.containers import container_dir, containers_root
 
     root = str(tmp_path / "s")
     lay = StoreLayout(root)
-    assert cache_path(root, "ef" * 32) == lay.fscache_entry("ef" * 32)
+    assert cache_path(root, "ef" * 32) == lay.fscache_entry(f"{'ef' * 32}.v{CACHE_FORMAT}")
+    assert lay.fscache_image(os.path.basename(cache_path(root, "ef" * 32))) == "ef" * 32
     assert container_upper(root, "web") == os.path.join(lay.container("web"), "upper")
     assert containers_root(root) == lay.containers and container_dir(root, "c1") == lay.container("c1")
     with Store(root) as store:
