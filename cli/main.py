@@ -13,11 +13,11 @@ from __future__ import annotations
 import sys
 
 if "mount" in sys.argv:
-    # Start the FUSE daemon before this process spends time importing the
-    # CLI: the daemon's own imports then overlap ours (mount latency).
-    from layerfs.fs.mount import prefork_for_cli
+    # Answered by the warm mount server before click, the store or trio are
+    # imported (exits here), unless the request is not one it takes.
+    from layerfs_cli.fastpath import mount_fast
 
-    prefork_for_cli(sys.argv[1:])
+    mount_fast(sys.argv[1:])
 
 import click  # noqa: E402
 
@@ -26,7 +26,7 @@ from layerfs_cli import common  # noqa: E402
 
 COMMANDS = {
     "images": ("bootstrap", "df", "export", "fsck", "gc", "history", "images", "import", "inspect", "rmi", "tag"),
-    "mounts": ("mount", "mounts", "umount"),
+    "mounts": ("mount", "mount-server", "mounts", "umount"),
     "containers": ("bundle", "commit", "diff", "exec", "kill", "logs", "ps", "rm", "run", "start", "stop", "wait"),
     "build": ("build", "builder"),
     "oci": ("load", "login", "logout", "pull", "push", "save"),

@@ -34,18 +34,9 @@ def mount_cmd(image: str, mountpoint: str, read_only: bool, upper: str | None, c
     """
     if upper and container:
         raise click.UsageError("--upper and --container are mutually exclusive")
-    _check_image(image)
+    fsmount.check_image(_root(), image)
     fsmount.mount_image(_root(), image, mountpoint, upper_dir=upper, read_only=read_only,
                         foreground=foreground, debug=fs_debug, container=container, backend=backend)
-
-
-def _check_image(image: str) -> None:
-    """What was asked for before where it goes: a missing image is the
-    error to report even when the mountpoint is missing too."""
-    from layerfs.store.store import Store
-
-    with Store(_root()) as store:
-        store.image(image)
 
 
 @click.command("umount")
@@ -70,7 +61,35 @@ def mounts_cmd(fmt: str) -> None:
     table(("MOUNTPOINT", "IMAGE", "IMAGE ID", "BACKEND", "PID", "CONTAINER", "UPPER"), rows)
 
 
+@click.group("mount-server")
+def mount_server_cmd() -> None:
+    """The warm mount server that answers `layerfs mount` (one per store).
+
+    Started by the first mount, it exits by itself after 10 minutes without
+    a request ($LAYERFS_MOUNT_SERVER_IDLE seconds); stopping it never
+    touches existing mounts. LAYERFS_MOUNT_SERVER=off mounts without it.
+    """
+
+
+@mount_server_cmd.command("status")
+def mount_server_status() -> None:
+    """Print the server's pid, or "not running"."""
+    from layerfs.fs import mountclient
+
+    pid = mountclient.server_pid(_root())
+    click.echo(pid if pid is not None else "not running")
+
+
+@mount_server_cmd.command("stop")
+def mount_server_stop() -> None:
+    """Stop the server (SIGTERM); mounts it made keep serving."""
+    from layerfs.fs import mountclient
+
+    mountclient.stop_server(_root())
+
+
 def register(cli: click.Group) -> None:
+    cli.add_command(mount_server_cmd)
     cli.add_command(mount_cmd)
     cli.add_command(umount_cmd)
     cli.add_command(mounts_cmd)

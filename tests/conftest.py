@@ -58,6 +58,62 @@ def fsck_stores_after(request: pytest.FixtureRequest):
         assert_fsck_clean(root)
 
 
+def mount_servers(under: str) -> dict[int, str]:
+    """The warm mount servers (``fs.mountserver``) of stores under *under*:
+    pid -> store root."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/comm", "rb") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        # the FUSE daemons a server forked share its command line, not its name
+        if comm == b"layerfs-mserver" and len(cmd) > 3 and cmd[1:3] == [b"-m", b"layerfs.fs.mountserver"]:
+            root = os.fsdecode(cmd[3])
+            if root == under or root.startswith(under.rstrip("/") + "/"):
+                found[int(name)] = root
+    return found
+
+
+def stop_mount_servers(pids) -> None:
+    """SIGTERM each server (SIGKILL after 10 s) and wait until it is gone."""
+    import signal
+    import time
+
+    from layerfs import procfs
+
+    starts = {pid: procfs.start_time(pid) for pid in pids}
+    for pid, start in starts.items():
+        if start is not None:
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for pid, start in starts.items():
+        while start is not None and procfs.alive(pid, start):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def stop_mount_servers_after(request: pytest.FixtureRequest):
+    """``layerfs mount`` starts a mount server that outlives the command:
+    stop those a test started (by pid: the ones of this session's stores
+    that were not running before it)."""
+    part = os.path.relpath(str(request.path), os.path.dirname(__file__)).split(os.sep)[0]
+    if part not in FSCK_AFTER:
+        yield
+        return
+    base = str(request.getfixturevalue("tmp_path_factory").getbasetemp())
+    before = set(mount_servers(base))
+    yield
+    stop_mount_servers(set(mount_servers(base)) - before)
+
+
 def assert_fsck_clean(root: str) -> None:
     """The store at *root* passes fsck: every object re-hashed, every
     reference resolved."""

@@ -17,6 +17,11 @@ from layerfs.fs import mountproc
 from layerfs.fs.registry import FSNAME
 from layerfs.store.layout import StoreLayout
 
+#: (image id, index cache path) -> the index already in memory, or None to
+#: read the cache file. Set in the process daemons are forked from by one
+#: that keeps indexes (the warm mount server, ``fs.mountserver``).
+find_loaded_index = lambda image_id, path: None  # noqa: E731
+
 
 class Daemon:
     """A detached daemon process, forked early, waiting to be told what to mount."""
@@ -144,7 +149,9 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             ready_fd = -1
 
     try:
-        index = read_index_cache(params["root"], params["image_id"], params["index"])
+        index = find_loaded_index(params["image_id"], params["index"])
+        if index is None:
+            index = read_index_cache(params["root"], params["image_id"], params["index"])
         layout = StoreLayout(params["root"])
         objects = ObjectStore(layout.objects, layout.tmp)
         upper = None
@@ -277,8 +284,7 @@ def preload() -> None:
     fork server): daemons forked from it then start with nothing left to
     import, so a mount costs little more than loading the index.
     """
-    import pyfuse3  # noqa: F401
-
+    _import_pyfuse3()
     import layerfs.fs.loop  # noqa: F401
     import layerfs.fs.ops  # noqa: F401
     import layerfs.fs.union  # noqa: F401

@@ -36,10 +36,12 @@ Public API (the CLI, the runtime and the Dockerfile builder use these)::
 Start-up cost (the goal is < 0.3 s for a 30,000-file image, CLI included):
 the daemon is a fork of the caller that imports trio and pyfuse3 (most of
 its start-up) while the caller resolves the image; :func:`prefork` lets a
-caller fork it even earlier (the CLI, before its own imports), and
-:func:`preload` lets a long-lived caller (a fork server) import the daemon's
-modules once so its forks start with nothing to import. The merged index
-comes from a marshal cache per image id (``fs.index``).
+caller fork it even earlier (a container's shim), and :func:`preload` lets
+a long-lived caller (a fork server) import the daemon's modules once so its
+forks start with nothing to import. The merged index comes from a marshal
+cache per image id (``fs.index``). ``layerfs mount`` goes further: the warm
+mount server (``fs.mountserver``) runs this module in a fork of a process
+that has imported everything and keeps recent indexes in memory.
 """
 
 from __future__ import annotations
@@ -111,32 +113,20 @@ def prefork() -> None:
         _preforked = Daemon()
 
 
-def prefork_for_cli(argv: list[str]) -> None:
-    """:func:`prefork` if *argv* (``sys.argv[1:]`` of the ``layerfs``
-    command) runs ``layerfs [--root DIR] [--debug] mount ...``."""
-    args = iter(argv)
-    for arg in args:
-        if arg == "--root":
-            next(args, None)
-        elif not arg.startswith("-"):
-            if arg == "mount" and "--foreground" not in argv and "--help" not in argv and "-h" not in argv \
-                    and not _asks_for_kernel(argv):
-                prefork()
-            return
-
-
-def _asks_for_kernel(argv: list[str]) -> bool:
-    """A kernel-backend mount needs no daemon (the store's own default is
-    not known yet here: an unneeded daemon is aborted later)."""
-    if "--backend=kernel" in argv or any(a == "--backend" and b == "kernel" for a, b in zip(argv, argv[1:])):
-        return True
-    return "--backend" not in " ".join(argv) and os.environ.get("LAYERFS_BACKEND") == "kernel"
-
-
 def _take_preforked() -> "Daemon | None":
     global _preforked
     daemon, _preforked = _preforked, None
     return daemon
+
+
+def check_image(store_root: str, image_ref: str) -> None:
+    """NotFound if the store has no image *image_ref*: ``layerfs mount``
+    reports what was asked for before where it goes (a missing image even
+    when the mountpoint is missing too)."""
+    from layerfs.store.store import Store
+
+    with Store(store_root) as store:
+        store.image(image_ref)
 
 
 def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str | None = None,

@@ -18,6 +18,8 @@ use::
     snapshots/<id>/             containerd snapshots: uppers, mountpoints (snapshotter)
     containers/<id>/            container records and uppers (runtime)
     logs/mount-<hash>.log       mount daemon logs (fs.mount)
+    logs/mount-server.log       the warm mount server's log (fs.mountserver)
+    mount-server/sock, lock     the mount server's socket and its lifetime flock
     cache-mounts/<name>         RUN --mount=type=cache dirs (builder.run_mounts)
     build-stat-cache.sqlite*    the builder's own stat cache before it used
                                 the db's stat_cache table: debris gc removes
@@ -29,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+
+from layerfs.store.rootdir import MOUNT_SERVER
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,15 @@ class StoreLayout:
     def mount_log(self, mountpoint: str) -> str:
         digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:12]
         return self._at("logs", f"mount-{digest}.log")
+
+    @property
+    def mount_server(self) -> str:
+        """The warm mount server's dir (``sock``, ``lock``; fs.mountserver)."""
+        return self._at(MOUNT_SERVER)
+
+    @property
+    def mount_server_log(self) -> str:
+        return self._at("logs", "mount-server.log")
 
     @property
     def cache_mounts(self) -> str:

@@ -30,22 +30,12 @@ from layerfs.store.layout import StoreLayout
 from layerfs.store.manifest import Entry
 from layerfs.store.objects import ObjectStore, StoredObject, syncfs
 from layerfs.store.refs import BUILD_CACHE, COLUMNS, Ref
+from layerfs.store.rootdir import DEFAULT_ROOT, default_root  # noqa: F401 - part of this module's API
 from layerfs.store.scan import FileRef, parallel_map, scan
 from layerfs.store.statcache import StatCache
 from layerfs.store.tree import MergedTree, flatten
 
-DEFAULT_ROOT = "/var/lib/layerfs"
 RACY_NS = 2_000_000_000
-
-
-def default_root() -> str:
-    env = os.environ.get("LAYERFS_ROOT")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return DEFAULT_ROOT
-    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return os.path.join(base, "layerfs")
 
 
 class Store:

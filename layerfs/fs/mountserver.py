@@ -1,0 +1,425 @@
+"""The warm mount server: one long-lived process per store root that has
+imported everything a FUSE mount needs and forks one worker per mount.
+
+A ``layerfs mount`` in a fresh interpreter spends most of a second
+importing click, the store, trio and pyfuse3 and loading the image's
+index. The server pays that once: ``layerfs mount`` (``fs.mountclient``,
+called before click is imported) sends its request over
+``ROOT/mount-server/sock`` and the server forks a *worker* that runs what
+the CLI would have run (``mount.check_image`` then ``mount.mount_image``,
+in the caller's cwd, umask and ``LAYERFS_*`` environment) and answers the
+client directly. The FUSE daemon is forked by the worker as always (double
+fork + setsid, its registry record, owner watch and log: ``fs.daemon``),
+so it owes the server nothing: killing the server never touches a mount.
+
+Life: started by the first client that finds none (``fs.mountclient``),
+detached, logging to ``ROOT/logs/mount-server.log``; it holds the flock on
+``ROOT/mount-server/lock`` for its whole life (one server per store root)
+and exits after ``$LAYERFS_MOUNT_SERVER_IDLE`` seconds without a request
+(default 600) or on SIGTERM, exit code 0 both. On the way out it unlinks
+its socket first, then serves what was already queued, so no request is
+dropped; a killed server leaves a stale socket that the next client
+replaces. Only peers with the server's uid are served (``SO_PEERCRED``;
+the socket is 0600 in a 0700 dir anyway), and only from the server's own
+mount namespace and root: a caller elsewhere is told to mount itself.
+
+Fork safety: the server never opens a Store (SQLite connections do not
+survive a fork) and never hashes (blake3's thread pool does not either):
+workers open the store themselves, as ``mount_image`` always did. What it
+keeps are the merged indexes of recently mounted images (``IndexMemory``,
+a small LRU keyed by the cache file's identity, so a rebuilt cache is never
+served stale); a daemon forked from a worker finds its index already in
+memory (``daemon.find_loaded_index``) instead of unmarshalling it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+from collections import OrderedDict
+
+from layerfs.fs import mountclient
+from layerfs.fs.mountclient import recv_frame, send_frame
+
+log = logging.getLogger("layerfs.mountserver")
+
+DEFAULT_IDLE = 600.0
+INDEXES_KEPT = 4
+SOCKET_CHECK = 5.0  # seconds between checks that our socket is still there
+#: The server's process name (``ps -o comm``, /proc/PID/comm). Its workers
+#: and the daemons they fork share its command line (a fork does not change
+#: it) but are named ``layerfs``, as when the CLI forked them.
+COMM = "layerfs-mserver"
+
+
+class IndexMemory:
+    """The merged indexes of the last few images mounted, by cache file."""
+
+    def __init__(self, limit: int = INDEXES_KEPT) -> None:
+        self.limit = limit
+        self._kept: OrderedDict[tuple, object] = OrderedDict()
+
+    @staticmethod
+    def _key(image_id: str, path: str) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return image_id, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def get(self, image_id: str, path: str):
+        """The index of *image_id* if the cache file at *path* is the one it
+        was loaded from; None otherwise (the daemon then reads the file)."""
+        key = self._key(image_id, path)
+        index = self._kept.get(key) if key else None
+        if index is not None:  # in a forked daemon: its log says so
+            log.info("index of %s kept in memory by the mount server", image_id[:12])
+        return index
+
+    def load(self, root: str, image_id: str) -> None:
+        """Keep the index of *image_id* (its cache file as it is now)."""
+        from layerfs.fs.index import LowerIndex, cache_path
+
+        path = cache_path(root, image_id)
+        key = self._key(image_id, path)
+        if key is None:
+            return
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            index = LowerIndex.load(data)
+        except (OSError, ValueError, EOFError, TypeError):
+            return  # unusable: the next daemon rebuilds it (never here: no Store in the server)
+        if self._key(image_id, path) != key:
+            return  # replaced while we read it
+        self._kept[key] = index
+        while len(self._kept) > self.limit:
+            self._kept.popitem(last=False)
+        gc.freeze()  # long-lived: keep it out of collections here and in every fork
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+
+memory = IndexMemory()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Stop()
+
+
+class Server:
+    def __init__(self, root: str, lock_fd: int, idle: float) -> None:
+        self.root, self.lock_fd, self.idle = os.path.abspath(root), lock_fd, idle
+        self.path = mountclient.socket_path(self.root)
+        self.workers: dict[int, int] = {}  # report pipe fd -> worker pid
+        self.pending_reports: dict[int, bytes] = {}
+        self.zombies: set[int] = set()
+        self.last = time.monotonic()
+        self.uid = os.geteuid()
+        self.mntns = mountclient.caller_namespace()
+        self.listener = self._listen()
+        self.poller = select.poll()
+
+    def _listen(self) -> socket.socket:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        os.chmod(os.path.dirname(self.path), 0o700)
+        try:
+            os.unlink(self.path)  # stale: we hold the lock, so its server is gone
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        address, dfd = mountclient.short_address(self.path)
+        old = os.umask(0o177)
+        try:
+            sock.bind(address)
+        finally:
+            os.umask(old)
+            if dfd >= 0:
+                os.close(dfd)
+        os.chmod(self.path, 0o600)
+        self.bound = os.stat(self.path).st_ino
+        sock.listen(64)
+        return sock
+
+    # -- the loop ------------------------------------------------------------
+    def run(self) -> int:
+        self.poller.register(self.listener.fileno(), select.POLLIN)
+        try:
+            while True:
+                self._reap()
+                busy = self.workers or self.zombies
+                timeout = 1.0 if busy else self.last + self.idle - time.monotonic()
+                if timeout <= 0:
+                    log.info("idle for %gs: exiting", self.idle)
+                    break
+                if not self._socket_is_ours():
+                    log.info("%s was removed: exiting", self.path)  # clients that cannot reach us start another
+                    break
+                for fd, _ in self.poller.poll(min(timeout, SOCKET_CHECK) * 1000):
+                    if fd != self.listener.fileno():
+                        self._report(fd)
+                        continue
+                    try:
+                        self._accept()
+                    except OSError as exc:  # out of fds or processes: this request fails, not the server
+                        log.error("cannot take a request: %s", exc)
+        except _Stop:
+            log.info("SIGTERM: exiting")
+        self._close()
+        return 0
+
+    def _socket_is_ours(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self.bound
+        except OSError:
+            return False
+
+    def _close(self) -> None:
+        """Unlink the socket first (new clients start a new server), then
+        serve what is queued, so no accepted connection goes unanswered."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self._socket_is_ours():
+            os.unlink(self.path)
+        self.listener.setblocking(False)
+        while True:
+            try:
+                self._accept()
+            except OSError:  # BlockingIOError: nothing left
+                break
+        self.listener.close()
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.setblocking(True)
+        with conn:
+            self.last = time.monotonic()
+            pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if uid != self.uid:
+                log.warning("refused a request from pid %d: uid %d is not the server's (%d)", pid, uid, self.uid)
+                return
+            conn.settimeout(10.0)
+            try:
+                request = recv_frame(conn)
+            except (OSError, EOFError, ValueError) as exc:
+                log.warning("bad request from pid %d: %s", pid, exc)
+                return
+            conn.settimeout(None)
+            try:
+                self._answer(conn, request)
+            except OSError as exc:  # the client went away
+                log.warning("request from pid %d: %s", pid, exc)
+
+    def _answer(self, conn: socket.socket, request: dict) -> None:
+        op = request.get("op")
+        if op == "status":
+            from layerfs import procfs
+
+            conn.sendall(b"A")
+            send_frame(conn, {"pid": os.getpid(), "start": procfs.start_time(os.getpid()), "root": self.root,
+                              "indexes": len(memory)})
+        elif op == "mount":
+            if (request.get("mntns"), request.get("rootdir")) != (self.mntns["mntns"], self.mntns["rootdir"]):
+                conn.sendall(b"A")
+                send_frame(conn, {"fallback": "the caller is in another mount namespace or root"})
+                return
+            self._fork_worker(conn, request)
+        else:
+            conn.sendall(b"A")
+            send_frame(conn, {"error": f"unknown request {op!r}", "code": 2})
+
+    def _fork_worker(self, conn: socket.socket, request: dict) -> None:
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            os.close(report_r)
+            os.close(report_w)
+            raise
+        if pid == 0:
+            code = 1
+            try:
+                # the signal dispositions of a fresh `layerfs mount`, which forked daemons before
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                os.close(report_r)
+                code = _worker(self, conn, request, report_w)
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        os.close(report_w)
+        self.workers[report_r] = pid
+        self.pending_reports[report_r] = b""
+        self.poller.register(report_r, select.POLLIN)
+
+    def _report(self, fd: int) -> None:
+        chunk = os.read(fd, 4096)
+        if chunk:
+            self.pending_reports[fd] += chunk
+            return
+        self.poller.unregister(fd)
+        os.close(fd)
+        self.zombies.add(self.workers.pop(fd))
+        image_id = self.pending_reports.pop(fd).decode(errors="replace").strip()
+        self.last = time.monotonic()
+        if image_id:
+            memory.load(self.root, image_id)
+
+    def _reap(self) -> None:
+        for pid in list(self.zombies):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                self.zombies.discard(pid)
+
+
+def _worker(server: Server, conn: socket.socket, request: dict, report_w: int) -> int:
+    """A forked worker: mount as the CLI would, answer the client, report
+    the image id to the server (to keep its index)."""
+    gc.disable()  # short-lived: a collection would only copy the server's pages
+    _set_comm("layerfs")
+    server.listener.close()
+    for fd in (server.lock_fd, *server.workers):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    conn.sendall(b"A")
+    answer, image_id = _mount(server.root, request)
+    send_frame(conn, answer)
+    conn.close()
+    if image_id:
+        os.write(report_w, image_id.encode())
+    return 0
+
+
+def _set_comm(name: str) -> None:
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
+
+
+def _mount(root: str, request: dict) -> tuple[dict, str | None]:
+    from layerfs.errors import LayerfsError
+    from layerfs.fs import backend as backends
+    from layerfs.fs import mount
+
+    for name in [k for k in os.environ if k.startswith("LAYERFS_")]:
+        del os.environ[name]
+    os.environ.update(request.get("env") or {})
+    os.umask(request["umask"])
+    try:
+        os.chdir(request["cwd"])
+    except OSError:
+        return {"fallback": "cannot enter the caller's directory"}, None
+    try:
+        mount.check_image(root, request["image"])
+        if backends.resolve(root, request.get("backend")) != backends.FUSE:
+            return {"fallback": "kernel backend", "backend": "kernel"}, None
+        handle = mount.mount_image(root, request["image"], request["mountpoint"], upper_dir=request.get("upper"),
+                                   read_only=bool(request.get("read_only")), debug=bool(request.get("debug")),
+                                   container=request.get("container"), backend=request.get("backend"))
+    except LayerfsError as exc:
+        return {"error": str(exc), "code": exc.exit_code, "traceback": traceback.format_exc()}, None
+    except Exception:
+        log.exception("mount failed")
+        return {"error": "internal error", "code": 1, "traceback": traceback.format_exc(), "bug": True}, None
+    return {"ok": True, "pid": handle.pid}, handle.image_id
+
+
+# -- start-up --------------------------------------------------------------------
+def _preload() -> None:
+    """Import everything a worker and its daemon run, so forks import nothing."""
+    import encodings.ascii  # noqa: F401 - looked up at mount time
+    import json  # noqa: F401
+    import secrets  # noqa: F401
+    import shutil  # noqa: F401
+
+    import layerfs.fs.backend  # noqa: F401
+    import layerfs.fs.index  # noqa: F401
+    import layerfs.fs.mount  # noqa: F401
+    import layerfs.store.store  # noqa: F401
+    from layerfs.fs import daemon
+
+    daemon.preload()
+    daemon.find_loaded_index = memory.get
+
+
+def serve(root: str, lock_fd: int = -1, ready_fd: int = -1) -> int:
+    """Run the server of the store at *root*; its exit code.
+
+    *lock_fd* is the server lock, already taken by the client that started
+    this process (-1: take it here, exit 1 if another server has it);
+    "ok" goes to *ready_fd* once the socket listens."""
+    import fcntl
+
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format=f"%(asctime)s {os.getpid()} %(levelname)s %(name)s: %(message)s")
+    if lock_fd < 0:
+        os.makedirs(mountclient.server_dir(root), mode=0o700, exist_ok=True)
+        lock_fd = os.open(mountclient.lock_path(root), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.error("another mount server runs for %s", root)
+            return 1
+    os.set_inheritable(lock_fd, False)
+    _set_comm(COMM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        idle = max(1.0, float(os.environ.get(mountclient.IDLE_ENV) or DEFAULT_IDLE))
+        _preload()
+        gc.freeze()
+        server = Server(root, lock_fd, idle)
+    except _Stop:
+        return 0
+    except Exception as exc:
+        log.exception("cannot start")
+        if ready_fd >= 0:
+            os.write(ready_fd, f"error {exc}".encode())
+        return 1
+    log.info("serving %s (idle exit after %gs)", server.root, idle)
+    if ready_fd >= 0:
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+    return server.run()
+
+
+def main(argv: list[str]) -> int:
+    root = argv[0]
+    lock_fd = int(argv[1]) if len(argv) > 1 else -1
+    ready_fd = int(argv[2]) if len(argv) > 2 else -1
+    return serve(root, lock_fd, ready_fd)
+
+
+if __name__ == "__main__":
+    # run as ``python -m``: use the module under its own name (its ``memory``
+    # is the one ``daemon.find_loaded_index`` reads)
+    from layerfs.fs import mountserver
+
+    sys.exit(mountserver.main(sys.argv[1:]))
