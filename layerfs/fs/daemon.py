@@ -235,6 +235,8 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
     except BaseException:
         log.exception("FUSE loop failed")
         code = 1
+    if not union.stop_handovers(timeout=2.0):  # read-ahead threads must not notify a closed session
+        log.warning("a read-ahead hand-over was still in flight at unmount")
     pyfuse3.close(unmount=True)
     if upper is not None and not read_only:
         try:

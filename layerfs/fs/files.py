@@ -35,6 +35,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 import blake3
@@ -129,17 +130,20 @@ class FileIO:
         under ``push_lock``, so the check and the push here cannot straddle it.
         """
         ino = self.index.ino(slot)
-        if self.push is None or ino not in self.table.lookups:
+        if ino not in self.table.lookups:
             return False
         with self.push_lock:
+            push = self.push  # (None once the session closes: stop_handovers)
             node = self.table.nodes.get(ino)
+            if push is None:
+                return False
             if ino in self.kernel_has or (node is not None and (node.upper or node.lower < 0)):
                 return True  # not needed, or no longer the lower file's content
             self.pushing.add(ino)
         try:
             # Not under the lock: the kernel may make this wait for a READ of
             # the same file, which the request loop must be free to answer.
-            self.push(ino, data)
+            push(ino, data)
         except OSError:
             return False
         else:
@@ -149,6 +153,18 @@ class FileIO:
         finally:
             with self.push_lock:
                 self.pushing.discard(ino)
+
+    def stop_handovers(self, timeout: float) -> bool:
+        """No more hand-overs (the session is about to close); True once
+        none is in flight, False if one still was after *timeout* seconds."""
+        with self.push_lock:  # a hand-over past its check is in self.pushing by now
+            self.push = None
+        deadline = time.monotonic() + timeout
+        while self.pushing:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     async def settle_pushes(self, node: Node) -> None:
         """Mark *node* as being in the upper dir only once no read-ahead
