@@ -11,10 +11,13 @@ lock). A handle reads one of three sources:
   in a worker thread) before its first byte is returned; ``lazy`` until
   first read.
 
-Small objects that ``fs.readahead`` has loaded (and verified) because the
-files before them were read in order are taken at open and handed to the
-adapter with the open's reply (:class:`Opened`), so it can put them in the
-kernel's page cache: the reads of such a file never reach the daemon.
+Small objects that ``fs.readahead`` loads (and verifies) because the files
+before them were read in order are handed over by its threads
+(:meth:`FileIO._hand_over`: the adapter's ``push`` puts them in the
+kernel's page cache), so the reads of such a file never reach the daemon;
+what could not be handed over is taken by the file's open and read from
+memory. Hand-overs happen only off the request loop and never over
+written data (see ``_hand_over`` and :meth:`FileIO.settle_pushes`).
 
 Reads try ``preadv(RWF_NOWAIT)`` in the trio thread first (and the object
 is opened with ``openat2(RESOLVE_CACHED)``): a page-cache hit costs no
