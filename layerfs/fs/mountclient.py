@@ -208,18 +208,10 @@ def _start_server(root: str, lock_fd: int) -> None:
         pass
     log = log_path(root)
     os.makedirs(os.path.dirname(log), exist_ok=True)
+    from layerfs.fs.mountproc import fork_detached  # (only here: the fast path imports little)
+
     ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 127
-        try:
-            os.close(ready_r)
-            os.setsid()
-            if os.fork() == 0:
-                _exec_server(root, lock_fd, ready_w, log)
-            code = 0
-        finally:
-            os._exit(code)
+    pid = fork_detached(lambda: _exec_server(root, lock_fd, ready_w, log), (ready_r,))
     os.close(ready_w)
     os.waitpid(pid, 0)
     with os.fdopen(ready_r, "rb") as f:
