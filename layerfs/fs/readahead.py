@@ -154,9 +154,11 @@ class Readahead:
                     return self._again.popleft()
                 if self._queue and self._held < BUDGET:
                     return self._queue.popleft()
-                if not self._wake.wait(IDLE_EXIT) and not self._again and not self._queue:
-                    self._threads -= 1
-                    return None
+                if not self._wake.wait(IDLE_EXIT):
+                    if not self._again and not self._queue:
+                        self._threads -= 1
+                        return None
+                    self._evict(BUDGET // 2)  # over budget and nobody took anything for a while
 
     def _run(self) -> None:
         while (item := self._next()) is not None:
