@@ -326,11 +326,21 @@ class FileIO:
         return bytes(memoryview(buf)[:n]) + rest
 
     async def _verify_big(self, h: Handle) -> None:
-        self._check(await verify.object_ok(h.fd, h.digest, self.verified), h)
+        # A big object found bad answers EIO at once while its file is the
+        # same one (hashing a GiB for every read of it would stall the
+        # reader for good); a repaired store replaces the file, and a new
+        # open then checks the new one.
+        st = os.fstat(h.fd)
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if self.bad.get(h.digest) == identity:
+            raise _err(errno.EIO)
+        ok = await verify.object_ok(h.fd, h.digest, self.verified)
+        if not ok:
+            self.bad[h.digest] = identity
+        self._check(ok, h)
 
     def _check(self, ok: bool, h: Handle) -> None:
         if not ok:
-            self.bad.add(h.digest)
             log.error("object %s (%s) fails its digest check; returning EIO",
                       h.digest, os.fsdecode(self.index.paths[h.node.lower]) if h.node.lower >= 0 else "?")
             raise _err(errno.EIO)

@@ -119,7 +119,7 @@ class Union(FileIO, NameOps):
         self.table = InodeTable(index)
         self.lock = WriteLock()
         self.verified: set[str] = set()
-        self.bad: set[str] = set()
+        self.bad: dict[str, tuple] = {}  # big objects found bad: digest -> identity of the file then
         self._init_files()
         self.dirs: dict[int, tuple] = {}
         self._listing_cache: dict[int, list] = {}

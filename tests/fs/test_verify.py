@@ -232,3 +232,58 @@ def test_objects_truncated_in_place_give_eio_and_the_daemon_lives(tmp_path):
         log = open(h.log).read()
     for name in ("short", "emptied"):
         assert f"({name}) fails its digest check" in log
+
+
+@pytest.mark.root
+def test_a_bad_big_object_fails_at_once_until_its_file_is_replaced(tmp_path, monkeypatch):
+    """A big object that failed its check answers EIO without another
+    whole-object hash while its file is the same; once the store has a
+    good file again (a repair renames one in), a new open checks it."""
+    from tests.fs.test_core import make_union
+
+    src = tmp_path / "src"
+    os.makedirs(src / "d")
+    content = os.urandom(3 << 20)  # above SMALL_OBJECT: read through a mapping, checked whole
+    (src / "d" / "big").write_bytes(content)
+    root = str(tmp_path / "store")
+    with Store(root) as store:
+        lid = transfer.import_layer(store, str(src), as_layer=True)
+        image = store.put_image(img.new_config([lid]))
+        digest = blake3.blake3(content).hexdigest()
+        path, _ = store.objects.locate(digest)
+    good = open(path, "rb").read()
+    with open(path, "r+b") as f:  # damaged in place
+        f.write(b"\0" * 64)
+    hashes = []
+    real = verify.object_ok
+
+    async def counting(fd, d, verified):
+        hashes.append(d)
+        return await real(fd, d, verified)
+
+    monkeypatch.setattr(verify, "object_ok", counting)
+    u = make_union(root, image, str(tmp_path / "upper"))
+    try:
+        async def read_once() -> int:
+            node = u.lookup(u.lookup(1, b"d").ino, b"big")
+            fh = (await u.open(node.ino, os.O_RDONLY)).fh
+            try:
+                return len(await u.read(fh, 0, 4096))
+            except OSError as exc:
+                return -exc.errno
+            finally:
+                u.release(fh)
+
+        assert trio.run(read_once) == -errno.EIO
+        assert trio.run(read_once) == -errno.EIO
+        assert hashes == [digest]  # the second read did not hash the GiB again
+        tmp = path + ".repair"
+        with open(tmp, "wb") as f:
+            f.write(good)
+        os.rename(tmp, path)
+        assert trio.run(read_once) == 4096
+        assert hashes == [digest, digest]
+    finally:
+        os.close(u.upper.fd)
+        with open(path, "wb") as f:  # leave a clean store for the fsck fixture
+            f.write(good)
