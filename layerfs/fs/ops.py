@@ -92,6 +92,16 @@ def _store_in_page_cache(inode: int, content: bytes) -> None:
     pyfuse3.notify_store(inode, 0, content)
 
 
+def _forget_attrs(inode: int) -> None:
+    """Make the kernel ask for *inode*'s attributes again (attributes only:
+    no page is touched, so this does not wait for requests in flight)."""
+    try:
+        pyfuse3.invalidate_inode(inode, attr_only=True)
+    except OSError as exc:  # ENOENT: the kernel holds no such inode, nothing to drop
+        if exc.errno != errno.ENOENT:
+            log.warning("invalidating the attributes of inode %d: %s", inode, exc)
+
+
 def _setattr_request(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> SetAttr:
     return SetAttr(size=attr.st_size if fields.update_size else None,
                    mode=attr.st_mode if fields.update_mode else None,
@@ -112,6 +122,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.u = union
         union.push = _store_in_page_cache
+        union.attrs_changed = _forget_attrs
         # requests served, by handler (the daemon logs them on SIGUSR1;
         # benchmarks/bench_fs.py reports them per operation)
         self.requests: collections.Counter[str] = collections.Counter()

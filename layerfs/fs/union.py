@@ -53,7 +53,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import trio
 
@@ -119,6 +119,9 @@ class Union(FileIO, NameOps):
         self.table = InodeTable(index)
         self.lock = WriteLock()
         self.verified: set[str] = set()
+        # Tells the kernel to drop its cached attributes of an inode; set by
+        # the adapter (fs.ops), a no-op in-process.
+        self.attrs_changed: Callable[[int], None] = lambda ino: None
         self.bad: dict[str, tuple] = {}  # big objects found bad: digest -> identity of the file then
         self._init_files()
         self.dirs: dict[int, tuple] = {}
@@ -337,6 +340,13 @@ class Union(FileIO, NameOps):
             self.upper.utime(parents[p], (st.st_atime_ns, st.st_mtime_ns))
         await self.settle_pushes(node)  # node.upper = True, once read-ahead leaves it alone
         self.index._attr_cache.pop(node.ino - 1, None)
+        # The kernel only knows of the request that asked for the copy-up;
+        # the node's attributes (now the upper's: a new ctime) and its
+        # parents' ctimes changed behind its back, and it would go on
+        # showing the old ones, then the new ones mid-walk ("file changed
+        # as we read it" from tar).
+        for ino in (node.ino, *times):
+            self.attrs_changed(ino)
 
     def _adopt(self, node: Node, rel: bytes) -> None:
         """A copy-up found *rel* in the upper dir already. A directory

@@ -337,3 +337,18 @@ def test_cli_container_upper_and_foreground(fs_env, tmp_path):
             proc.kill()
         if fsmount.mounted_fstype(mp):
             subprocess.run(["umount", "-l", mp])
+
+
+def test_a_copy_up_shows_its_new_ctimes_at_once(fs_env, tmp_path):
+    """A write below lower dirs copies them up: their ctimes are the upper
+    dir's from then on, also to a kernel that cached the old attributes
+    (tar of the tree then does not find it "changed as we read it")."""
+    mp, upper = str(tmp_path / "mnt"), str(tmp_path / "up")
+    with layerfs_mount(fs_env["root"], fs_env["image"], mp, upper=upper):
+        before = {d: os.stat(f"{mp}/{d}").st_ctime_ns for d in ("a", "a/sub")}  # now in the kernel's cache
+        with open(f"{mp}/a/sub/g", "ab") as f:
+            f.write(b"more\n")
+        for d in ("a", "a/sub"):
+            assert os.stat(f"{mp}/{d}").st_ctime_ns == os.stat(f"{upper}/{d}").st_ctime_ns != before[d], d
+        r = subprocess.run(["tar", "cf", "/dev/null", "-C", mp, "a"], capture_output=True)
+        assert r.returncode == 0, r.stderr
