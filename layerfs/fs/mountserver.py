@@ -16,7 +16,9 @@ Life: started by the first client that finds none (``fs.mountclient``),
 detached, logging to ``ROOT/logs/mount-server.log``; it holds the flock on
 ``ROOT/mount-server/lock`` for its whole life (one server per store root)
 and exits after ``$LAYERFS_MOUNT_SERVER_IDLE`` seconds without a request
-(default 600) or on SIGTERM, exit code 0 both. On the way out it unlinks
+(default 600), when layerfs's code changes on disk (``fs.codewatch``: an
+upgrade or an edit; the next mount starts a server with the new code) or
+on SIGTERM, exit code 0 all. On the way out it unlinks
 its socket first, then serves what was already queued, so no request is
 dropped; a killed server leaves a stale socket that the next client
 replaces. Only peers with the server's uid are served (``SO_PEERCRED``;
@@ -46,7 +48,7 @@ import time
 import traceback
 from collections import OrderedDict
 
-from layerfs.fs import mountclient
+from layerfs.fs import codewatch, mountclient
 from layerfs.fs.mountclient import recv_frame, send_frame
 
 log = logging.getLogger("layerfs.mountserver")
@@ -135,6 +137,7 @@ class Server:
         self.mntns = mountclient.caller_namespace()
         self.listener = self._listen()
         self.poller = select.poll()
+        self.code = codewatch.CodeWatch(codewatch.module_dirs())  # after _preload: every module is in
 
     def _listen(self) -> socket.socket:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -160,6 +163,7 @@ class Server:
     # -- the loop ------------------------------------------------------------
     def run(self) -> int:
         self.poller.register(self.listener.fileno(), select.POLLIN)
+        self.poller.register(self.code.fd, select.POLLIN)
         try:
             while True:
                 self._reap()
@@ -171,7 +175,13 @@ class Server:
                 if not self._socket_is_ours():
                     log.info("%s was removed: exiting", self.path)  # clients that cannot reach us start another
                     break
-                for fd, _ in self.poller.poll(min(timeout, SOCKET_CHECK) * 1000):
+                events = self.poller.poll(min(timeout, SOCKET_CHECK) * 1000)
+                if any(fd == self.code.fd for fd, _ in events) and self.code.changed():
+                    log.info("layerfs's code changed on disk: exiting (the next mount starts a server with it)")
+                    break
+                for fd, _ in events:
+                    if fd == self.code.fd:
+                        continue
                     if fd != self.listener.fileno():
                         self._report(fd)
                         continue
@@ -203,6 +213,7 @@ class Server:
             except OSError:  # BlockingIOError: nothing left
                 break
         self.listener.close()
+        self.code.close()
 
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
