@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from dataclasses import dataclass
 
-from layerfs.errors import LayerfsError, NotFound
+from layerfs.errors import NotFound
 from layerfs.fs import mount as fsmount
 from layerfs.snapshotter.records import Snapshot
 from layerfs.store.layout import StoreLayout
@@ -143,33 +142,3 @@ def deactivate(root: str, snap_id: str) -> None:
     for mp in (d.mnt, d.lower):
         if os.path.isdir(mp) or fsmount.mounted_fstype(mp):
             _stop(root, mp)
-
-
-def mounted_under(root: str) -> list[str]:
-    """Mountpoints of layerfs mounts inside ROOT/snapshots."""
-    prefix = snapshots_dir(os.path.realpath(root)) + "/"
-    return [m.mountpoint for m in fsmount.list_mounts(root, clean=False) if m.mountpoint.startswith(prefix)]
-
-
-def disk_usage(path: str) -> tuple[int, int]:
-    """(bytes, inodes) of the tree at *path*, each inode counted once (as
-    containerd's overlayfs snapshotter measures an active snapshot)."""
-    seen: set[tuple[int, int]] = set()
-    size = 0
-    stack = [path]
-    while stack:
-        top = stack.pop()
-        try:
-            st = os.lstat(top)
-        except FileNotFoundError:
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        size += st.st_blocks * 512
-        if stat.S_ISDIR(st.st_mode):  # the lstat above: a link to a directory is not one
-            try:
-                stack += [os.path.join(top, n) for n in os.listdir(top)]
-            except OSError as exc:
-                raise LayerfsError(f"cannot measure {top}: {exc.strerror}") from None
-    return size, len(seen)

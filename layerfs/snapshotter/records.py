@@ -103,10 +103,6 @@ def all_snapshots(store: Store) -> list[Snapshot]:
     return [_from_ref(r) for r in store.refs(REF_KIND)]
 
 
-def children(store: Store, key: str) -> list[str]:
-    return [s.key for s in all_snapshots(store) if s.parent == key]
-
-
 def insert(store: Store, snap: Snapshot) -> None:
     """Add *snap*; AlreadyExists if its key is taken (checked in the same
     transaction, so two concurrent Prepares of one key cannot both win)."""
@@ -153,12 +149,14 @@ def remove(store: Store, key: str) -> Snapshot:
     return snap
 
 
-def _drop_image_if_unused(c, image_id: str) -> None:
+def _drop_image_if_unused(c, image_id: str) -> bool:
+    """Delete a chain image nothing keeps; whether it went."""
     if c.execute("SELECT 1 FROM refs WHERE image_id=? AND NOT weak", (image_id,)).fetchone():
-        return
+        return False
     if c.execute("SELECT 1 FROM tags WHERE image_id=?", (image_id,)).fetchone():
-        return  # someone tagged it: it is theirs now
+        return False  # someone tagged it: it is theirs now
     c.execute("DELETE FROM images WHERE id=?", (image_id,))
+    return True
 
 
 def drop_orphan_images(store: Store) -> int:
@@ -168,9 +166,6 @@ def drop_orphan_images(store: Store) -> int:
     with store.db.transaction() as c:
         for iid, cfg in c.execute("SELECT id, config FROM images").fetchall():
             labels = (json.loads(cfg).get("config") or {}).get("Labels") or {}
-            if labels.get(CHAIN_LABEL) \
-                    and not c.execute("SELECT 1 FROM refs WHERE image_id=? AND NOT weak", (iid,)).fetchone() \
-                    and not c.execute("SELECT 1 FROM tags WHERE image_id=?", (iid,)).fetchone():
-                c.execute("DELETE FROM images WHERE id=?", (iid,))
+            if labels.get(CHAIN_LABEL) and _drop_image_if_unused(c, iid):
                 n += 1
     return n

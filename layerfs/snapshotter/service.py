@@ -41,6 +41,7 @@ from layerfs.snapshotter.records import ACTIVE, COMMITTED, VIEW, FailedPrecondit
 from layerfs.store import images as img
 from layerfs.store.store import Store
 from layerfs.store.transfer import import_layer
+from layerfs.store.usage import tree_usage
 
 # containerd's unpacker prepares "extract-<random> <chainID>" snapshots and
 # labels them with the chain id it will commit to.
@@ -192,7 +193,7 @@ class Snapshotter:
         if snap.kind == COMMITTED:
             return snap.size, snap.inodes
         upper = mnt.dirs(self.root, snap.id).upper
-        return mnt.disk_usage(upper) if os.path.isdir(upper) else (0, 0)
+        return tree_usage(upper)
 
     def list(self, filters: list[str] | None = None) -> list[Snapshot]:
         """Every snapshot matching any of *filters* (containerd's syntax)."""
@@ -209,11 +210,7 @@ class Snapshotter:
         with self._lock, self._store() as store:
             known = {s.id for s in rec.all_snapshots(store)}
             n = rec.drop_orphan_images(store)
-            for mp in mnt.mounted_under(self.root):
-                if os.path.basename(os.path.dirname(mp)) not in known:
-                    mnt.deactivate(self.root, os.path.basename(os.path.dirname(mp)))
-                    n += 1
-            for name in os.listdir(mnt.snapshots_dir(self.root)):
+            for name in os.listdir(mnt.snapshots_dir(self.root)):  # its mounts are in its directory
                 if name not in known:
                     mnt.deactivate(self.root, name)
                     mnt.remove_dirs(self.root, name)

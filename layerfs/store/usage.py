@@ -132,10 +132,17 @@ def _count_users(sets: dict[str, set[str]]) -> dict[str, int]:
 def tree_bytes(path: str) -> int:
     """Allocated bytes of *path* and everything below it, hard links
     counted once (like du); 0 if it is missing."""
+    return tree_usage(path)[0]
+
+
+def tree_usage(path: str) -> tuple[int, int]:
+    """(allocated bytes, inodes) of *path* and everything below it, each
+    inode counted once (like du; as containerd measures a snapshot);
+    (0, 0) if it is missing. Unreadable directories count as empty."""
     try:
-        total = os.lstat(path).st_blocks * 512
+        total, inodes = os.lstat(path).st_blocks * 512, 1
     except FileNotFoundError:
-        return 0
+        return 0, 0
     seen: set[tuple[int, int]] = set()
     for directory, dirs, files in os.walk(path):
         for name in dirs + files:
@@ -148,4 +155,5 @@ def tree_bytes(path: str) -> int:
                     continue
                 seen.add((st.st_dev, st.st_ino))
             total += st.st_blocks * 512
-    return total
+            inodes += 1
+    return total, inodes
