@@ -72,11 +72,12 @@ async def object_ok(fd: int, digest: str, verified: set[str]) -> bool:
     """Whether the object open read-only at *fd* has *digest*, hashed in a
     worker thread; adds it to *verified* if so. Concurrent first reads of
     one object (the kernel sends several reads of a file at once) wait
-    for one hash instead of each starting its own."""
-    while (running := _running.get(digest)) is not None:
+    for one hash and take its outcome, a failed one too (each hashing the
+    object again in turn would stall every reader of a bad one)."""
+    running = _running.get(digest)
+    if running is not None:
         await running.wait()
-        if digest in verified:
-            return True
+        return digest in verified
     done = _running[digest] = trio.Event()
     try:
         ok = await trio.to_thread.run_sync(fd_digest, fd) == digest

@@ -163,6 +163,39 @@ def test_concurrent_first_reads_share_one_hash(tmp_path, monkeypatch):
     assert not verify._running
 
 
+def test_concurrent_first_reads_of_a_bad_object_share_one_failed_hash(tmp_path, monkeypatch):
+    path = str(tmp_path / "obj")
+    _write(path, [os.urandom(2 << 20)])
+    calls = []
+    real = verify.fd_digest
+
+    def counting(fd: int) -> str:
+        calls.append(fd)
+        time.sleep(0.2)
+        return real(fd)
+
+    monkeypatch.setattr(verify, "fd_digest", counting)
+    verified: set[str] = set()
+    fds = [os.open(path, os.O_RDONLY) for _ in range(4)]
+    results = []
+
+    async def main() -> None:
+        async def one(fd: int) -> None:
+            results.append(await verify.object_ok(fd, "0" * 64, verified))
+
+        async with trio.open_nursery() as n:
+            for fd in fds:
+                n.start_soon(one, fd)
+
+    try:
+        trio.run(main)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert results == [False] * 4 and len(calls) == 1 and not verified
+    assert not verify._running
+
+
 def test_a_failed_hash_leaves_the_object_unverified(tmp_path):
     path = str(tmp_path / "obj")
     _write(path, [os.urandom(2 << 20)])
