@@ -50,7 +50,7 @@ from layerfs.fs.inodes import Node, Opened
 from layerfs.fs.names import _err
 from layerfs.fs.readahead import Readahead
 from layerfs.fs.upper import fs_magic
-from layerfs.store.objects import read_object_file, unpack_object
+from layerfs.store.objects import read_first, unpack_object
 
 log = logging.getLogger("layerfs.fs")
 
@@ -148,14 +148,15 @@ class FileIO:
             # the same file, which the request loop must be free to answer.
             push(ino, data)
         except OSError:
-            return False
-        else:
-            self.kernel_has.add(ino)
-            self.verified.add(digest)
-            return True
-        finally:
             with self.push_lock:
                 self.pushing.discard(ino)
+            return False
+        with self.push_lock:  # (a FORGET meanwhile took the pages with the inode: not had then)
+            self.pushing.discard(ino)
+            if ino in self.table.lookups:
+                self.kernel_has.add(ino)
+        self.verified.add(digest)
+        return True
 
     def stop_handovers(self, timeout: float) -> bool:
         """No more hand-overs (the session is about to close); True once
@@ -249,7 +250,7 @@ class FileIO:
         data = self._load_cached(paths, h.digest)
         cold = data is None
         if cold:  # not in the page cache: wait for the disk in a thread
-            data = await trio.to_thread.run_sync(_load_object, paths, h.digest)
+            data = await trio.to_thread.run_sync(read_first, paths, h.digest)
         if h.node.lower >= 0:
             self.readahead.loaded(h.node.lower, cold)
             self.kernel_has.add(h.node.ino)
@@ -262,10 +263,7 @@ class FileIO:
         h.data = data
 
     def _object_paths(self, digest: str) -> list[tuple[str, bool]]:
-        raw = self.objects.raw_path(digest)
-        if digest in self.index.packed:
-            return [(raw + ".zst", True), (raw, False)]
-        return [(raw, False), (raw + ".zst", True)]
+        return self.objects.files(digest, digest in self.index.packed)
 
     def _load_cached(self, paths: list[tuple[str, bool]], digest: str) -> bytes | None:
         """The object's content if reading it cannot wait for a disk and
@@ -289,7 +287,7 @@ class FileIO:
             finally:
                 os.close(fd)
             return unpack_object(bytes(buf), path) if compressed else bytes(buf)
-        raise _missing(digest)
+        raise Corrupt(f"object {digest[:12]} is missing from the store")
 
     def _pread_cached(self, kind: str, fd: int, buf: bytearray, off: int) -> int:
         """Bytes read into *buf* without waiting for a disk (0 if that
@@ -365,20 +363,6 @@ class FileIO:
             os.close(h.fd)
         h.node.opens -= 1
         self.table.maybe_drop(h.node.ino)
-
-
-def _load_object(paths: list[tuple[str, bool]], digest: str) -> bytes:
-    """The content of the first of *paths* that exists (in a worker thread)."""
-    for path, compressed in paths:
-        try:
-            return read_object_file(path, compressed)
-        except FileNotFoundError:
-            continue
-    raise _missing(digest)
-
-
-def _missing(digest: str) -> Corrupt:
-    return Corrupt(f"object {digest[:12]} is missing from the store")
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 from layerfs.errors import LayerfsError
 from layerfs.fs.index import LowerIndex
-from layerfs.store.objects import ObjectStore, read_object_file
+from layerfs.store.objects import ObjectStore, read_first
 
 log = logging.getLogger("layerfs.fs")
 
@@ -190,14 +190,8 @@ class Readahead:
                 self._wake.notify()
 
     def _load(self, digest: str) -> bytes | None:
-        raw = self.objects.raw_path(digest)
-        order = (True, False) if digest in self.index.packed else (False, True)
-        for compressed in order:
-            try:
-                data = read_object_file(raw + ".zst" if compressed else raw, compressed)
-            except FileNotFoundError:
-                continue
-            except (OSError, LayerfsError):  # the file's own read reports it
-                return None
-            return data if self._verify(data, digest) else None
-        return None
+        try:
+            data = read_first(self.objects.files(digest, digest in self.index.packed), digest)
+        except (OSError, LayerfsError):  # the file's own read reports it
+            return None
+        return data if self._verify(data, digest) else None

@@ -295,8 +295,9 @@ class Union(FileIO, NameOps):
 
     def forget(self, ino: int, n: int) -> None:
         self.table.forget(ino, n)
-        if ino not in self.table.lookups:  # the kernel dropped the inode, and its pages with it
-            self.kernel_has.discard(ino)
+        if ino not in self.table.lookups and ino in self.kernel_has:  # the inode went, its pages with it
+            with self.push_lock:  # (not between a hand-over's push and its record of it)
+                self.kernel_has.discard(ino)
 
     # -- copy-up ------------------------------------------------------------
     def _writable(self) -> None:

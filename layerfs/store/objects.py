@@ -134,6 +134,14 @@ class ObjectStore:
     def zst_path(self, digest: str) -> str:
         return self.raw_path(digest) + ".zst"
 
+    def files(self, digest: str, compressed_first: bool = False) -> list[tuple[str, bool]]:
+        """(path, compressed) of the files the object may be stored as, the
+        likelier first: opening the right one at once spares a miss in a
+        cold fan-out dir (readers that know the storage form say so)."""
+        raw = self.raw_path(digest)
+        both = [(raw, False), (raw + ".zst", True)]
+        return both[::-1] if compressed_first else both
+
     def locate(self, digest: str) -> tuple[str, bool]:
         """Return (path, compressed) of a stored object, or raise NotFound."""
         raw = self.raw_path(digest)
@@ -297,15 +305,7 @@ class ObjectStore:
         raw = self.raw_path(digest)
         if os.path.exists(raw):
             return False
-        zst = raw + ".zst"
-        try:
-            with open(zst, "rb") as f:
-                data = unpack_object(f.read(), zst)
-        except FileNotFoundError:
-            raise NotFound(f"object {digest[:12]} is missing from the store") from None
-        if blake3.blake3(data).hexdigest() != digest:
-            raise Corrupt(f"object {digest[:12]} fails its digest check")
-        self._write(raw, [data])
+        self._write(raw, [self.read(digest)])  # (the .zst: no raw one; checked; NotFound if neither)
         return True
 
     def remove(self, digest: str) -> None:
@@ -321,6 +321,17 @@ class ObjectStore:
             for name in os.listdir(d):
                 yield sub + name.removesuffix(".zst"), os.path.join(d, name)
 
+
+
+def read_first(files: list[tuple[str, bool]], digest: str) -> bytes:
+    """The content of the first of *files* (``ObjectStore.files``) that
+    exists; Corrupt if none does."""
+    for path, compressed in files:
+        try:
+            return read_object_file(path, compressed)
+        except FileNotFoundError:
+            continue
+    raise Corrupt(f"object {digest[:12]} is missing from the store")
 
 
 def read_object_file(path: str, compressed: bool) -> bytes:
