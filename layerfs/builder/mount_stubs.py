@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 
 from layerfs.runtime.rootpath import is_unused_mountpoint, make_mountpoint, secure_join
 from layerfs.store import manifest as mf
-from layerfs.store.scan import OPAQUE_XATTR, read_xattrs
+from layerfs.store.overlay_xattrs import OPAQUE_XATTR
+from layerfs.store.scan import read_xattrs
 from layerfs.store.tree import MergedTree
 
 __all__ = ["MountStubs", "prune_unchanged_dirs"]

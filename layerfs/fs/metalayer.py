@@ -43,30 +43,15 @@ from array import array
 from layerfs.errors import NotFound, Unsupported
 from layerfs.fs.erofs import Node, write_image
 from layerfs.store.layout import StoreLayout
+from layerfs.store.overlay_xattrs import escape_overlay_xattr
 
 FORMAT = 1
 SUFFIX = ".erofs"
-OVERLAY_PREFIX = "trusted.overlay."
-ESCAPED_PREFIX = "trusted.overlay.overlay."
 
 
 def cache_path(store_root: str, image) -> str:
     """ROOT/metalayers/<chain key>.v<FORMAT>.erofs (gc keys on the first part)."""
     return StoreLayout(store_root).metalayer_entry(f"{image.chain_key}.v{FORMAT}{SUFFIX}")
-
-
-def escape_xattr(name: str) -> str:
-    """The name an image's xattr gets in the metadata layer."""
-    if name.startswith(OVERLAY_PREFIX):
-        return ESCAPED_PREFIX + name[len(OVERLAY_PREFIX):]
-    return name
-
-
-def unescape_xattr(name: str) -> str:
-    """Inverse of :func:`escape_xattr` (for uppers the kernel wrote)."""
-    if name.startswith(ESCAPED_PREFIX):
-        return OVERLAY_PREFIX + name[len(ESCAPED_PREFIX):]
-    return name
 
 
 def object_redirect(digest: str) -> bytes:
@@ -157,7 +142,7 @@ def nodes_from_index(index) -> tuple[list[Node], dict[str, str]]:
             continue
         st_mode, uid, gid, mtime_ns, size, digest, target, rdev, xattrs = meta[slot]
         fmt = st_mode & 0o170000
-        xa = [(escape_xattr(k).encode(), v) for k, v in xattrs] if xattrs else []
+        xa = [(escape_overlay_xattr(k).encode(), v) for k, v in xattrs] if xattrs else []
         if fmt == stat.S_IFDIR:
             node = Node(st_mode, uid, gid, mtime_ns, xattrs=xa, nlink=2 + nsubdirs[slot],
                         parent=node_of[max(parent[slot], 0)],

@@ -44,12 +44,15 @@ import zstandard
 from layerfs.errors import Corrupt
 from layerfs.fs import verify
 from layerfs.store.objects import CHUNK, HOLE, ObjectStore, copy_sparse
+from layerfs.store.overlay_xattrs import ESCAPED_XATTR_PREFIX, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX
 
-OPAQUE = b"trusted.overlay.opaque"
-PRIVATE_PREFIX = b"trusted.overlay."
-ESCAPED_PREFIX = b"trusted.overlay.overlay."
+OPAQUE = OPAQUE_XATTR.encode()
+PRIVATE_PREFIX = OVERLAY_XATTR_PREFIX.encode()
+ESCAPED_PREFIX = ESCAPED_XATTR_PREFIX.encode()
 
 
+# The bytes forms of store.scan's escape_overlay_xattr / shown_overlay_xattr:
+# FUSE hands names over as bytes, on the xattr requests' path.
 def escape_xattr(name: bytes) -> bytes:
     """The name a node's own ``trusted.overlay.X`` has in the upper dir:
     ``trusted.overlay.overlay.X``, as overlayfs (6.7+) stores it, so image
@@ -233,10 +236,6 @@ class UpperDir:
     def place(self, tmp: bytes, rel: bytes, flags: int = 0) -> None:
         """Move *tmp* (an absolute path in the work dir) to *rel*."""
         self.at(lambda name, dir_fd: renameat2(tmp, name, flags, dst_dir_fd=dir_fd), rel)
-
-    def link_from(self, path: bytes, rel: bytes) -> None:
-        """Hard-link the absolute *path* (in the work dir) as *rel*."""
-        self.at(lambda name, dir_fd: os.link(path, name, dst_dir_fd=dir_fd, follow_symlinks=False), rel)
 
     def truncate(self, rel: bytes, size: int) -> None:
         self.by_path(os.truncate, rel, size)

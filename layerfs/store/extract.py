@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from layerfs.errors import Conflict, InvalidInput
 from layerfs.store import manifest as mf
 from layerfs.store.manifest import Entry
-from layerfs.store.scan import ESCAPED_XATTR_PREFIX, OVERLAY_XATTR_PREFIX
+from layerfs.store.overlay_xattrs import escape_overlay_xattr
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -149,8 +149,8 @@ def _set_meta(e: Entry, overlay: bool, fd: int | None = None, pfd: int | None = 
     else:
         os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
     for key, value in e.xattrs:
-        if overlay and key.startswith(OVERLAY_XATTR_PREFIX):
-            key = ESCAPED_XATTR_PREFIX + key[len(OVERLAY_XATTR_PREFIX):]
+        if overlay:
+            key = escape_overlay_xattr(key)
         try:
             os.setxattr(target, key, value, follow_symlinks=follow)
         except OSError as exc:

@@ -22,10 +22,8 @@ from dataclasses import dataclass, replace
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.store import manifest as mf
 from layerfs.store.manifest import Entry
+from layerfs.store.overlay_xattrs import OPAQUE_XATTR, shown_overlay_xattr
 
-OPAQUE_XATTR = "trusted.overlay.opaque"
-OVERLAY_XATTR_PREFIX = "trusted.overlay."
-ESCAPED_XATTR_PREFIX = "trusted.overlay.overlay."
 HASH_WORKERS = os.cpu_count() or 2
 
 
@@ -50,11 +48,9 @@ def read_xattrs(path: str, overlay: bool) -> tuple[tuple[str, bytes], ...]:
         return ()
     out = []
     for name in names:
-        shown = name
-        if overlay and name.startswith(OVERLAY_XATTR_PREFIX):
-            if not name.startswith(ESCAPED_XATTR_PREFIX):
-                continue
-            shown = OVERLAY_XATTR_PREFIX + name[len(ESCAPED_XATTR_PREFIX):]
+        shown = shown_overlay_xattr(name) if overlay else name
+        if shown is None:
+            continue
         try:
             out.append((shown, os.getxattr(path, name, follow_symlinks=False)))
         except OSError:
