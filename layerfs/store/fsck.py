@@ -143,16 +143,17 @@ def _check_names(store: Store, report: FsckReport, bad_images: set[str], bad_lay
 def _repair(store: Store, report: FsckReport, bad_objects: set[str], bad_layers: set[str],
             bad_images: set[str]) -> None:
     from layerfs.store import gc
-    from layerfs.store.refs import MOUNT
 
     with store.db.transaction() as c:
         c.executemany("DELETE FROM images WHERE id=?", [(i,) for i in bad_images])
         c.executemany("DELETE FROM layers WHERE id=?", [(lid,) for lid in bad_layers])
         c.executemany("DELETE FROM objects WHERE digest=?", [(d,) for d in bad_objects])
         c.execute("DELETE FROM tags WHERE image_id NOT IN (SELECT id FROM images)")
-        c.execute("DELETE FROM refs WHERE kind != ? AND ("
+        # A reference that keeps paths (a live mount, a snapshot) is its
+        # owner's to drop: repair never takes away what something uses.
+        c.execute("DELETE FROM refs WHERE paths = '[]' AND ("
                   "(layer_id IS NOT NULL AND layer_id NOT IN (SELECT id FROM layers))"
-                  " OR (image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))", (MOUNT,))
+                  " OR (image_id IS NOT NULL AND image_id NOT IN (SELECT id FROM images)))")
         c.execute("DELETE FROM stat_cache WHERE digest NOT IN (SELECT digest FROM objects)")
     for d in bad_objects:
         store.objects.remove(d)
