@@ -80,7 +80,7 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
             try:
                 upper_dir = _check_upper(os.path.abspath(upper_dir), mp, read_only)
             except BaseException:
-                _remove_private({"private": private, "upper": upper_dir})
+                registry.remove_private({"private": private, "upper": upper_dir})
                 raise
         root = store.root
         objects = store.objects.root
@@ -102,7 +102,7 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
                 meta = params["metalayer"] = ensure_metalayer(store, image, rebuild=True)
             _mount(mp, meta, objects, upper_dir, read_only)
     except BaseException:
-        _remove_private(params)
+        registry.remove_private(params)
         raise
     pid = 0
     try:
@@ -113,7 +113,7 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
             os.kill(pid, signal.SIGTERM)  # the keeper unmounts and cleans up too
         if procfs.mounted_fstype(mp) == FSTYPE:
             kernel.unmount(mp, lazy=True)
-        _remove_private(params)
+        registry.remove_private(params)
         raise
     return MountHandle(mp, pid, image.id, upper_dir, "")
 
@@ -144,10 +144,6 @@ def _mount(mp: str, meta: str, objects: str, upper: str | None, read_only: bool)
         os.makedirs(work, exist_ok=True)
 
     kernel.mount_overlay(mp, meta, objects, upper, work, read_only=read_only, prepare=prepare)
-
-
-def _remove_private(params: dict) -> None:
-    registry.remove_private(params)
 
 
 # -- the keeper ----------------------------------------------------------------

@@ -66,18 +66,16 @@ class FuseWaiter:
     requests stream in, else park in trio's epoll like before."""
 
     def __init__(self) -> None:
-        self._polls: dict[int, select.poll] = {}
+        self._fd = -1
+        self._poll = select.poll()
         self.streaming = False
 
-    def _poller(self, fd: int) -> select.poll:
-        p = self._polls.get(fd)
-        if p is None:
-            p = self._polls[fd] = select.poll()
-            p.register(fd, select.POLLIN)
-        return p
-
     async def wait_readable(self, fd: int) -> None:
-        poll = self._poller(fd).poll
+        if fd != self._fd:  # (one FUSE fd per mount; asked for at the first wait)
+            self._poll = select.poll()
+            self._poll.register(fd, select.POLLIN)
+            self._fd = fd
+        poll = self._poll.poll
         if poll(0):
             return
         if self.streaming:
@@ -90,9 +88,6 @@ class FuseWaiter:
             await trio.lowlevel.wait_readable(fd)
         finally:
             self.streaming = time.perf_counter() - start < STREAM_GAP
-
-    def forget(self, fd: int) -> None:
-        self._polls.pop(fd, None)
 
 
 class _Overlay(types.ModuleType):
