@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 from layerfs.builder import substitution
 from layerfs.builder.dockerfile_lines import Reader
-from layerfs.builder.instruction_parser import parse_instruction
+from layerfs.builder.instruction_parser import mount_fields, parse_instruction
 from layerfs.builder.instructions import (
     Add,
     Arg,
@@ -57,6 +57,7 @@ from layerfs.builder.instructions import (
     Volume,
     Workdir,
 )
+from layerfs.errors import InvalidInput
 
 __all__ = [
     "Add",
@@ -146,8 +147,14 @@ def _check_stage_name(reader: Reader, stages: list[Stage], instr: From) -> None:
 
 
 def _mount_from(mount: str) -> str | None:
-    """The ``from=`` of a ``--mount`` spec (a stage it depends on), if any."""
-    for part in mount.split(","):
+    """The ``from=`` of a ``--mount`` spec (a stage it depends on), if any
+    (fields split as the step itself will split them; a malformed spec is
+    reported by the step)."""
+    try:
+        fields = mount_fields(mount)
+    except InvalidInput:
+        return None
+    for part in fields:
         key, _, value = part.partition("=")
         if key.strip().lower() == "from" and value:
             return value

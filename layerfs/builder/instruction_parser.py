@@ -40,8 +40,9 @@ from layerfs.builder.instructions import (
     Volume,
     Workdir,
 )
+from layerfs.errors import InvalidInput
 
-__all__ = ["go_duration", "parse_instruction"]
+__all__ = ["go_duration", "mount_fields", "parse_instruction"]
 
 
 # --------------------------------------------------------------------------
@@ -483,3 +484,15 @@ def parse_instruction(line: Line, escape: str) -> Instruction:
     flag_words, rest = _extract_flag_words(rest)
     flags = _parse_flags(keyword, flag_words)
     return parser(_Req(keyword, rest.strip(), flags, line, escape))
+
+
+def mount_fields(spec: str) -> list[str]:
+    """The ``key=value`` fields of a ``RUN --mount`` value: comma-separated,
+    quoted as CSV (BuildKit's syntax)."""
+    import csv
+
+    try:
+        rows = list(csv.reader([spec], strict=True))
+    except csv.Error as exc:
+        raise InvalidInput(f"--mount={spec}: {exc}") from None
+    return [f for f in (rows[0] if rows else []) if f != ""]

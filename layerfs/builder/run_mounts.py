@@ -43,6 +43,7 @@ from typing import Any
 import blake3
 
 from layerfs.builder.context import ResolvedSources
+from layerfs.builder.instruction_parser import mount_fields
 from layerfs.errors import InvalidInput, NotFound, Unsupported
 from layerfs.store.layout import StoreLayout
 from layerfs.store.usage import tree_bytes
@@ -134,16 +135,6 @@ def _number(key: str, value: str, spec: str, base: int) -> int:
     return n
 
 
-def _fields(spec: str) -> list[str]:
-    import csv
-
-    try:
-        rows = list(csv.reader([spec], strict=True))
-    except csv.Error as exc:
-        raise InvalidInput(f"--mount={spec}: {exc}") from None
-    return [f for f in (rows[0] if rows else []) if f != ""]
-
-
 def parse_mount(spec: str, workdir: str = "/") -> RunMount:
     """Parse one ``--mount`` value (already variable-expanded).
 
@@ -153,7 +144,7 @@ def parse_mount(spec: str, workdir: str = "/") -> RunMount:
         InvalidInput: an unknown type or key, a bad value, a missing target.
         Unsupported: ``type=ssh``.
     """
-    fields = _fields(spec)
+    fields = mount_fields(spec)
     kind = "bind"
     for f in fields:
         key, eq, value = f.partition("=")
@@ -256,7 +247,7 @@ def parse_secret(spec: str) -> SecretSource:
     """
     values: dict[str, str] = {}
     kind = ""
-    for f in _fields(spec):
+    for f in mount_fields(spec):
         key, eq, value = f.partition("=")
         key = key.strip().lower()
         if not eq:

@@ -29,9 +29,7 @@ from layerfs.procfs import is_mountpoint
 from layerfs.store.images import Image
 from layerfs.store.store import Store
 
-__all__ = ["BuildError", "DEFAULT_PATH", "heredoc_script", "run"]
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+__all__ = ["BuildError", "heredoc_script", "run"]
 
 
 class BuildError(LayerfsError):
@@ -66,9 +64,7 @@ def run(store: Store, image: Image, e: dfm.Run, rc: Mapping[str, Any], shell: Se
     if e.heredocs and not e.command.exec_form:
         argv = list(shell) + heredoc_script(e.command.args[0] if e.command.args else "", e.heredocs)
     env = image_config.env_dict(rc.get("Env"))
-    env.update(variables)
-    if "PATH" not in env:
-        env["PATH"] = DEFAULT_PATH
+    env.update(variables)  # (PATH, HOSTNAME, HOME default as in any container: runtime.spec.container_env)
     tmp = tempfile.mkdtemp(prefix="build-run-", dir=store.tmp_dir)
     mp = os.path.join(tmp, "rootfs")
     upper = os.path.join(tmp, "upper")
