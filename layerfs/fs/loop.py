@@ -8,8 +8,8 @@ one request and handles it. It runs them over the module object
 every request scheduler turns and syscalls of their own:
 
 * ``Lock``: ``trio.Lock`` checkpoints on every acquire, even a free one;
-  :class:`HandoverLock` yields only when it has to wait. A release with
-  waiters hands the lock to the first one, so the workers still take
+  :class:`NoCheckpointLock` yields only when it has to wait. A release
+  with waiters hands the lock to the first one, so the workers still take
   turns and the trio loop runs between two requests (thread results,
   signals and the owner watch are never starved by a stream of requests).
 * ``lowlevel.wait_readable``: trio registers the fd with epoll, parks the
@@ -38,27 +38,33 @@ SPIN = 30e-6        # how long to poll for the next request of a stream, seconds
 STREAM_GAP = 1e-3   # a request that came this soon after the wait began belongs to a stream
 
 
-class HandoverLock:
-    """The async context manager pyfuse3 uses as ``trio.Lock()``; yields
-    only when the lock is held (then waits its turn, FIFO)."""
+class NoCheckpointLock:
+    """A ``trio.Lock`` that does not yield to the scheduler when it is free.
 
-    __slots__ = ("_held", "_waiters")
+    ``async with trio.Lock()`` always passes through the scheduler (a
+    checkpoint) even when nobody holds the lock. Taking a free lock with
+    ``acquire_nowait`` is just as exclusive (trio switches tasks only at an
+    ``await``) and fair: it refuses while others wait, and a release hands
+    the lock to the first waiter. The union's write lock, and the lock
+    pyfuse3's workers take turns with.
+    """
+
+    __slots__ = ("_lock",)
 
     def __init__(self) -> None:
-        self._held = False
-        self._waiters = trio.lowlevel.ParkingLot()
+        self._lock = trio.Lock()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
 
     async def __aenter__(self) -> None:
-        if self._held:
-            await self._waiters.park()  # woken by __aexit__ as the new holder
-        else:
-            self._held = True
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lock.acquire()
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._waiters:
-            self._waiters.unpark()  # ownership passes on: _held stays True
-        else:
-            self._held = False
+        self._lock.release()
 
 
 class FuseWaiter:
@@ -103,9 +109,9 @@ class _Overlay(types.ModuleType):
 
 
 def install(pyfuse3: types.ModuleType) -> FuseWaiter:
-    """Make *pyfuse3*'s worker loop use :class:`HandoverLock` and a
+    """Make *pyfuse3*'s worker loop use :class:`NoCheckpointLock` and a
     :class:`FuseWaiter`; call before ``pyfuse3.main``. Returns the waiter."""
     waiter = FuseWaiter()
     lowlevel = _Overlay("trio.lowlevel", trio.lowlevel, wait_readable=waiter.wait_readable)
-    pyfuse3.trio = _Overlay("trio", trio, Lock=HandoverLock, lowlevel=lowlevel)
+    pyfuse3.trio = _Overlay("trio", trio, Lock=NoCheckpointLock, lowlevel=lowlevel)
     return waiter

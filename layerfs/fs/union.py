@@ -39,7 +39,7 @@ paths longer than PATH_MAX work as on the upper's own filesystem.
 
 Concurrency: read-side requests run concurrently and never take a lock.
 Every request that changes the namespace or copies up takes ``self.lock``
-(a :class:`WriteLock` over a ``trio.Lock``) for its whole duration, so the state kept in Nodes is
+(a ``fs.loop.NoCheckpointLock``) for its whole duration, so the state kept in Nodes is
 only ever changed by one request at a time; within a request, state is
 updated after the syscalls succeed, so an error leaves it untouched.
 Long copies and fsyncs run in worker threads (``trio.to_thread``) and only
@@ -60,6 +60,7 @@ import trio
 from layerfs.fs.files import FileIO
 from layerfs.fs.index import LowerIndex
 from layerfs.fs.inodes import ROOT, Attr, InodeTable, Node, SetAttr
+from layerfs.fs.loop import NoCheckpointLock
 from layerfs.fs.names import NameOps, _err, _join
 from layerfs.fs.upper import (
     NAME_MAX,
@@ -80,34 +81,6 @@ CAPABILITY = b"security.capability"
 THREAD_COPY = 1 << 20     # copy-ups bigger than this run in a worker thread
 
 
-class WriteLock:
-    """A ``trio.Lock`` that does not yield to the scheduler when it is free.
-
-    ``async with trio.Lock()`` always passes through the scheduler (a
-    checkpoint) even when nobody holds the lock: a full run-loop turn per
-    create/unlink/setattr. Taking a free lock with ``acquire_nowait`` is
-    just as exclusive (trio switches tasks only at an ``await``) and fair
-    (it refuses while others wait).
-    """
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = trio.Lock()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
-
-    async def __aexit__(self, *exc) -> None:
-        self._lock.release()
-
-
 class Union(FileIO, NameOps):
     def __init__(self, index: LowerIndex, objects: ObjectStore, upper: UpperDir | None,
                  read_only: bool = False) -> None:
@@ -117,7 +90,7 @@ class Union(FileIO, NameOps):
         self.upper = upper
         self.read_only = read_only or upper is None
         self.table = InodeTable(index)
-        self.lock = WriteLock()
+        self.lock = NoCheckpointLock()
         self.verified: set[str] = set()
         # Tells the kernel to drop its cached attributes of an inode; set by
         # the adapter (fs.ops), a no-op in-process.

@@ -14,7 +14,7 @@ from layerfs.fs import loop
 
 def test_free_lock_is_taken_without_yielding():
     async def main():
-        lock = loop.HandoverLock()
+        lock = loop.NoCheckpointLock()
         with trio.testing.assert_no_checkpoints():
             async with lock:
                 pass
@@ -34,13 +34,13 @@ def test_lock_passes_to_waiters_in_order():
             await trio.sleep(0.01)  # others queue up meanwhile
 
     async def main():
-        lock = loop.HandoverLock()
+        lock = loop.NoCheckpointLock()
         async with trio.open_nursery() as nursery:
             for n in range(5):
                 started = trio.Event()
                 nursery.start_soon(worker, lock, n, started)
                 await started.wait()
-        assert not lock._held and not lock._waiters
+        assert not lock.locked()
 
     trio.run(main)
     assert order == [0, 1, 2, 3, 4]
@@ -48,7 +48,7 @@ def test_lock_passes_to_waiters_in_order():
 
 def test_a_cancelled_waiter_does_not_get_the_lock():
     async def main():
-        lock = loop.HandoverLock()
+        lock = loop.NoCheckpointLock()
         got = []
 
         async def waiter(scope_box):
@@ -63,7 +63,7 @@ def test_a_cancelled_waiter_does_not_get_the_lock():
                 nursery.start_soon(waiter, box)
                 await trio.testing.wait_all_tasks_blocked()
                 box[0].cancel()
-        assert got == [] and not lock._held  # released by its holder, to nobody
+        assert got == [] and not lock.locked()  # released by its holder, to nobody
 
     trio.run(main)
 
@@ -112,7 +112,7 @@ def test_waiter_parks_until_readable_and_learns_the_pace():
 def test_install_replaces_only_the_lock_and_the_wait():
     fake = types.SimpleNamespace()
     waiter = loop.install(fake)
-    assert fake.trio.Lock is loop.HandoverLock
+    assert fake.trio.Lock is loop.NoCheckpointLock
     assert fake.trio.lowlevel.wait_readable == waiter.wait_readable
     assert fake.trio.open_nursery is trio.open_nursery
     assert fake.trio.lowlevel.current_trio_token is trio.lowlevel.current_trio_token
