@@ -7,9 +7,12 @@ lock). A handle reads one of three sources:
 * ``upper`` -- an fd of the file in the upper dir (also for lower handles
   whose node was copied up since, as overlayfs's stacked file ops do);
 * ``mem``   -- a small object read whole and verified once;
-* ``raw``   -- a big uncompressed object file, verified whole (``verify``,
-  in a worker thread) before its first byte is returned; ``lazy`` until
-  first read.
+* ``raw``   -- a big uncompressed object file, ``lazy`` until first read.
+  Its reads are checked a chunk at a time against its chunk-sum table
+  while they go front to back (``fs.bigread``, which also checks and hands
+  the next chunks to the kernel ahead of the reader); otherwise it is
+  verified whole (``verify``, in a worker thread) before its first byte
+  is returned.
 
 Small objects that ``fs.readahead`` loads (and verifies) because the files
 before them were read in order are handed over by its threads
@@ -46,6 +49,7 @@ import trio
 
 from layerfs.errors import Corrupt, NotFound
 from layerfs.fs import verify
+from layerfs.fs.bigread import ChunkReader
 from layerfs.fs.inodes import Node, Opened
 from layerfs.fs.names import _err
 from layerfs.fs.readahead import Readahead
@@ -85,10 +89,11 @@ class FileIO:
         self.kernel_has: set[int] = set()
         # How content reaches the kernel's page cache: set by the adapter
         # (fs.ops: notify_store); None in-process, where opens take it.
-        self.push: Callable[[int, bytes], None] | None = None
+        self.push: Callable[[int, bytes | memoryview, int], None] | None = None  # (inode, data, offset)
         self.push_lock = threading.Lock()  # guards pushing and the copy-up's marking of nodes upper
-        self.pushing: set[int] = set()     # inodes a read-ahead thread is handing over right now
+        self.pushing: dict[int, int] = {}  # inode -> pushes of its lower content in flight
         self.readahead = Readahead(self.index, self.objects, _digest_ok, self._wanted, self._hand_over)
+        self.chunk_reads = ChunkReader(self.objects, self.push_range)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -124,39 +129,55 @@ class FileIO:
         return self.index.ino(slot) not in self.kernel_has
 
     def _hand_over(self, slot: int, digest: str, data: bytes) -> bool:
-        """Give a lower file's verified content to the kernel's page cache
-        now, if the kernel knows the inode and its content is still the
-        lower file's; False keeps the content for an open.
+        """Give a small lower file's verified content to the kernel's page
+        cache now, if the kernel knows the inode and its content is still
+        the lower file's; False keeps the content for an open."""
+        ino = self.index.ino(slot)
+        if ino in self.kernel_has:
+            return True  # not needed
+        if not self.push_range(ino, 0, data):
+            node = self.table.nodes.get(ino)
+            # no longer the lower file's content: nothing to keep it for
+            return node is not None and (node.upper or node.lower < 0)
+        with self.push_lock:  # (a FORGET meanwhile took the pages with the inode: not had then)
+            if ino in self.table.lookups:
+                self.kernel_has.add(ino)
+        self.verified.add(digest)
+        return True
+
+    def push_range(self, ino: int, off: int, data: bytes | memoryview) -> bool:
+        """Give checked lower content of inode *ino* to the kernel's page
+        cache at *off* (read-ahead threads only); False if it was not given:
+        the kernel does not know the inode, the session closes, or the node
+        is no longer the lower file.
 
         Never over written data: a write needs an open for writing, which
         copies the file up first, and the copy-up marks the node upper
-        under ``push_lock``, so the check and the push here cannot straddle it.
+        under ``push_lock`` once no push of it is in flight
+        (:meth:`settle_pushes`), so the check and the push here cannot
+        straddle it.
         """
-        ino = self.index.ino(slot)
         if ino not in self.table.lookups:
             return False
         with self.push_lock:
             push = self.push  # (None once the session closes: stop_handovers)
             node = self.table.nodes.get(ino)
-            if push is None:
+            if push is None or (node is not None and (node.upper or node.lower < 0)):
                 return False
-            if ino in self.kernel_has or (node is not None and (node.upper or node.lower < 0)):
-                return True  # not needed, or no longer the lower file's content
-            self.pushing.add(ino)
+            self.pushing[ino] = self.pushing.get(ino, 0) + 1
         try:
             # Not under the lock: the kernel may make this wait for a READ of
             # the same file, which the request loop must be free to answer.
-            push(ino, data)
+            push(ino, data, off)
+            return True
         except OSError:
-            with self.push_lock:
-                self.pushing.discard(ino)
             return False
-        with self.push_lock:  # (a FORGET meanwhile took the pages with the inode: not had then)
-            self.pushing.discard(ino)
-            if ino in self.table.lookups:
-                self.kernel_has.add(ino)
-        self.verified.add(digest)
-        return True
+        finally:
+            with self.push_lock:
+                if self.pushing[ino] == 1:
+                    del self.pushing[ino]
+                else:
+                    self.pushing[ino] -= 1
 
     def stop_handovers(self, timeout: float) -> bool:
         """No more hand-overs (the session is about to close); True once
@@ -213,9 +234,21 @@ class FileIO:
             if h.data is None:
                 await self._load(h)
             return h.data[off:off + size]
-        if h.kind == "raw" and h.digest not in self.verified:
+        if h.kind == "raw" and h.digest not in self.verified and not await self._check_chunks(h, off, size):
             await self._verify_big(h)
         return await self._pread(h.kind, h.fd, size, off)
+
+    async def _check_chunks(self, h: Handle, off: int, size: int) -> bool:
+        """Check the chunks a READ covers (``fs.bigread``); False if the
+        object is to be verified whole instead (no table, or a read that
+        jumps). EIO if a chunk fails its sum."""
+        oc = self.chunk_reads.chunks(h.digest, h.path, h.size)
+        if oc is None or not oc.sequential(off):
+            return False
+        self._check(await self.chunk_reads.check(oc, h.fd, off, size), h, verified=False)
+        if h.node.lower >= 0:
+            self.chunk_reads.ahead(oc, h.node.ino, h.fd)
+        return True
 
     def _switch_to_upper(self, h: Handle) -> None:
         """A lower handle whose node was copied up since reads the copy, as
@@ -336,13 +369,18 @@ class FileIO:
         if not ok:
             self.bad[h.digest] = identity
         self._check(ok, h)
+        if self.chunk_reads.chunks(h.digest, h.path, h.size) is None:
+            self.chunk_reads.write_table_later(h.digest, h.path, h.size)
 
-    def _check(self, ok: bool, h: Handle) -> None:
+    def _check(self, ok: bool, h: Handle, verified: bool = True) -> None:
+        """EIO and a log line unless *ok*; else the object counts as
+        verified whole (unless only a part of it was checked)."""
         if not ok:
             log.error("object %s (%s) fails its digest check; returning EIO",
                       h.digest, os.fsdecode(self.index.paths[h.node.lower]) if h.node.lower >= 0 else "?")
             raise _err(errno.EIO)
-        self.verified.add(h.digest)
+        if verified:
+            self.verified.add(h.digest)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self.handles[fh]

@@ -82,14 +82,14 @@ def _build(a: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
-def _store_in_page_cache(inode: int, content: bytes) -> None:
+def _store_in_page_cache(inode: int, content: bytes | memoryview, offset: int) -> None:
     """Put a file's content in the kernel's page cache: its reads then come
     from there, and with no READ there is no GETATTR either (a READ makes
     the kernel drop the cached atime). Called by read-ahead threads only,
     never by the request loop: the kernel may make it wait for a READ of
     the same file (libfuse's notify is one write(2), safe beside the loop).
     Raises OSError if the kernel refused (ENOENT: it does not know the inode)."""
-    pyfuse3.notify_store(inode, 0, content)
+    pyfuse3.notify_store(inode, offset, content)
 
 
 def _forget_attrs(inode: int) -> None:

@@ -7,7 +7,9 @@ What is checked:
   * every image's config hashes to its id and names existing layers;
   * every tag and reference points at an existing image or layer.
 
-What ``repair`` does: drops broken objects (and so the layers that need
+What ``repair`` does: writes the chunk-sum table (``store.chunksums``) of
+every big object that lacks a sound one, from the pass that checks it;
+drops broken objects (and so the layers that need
 them), broken layers (and so the images on them), dangling tags and
 references, then runs gc. It never invents data: what was damaged is gone,
 and the report says so. Images built on removed layers must be re-imported.
@@ -48,7 +50,7 @@ class FsckReport:
 
 def check(store: Store, repair: bool = False) -> FsckReport:
     report = FsckReport()
-    bad_objects = _check_objects(store, report)
+    bad_objects = _check_objects(store, report, repair)
     bad_layers = _check_layers(store, report, bad_objects)
     bad_images = _check_images(store, report, bad_layers)
     _check_names(store, report, bad_images, bad_layers)
@@ -57,11 +59,11 @@ def check(store: Store, repair: bool = False) -> FsckReport:
     return report
 
 
-def _check_objects(store: Store, report: FsckReport) -> set[str]:
+def _check_objects(store: Store, report: FsckReport, repair: bool) -> set[str]:
     bad = set()
     for (digest,) in store.db.all("SELECT digest FROM objects"):
         report.objects += 1
-        if not store.objects.verify(digest):
+        if not store.objects.verify(digest, write_table=repair):
             what = "missing" if not store.objects.on_disk(digest) else "fails its digest check"
             report.problems.append(Problem("object", digest, f"object {digest[:12]} {what}"))
             bad.add(digest)

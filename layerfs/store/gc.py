@@ -65,7 +65,7 @@ def collect(store: Store, dry_run: bool = False, ignore_refs: Collection[tuple[s
         needed = {d for lid, d in store.db.all("SELECT layer_id, digest FROM layer_objects") if lid not in dead}
         dead_objects = [d for (d,) in store.db.all("SELECT digest FROM objects") if d not in needed]
         freed = sum(_disk_bytes(p) for d in dead_objects
-                    for p in (store.objects.raw_path(d), store.objects.zst_path(d)))
+                    for p in (store.objects.raw_path(d), store.objects.zst_path(d), store.objects.sums_path(d)))
         freed += sum(_disk_bytes(store.layer_manifest_path(lid)) for lid in dead_layers)
         if not dry_run:
             _drop(store, dead_layers, dead_objects)
@@ -115,7 +115,7 @@ def sweep_debris(store: Store, in_use: Sequence[str] = (), dry_run: bool = False
         if not _busy(path, in_use):
             n, freed = n + 1, freed + _remove(path, dry_run)
     known = {r[0] for r in store.db.all("SELECT digest FROM objects")}
-    for digest, path in store.objects.iter_on_disk():
+    for digest, path in store.objects.iter_on_disk(sums=True):
         if digest not in known:
             n, freed = n + 1, freed + _remove(path, dry_run)
     layers = {r[0] for r in store.db.all("SELECT id FROM layers")}

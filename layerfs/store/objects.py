@@ -45,6 +45,7 @@ import blake3
 import zstandard
 
 from layerfs.errors import Corrupt, InvalidInput, NotFound
+from layerfs.store import chunksums
 
 COMPRESS_MAX = 1 << 20
 COMPRESS_MIN = 4096 + 1        # one block or less cannot get smaller on disk
@@ -109,6 +110,7 @@ class ObjectStore:
         self.compress = compress
         self._local = threading.local()
         self._counter = itertools.count()
+        self._sums_key: bytes | None = None
         os.makedirs(root, exist_ok=True)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
@@ -133,6 +135,9 @@ class ObjectStore:
 
     def zst_path(self, digest: str) -> str:
         return self.raw_path(digest) + ".zst"
+
+    def sums_path(self, digest: str) -> str:
+        return self.raw_path(digest) + chunksums.SUFFIX
 
     def files(self, digest: str, compressed_first: bool = False) -> list[tuple[str, bool]]:
         """(path, compressed) of the files the object may be stored as, the
@@ -164,6 +169,10 @@ class ObjectStore:
         digest = digest or blake3.blake3(data).hexdigest()
         if len(data) > COMPRESS_MAX or not self.compress:
             self._write(self.raw_path(digest), [data])
+            if len(data) >= chunksums.MIN_SIZE:
+                summer = chunksums.ChunkSummer(self.sums_key())
+                summer.update(data)
+                self.write_sums(digest, len(data), summer.finish())
             return StoredObject(digest, len(data), len(data), False)
         packed = self._compressor().compress(data) if len(data) >= COMPRESS_MIN else b""
         if packed and should_compress(len(data), len(packed)):
@@ -201,11 +210,13 @@ class ObjectStore:
 
     def _put_stream(self, f: "io.RawIOBase", known: KnownDigests | None) -> StoredObject:
         h = blake3.blake3()
+        summer = chunksums.ChunkSummer(self.sums_key())
         fd, tmp = self._tmp()
         size = 0
         try:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
+                summer.update(chunk)
                 write_sparse(fd, chunk)
                 size += len(chunk)
             os.ftruncate(fd, size)
@@ -221,6 +232,8 @@ class ObjectStore:
                 os.close(fd)
             _unlink_quiet(tmp)
             raise
+        if size >= chunksums.MIN_SIZE:
+            self.write_sums(digest, size, summer.finish())
         return StoredObject(digest, size, size, False)
 
     def _write(self, dst: str, parts: list[bytes]) -> None:
@@ -254,6 +267,26 @@ class ObjectStore:
             _unlink_quiet(tmp)
             raise
 
+    # -- chunk sums (store.chunksums) ---------------------------------------
+    def sums_key(self) -> bytes:
+        if self._sums_key is None:
+            self._sums_key = chunksums.load_key(self.root)
+        return self._sums_key
+
+    def write_sums(self, digest: str, size: int, sums: list[bytes]) -> None:
+        """Publish the chunk-sum table of a big object whose content was
+        hashed against *digest* in the same pass as *sums*."""
+        self._write_renamed(self.sums_path(digest), [chunksums.pack(self.sums_key(), digest, size, sums)])
+
+    def chunk_sums(self, digest: str, size: int) -> list[bytes] | None:
+        """The big object's chunk sums, or None if it has no sound table."""
+        try:
+            with open(self.sums_path(digest), "rb") as f:
+                table = f.read()
+        except FileNotFoundError:
+            return None
+        return chunksums.unpack(self.sums_key(), digest, size, table)
+
     # -- reading -----------------------------------------------------------
     def read(self, digest: str, verify: bool = True) -> bytes:
         data = read_object_file(*self.locate(digest))
@@ -280,18 +313,36 @@ class ObjectStore:
                 return len(data)
             return copy_sparse(f.fileno(), out_fd)
 
-    def verify(self, digest: str) -> bool:
-        """Re-hash one object; False if its bytes do not match its name."""
+    def verify(self, digest: str, write_table: bool = False) -> bool:
+        """Re-hash one object; False if its bytes do not match its name.
+        With *write_table*, a big raw object without a sound chunk-sum
+        table gets one, from the same pass."""
         try:
             path, compressed = self.locate(digest)
         except NotFound:
             return False
+        if write_table and not compressed and os.path.getsize(path) >= chunksums.MIN_SIZE:
+            return self._verify_with_table(digest, path)
         try:
             with open(path, "rb") as f:
                 reader = zstandard.ZstdDecompressor().stream_reader(f) if compressed else f
                 return hash_stream(reader)[0] == digest
         except zstandard.ZstdError:
             return False
+
+    def _verify_with_table(self, digest: str, path: str) -> bool:
+        size = os.path.getsize(path)
+        if self.chunk_sums(digest, size) is not None:
+            return self.verify(digest)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            found, sums = chunksums.digest_and_sums(self.sums_key(), fd)
+        finally:
+            os.close(fd)
+        if found != digest:
+            return False
+        self.write_sums(digest, size, sums)
+        return True
 
     def ensure_raw(self, digest: str) -> bool:
         """Make sure a raw copy of the object exists beside a ``.zst`` one
@@ -309,17 +360,22 @@ class ObjectStore:
         return True
 
     def remove(self, digest: str) -> None:
-        for p in (self.raw_path(digest), self.zst_path(digest)):
+        for p in (self.raw_path(digest), self.zst_path(digest), self.sums_path(digest)):
             _unlink_quiet(p)
 
-    def iter_on_disk(self) -> Iterator[tuple[str, str]]:
-        """Yield (digest, path) for every object file present."""
+    def iter_on_disk(self, sums: bool = False) -> Iterator[tuple[str, str]]:
+        """Yield (digest, path) for every object file present, and with
+        *sums* for every chunk-sum table too (what the store's disk holds)."""
         for sub in sorted(os.listdir(self.root)):
             d = os.path.join(self.root, sub)
             if len(sub) != 2 or not os.path.isdir(d):
                 continue
             for name in os.listdir(d):
-                yield sub + name.removesuffix(".zst"), os.path.join(d, name)
+                if name.endswith(chunksums.SUFFIX):
+                    if sums:
+                        yield sub + name.removesuffix(chunksums.SUFFIX), os.path.join(d, name)
+                else:
+                    yield sub + name.removesuffix(".zst"), os.path.join(d, name)
 
 
 

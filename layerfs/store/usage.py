@@ -113,7 +113,7 @@ def measure(store: Store) -> StoreUsage:
 
 def physical_bytes(store: Store) -> int:
     total = 0
-    for _, path in store.objects.iter_on_disk():
+    for _, path in store.objects.iter_on_disk(sums=True):
         total += _disk_bytes(path)
     layout = store.layout
     total += sum(_disk_bytes(layout.layer(n)) for n in os.listdir(layout.layers))

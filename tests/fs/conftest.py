@@ -4,6 +4,7 @@ overlayfs mounts of it, always unmounted again (daemons killed by pid)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import stat
@@ -168,6 +169,21 @@ def layerfs_mount(root: str, image: str, mp: str, upper: str | None = None, read
             if fsmount.mounted_fstype(mp) is not None:
                 _kill_daemon(handle.pid)
                 subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+def daemon_requests(handle) -> dict[str, int]:
+    """The daemon's request counts (it logs them on SIGUSR1)."""
+    start = os.path.getsize(handle.log)
+    os.kill(handle.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with open(handle.log) as f:
+            f.seek(start)
+            for line in f:
+                if " requests {" in line:
+                    return json.loads(line[line.index(" requests {") + 10:])
+        time.sleep(0.05)
+    raise AssertionError("the daemon logged no request counts")
 
 
 def fresh_upper(path: str, like: str | None = None) -> str:

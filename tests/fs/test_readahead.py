@@ -23,7 +23,7 @@ import trio
 from layerfs.fs import readahead
 from layerfs.fs.index import ensure_index_cache, read_index_cache
 from layerfs.store.store import Store
-from tests.fs.conftest import _fix_times, _touch, layerfs_mount, make_image, needs_fuse
+from tests.fs.conftest import _fix_times, _touch, daemon_requests, layerfs_mount, make_image, needs_fuse
 from tests.fs.test_core import Kernel, make_union
 
 pytestmark = [pytest.mark.root]
@@ -209,24 +209,6 @@ def test_legacy_index_cache_is_replaced(many_env):
 
 
 # -- through a mount: content put in the kernel's page cache ----------------------
-def _requests(handle) -> dict[str, int]:
-    """The daemon's request counts (it logs them on SIGUSR1)."""
-    import json
-    import signal
-
-    start = os.path.getsize(handle.log)
-    os.kill(handle.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with open(handle.log) as f:
-            f.seek(start)
-            for line in f:
-                if " requests {" in line:
-                    return json.loads(line[line.index(" requests {") + 10:])
-        time.sleep(0.05)
-    raise AssertionError("the daemon logged no request counts")
-
-
 @needs_fuse
 def test_sequential_reads_through_a_mount(many_env, tmp_path):
     """tar-like reads of a cold tree: every file reads back exactly, most
@@ -239,14 +221,14 @@ def test_sequential_reads_through_a_mount(many_env, tmp_path):
         with open(f"{mp}/d/f0150", "ab") as f:  # copied up before read-ahead reaches it
             f.write(b"appended")
         os.listdir(f"{mp}/d")  # as tar does: the kernel knows the inodes before their opens
-        before = _requests(handle)
+        before = daemon_requests(handle)
         for i in range(NFILES):
             with open(f"{mp}/d/f{i:04d}", "rb") as f:
                 want = _content(i) + (b"appended" if i == 150 else b"")
                 assert f.read() == want, i
                 assert os.fstat(f.fileno()).st_size == len(want)
             time.sleep(0.005)  # a reader slower than read-ahead even on a busy machine: this is no race
-        reads = _requests(handle).get("read", 0) - before.get("read", 0)
+        reads = daemon_requests(handle).get("read", 0) - before.get("read", 0)
     assert reads < NFILES // 2, reads
 
 

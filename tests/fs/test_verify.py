@@ -269,9 +269,10 @@ def test_objects_truncated_in_place_give_eio_and_the_daemon_lives(tmp_path):
 
 @pytest.mark.root
 def test_a_bad_big_object_fails_at_once_until_its_file_is_replaced(tmp_path, monkeypatch):
-    """A big object that failed its check answers EIO without another
-    whole-object hash while its file is the same; once the store has a
-    good file again (a repair renames one in), a new open checks it."""
+    """A big object without a chunk-sum table (verified whole) that failed
+    its check answers EIO without another whole-object hash while its
+    file is the same; once the store has a good file again (a repair
+    renames one in), a new open checks it."""
     from tests.fs.test_core import make_union
 
     src = tmp_path / "src"
@@ -284,6 +285,7 @@ def test_a_bad_big_object_fails_at_once_until_its_file_is_replaced(tmp_path, mon
         image = store.put_image(img.new_config([lid]))
         digest = blake3.blake3(content).hexdigest()
         path, _ = store.objects.locate(digest)
+        os.unlink(store.objects.sums_path(digest))  # (as stored before tables existed)
     good = open(path, "rb").read()
     with open(path, "r+b") as f:  # damaged in place
         f.write(b"\0" * 64)

@@ -1,0 +1,227 @@
+"""Reads of big objects checked a chunk at a time, and the chunks after a
+sequential reader's checked and handed to the kernel ahead of it.
+
+A big object with a chunk-sum table (``store.chunksums``) need not be
+hashed whole before its first byte is served: each READ waits only for
+the 1 MiB chunks it covers to match their sums. While a file is read from
+its start onwards, background threads check the next chunks
+(:data:`WINDOW` of them past the last READ) and give each one that matched
+to the kernel's page cache (``notify_store`` through the union's
+``push_range``), so a sequential reader's next reads are answered by the
+kernel, as a disk filesystem's read-ahead would: hashing runs beside the
+reader instead of before it, on a second core. The reader comes back to
+the daemon at the end of each window and moves it on.
+
+Nothing unchecked is served or pushed: a chunk whose sum differs gives EIO
+(and a log line) for every read that covers it, checked anew each time.
+Reads that jump (not within one chunk of the furthest read so far), and
+objects without a sound table, are verified whole as before
+(``fs.verify``); after a whole check of an object without a table, a
+background thread writes one, from a second read hashed against the name
+in the same pass, so the next cold reader of it takes this path.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import trio
+
+from layerfs.store import chunksums
+from layerfs.store.chunksums import SUM_CHUNK, chunk_sum
+from layerfs.store.objects import ObjectStore
+
+log = logging.getLogger("layerfs.fs")
+
+WINDOW = 32          # chunks checked and pushed ahead of a sequential reader (32 MiB)
+SLACK = 8            # a READ up to this many chunks past the furthest one is still sequential
+WORKERS = 2          # checking threads: blake3 releases the GIL, so two cores hash
+IDLE_EXIT = 5.0      # a thread exits after this long without work (restarted on demand)
+KEPT = 64            # objects whose chunk states are kept (each: one byte per MiB)
+UNKNOWN, CHECKING, GOOD = 0, 1, 2
+
+
+class ObjectChunks:
+    """What is known of one big object's chunks."""
+
+    __slots__ = ("digest", "path", "size", "sums", "state", "done", "furthest", "queued")
+
+    def __init__(self, digest: str, path: str, size: int, sums: list[bytes]) -> None:
+        self.digest, self.path, self.size, self.sums = digest, path, size, sums
+        self.state = bytearray(len(sums))
+        self.done: dict[int, threading.Event] = {}  # chunks being checked -> set when that ends
+        self.furthest = -1   # the furthest chunk a READ asked for
+        self.queued = -1     # chunks up to here were given to the threads
+
+    def sequential(self, off: int) -> bool:
+        """Whether a READ at *off* continues the reads so far: up to a few
+        chunks past the furthest READ (the kernel's read-ahead sends
+        several at once) or past the chunks handed ahead (the reader got
+        those from the page cache, without READs)."""
+        return off // SUM_CHUNK <= max(self.furthest, self.queued) + SLACK
+
+
+class ChunkReader:
+    """Chunk checks and read-ahead pushes of big objects (see the module docstring)."""
+
+    def __init__(self, objects: ObjectStore, push_range: Callable[[int, int, memoryview], bool]) -> None:
+        """*push_range(ino, offset, data)* gives checked content to the
+        kernel's page cache (False if it could not: no longer the lower
+        file's, the kernel forgot the inode, the session closes)."""
+        self.objects, self._push_range = objects, push_range
+        self._objects: collections.OrderedDict[str, ObjectChunks | None] = collections.OrderedDict()
+        self._lock = threading.Lock()      # chunk states, and the queue below
+        self._wake = threading.Condition(self._lock)
+        self._queue: collections.deque[tuple[ObjectChunks, int, int]] = collections.deque()  # (object, ino, chunk)
+        self._threads = 0
+        self._tabled: set[str] = set()     # objects this daemon wrote (or tried to write) a table for
+
+    def chunks(self, digest: str, path: str, size: int) -> ObjectChunks | None:
+        """The chunk states of a big raw object at *path*; None if it has
+        no sound table (it is then verified whole)."""
+        with self._lock:
+            if digest in self._objects:
+                self._objects.move_to_end(digest)
+                return self._objects[digest]
+        try:
+            sums = self.objects.chunk_sums(digest, size)
+        except OSError:
+            sums = None
+        oc = ObjectChunks(digest, path, size, sums) if sums else None
+        with self._lock:
+            self._objects[digest] = oc
+            if len(self._objects) > KEPT:
+                self._objects.popitem(last=False)
+        return oc
+
+    async def check(self, oc: ObjectChunks, fd: int, off: int, size: int) -> bool:
+        """Wait until every chunk the READ of *size* bytes at *off* covers
+        has matched its sum (checking those nobody checks yet, in a worker
+        thread); False if one did not."""
+        last = min(off + size, oc.size) - 1
+        oc.furthest = max(oc.furthest, last // SUM_CHUNK)
+        for i in range(off // SUM_CHUNK, last // SUM_CHUNK + 1):
+            with self._lock:
+                state, done = oc.state[i], oc.done.get(i)
+                if state == UNKNOWN:
+                    oc.state[i] = CHECKING
+                    done = oc.done[i] = threading.Event()
+            if state == GOOD:
+                continue
+            if state == UNKNOWN:
+                ok = await trio.to_thread.run_sync(self._check_chunk, oc, fd, i, bytearray(SUM_CHUNK))
+            else:  # a read-ahead thread checks it right now
+                await trio.to_thread.run_sync(done.wait)
+                ok = oc.state[i] == GOOD
+            if not ok:
+                return False
+        return True
+
+    def ahead(self, oc: ObjectChunks, ino: int, fd: int) -> None:
+        """Have the threads check and push the chunks up to :data:`WINDOW`
+        past the furthest READ of the sequential reader of inode *ino*
+        (*fd*: the reader's open object)."""
+        end = min(oc.furthest + WINDOW, len(oc.sums) - 1)
+        start = max(oc.queued, oc.furthest) + 1
+        if start > end:
+            return
+        with self._lock:
+            self._queue.extend((oc, ino, i) for i in range(start, end + 1))
+            oc.queued = end
+            self._start_threads()
+        # the disk starts on the whole window now, not one chunk at a time
+        os.posix_fadvise(fd, start * SUM_CHUNK, (end + 1 - start) * SUM_CHUNK, os.POSIX_FADV_WILLNEED)
+
+    def write_table_later(self, digest: str, path: str, size: int) -> None:
+        """After a whole check of an object without a table: write one in
+        a background thread (once per object and daemon)."""
+        if digest in self._tabled or size < chunksums.MIN_SIZE:
+            return
+        self._tabled.add(digest)
+        threading.Thread(target=self._write_table, args=(digest, path),
+                         name="layerfs-chunksums", daemon=True).start()
+
+    # -- in threads ----------------------------------------------------------
+    def _check_chunk(self, oc: ObjectChunks, fd: int, i: int, buf: bytearray) -> bool:
+        """Read chunk *i* into *buf* and compare it with its sum; records
+        the outcome (a bad chunk goes back to unknown: checked anew, and
+        reported, by every read of it)."""
+        view = memoryview(buf)[:min(SUM_CHUNK, oc.size - i * SUM_CHUNK)]
+        try:
+            n = os.preadv(fd, [view], i * SUM_CHUNK)
+            ok = n == len(view) and chunk_sum(self.objects.sums_key(), view) == oc.sums[i]
+        except OSError:
+            ok = False
+        with self._lock:
+            oc.state[i] = GOOD if ok else UNKNOWN
+            oc.done.pop(i).set()
+        if not ok:  # (the read that needed it logs the file's name)
+            log.error("object %s: chunk %d (bytes %d-) fails its sum", oc.digest, i, i * SUM_CHUNK)
+        return ok
+
+    def _start_threads(self) -> None:
+        while self._threads < WORKERS:
+            threading.Thread(target=self._run, name="layerfs-bigread", daemon=True).start()
+            self._threads += 1
+        self._wake.notify_all()
+
+    def _next(self) -> tuple[ObjectChunks, int, int] | None:
+        """The next chunk to check, None after :data:`IDLE_EXIT` idle."""
+        with self._wake:
+            while True:
+                while self._queue:
+                    oc, ino, i = self._queue.popleft()
+                    if oc.state[i] == UNKNOWN:
+                        oc.state[i] = CHECKING
+                        oc.done[i] = threading.Event()
+                        return oc, ino, i
+                if not self._wake.wait(IDLE_EXIT) and not self._queue:
+                    self._threads -= 1
+                    return None
+
+    def _run(self) -> None:
+        buf = bytearray(SUM_CHUNK)
+        fd, of = -1, None  # one open file per object in a row: the kernel's read-ahead follows it
+        try:
+            while (item := self._next()) is not None:
+                oc, ino, i = item
+                if of is not oc:
+                    if fd >= 0:
+                        os.close(fd)
+                    fd, of = _open(oc.path), oc
+                if fd < 0:  # gone: the reader's own read reports it
+                    with self._lock:
+                        oc.state[i] = UNKNOWN
+                        oc.done.pop(i).set()
+                elif self._check_chunk(oc, fd, i, buf):
+                    n = min(SUM_CHUNK, oc.size - i * SUM_CHUNK)
+                    self._push_range(ino, i * SUM_CHUNK, memoryview(buf)[:n])
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    def _write_table(self, digest: str, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                found, sums = chunksums.digest_and_sums(self.objects.sums_key(), fd)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if found == digest:
+                self.objects.write_sums(digest, size, sums)
+                with self._lock:
+                    self._objects.pop(digest, None)  # the next reader loads the table
+        except Exception as exc:  # a read-only store, a full disk: reads just stay whole-checked
+            log.info("no chunk-sum table written for %s: %s", digest[:12], exc)
+
+
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1

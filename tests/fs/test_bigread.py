@@ -1,0 +1,265 @@
+"""Big objects read a chunk at a time (fs/bigread.py): driven in-process over
+the union core, then through a FUSE mount (checked chunks put in the
+kernel's page cache ahead of the reader).
+
+What must hold: what is served is exactly the file's, and only chunks that
+matched their sums; a damaged chunk gives EIO for every read that covers
+it and leaves the other chunks readable; reads that jump, and objects
+whose table is missing or damaged, are verified whole as before (and then
+get a sound table); a write racing the pushes is never covered by them.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+import blake3
+import pytest
+import trio
+
+from layerfs.fs import bigread, verify
+from layerfs.store import chunksums, transfer
+from layerfs.store import images as img
+from layerfs.store.chunksums import SUM_CHUNK
+from layerfs.store.store import Store
+from tests.fs.conftest import daemon_requests, layerfs_mount, needs_fuse
+from tests.fs.test_core import make_union
+
+pytestmark = [pytest.mark.root]
+
+CHUNKS = 24
+
+
+@pytest.fixture
+def big_env(tmp_path):
+    """A store with one image holding d/big (CHUNKS MiB and a bit)."""
+    src = tmp_path / "src"
+    os.makedirs(src / "d")
+    content = os.urandom(CHUNKS * SUM_CHUNK + 4321)
+    (src / "d" / "big").write_bytes(content)
+    root = str(tmp_path / "store")
+    with Store(root) as store:
+        lid = transfer.import_layer(store, str(src), as_layer=True)
+        image = store.put_image(img.new_config([lid]))
+        digest = blake3.blake3(content).hexdigest()
+        path, _ = store.objects.locate(digest)
+        sums = store.objects.sums_path(digest)
+    yield root, image, content, path, sums
+    with open(path, "wb") as f:  # leave a sound store for the fsck fixture
+        f.write(content)
+
+
+@pytest.fixture
+def whole_checks(monkeypatch) -> list[str]:
+    """The digests verified whole (fs.verify), in order."""
+    seen: list[str] = []
+    real = verify.object_ok
+
+    async def counting(fd, digest, verified):
+        seen.append(digest)
+        return await real(fd, digest, verified)
+
+    monkeypatch.setattr(verify, "object_ok", counting)
+    return seen
+
+
+def _reads(u, spans: list[tuple[int, int]]) -> list[bytes | int]:
+    """Open d/big once and read each (offset, size): bytes, or -errno."""
+    async def main() -> list[bytes | int]:
+        node = u.lookup(u.lookup(1, b"d").ino, b"big")
+        fh = (await u.open(node.ino, os.O_RDONLY)).fh
+        out: list[bytes | int] = []
+        try:
+            for off, size in spans:
+                try:
+                    out.append(bytes(await u.read(fh, off, size)))
+                except OSError as exc:
+                    out.append(-exc.errno)
+        finally:
+            u.release(fh)
+        return out
+
+    return trio.run(main)
+
+
+def _sequential(size: int, step: int = 128 << 10) -> list[tuple[int, int]]:
+    return [(off, step) for off in range(0, size, step)]
+
+
+def _damage(path: str, chunk: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(chunk * SUM_CHUNK + 100)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def _union(root, image, tmp_path):
+    u = make_union(root, image, str(tmp_path / "upper"))
+    return u
+
+
+def test_sequential_reads_are_checked_chunk_by_chunk(big_env, tmp_path, whole_checks):
+    root, image, content, _, _ = big_env
+    u = _union(root, image, tmp_path)
+    try:
+        got = _reads(u, _sequential(len(content)))
+        assert b"".join(got) == content
+        assert whole_checks == []  # never hashed whole
+        oc = u.chunk_reads.chunks(blake3.blake3(content).hexdigest(), "", len(content))
+        deadline = time.monotonic() + 30
+        while set(oc.state) != {bigread.GOOD} and time.monotonic() < deadline:
+            time.sleep(0.01)  # (the last chunks may be checked ahead by a thread, still at work)
+        assert set(oc.state) == {bigread.GOOD}
+    finally:
+        os.close(u.upper.fd)
+
+
+def test_a_damaged_chunk_fails_every_read_of_it_and_no_other(big_env, tmp_path, whole_checks):
+    root, image, content, path, _ = big_env
+    _damage(path, 5)
+    u = _union(root, image, tmp_path)
+    try:
+        spans = [(0, SUM_CHUNK)] + [(i * SUM_CHUNK, 4096) for i in range(1, 8)] + [(5 * SUM_CHUNK + 50, 100)]
+        got = _reads(u, spans)
+        want = [content[o:o + n] for o, n in spans]
+        assert [g if i not in (5, 8) else None for i, g in enumerate(got)] == \
+               [w if i not in (5, 8) else None for i, w in enumerate(want)]
+        assert got[5] == got[8] == -errno.EIO
+        assert whole_checks == []
+    finally:
+        os.close(u.upper.fd)
+
+
+def test_a_read_that_jumps_verifies_the_object_whole(big_env, tmp_path, whole_checks):
+    root, image, content, path, _ = big_env
+    u = _union(root, image, tmp_path)
+    try:
+        got = _reads(u, [(10 * SUM_CHUNK, 4096), (0, 4096)])
+        assert got == [content[10 * SUM_CHUNK:10 * SUM_CHUNK + 4096], content[:4096]]
+        assert whole_checks == [blake3.blake3(content).hexdigest()]
+    finally:
+        os.close(u.upper.fd)
+    _damage(path, 20)
+    u = _union(root, image, tmp_path / "again")
+    try:
+        assert _reads(u, [(10 * SUM_CHUNK, 4096)]) == [-errno.EIO]  # whole: any damage fails it
+    finally:
+        os.close(u.upper.fd)
+
+
+@pytest.mark.parametrize("table", ["missing", "damaged"])
+def test_without_a_sound_table_the_object_is_verified_whole_and_gets_one(big_env, tmp_path, whole_checks, table):
+    root, image, content, path, sums = big_env
+    if table == "missing":
+        os.unlink(sums)
+    else:
+        with open(sums, "r+b") as f:
+            f.seek(60)
+            f.write(b"\xff")
+    u = _union(root, image, tmp_path)
+    digest = blake3.blake3(content).hexdigest()
+    try:
+        assert b"".join(_reads(u, _sequential(len(content)))) == content
+        assert whole_checks == [digest]
+        key = u.objects.sums_key()
+        want = [chunksums.chunk_sum(key, content[i:i + SUM_CHUNK]) for i in range(0, len(content), SUM_CHUNK)]
+        deadline = time.monotonic() + 60
+        while u.objects.chunk_sums(digest, len(content)) != want:  # written by a background thread
+            assert time.monotonic() < deadline, "no sound table was written"
+            time.sleep(0.05)
+    finally:
+        os.close(u.upper.fd)
+
+
+def test_no_table_is_written_for_content_that_changed_since_its_check(big_env, tmp_path):
+    """The table comes from a second read hashed against the name in the
+    same pass: content damaged after the whole check gets none."""
+    root, image, content, path, sums = big_env
+    os.unlink(sums)
+    u = _union(root, image, tmp_path)
+    digest = blake3.blake3(content).hexdigest()
+    try:
+        real = u.chunk_reads._write_table
+
+        def damaged_first(d: str, p: str) -> None:
+            _damage(path, 3)
+            real(d, p)
+
+        u.chunk_reads._write_table = damaged_first
+        _reads(u, [(0, 4096)])
+        u.chunk_reads.write_table_later(digest, path, len(content))  # (already asked: once per object)
+        deadline = time.monotonic() + 30
+        while threading.active_count() > 1 and any(t.name == "layerfs-chunksums" for t in threading.enumerate()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not os.path.exists(sums)
+    finally:
+        os.close(u.upper.fd)
+
+
+# -- through a mount: checked chunks put in the kernel's page cache ---------------
+def _evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@needs_fuse
+def test_a_sequential_reader_gets_its_chunks_from_the_page_cache(big_env, tmp_path):
+    root, image, content, path, _ = big_env
+    _evict(path)
+    mp = str(tmp_path / "mnt")
+    with layerfs_mount(root, image.id, mp, upper=str(tmp_path / "up")) as handle:
+        before = daemon_requests(handle)
+        with open(f"{mp}/d/big", "rb") as f:
+            got = b""
+            while piece := f.read(128 << 10):
+                got += piece
+                time.sleep(0.001)  # a reader slower than the checking threads even on a busy machine
+        assert got == content
+        reads = daemon_requests(handle).get("read", 0) - before.get("read", 0)
+    assert reads < CHUNKS // 2, reads
+
+
+@needs_fuse
+def test_a_damaged_chunk_gives_eio_through_a_mount(big_env, tmp_path):
+    root, image, content, path, _ = big_env
+    _damage(path, 9)
+    _evict(path)
+    mp = str(tmp_path / "mnt")
+    with layerfs_mount(root, image.id, mp, upper=str(tmp_path / "up")) as handle:
+        with open(f"{mp}/d/big", "rb") as f:
+            assert f.read(9 * SUM_CHUNK) == content[:9 * SUM_CHUNK]
+            with pytest.raises(OSError) as exc:
+                f.read(SUM_CHUNK)
+            assert exc.value.errno == errno.EIO
+        log = open(handle.log).read()
+    assert "(d/big) fails its digest check" in log and "chunk 9 (bytes 9437184-) fails its sum" in log
+
+
+@needs_fuse
+def test_writes_racing_the_pushes_are_never_covered(big_env, tmp_path):
+    """A write lands in the middle of a file whose next chunks the threads
+    are pushing: every later read sees the write (a push of the lower
+    content after the copy-up would leave stale pages in the kernel)."""
+    root, image, content, path, _ = big_env
+    _evict(path)
+    mp = str(tmp_path / "mnt")
+    at = 6 * SUM_CHUNK + 17
+    with layerfs_mount(root, image.id, mp, upper=str(tmp_path / "up")):
+        with open(f"{mp}/d/big", "rb") as reader:
+            reader.read(SUM_CHUNK)  # starts the pushes of the next chunks
+            with open(f"{mp}/d/big", "r+b") as writer:
+                writer.seek(at)
+                writer.write(b"written")
+            rest = reader.read()
+        want = content[:at] + b"written" + content[at + 7:]
+        assert rest == want[SUM_CHUNK:]
+        with open(f"{mp}/d/big", "rb") as f:
+            assert f.read() == want
