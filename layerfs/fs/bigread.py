@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 import trio
 
+from layerfs.errors import LayerfsError
 from layerfs.store import chunksums
 from layerfs.store.chunksums import SUM_CHUNK, chunk_sum
 from layerfs.store.objects import ObjectStore
@@ -89,7 +90,8 @@ class ChunkReader:
                 return self._objects[digest]
         try:
             sums = self.objects.chunk_sums(digest, size)
-        except OSError:
+        except (OSError, LayerfsError) as exc:  # an unreadable table or key: verified whole
+            log.info("chunk sums of %s not used: %s", digest[:12], exc)
             sums = None
         oc = ObjectChunks(digest, path, size, sums) if sums else None
         with self._lock:
