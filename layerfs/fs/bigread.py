@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from collections.abc import Callable
 import trio
 
 from layerfs.errors import LayerfsError
+from layerfs.fs import verify
 from layerfs.store import chunksums
 from layerfs.store.chunksums import SUM_CHUNK, chunk_sum
 from layerfs.store.objects import ObjectStore
@@ -74,6 +76,9 @@ class ChunkReader:
         kernel's page cache (False if it could not: no longer the lower
         file's, the kernel forgot the inode, the session closes)."""
         self.objects, self._push_range = objects, push_range
+        # developer aid: LAYERFS_BIG_READS=whole verifies every big object
+        # whole, as before chunk sums, for A/B runs
+        self.whole = os.environ.get("LAYERFS_BIG_READS") == "whole"
         self._objects: collections.OrderedDict[str, ObjectChunks | None] = collections.OrderedDict()
         self._lock = threading.Lock()      # chunk states, and the queue below
         self._wake = threading.Condition(self._lock)
@@ -149,15 +154,19 @@ class ChunkReader:
 
     # -- in threads ----------------------------------------------------------
     def _check_chunk(self, oc: ObjectChunks, fd: int, i: int, buf: bytearray) -> bool:
-        """Read chunk *i* into *buf* and compare it with its sum; records
-        the outcome (a bad chunk goes back to unknown: checked anew, and
-        reported, by every read of it)."""
-        view = memoryview(buf)[:min(SUM_CHUNK, oc.size - i * SUM_CHUNK)]
+        """Read chunk *i* into *buf* and check it (:meth:`_check_view`)."""
+        view = memoryview(buf)[:_chunk_len(oc, i)]
         try:
             n = os.preadv(fd, [view], i * SUM_CHUNK)
-            ok = n == len(view) and chunk_sum(self.objects.sums_key(), view) == oc.sums[i]
         except OSError:
-            ok = False
+            n = -1
+        return self._check_view(oc, i, view if n == len(view) else None)
+
+    def _check_view(self, oc: ObjectChunks, i: int, view: memoryview | None) -> bool:
+        """Compare chunk *i*'s bytes (None: could not be read whole) with
+        its sum and record the outcome (a bad chunk goes back to unknown:
+        checked anew, and reported, by every read of it)."""
+        ok = view is not None and chunk_sum(self.objects.sums_key(), view) == oc.sums[i]
         with self._lock:
             oc.state[i] = GOOD if ok else UNKNOWN
             oc.done.pop(i).set()
@@ -171,8 +180,10 @@ class ChunkReader:
             self._threads += 1
         self._wake.notify_all()
 
-    def _next(self) -> tuple[ObjectChunks, int, int] | None:
-        """The next chunk to check, None after :data:`IDLE_EXIT` idle."""
+    def _next(self, src: _Source | None) -> tuple[ObjectChunks, int, int] | None:
+        """The next chunk to check, None after :data:`IDLE_EXIT` idle.
+        *src* (the thread's open object) lets go of its mapping and lease
+        while the thread waits."""
         with self._wake:
             while True:
                 while self._queue:
@@ -181,30 +192,33 @@ class ChunkReader:
                         oc.state[i] = CHECKING
                         oc.done[i] = threading.Event()
                         return oc, ino, i
+                if src is not None:
+                    src.unmap()
                 if not self._wake.wait(IDLE_EXIT) and not self._queue:
                     self._threads -= 1
                     return None
 
     def _run(self) -> None:
         buf = bytearray(SUM_CHUNK)
-        fd, of = -1, None  # one open file per object in a row: the kernel's read-ahead follows it
+        src: _Source | None = None  # one per object in a row: mapped once, and the kernel's read-ahead follows it
         try:
-            while (item := self._next()) is not None:
+            while (item := self._next(src)) is not None:
                 oc, ino, i = item
-                if of is not oc:
-                    if fd >= 0:
-                        os.close(fd)
-                    fd, of = _open(oc.path), oc
-                if fd < 0:  # gone: the reader's own read reports it
+                if src is None or src.oc is not oc:
+                    if src is not None:
+                        src.close()
+                    src = _Source.open(oc)
+                if src is None:  # gone: the reader's own read reports it
                     with self._lock:
                         oc.state[i] = UNKNOWN
                         oc.done.pop(i).set()
-                elif self._check_chunk(oc, fd, i, buf):
-                    n = min(SUM_CHUNK, oc.size - i * SUM_CHUNK)
-                    self._push_range(ino, i * SUM_CHUNK, memoryview(buf)[:n])
+                    continue
+                with src.chunk(i, buf) as view:
+                    if self._check_view(oc, i, view if len(view) == _chunk_len(oc, i) else None):
+                        self._push_range(ino, i * SUM_CHUNK, view)
         finally:
-            if fd >= 0:
-                os.close(fd)
+            if src is not None:
+                src.close()
 
     def _write_table(self, digest: str, path: str) -> None:
         try:
@@ -222,8 +236,64 @@ class ChunkReader:
             log.info("no chunk-sum table written for %s: %s", digest[:12], exc)
 
 
-def _open(path: str) -> int:
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return -1
+def _chunk_len(oc: ObjectChunks, i: int) -> int:
+    return min(SUM_CHUNK, oc.size - i * SUM_CHUNK)
+
+
+class _Source:
+    """A read-ahead thread's open object. Chunks are hashed and pushed
+    straight from a mapping of it (no copy into a buffer first) while a
+    read lease keeps anyone from truncating it under the mapping, which
+    would be SIGBUS (see ``fs.verify``: same lease, same rule); without a
+    lease, or once a writer waits for it, chunks are read into a buffer."""
+
+    def __init__(self, oc: ObjectChunks, fd: int) -> None:
+        self.oc, self.fd = oc, fd
+        self.mm: mmap.mmap | None = None
+        self.mappable = True  # until a lease cannot be had or a writer came
+
+    def _map(self) -> None:
+        if self.mm is None and self.mappable:
+            self.mappable = verify.take_lease(self.fd)
+            if self.mappable:
+                try:
+                    self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):
+                    verify.release_lease(self.fd)
+                    self.mappable = False
+
+    @classmethod
+    def open(cls, oc: ObjectChunks) -> _Source | None:
+        try:
+            fd = os.open(oc.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        return cls(oc, fd)
+
+    def chunk(self, i: int, buf: bytearray) -> memoryview:
+        """Chunk *i*'s bytes (shorter if the file is), as a view to
+        release before the next call: of the mapping while the lease
+        holds, else of *buf*."""
+        start, n = i * SUM_CHUNK, _chunk_len(self.oc, i)
+        self._map()
+        if self.mm is not None:
+            if verify.leased(self.fd) and start + n <= len(self.mm):
+                return memoryview(self.mm)[start:start + n]
+            self.mappable = False
+            self.unmap()
+        view = memoryview(buf)[:n]
+        try:
+            got = os.preadv(self.fd, [view], start)
+        except OSError:
+            got = 0
+        return view[:got]
+
+    def unmap(self) -> None:
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+            verify.release_lease(self.fd)
+
+    def close(self) -> None:
+        self.unmap()
+        os.close(self.fd)

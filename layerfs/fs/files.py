@@ -243,7 +243,7 @@ class FileIO:
         object is to be verified whole instead (no table, or a read that
         jumps). EIO if a chunk fails its sum."""
         oc = self.chunk_reads.chunks(h.digest, h.path, h.size)
-        if oc is None or not oc.sequential(off):
+        if self.chunk_reads.whole or oc is None or not oc.sequential(off):
             return False
         self._check(await self.chunk_reads.check(oc, h.fd, off, size), h, verified=False)
         if h.node.lower >= 0:

@@ -94,22 +94,22 @@ def fd_digest(fd: int) -> str:
     the module docstring for how it is read). Blocks: call it in a thread."""
     h = blake3.blake3(max_threads=_max_threads)
     off = 0
-    if _lease(fd):
+    if take_lease(fd):
         try:
             size = os.fstat(fd).st_size  # after the lease: nothing truncates it now
-            while off < size and _leased(fd):
+            while off < size and leased(fd):
                 n = min(SEGMENT, size - off)
                 with mmap.mmap(fd, n, offset=off, access=mmap.ACCESS_READ) as mm:
                     h.update(mm)
                 off += n
         finally:
-            _release(fd)
+            release_lease(fd)
         if off == size:
             return h.hexdigest()
     return hash_fd(fd, h, off).hexdigest()
 
 
-def _lease(fd: int) -> bool:
+def take_lease(fd: int) -> bool:
     try:
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
@@ -118,12 +118,12 @@ def _lease(fd: int) -> bool:
     return True
 
 
-def _leased(fd: int) -> bool:
+def leased(fd: int) -> bool:
     """False once a writer waits for the lease (it reads F_UNLCK then)."""
     return fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_RDLCK
 
 
-def _release(fd: int) -> None:
+def release_lease(fd: int) -> None:
     try:
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     except OSError:

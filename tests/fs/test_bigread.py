@@ -263,3 +263,24 @@ def test_writes_racing_the_pushes_are_never_covered(big_env, tmp_path):
         assert rest == want[SUM_CHUNK:]
         with open(f"{mp}/d/big", "rb") as f:
             assert f.read() == want
+
+
+@needs_fuse
+@pytest.mark.damages_store
+def test_an_object_emptied_while_read_ahead_gives_eio_and_the_daemon_lives(big_env, tmp_path):
+    """Read-ahead threads hash and push from a mapping of the object, held
+    under a read lease: emptying the object in place (``open(path, 'wb')``)
+    waits for the lease, the threads let go, and the reads after that fail
+    with EIO, never with SIGBUS in the daemon."""
+    root, image, content, path, _ = big_env
+    _evict(path)
+    mp = str(tmp_path / "mnt")
+    with layerfs_mount(root, image.id, mp, upper=str(tmp_path / "up")) as handle:
+        with open(f"{mp}/d/big", "rb") as f:
+            assert f.read(SUM_CHUNK) == content[:SUM_CHUNK]  # read-ahead maps the object now
+            open(path, "wb").close()
+            with pytest.raises(OSError) as exc:
+                f.read()
+            assert exc.value.errno == errno.EIO
+        os.kill(handle.pid, 0)  # still there
+        assert os.listdir(f"{mp}/d") == ["big"]

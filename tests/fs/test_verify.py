@@ -73,7 +73,7 @@ def test_a_file_open_for_writing_is_hashed_with_pread(tmp_path):
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            assert not verify._lease(fd)
+            assert not verify.take_lease(fd)
             assert verify.fd_digest(fd) == blake3.blake3(content).hexdigest()
         finally:
             os.close(fd)
@@ -93,7 +93,7 @@ def test_a_truncation_waits_for_the_hash(tmp_path, monkeypatch):
     content = _write(path, [os.urandom(4 << 20)])
     marker = str(tmp_path / "truncated")
     writer: list[subprocess.Popen] = []
-    real_leased = verify._leased
+    real_leased = verify.leased
     seen: list[bool] = []
 
     def leased(fd: int) -> bool:
@@ -108,7 +108,7 @@ def test_a_truncation_waits_for_the_hash(tmp_path, monkeypatch):
         seen.append(real_leased(fd))
         return seen[-1]
 
-    real_release = verify._release
+    real_release = verify.release_lease
     held_off = []
 
     def release(fd: int) -> None:
@@ -116,8 +116,8 @@ def test_a_truncation_waits_for_the_hash(tmp_path, monkeypatch):
         real_release(fd)
         assert writer[0].wait(timeout=60) == 0  # the damage lands before the rest is read
 
-    monkeypatch.setattr(verify, "_leased", leased)
-    monkeypatch.setattr(verify, "_release", release)
+    monkeypatch.setattr(verify, "leased", leased)
+    monkeypatch.setattr(verify, "release_lease", release)
     fd = os.open(path, os.O_RDONLY)
     try:
         digest = verify.fd_digest(fd)
