@@ -9,12 +9,12 @@ its start onwards, background threads check the next chunks
 to the kernel's page cache (``notify_store`` through the union's
 ``push_range``), so a sequential reader's next reads are answered by the
 kernel, as a disk filesystem's read-ahead would: hashing runs beside the
-reader instead of before it, on a second core. The reader comes back to
-the daemon at the end of each window and moves it on.
+reader instead of before it, on a second core. A chunk every so often is
+left for the reader to READ, and that READ moves the window on.
 
 Nothing unchecked is served or pushed: a chunk whose sum differs gives EIO
 (and a log line) for every read that covers it, checked anew each time.
-Reads that jump (not within one chunk of the furthest read so far), and
+Reads that jump (well past the furthest read or pushed chunk), and
 objects without a sound table, are verified whole as before
 (``fs.verify``); after a whole check of an object without a table, a
 background thread writes one, from a second read hashed against the name
@@ -41,6 +41,7 @@ from layerfs.store.objects import ObjectStore
 log = logging.getLogger("layerfs.fs")
 
 WINDOW = 32          # chunks checked and pushed ahead of a sequential reader (32 MiB)
+MARK = 16            # every MARK-th chunk is checked but not pushed (see _pushed)
 SLACK = 8            # a READ up to this many chunks past the furthest one is still sequential
 WORKERS = 2          # checking threads: blake3 releases the GIL, so two cores hash
 IDLE_EXIT = 5.0      # a thread exits after this long without work (restarted on demand)
@@ -214,7 +215,7 @@ class ChunkReader:
                         oc.done.pop(i).set()
                     continue
                 with src.chunk(i, buf) as view:
-                    if self._check_view(oc, i, view if len(view) == _chunk_len(oc, i) else None):
+                    if self._check_view(oc, i, view if len(view) == _chunk_len(oc, i) else None) and _pushed(i):
                         self._push_range(ino, i * SUM_CHUNK, view)
         finally:
             if src is not None:
@@ -234,6 +235,17 @@ class ChunkReader:
                     self._objects.pop(digest, None)  # the next reader loads the table
         except Exception as exc:  # a read-only store, a full disk: reads just stay whole-checked
             log.info("no chunk-sum table written for %s: %s", digest[:12], exc)
+
+
+def _pushed(i: int) -> bool:
+    """Whether chunk *i* is pushed once checked. A reader served from the
+    page cache sends no READ, so the daemon would not see it come and the
+    window would move only when the reader ran out of it, a stall at every
+    window. A chunk left out every :data:`MARK` chunks is a mark instead,
+    as the kernel's own read-ahead marks a page: the reader's READ of it
+    (a checked chunk, quick to answer) moves the window on while the
+    reader is still :data:`WINDOW` - :data:`MARK` chunks from its end."""
+    return i % MARK != MARK // 2
 
 
 def _chunk_len(oc: ObjectChunks, i: int) -> int:
