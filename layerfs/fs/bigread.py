@@ -42,6 +42,7 @@ log = logging.getLogger("layerfs.fs")
 
 WINDOW = 32          # chunks checked and pushed ahead of a sequential reader (32 MiB)
 MARK = 16            # every MARK-th chunk is checked but not pushed (see _pushed)
+SEGMENT = 8 << 20    # mapped at once by a read-ahead thread (mapped pages count in the daemon's RSS)
 SLACK = 8            # a READ up to this many chunks past the furthest one is still sequential
 WORKERS = 2          # checking threads: blake3 releases the GIL, so two cores hash
 IDLE_EXIT = 5.0      # a thread exits after this long without work (restarted on demand)
@@ -257,22 +258,16 @@ class _Source:
     straight from a mapping of it (no copy into a buffer first) while a
     read lease keeps anyone from truncating it under the mapping, which
     would be SIGBUS (see ``fs.verify``: same lease, same rule); without a
-    lease, or once a writer waits for it, chunks are read into a buffer."""
+    lease, or once a writer waits for it, chunks are read into a buffer.
+    :data:`SEGMENT` bytes are mapped at a time: mapped pages count in the
+    daemon's RSS."""
 
     def __init__(self, oc: ObjectChunks, fd: int) -> None:
         self.oc, self.fd = oc, fd
         self.mm: mmap.mmap | None = None
-        self.mappable = True  # until a lease cannot be had or a writer came
-
-    def _map(self) -> None:
-        if self.mm is None and self.mappable:
-            self.mappable = verify.take_lease(self.fd)
-            if self.mappable:
-                try:
-                    self.mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-                except (OSError, ValueError):
-                    verify.release_lease(self.fd)
-                    self.mappable = False
+        self.base = 0           # offset of the mapping
+        self.leased = False
+        self.mappable = True    # until a lease cannot be had or a writer came
 
     @classmethod
     def open(cls, oc: ObjectChunks) -> _Source | None:
@@ -287,12 +282,9 @@ class _Source:
         release before the next call: of the mapping while the lease
         holds, else of *buf*."""
         start, n = i * SUM_CHUNK, _chunk_len(self.oc, i)
-        self._map()
-        if self.mm is not None:
-            if verify.leased(self.fd) and start + n <= len(self.mm):
-                return memoryview(self.mm)[start:start + n]
-            self.mappable = False
-            self.unmap()
+        view = self._mapped(start, n)
+        if view is not None:
+            return view
         view = memoryview(buf)[:n]
         try:
             got = os.preadv(self.fd, [view], start)
@@ -300,11 +292,42 @@ class _Source:
             got = 0
         return view[:got]
 
-    def unmap(self) -> None:
+    def _mapped(self, start: int, n: int) -> memoryview | None:
+        if not self.mappable:
+            return None
+        if not self.leased:
+            self.leased = self.mappable = verify.take_lease(self.fd)
+            if not self.leased:
+                return None
+        elif not verify.leased(self.fd):  # a writer waits: let go, read the rest
+            self.mappable = False
+            self.unmap()
+            return None
+        base = start - start % SEGMENT
+        if self.mm is None or self.base != base:
+            self._drop_mapping()
+            length = min(SEGMENT, os.fstat(self.fd).st_size - base)  # (leased: nobody truncates it now)
+            if length < start - base + n:  # cut short: the buffer's read shows how much is left
+                return None
+            try:
+                self.mm, self.base = mmap.mmap(self.fd, length, offset=base, access=mmap.ACCESS_READ), base
+            except (OSError, ValueError):
+                self.mappable = False
+                self.unmap()
+                return None
+        return memoryview(self.mm)[start - base:start - base + n]
+
+    def _drop_mapping(self) -> None:
         if self.mm is not None:
             self.mm.close()
             self.mm = None
+
+    def unmap(self) -> None:
+        """Let go of the mapping and the lease (the thread waits, or is done)."""
+        self._drop_mapping()
+        if self.leased:
             verify.release_lease(self.fd)
+            self.leased = False
 
     def close(self) -> None:
         self.unmap()
