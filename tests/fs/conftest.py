@@ -186,6 +186,23 @@ def daemon_requests(handle) -> dict[str, int]:
     raise AssertionError("the daemon logged no request counts")
 
 
+def big_file_image(tmp_path, size: int):
+    """A store at tmp_path/store with one image holding only d/big, *size*
+    random bytes: (root, image, content, path of its object file)."""
+    import blake3
+
+    src = tmp_path / "src"
+    os.makedirs(src / "d")
+    content = os.urandom(size)
+    (src / "d" / "big").write_bytes(content)
+    root = str(tmp_path / "store")
+    with Store(root) as store:
+        lid = transfer.import_layer(store, str(src), as_layer=True)
+        image = store.put_image(img.new_config([lid]))
+        path, _ = store.objects.locate(blake3.blake3(content).hexdigest())
+    return root, image, content, path
+
+
 def fresh_upper(path: str, like: str | None = None) -> str:
     """An empty upper dir whose root looks like the lower root *like*."""
     os.makedirs(path)

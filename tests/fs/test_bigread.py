@@ -21,11 +21,9 @@ import pytest
 import trio
 
 from layerfs.fs import bigread, verify
-from layerfs.store import chunksums, transfer
-from layerfs.store import images as img
+from layerfs.store import chunksums
 from layerfs.store.chunksums import SUM_CHUNK
-from layerfs.store.store import Store
-from tests.fs.conftest import daemon_requests, layerfs_mount, needs_fuse
+from tests.fs.conftest import big_file_image, daemon_requests, layerfs_mount, needs_fuse
 from tests.fs.test_core import make_union
 
 pytestmark = [pytest.mark.root]
@@ -36,17 +34,8 @@ CHUNKS = 24
 @pytest.fixture
 def big_env(tmp_path):
     """A store with one image holding d/big (CHUNKS MiB and a bit)."""
-    src = tmp_path / "src"
-    os.makedirs(src / "d")
-    content = os.urandom(CHUNKS * SUM_CHUNK + 4321)
-    (src / "d" / "big").write_bytes(content)
-    root = str(tmp_path / "store")
-    with Store(root) as store:
-        lid = transfer.import_layer(store, str(src), as_layer=True)
-        image = store.put_image(img.new_config([lid]))
-        digest = blake3.blake3(content).hexdigest()
-        path, _ = store.objects.locate(digest)
-        sums = store.objects.sums_path(digest)
+    root, image, content, path = big_file_image(tmp_path, CHUNKS * SUM_CHUNK + 4321)
+    sums = path + chunksums.SUFFIX
     yield root, image, content, path, sums
     with open(path, "wb") as f:  # leave a sound store for the fsck fixture
         f.write(content)

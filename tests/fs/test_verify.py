@@ -17,11 +17,11 @@ import pytest
 import trio
 
 from layerfs.fs import verify
+from layerfs.store import chunksums, transfer
 from layerfs.store import images as img
-from layerfs.store import transfer
 from layerfs.store.objects import file_digest
 from layerfs.store.store import Store
-from tests.fs.conftest import layerfs_mount
+from tests.fs.conftest import big_file_image, layerfs_mount
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "layerfs")
 
@@ -275,17 +275,10 @@ def test_a_bad_big_object_fails_at_once_until_its_file_is_replaced(tmp_path, mon
     renames one in), a new open checks it."""
     from tests.fs.test_core import make_union
 
-    src = tmp_path / "src"
-    os.makedirs(src / "d")
-    content = os.urandom(3 << 20)  # above SMALL_OBJECT: read through a mapping, checked whole
-    (src / "d" / "big").write_bytes(content)
-    root = str(tmp_path / "store")
-    with Store(root) as store:
-        lid = transfer.import_layer(store, str(src), as_layer=True)
-        image = store.put_image(img.new_config([lid]))
-        digest = blake3.blake3(content).hexdigest()
-        path, _ = store.objects.locate(digest)
-        os.unlink(store.objects.sums_path(digest))  # (as stored before tables existed)
+    # above SMALL_OBJECT: read through a mapping, checked whole
+    root, image, content, path = big_file_image(tmp_path, 3 << 20)
+    digest = blake3.blake3(content).hexdigest()
+    os.unlink(path + chunksums.SUFFIX)  # (as stored before tables existed)
     good = open(path, "rb").read()
     with open(path, "r+b") as f:  # damaged in place
         f.write(b"\0" * 64)
