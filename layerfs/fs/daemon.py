@@ -34,8 +34,13 @@ class Daemon:
         os.close(ready_w)
 
     def go(self, params: dict) -> int:
-        """Send the mount parameters; return the daemon's pid once it serves."""
-        os.write(self.go_w, json.dumps(params).encode())
+        """Send the mount parameters; return the daemon's pid once it serves.
+
+        The caller's ``LAYERFS_*`` environment goes along: a daemon forked
+        ahead (``mount.prefork`` in the mount server's spare worker) has the
+        environment of before the request."""
+        env = {k: v for k, v in os.environ.items() if k.startswith("LAYERFS_")}
+        os.write(self.go_w, json.dumps({"params": params, "env": env}).encode())
         os.close(self.go_w)
         self.go_w = -1
         return mountproc.wait_ready(self.pid, self.ready_r, "the mount daemon died before the mount was ready")
@@ -70,7 +75,11 @@ def _daemon_main(go_r: int, ready_w: int) -> int:
     os.close(go_r)
     if not chunks:
         return 0
-    return run_daemon(json.loads(b"".join(chunks)), ready_w, detached=True)
+    message = json.loads(b"".join(chunks))
+    for name in [k for k in os.environ if k.startswith("LAYERFS_")]:
+        del os.environ[name]
+    os.environ.update(message["env"])
+    return run_daemon(message["params"], ready_w, detached=True)
 
 
 def _import_pyfuse3() -> None:
