@@ -21,6 +21,7 @@ from layerfs.store.layout import StoreLayout
 #: read the cache file. Set in the process daemons are forked from by one
 #: that keeps indexes (the warm mount server, ``fs.mountserver``).
 find_loaded_index = lambda image_id, path: None  # noqa: E731
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Daemon:
@@ -205,12 +206,18 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             shutil.rmtree(os.path.dirname(upper_dir), ignore_errors=True)
         return 1
     log.info("mounted %s at %s (upper %s)", params["image_id"][:12], mp, upper_dir)
+    # Mounted: requests wait in the kernel until the loop serves them, so
+    # the caller may go on (register the mount, stat it) while trio starts.
+    # A stop signal meanwhile stays pending until the loop's receiver has it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    ready(f"ok {os.getpid()}\n")
     orphaned = False
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             async def on_signal() -> None:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                with trio.open_signal_receiver(*_STOP_SIGNALS) as sigs:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                     async for sig in sigs:
                         log.info("signal %d: unmounting", sig)
                         pyfuse3.terminate()
@@ -221,9 +228,7 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
                     async for _ in sigs:
                         log.info("requests %s", json.dumps(dict(operations.requests), sort_keys=True))
 
-            async def announce() -> None:
-                await trio.sleep(0)
-                ready(f"ok {os.getpid()}\n")
+            async def raise_readahead() -> None:
                 await trio.to_thread.run_sync(_raise_readahead, mp)
 
             async def on_owner_exit() -> None:
@@ -239,7 +244,7 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
 
             nursery.start_soon(on_signal)
             nursery.start_soon(report_requests)
-            nursery.start_soon(announce)
+            nursery.start_soon(raise_readahead)
             if params.get("owner"):
                 nursery.start_soon(on_owner_exit)
             await pyfuse3.main(min_tasks=4, max_tasks=64)

@@ -423,11 +423,15 @@ def _open_store(root: str) -> tuple | None:
     layout = StoreLayout(root)
     if not all(os.path.isdir(d) for d in layout.made_on_open):
         return None
+    before = _identity(layout.db)  # (stat before and after: the connection's own file is not to be had)
     try:
         store = Store(root)
     except Exception:
         return None
-    return store, _identity(layout.db)
+    if before is None or _identity(layout.db) != before:  # replaced meanwhile
+        store.close()
+        return None
+    return store, before
 
 
 def _identity(path: str) -> tuple | None:

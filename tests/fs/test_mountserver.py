@@ -377,9 +377,37 @@ def test_replaced_database_is_reopened(store_with_image, mounts):
     root, image = store_with_image
     mounts.mount(image, "a")
     db = StoreLayout(root).db
+    _wait_for_spare_with(root, db)
     with Store(root) as store:  # a consistent copy, swapped in with nothing left in the WAL
         store.db.conn.execute("VACUUM INTO ?", (db + ".copy",))
         assert store.db.one("PRAGMA wal_checkpoint(TRUNCATE)")[0] == 0
         os.replace(db + ".copy", db)
     b = mounts.mount(image, "b")
     assert b in [m.mountpoint for m in fsmount.list_mounts(root)]
+
+
+def _wait_for_spare_with(root: str, path: str, timeout: float = 30) -> None:
+    """Wait until a process of the server's (its spare) has *path* open and
+    no other has the store's database open (the last worker closed it)."""
+    server = mountclient.server_pid(root)
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = set()
+        for pid in _processes_of(root) - {server}:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+                if any(_readlink(f"/proc/{pid}/fd/{n}") == path for n in fds):
+                    holders.add(pid)
+            except OSError:
+                continue
+        if len(holders) == 1:
+            return
+        assert time.monotonic() < deadline, f"processes with {path} open: {holders}"
+        time.sleep(0.05)
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
