@@ -52,6 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HERE = os.path.dirname(os.path.abspath(__file__))
 LAYERFS = os.path.join(os.path.dirname(sys.executable), "layerfs")
 SYSTEMS = ("kernel", "fuse-overlayfs", "layerfs", "layerfs-kernel")
+MOUNT_ONLY = False  # --mount-only
 
 
 # -- the data set ---------------------------------------------------------------
@@ -375,6 +376,9 @@ def run_once(system: str, ds: dict, scratch: str, results: dict, requests: dict)
         m.umount()
     drop_caches()
     r.setdefault("mount", []).append(fresh_mount())
+    if MOUNT_ONLY:
+        m.umount()
+        return
     rec("walk cold", timed(f"find {mp} -printf '%s %m %u %T@\\n' | wc -l"))
     rec("walk warm", timed(f"find {mp} -printf '%s %m %u %T@\\n' | wc -l"))
     m.umount()
@@ -471,6 +475,8 @@ def main() -> None:
     ap.add_argument("--work", default="/var/tmp/layerfs-bench")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--out", default=os.path.join(HERE, "results-fs.md"))
+    ap.add_argument("--mount-only", action="store_true",
+                    help="time the mounts only (with --systems kernel,layerfs --repeat 9: the mount figure)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_fs.py needs root (mounts, drop_caches)")
@@ -481,8 +487,9 @@ def main() -> None:
 
     for pkg in ("layerfs", "cli"):
         compileall.compile_dir(os.path.join(os.path.dirname(HERE), pkg), quiet=1)
-    global LAYERFS
+    global LAYERFS, MOUNT_ONLY
     LAYERFS = install_layerfs(args.work)
+    MOUNT_ONLY = args.mount_only
     ds = dataset(args.work, args.scale)
     scratch = os.path.join(args.work, "scratch")
     os.makedirs(scratch, exist_ok=True)
