@@ -12,6 +12,17 @@ client directly. The FUSE daemon is forked by the worker as always (double
 fork + setsid, its registry record, owner watch and log: ``fs.daemon``),
 so it owes the server nothing: killing the server never touches a mount.
 
+The *spare*: the next request's worker is forked ahead (at start and when
+a worker ends) and has already forked its daemon (``mount.prefork``, which
+also runs trio once) and opened the store; the server hands it the
+request and the client's connection over a socketpair (SCM_RIGHTS). It
+answers the client before closing the store (whose last close may
+checkpoint the WAL). A spare forked before an index was kept is replaced;
+one that finds the database file replaced opens it again. It exits on EOF
+of its socketpair: retired, or the server gone (even by kill -9), and its
+unused daemon with it. Without a spare (two requests at once) the server
+forks a worker per request as before.
+
 Life: started by the first client that finds none (``fs.mountclient``),
 detached, logging to ``ROOT/logs/mount-server.log``; it holds the flock on
 ``ROOT/mount-server/lock`` for its whole life (one server per store root)
@@ -27,7 +38,7 @@ mount namespace and root: a caller elsewhere is told to mount itself.
 
 Fork safety: the server never opens a Store (SQLite connections do not
 survive a fork) and never hashes (blake3's thread pool does not either):
-workers open the store themselves, as ``mount_image`` always did. What it
+workers open the store themselves, after forking their daemon. What it
 keeps are the merged indexes of recently mounted images (``IndexMemory``,
 a small LRU keyed by the cache file's identity, so a rebuilt cache is never
 served stale); a daemon forked from a worker finds its index already in
