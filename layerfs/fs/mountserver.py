@@ -207,7 +207,8 @@ class Server:
                 if any(fd == self.code.fd for fd, _ in events) and self.code.changed():
                     log.info("layerfs's code changed on disk: exiting (the next mount starts a server with it)")
                     break
-                for fd, _ in events:
+                # reports first: a request that came with one sees its index kept
+                for fd, _ in sorted(events, key=lambda event: event[0] == self.listener.fileno()):
                     if fd == self.code.fd:
                         continue
                     if fd != self.listener.fileno():
@@ -373,22 +374,26 @@ class Server:
         return True
 
     def _report(self, fd: int) -> None:
+        """A worker's report: the image id it mounted (one line, sent once
+        its client has the answer: kept at once), then EOF when it ends."""
         chunk = os.read(fd, 4096)
         if chunk:
             self.pending_reports[fd] += chunk
+            if chunk.endswith(b"\n"):
+                image_id = self.pending_reports[fd].decode(errors="replace").strip()
+                self.pending_reports[fd] = b""
+                memory.load(self.root, image_id)
             return
         self.poller.unregister(fd)
         os.close(fd)
         self.zombies.add(self.workers.pop(fd))
-        image_id = self.pending_reports.pop(fd).decode(errors="replace").strip()
+        del self.pending_reports[fd]
         if self.spare is not None and self.spare.report_fd == fd:
             # died waiting (killed, or its set-up failed): the next
             # request forks a worker, whose end forks the next spare
             self._retire_spare()
             return
         self.last = time.monotonic()
-        if image_id:
-            memory.load(self.root, image_id)
         if self.spare is not None and self.spare.generation != memory.generation:
             self._retire_spare()  # forked before that index was kept
         self._fork_spare()
@@ -466,11 +471,11 @@ def _worker(root: str, conn: socket.socket, request: dict, report_w: int, store:
         answer, image_id = _mount(root, request, stores)
         send_frame(conn, answer)
         conn.close()
+        if image_id:
+            os.write(report_w, image_id.encode() + b"\n")
     finally:
         for opened in stores:
             opened.close()
-    if image_id:
-        os.write(report_w, image_id.encode())
     return 0
 
 

@@ -272,7 +272,10 @@ def test_index_memory_is_keyed_by_the_cache_file(store_with_image, mounts):
         f.write(data)
     os.replace(path + ".new", path)  # as ensure_index_cache does after a rebuild
     assert memory.get(image_id, path) is None
-    assert mountclient.call(root, {"op": "status"}, start=False)["indexes"] == 1  # the server kept it
+    deadline = time.monotonic() + 30  # the server keeps it once the worker reports, after answering
+    while mountclient.call(root, {"op": "status"}, start=False)["indexes"] != 1:
+        assert time.monotonic() < deadline, "the server did not keep the index"
+        time.sleep(0.05)
     b = mounts.mount(image, "b")  # its index read from the new file, then kept again
     c = mounts.mount(image, "c")  # from memory
     assert _serves(b) and _serves(c)
