@@ -459,9 +459,9 @@ def _identity(path: str) -> tuple | None:
 
 
 def _worker(root: str, conn: socket.socket, request: dict, report_w: int, store: tuple | None = None) -> int:
-    """A worker: mount as the CLI would, answer the client, then close the
-    store (its checkpoint is not the client's to wait for) and report the
-    image id to the server (to keep its index). *store*: the spare's."""
+    """A worker: mount as the CLI would, answer the client, report the image
+    id to the server (to keep its index), then close the store (its
+    checkpoint is not the client's to wait for). *store*: the spare's."""
     conn.sendall(b"A")
     if store is not None and _identity(store[0].layout.db) != store[1]:
         store[0].close()  # the database was replaced since the spare opened it
