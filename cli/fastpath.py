@@ -112,9 +112,9 @@ def mount_fast(argv: list[str]) -> None:
 
 
 def _exit(code: int) -> None:
-    """Exit without the interpreter's teardown (a few ms of a cold start
-    spent freeing what the process is about to drop anyway): nothing here
-    needs it once the output is flushed."""
+    """Exit without the interpreter's teardown (freeing what the process
+    is about to drop anyway): nothing here needs it once the output is
+    flushed."""
     sys.stderr.flush()
     sys.stdout.flush()
     os._exit(code)
