@@ -105,10 +105,19 @@ def mount_fast(argv: list[str]) -> None:
     if "error" in answer:
         if answer.get("bug") or request["debug"]:
             sys.stderr.write(answer.get("traceback") or "")  # as click's path: an uncaught exception
-            sys.exit(1)
+            _exit(1)
         sys.stderr.write(f"Error: {answer['error']}\n")
-        sys.exit(answer["code"])
-    sys.exit(0)
+        _exit(answer["code"])
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """Exit without the interpreter's teardown (freeing what the process
+    is about to drop anyway): nothing here needs it once the output is
+    flushed."""
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _prefork() -> None:

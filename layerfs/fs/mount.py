@@ -46,8 +46,10 @@ that has imported everything and keeps recent indexes in memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from layerfs import procfs
@@ -119,21 +121,42 @@ def _take_preforked() -> "Daemon | None":
     return daemon
 
 
-def check_image(store_root: str, image_ref: str) -> None:
+def has_preforked() -> bool:
+    """True if :func:`prefork` forked a daemon that no mount took yet."""
+    return _preforked is not None
+
+
+def check_image(store_root: str, image_ref: str, store=None) -> None:
     """NotFound if the store has no image *image_ref*: ``layerfs mount``
     reports what was asked for before where it goes (a missing image even
-    when the mountpoint is missing too)."""
+    when the mountpoint is missing too). *store*: an open Store of
+    *store_root* to ask (else one is opened)."""
+    with _opened(store_root, store) as st:
+        st.image(image_ref)
+
+
+@contextlib.contextmanager
+def _opened(store_root: str, store=None) -> Iterator:
+    """*store* if given (left open), else a Store of *store_root* opened for the block."""
+    if store is not None:
+        yield store
+        return
     from layerfs.store.store import Store
 
-    with Store(store_root) as store:
-        store.image(image_ref)
+    with Store(store_root) as opened:
+        yield opened
 
 
 def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str | None = None,
                 read_only: bool = False, foreground: bool = False, debug: bool = False,
                 container: str | None = None, owner: int | None = None,
-                owner_scratch: str | None = None, backend: str | None = None) -> MountHandle:
+                owner_scratch: str | None = None, backend: str | None = None, store=None) -> MountHandle:
     """Mount *image_ref* at *mountpoint*; see the module docstring.
+
+    *store*: an open Store of *store_root* to use, left open (the mount
+    server's worker opens it ahead and closes it after answering). Only
+    with a daemon already forked (:func:`prefork`) before it was opened:
+    forking with an SQLite connection open is not safe.
 
     *backend* (``fuse`` or ``kernel``; default from ``fs.backend.resolve``)
     picks the data path; the kernel one is ``fs.kernel_mount``.
@@ -158,20 +181,24 @@ def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str
     if foreground and daemon is not None:
         daemon.abort()
         daemon = None
+    if store is not None and (foreground or daemon is None):
+        raise LayerfsError("internal error: an open store is for a preforked daemon only")
     if not foreground and daemon is None:
         daemon = Daemon()
     try:
-        params, image_id = _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container)
-        if owner is not None:
-            start = procfs.start_time(owner)
-            if start is None:
-                raise NotFound(f"the process {owner} the mount would serve is gone")
-            params |= {"owner": owner, "owner_start": start, "scratch": owner_scratch}
+        with _opened(store_root, store) as st:  # one store for the look-ups and the record
+            params, image_id = _resolve(st, image_ref, mp, upper_dir, read_only, debug, container)
+            if owner is not None:
+                start = procfs.start_time(owner)
+                if start is None:
+                    raise NotFound(f"the process {owner} the mount would serve is gone")
+                params |= {"owner": owner, "owner_start": start, "scratch": owner_scratch}
+            if not foreground:
+                pid = daemon.go(params)
+                daemon = None
+                register(params, image_id, pid, store=st)
         if foreground:
             return _run_foreground(params, image_id)
-        pid = daemon.go(params)
-        daemon = None
-        register(params, image_id, pid)
     finally:
         if daemon is not None:
             daemon.abort()
@@ -192,28 +219,26 @@ def _mount_kernel(store_root, image_ref, mountpoint, upper_dir, read_only, foreg
                               owner_scratch)
 
 
-def _resolve(store_root, image_ref, mp, upper_dir, read_only, debug, container) -> tuple[dict, str]:
+def _resolve(store, image_ref, mp, upper_dir, read_only, debug, container) -> tuple[dict, str]:
     from layerfs.fs.index import ensure_index_cache
-    from layerfs.store.store import Store
 
-    with Store(store_root) as store:
-        claim(store, mp)
-        image = store.image(image_ref)
-        cache = ensure_index_cache(store, image)
-        private = upper_dir is None and not read_only
-        if private:
-            import secrets
+    claim(store, mp)
+    image = store.image(image_ref)
+    cache = ensure_index_cache(store, image)
+    private = upper_dir is None and not read_only
+    if private:
+        import secrets
 
-            upper_dir = store.layout.private_upper(secrets.token_hex(6))
-        if upper_dir is not None:
-            upper_dir = os.path.abspath(upper_dir)
-            check_upper(upper_dir, mp, read_only)
-        log_file = store.layout.mount_log(mp)
-        os.makedirs(os.path.dirname(log_file), exist_ok=True)
-        params = {"root": store.root, "index": cache, "mountpoint": mp, "image": image_ref,
-                  "image_id": image.id, "upper": upper_dir, "container": container, "read_only": read_only,
-                  "private": private, "debug": debug, "log": log_file}
-        return params, image.id
+        upper_dir = store.layout.private_upper(secrets.token_hex(6))
+    if upper_dir is not None:
+        upper_dir = os.path.abspath(upper_dir)
+        check_upper(upper_dir, mp, read_only)
+    log_file = store.layout.mount_log(mp)
+    os.makedirs(os.path.dirname(log_file), exist_ok=True)
+    params = {"root": store.root, "index": cache, "mountpoint": mp, "image": image_ref,
+              "image_id": image.id, "upper": upper_dir, "container": container, "read_only": read_only,
+              "private": private, "debug": debug, "log": log_file}
+    return params, image.id
 
 
 def _run_foreground(params: dict, image_id: str) -> MountHandle:

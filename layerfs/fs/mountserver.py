@@ -12,6 +12,17 @@ client directly. The FUSE daemon is forked by the worker as always (double
 fork + setsid, its registry record, owner watch and log: ``fs.daemon``),
 so it owes the server nothing: killing the server never touches a mount.
 
+The *spare*: the next request's worker is forked ahead (at start and when
+a worker ends) and has already forked its daemon (``mount.prefork``, which
+also runs trio once) and opened the store; the server hands it the
+request and the client's connection over a socketpair (SCM_RIGHTS). It
+answers the client before closing the store (whose last close may
+checkpoint the WAL). A spare forked before an index was kept is replaced;
+one that finds the database file replaced opens it again. It exits on EOF
+of its socketpair: retired, or the server gone (even by kill -9), and its
+unused daemon with it. Without a spare (two requests at once) the server
+forks a worker per request as before.
+
 Life: started by the first client that finds none (``fs.mountclient``),
 detached, logging to ``ROOT/logs/mount-server.log``; it holds the flock on
 ``ROOT/mount-server/lock`` for its whole life (one server per store root)
@@ -27,7 +38,7 @@ mount namespace and root: a caller elsewhere is told to mount itself.
 
 Fork safety: the server never opens a Store (SQLite connections do not
 survive a fork) and never hashes (blake3's thread pool does not either):
-workers open the store themselves, as ``mount_image`` always did. What it
+workers open the store themselves, after forking their daemon. What it
 keeps are the merged indexes of recently mounted images (``IndexMemory``,
 a small LRU keyed by the cache file's identity, so a rebuilt cache is never
 served stale); a daemon forked from a worker finds its index already in
@@ -38,6 +49,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import marshal
 import os
 import select
 import signal
@@ -47,6 +59,7 @@ import sys
 import time
 import traceback
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from layerfs.fs import codewatch, mountclient
 from layerfs.fs.mountclient import recv_frame, send_frame
@@ -56,6 +69,7 @@ log = logging.getLogger("layerfs.mountserver")
 DEFAULT_IDLE = 600.0
 INDEXES_KEPT = 4
 SOCKET_CHECK = 5.0  # seconds between checks that our socket is still there
+_MAX_REQUEST = 1 << 20
 #: The server's process name (``ps -o comm``, /proc/PID/comm). Its workers
 #: and the daemons they fork share its command line (a fork does not change
 #: it) but are named ``layerfs``, as when the CLI forked them.
@@ -68,6 +82,7 @@ class IndexMemory:
     def __init__(self, limit: int = INDEXES_KEPT) -> None:
         self.limit = limit
         self._kept: OrderedDict[tuple, object] = OrderedDict()
+        self.generation = 0  # counts indexes added: a spare forked before one lacks it
 
     @staticmethod
     def _key(image_id: str, path: str) -> tuple | None:
@@ -106,6 +121,7 @@ class IndexMemory:
         if self._key(image_id, path) != key:
             return  # replaced while we read it
         self._kept[key] = index
+        self.generation += 1
         while len(self._kept) > self.limit:
             self._kept.popitem(last=False)
         gc.freeze()  # long-lived: keep it out of collections here and in every fork
@@ -125,13 +141,24 @@ def _on_sigterm(signum, frame) -> None:
     raise _Stop()
 
 
+@dataclass(frozen=True)
+class Spare:
+    """A worker forked ahead, waiting on *sock* for its request."""
+
+    sock: socket.socket  # the server's end of a SOCK_SEQPACKET pair: closing it retires the spare
+    report_fd: int
+    generation: int  # memory.generation when it was forked
+
+
 class Server:
     def __init__(self, root: str, lock_fd: int, idle: float) -> None:
         self.root, self.lock_fd, self.idle = os.path.abspath(root), lock_fd, idle
         self.path = mountclient.socket_path(self.root)
-        self.workers: dict[int, int] = {}  # report pipe fd -> worker pid
+        self.workers: dict[int, int] = {}  # report pipe fd -> worker pid (the spare's too)
         self.pending_reports: dict[int, bytes] = {}
         self.zombies: set[int] = set()
+        self.spare: Spare | None = None
+        self.closing = False
         self.last = time.monotonic()
         self.uid = os.geteuid()
         self.mntns = mountclient.caller_namespace()
@@ -165,9 +192,10 @@ class Server:
         self.poller.register(self.listener.fileno(), select.POLLIN)
         self.poller.register(self.code.fd, select.POLLIN)
         try:
+            self._fork_spare()
             while True:
                 self._reap()
-                busy = self.workers or self.zombies
+                busy = len(self.workers) > (self.spare is not None) or self.zombies
                 timeout = 1.0 if busy else self.last + self.idle - time.monotonic()
                 if timeout <= 0:
                     log.info("idle for %gs: exiting", self.idle)
@@ -179,7 +207,8 @@ class Server:
                 if any(fd == self.code.fd for fd, _ in events) and self.code.changed():
                     log.info("layerfs's code changed on disk: exiting (the next mount starts a server with it)")
                     break
-                for fd, _ in events:
+                # reports first: a request that came with one sees its index kept
+                for fd, _ in sorted(events, key=lambda event: event[0] == self.listener.fileno()):
                     if fd == self.code.fd:
                         continue
                     if fd != self.listener.fileno():
@@ -204,6 +233,8 @@ class Server:
         """Unlink the socket first (new clients start a new server), then
         serve what is queued, so no accepted connection goes unanswered."""
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        self.closing = True
+        self._retire_spare()
         if self._socket_is_ours():
             os.unlink(self.path)
         self.listener.setblocking(False)
@@ -249,12 +280,16 @@ class Server:
                 conn.sendall(b"A")
                 send_frame(conn, {"fallback": "the caller is in another mount namespace or root"})
                 return
-            self._fork_worker(conn, request)
+            if not self._hand_to_spare(conn, request):
+                self._fork(lambda report_w: _worker(self.root, conn, request, report_w))
         else:
             conn.sendall(b"A")
             send_frame(conn, {"error": f"unknown request {op!r}", "code": 2})
 
-    def _fork_worker(self, conn: socket.socket, request: dict) -> None:
+    # -- workers ---------------------------------------------------------------
+    def _fork(self, job) -> int:
+        """Fork a worker that runs ``job(report_w)`` (its exit code) and
+        reports on that pipe; returns the pipe's read end, polled here."""
         report_r, report_w = os.pipe2(os.O_CLOEXEC)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
@@ -273,7 +308,8 @@ class Server:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
                 os.close(report_r)
-                code = _worker(self, conn, request, report_w)
+                self._leave()
+                code = job(report_w)
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -281,19 +317,86 @@ class Server:
         self.workers[report_r] = pid
         self.pending_reports[report_r] = b""
         self.poller.register(report_r, select.POLLIN)
+        return report_r
+
+    def _leave(self) -> None:
+        """In a fresh worker: drop what is the server's."""
+        gc.disable()  # short-lived: a collection would only copy the server's pages
+        _set_comm("layerfs")
+        self.listener.close()
+        if self.spare is not None:
+            self.spare.sock.close()  # else the spare would not see the server go
+        for fd in (self.lock_fd, self.code.fd, *self.workers):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _fork_spare(self) -> None:
+        """Fork the next request's worker now, so that the request finds it
+        forked, its daemon forked and the store open (``_spare``)."""
+        if self.spare is not None or self.closing:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
+        def job(report_w: int) -> int:
+            ours.close()  # the server's end: the spare sees EOF when the server closes it or dies
+            return _spare(self.root, theirs, report_w)
+
+        try:
+            report_fd = self._fork(job)
+        except OSError as exc:
+            log.error("cannot fork a spare worker: %s", exc)
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        self.spare = Spare(ours, report_fd, memory.generation)
+
+    def _retire_spare(self) -> None:
+        if self.spare is not None:
+            self.spare.sock.close()  # EOF: it exits, and its daemon with it
+            self.spare = None
+
+    def _hand_to_spare(self, conn: socket.socket, request: dict) -> bool:
+        """Give the request and its connection to the spare; False if there
+        is none (or it died): the caller forks a worker."""
+        spare, self.spare = self.spare, None
+        if spare is None:
+            return False
+        try:
+            socket.send_fds(spare.sock, [marshal.dumps(request)], [conn.fileno()])
+        except (OSError, ValueError) as exc:
+            log.warning("the spare worker did not take a request: %s", exc)
+            return False
+        finally:
+            spare.sock.close()
+        return True
 
     def _report(self, fd: int) -> None:
+        """A worker's report: the image id it mounted (one line, sent once
+        its client has the answer: kept at once), then EOF when it ends."""
         chunk = os.read(fd, 4096)
         if chunk:
             self.pending_reports[fd] += chunk
+            if chunk.endswith(b"\n"):
+                image_id = self.pending_reports[fd].decode(errors="replace").strip()
+                self.pending_reports[fd] = b""
+                memory.load(self.root, image_id)
             return
         self.poller.unregister(fd)
         os.close(fd)
         self.zombies.add(self.workers.pop(fd))
-        image_id = self.pending_reports.pop(fd).decode(errors="replace").strip()
+        del self.pending_reports[fd]
+        if self.spare is not None and self.spare.report_fd == fd:
+            # died waiting (killed, or its set-up failed): the next
+            # request forks a worker, whose end forks the next spare
+            self._retire_spare()
+            return
         self.last = time.monotonic()
-        if image_id:
-            memory.load(self.root, image_id)
+        if self.spare is not None and self.spare.generation != memory.generation:
+            self._retire_spare()  # forked before that index was kept
+        self._fork_spare()
 
     def _reap(self) -> None:
         for pid in list(self.zombies):
@@ -305,23 +408,74 @@ class Server:
                 self.zombies.discard(pid)
 
 
-def _worker(server: Server, conn: socket.socket, request: dict, report_w: int) -> int:
-    """A forked worker: mount as the CLI would, answer the client, report
-    the image id to the server (to keep its index)."""
-    gc.disable()  # short-lived: a collection would only copy the server's pages
-    _set_comm("layerfs")
-    server.listener.close()
-    for fd in (server.lock_fd, *server.workers):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+def _spare(root: str, sock: socket.socket, report_w: int) -> int:
+    """A spare worker: fork the mount daemon and open the store ahead (in
+    that order: no fork with an SQLite connection open), then wait for a
+    request; EOF (retired, or the server is gone) ends it."""
+    from layerfs.fs import mount
+
+    mount.prefork()
+    store = _open_store(root) if mount.has_preforked() else None
+    try:
+        data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_REQUEST, 1)
+    except OSError:
+        data, fds = b"", []
+    sock.close()
+    if not fds:
+        if store is not None:
+            store[0].close()
+        return 0
+    request = marshal.loads(data)
+    return _worker(root, socket.socket(fileno=fds[0]), request, report_w, store)
+
+
+def _open_store(root: str) -> tuple | None:
+    """(Store, identity of its database file), or None to open it when the
+    request comes (a store without its dirs yet: made in the caller's umask;
+    errors: reported to the caller then)."""
+    from layerfs.store.layout import StoreLayout
+    from layerfs.store.store import Store
+
+    layout = StoreLayout(root)
+    if not all(os.path.isdir(d) for d in layout.made_on_open):
+        return None
+    before = _identity(layout.db)  # (stat before and after: the connection's own file is not to be had)
+    try:
+        store = Store(root)
+    except Exception:
+        return None
+    if before is None or _identity(layout.db) != before:  # replaced meanwhile
+        store.close()
+        return None
+    return store, before
+
+
+def _identity(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _worker(root: str, conn: socket.socket, request: dict, report_w: int, store: tuple | None = None) -> int:
+    """A worker: mount as the CLI would, answer the client, report the image
+    id to the server (to keep its index), then close the store (its
+    checkpoint is not the client's to wait for). *store*: the spare's."""
     conn.sendall(b"A")
-    answer, image_id = _mount(server.root, request)
-    send_frame(conn, answer)
-    conn.close()
-    if image_id:
-        os.write(report_w, image_id.encode())
+    if store is not None and _identity(store[0].layout.db) != store[1]:
+        store[0].close()  # the database was replaced since the spare opened it
+        store = None
+    stores = [store[0]] if store is not None else []
+    try:
+        answer, image_id = _mount(root, request, stores)
+        send_frame(conn, answer)
+        conn.close()
+        if image_id:
+            os.write(report_w, image_id.encode() + b"\n")
+    finally:
+        for opened in stores:
+            opened.close()
     return 0
 
 
@@ -333,10 +487,14 @@ def _set_comm(name: str) -> None:
         pass
 
 
-def _mount(root: str, request: dict) -> tuple[dict, str | None]:
+def _mount(root: str, request: dict, stores: list) -> tuple[dict, str | None]:
+    """Run the CLI's mount in the caller's environment. *stores*: the open
+    store to use (a spare's), or empty: one is opened here and added, for
+    the caller to close once the client has its answer."""
     from layerfs.errors import LayerfsError
     from layerfs.fs import backend as backends
     from layerfs.fs import mount
+    from layerfs.store.store import Store
 
     for name in [k for k in os.environ if k.startswith("LAYERFS_")]:
         del os.environ[name]
@@ -347,12 +505,18 @@ def _mount(root: str, request: dict) -> tuple[dict, str | None]:
     except OSError:
         return {"fallback": "cannot enter the caller's directory"}, None
     try:
-        mount.check_image(root, request["image"])
+        if not stores:
+            mount.prefork()  # first: never fork with an SQLite connection open
+            if mount.has_preforked():  # (else no /dev/fuse: mount_image says so)
+                stores.append(Store(root))
+        store = stores[0] if stores else None
+        mount.check_image(root, request["image"], store)
         if backends.resolve(root, request.get("backend")) != backends.FUSE:
             return {"fallback": "kernel backend", "backend": "kernel"}, None
         handle = mount.mount_image(root, request["image"], request["mountpoint"], upper_dir=request.get("upper"),
                                    read_only=bool(request.get("read_only")), debug=bool(request.get("debug")),
-                                   container=request.get("container"), backend=request.get("backend"))
+                                   container=request.get("container"), backend=request.get("backend"),
+                                   store=store)
     except LayerfsError as exc:
         return {"error": str(exc), "code": exc.exit_code, "traceback": traceback.format_exc()}, None
     except Exception:

@@ -72,8 +72,9 @@ def abs_mountpoint(mountpoint: str) -> str:
 
 
 # -- the records --------------------------------------------------------------
-def register(params: dict, image_id: str, pid: int) -> None:
-    """Record the mount *params* (``fs.mount``'s) served by daemon *pid*."""
+def register(params: dict, image_id: str, pid: int, store=None) -> None:
+    """Record the mount *params* (``fs.mount``'s) served by daemon *pid*
+    (through *store*, an open Store of its root, if given)."""
     from layerfs.store.store import Store
 
     keys = ("image", "upper", "container", "read_only", "private", "log", "owner", "owner_start", "scratch",
@@ -81,8 +82,12 @@ def register(params: dict, image_id: str, pid: int) -> None:
     data = {k: params.get(k) for k in keys} | {"pid": pid, "start": procfs.start_time(pid)}
     mp, upper = params["mountpoint"], params.get("upper")
     paths = tuple(p for p in (mp, upper, upper and upper + ".work", params.get("scratch")) if p)
-    with Store(params["root"]) as store:
-        store.add_ref(Ref(REF_KIND, mp, image_id=image_id, data=json.dumps(data), in_use=True, paths=paths))
+    ref = Ref(REF_KIND, mp, image_id=image_id, data=json.dumps(data), in_use=True, paths=paths)
+    if store is not None:
+        store.add_ref(ref)
+        return
+    with Store(params["root"]) as opened:
+        opened.add_ref(ref)
 
 
 def forget(params: dict, pid: int) -> None:

@@ -16,14 +16,17 @@ from tests.conftest import mount_servers, stop_mount_servers
 
 pytestmark = pytest.mark.fuse
 
-# Runs the console script's entry point and records at exit whether click
-# was imported: the fast path exits before importing it.
-_RUN = ("import atexit, sys\n"
+# Runs the command's entry point and records at exit whether click was
+# imported: the fast path exits before importing it (through os._exit,
+# which skips atexit: noted there too).
+_RUN = ("import atexit, os, sys\n"
         "mark = sys.argv[1]\n"
         "def note():\n"
         "    with open(mark, 'w') as f:\n"
         "        f.write('click' if 'click' in sys.modules else 'fast')\n"
         "atexit.register(note)\n"
+        "_exit = os._exit\n"
+        "os._exit = lambda code: (note(), _exit(code))\n"
         "sys.argv = ['layerfs'] + sys.argv[2:]\n"
         "from layerfs_cli.main import main\n"
         "main()\n")

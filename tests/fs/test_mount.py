@@ -147,6 +147,37 @@ def test_sigterm_unmounts_and_private_upper_goes(fs_env, tmp_path):
             subprocess.run(["umount", "-l", mp])
 
 
+def test_sigterm_as_soon_as_the_daemon_is_ready_unmounts_cleanly(fs_env, tmp_path):
+    """The daemon says it is ready once mounted, before its loop runs: a stop
+    signal then waits for the loop (no death by the default action, which
+    would leave a dead mount and its record). The stat is the mount's first
+    request, as `mount_image`'s own: a daemon stopped before its first
+    request waits for one (pyfuse3.terminate wakes no worker then)."""
+    from layerfs.fs.daemon import Daemon
+
+    mp = str(tmp_path / "mnt")
+    os.makedirs(mp)
+    daemon = Daemon()
+    with Store(fs_env["root"]) as store:
+        params, _ = fsmount._resolve(store, fs_env["image"], mp, None, True, False, None)
+    pid = daemon.go(params)
+    os.kill(pid, signal.SIGTERM)
+    try:
+        try:
+            os.stat(mp)
+        except OSError:
+            pass
+        deadline = time.monotonic() + 20
+        while procfs.alive(pid, None) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not procfs.alive(pid, None)
+        assert fsmount.mounted_fstype(mp) is None
+        assert f"signal {int(signal.SIGTERM)}: unmounting" in open(params["log"]).read()
+    finally:
+        if fsmount.mounted_fstype(mp):
+            subprocess.run(["umount", "-l", mp])
+
+
 def test_stale_mount_is_cleaned(fs_env, tmp_path):
     mp = str(tmp_path / "mnt")
     os.makedirs(mp)

@@ -272,7 +272,10 @@ def test_index_memory_is_keyed_by_the_cache_file(store_with_image, mounts):
         f.write(data)
     os.replace(path + ".new", path)  # as ensure_index_cache does after a rebuild
     assert memory.get(image_id, path) is None
-    assert mountclient.call(root, {"op": "status"}, start=False)["indexes"] == 1  # the server kept it
+    deadline = time.monotonic() + 30  # the server keeps it once the worker reports, after answering
+    while mountclient.call(root, {"op": "status"}, start=False)["indexes"] != 1:
+        assert time.monotonic() < deadline, "the server did not keep the index"
+        time.sleep(0.05)
     b = mounts.mount(image, "b")  # its index read from the new file, then kept again
     c = mounts.mount(image, "c")  # from memory
     assert _serves(b) and _serves(c)
@@ -308,3 +311,106 @@ def test_store_path_longer_than_a_socket_address(tmp_path, servers):
         assert _serves(a) and mountclient.server_pid(root) is not None
     finally:
         m.unmount_all()
+
+
+def _processes_of(root: str) -> set[int]:
+    """Every process running the server's command line for *root*: the
+    server, its workers (the spare among them) and the daemons they forked."""
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            continue
+        if cmd[1:4] == [b"-m", b"layerfs.fs.mountserver", os.fsencode(root)]:
+            found.add(int(name))
+    return found
+
+
+def _wait_only_daemons(root: str, timeout: float = 30) -> None:
+    """Wait until nothing of the server's is left but the daemons of live mounts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = _processes_of(root) - {m.pid for m in fsmount.list_mounts(root, clean=False)}
+        if not left:
+            return
+        assert time.monotonic() < deadline, f"still running: {sorted(left)}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill -9"])
+def test_spare_worker_goes_with_the_server(store_with_image, mounts, how):
+    """The server keeps a worker forked ahead (with a daemon forked for it):
+    both go when the server goes, by a stop or kill -9; the mounts stay."""
+    root, image = store_with_image
+    a = mounts.mount(image, "a")
+    server = mountclient.server_pid(root)
+    deadline = time.monotonic() + 30
+    while len(_processes_of(root) - {server, _daemon_pid(root, a)}) < 2:  # the spare and its daemon
+        assert time.monotonic() < deadline, "no spare worker forked"
+        time.sleep(0.05)
+    if how == "stop":
+        assert _cli(root, "mount-server", "stop").returncode == 0
+    else:
+        os.kill(server, signal.SIGKILL)
+    _wait_only_daemons(root)
+    assert _serves(a)
+
+
+def test_preforked_daemon_gets_the_callers_environment(store_with_image, mounts, tmp_path):
+    """A mount taken by the spare worker, whose daemon was forked before the
+    request: the caller's LAYERFS_* variables still reach the daemon (here
+    LAYERFS_FS_PROFILE, which makes it write a profile when it ends)."""
+    root, image = store_with_image
+    mounts.mount(image, "a")  # starts the server; its spare takes the next mount
+    profile = tmp_path / "daemon.prof"
+    b = mounts.mount(image, "b", env={"LAYERFS_FS_PROFILE": str(profile)})
+    assert _serves(b)
+    assert _cli(root, "umount", b).returncode == 0
+    assert profile.exists()
+
+
+def test_replaced_database_is_reopened(store_with_image, mounts):
+    """The spare opened the store's database ahead; a database replaced
+    meanwhile (a restore) is opened again, so the mount is recorded where
+    `layerfs mounts` looks."""
+    root, image = store_with_image
+    mounts.mount(image, "a")
+    db = StoreLayout(root).db
+    _wait_for_spare_with(root, db)
+    with Store(root) as store:  # a consistent copy, swapped in with nothing left in the WAL
+        store.db.conn.execute("VACUUM INTO ?", (db + ".copy",))
+        assert store.db.one("PRAGMA wal_checkpoint(TRUNCATE)")[0] == 0
+        os.replace(db + ".copy", db)
+    b = mounts.mount(image, "b")
+    assert b in [m.mountpoint for m in fsmount.list_mounts(root)]
+
+
+def _wait_for_spare_with(root: str, path: str, timeout: float = 30) -> None:
+    """Wait until a process of the server's (its spare) has *path* open and
+    no other has the store's database open (the last worker closed it)."""
+    server = mountclient.server_pid(root)
+    deadline = time.monotonic() + timeout
+    while True:
+        holders = set()
+        for pid in _processes_of(root) - {server}:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+                if any(_readlink(f"/proc/{pid}/fd/{n}") == path for n in fds):
+                    holders.add(pid)
+            except OSError:
+                continue
+        if len(holders) == 1:
+            return
+        assert time.monotonic() < deadline, f"processes with {path} open: {holders}"
+        time.sleep(0.05)
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return ""
