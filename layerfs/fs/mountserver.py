@@ -39,7 +39,7 @@ mount namespace and root: a caller elsewhere is told to mount itself.
 Fork safety: the server never opens a Store (SQLite connections do not
 survive a fork) and never hashes (blake3's thread pool does not either):
 workers open the store themselves, after forking their daemon. What it
-keeps are the merged indexes of recently mounted images (``IndexMemory``,
+keeps are the merged indexes of recently mounted images (``fs.indexmemory``,
 a small LRU keyed by the cache file's identity, so a rebuilt cache is never
 served stale); a daemon forked from a worker finds its index already in
 memory (``daemon.find_loaded_index``) instead of unmarshalling it.
@@ -58,76 +58,21 @@ import struct
 import sys
 import time
 import traceback
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from layerfs.fs import codewatch, mountclient
+from layerfs.fs.indexmemory import IndexMemory
 from layerfs.fs.mountclient import recv_frame, send_frame
 
 log = logging.getLogger("layerfs.mountserver")
 
 DEFAULT_IDLE = 600.0
-INDEXES_KEPT = 4
 SOCKET_CHECK = 5.0  # seconds between checks that our socket is still there
 _MAX_REQUEST = 1 << 20
 #: The server's process name (``ps -o comm``, /proc/PID/comm). Its workers
 #: and the daemons they fork share its command line (a fork does not change
 #: it) but are named ``layerfs``, as when the CLI forked them.
 COMM = "layerfs-mserver"
-
-
-class IndexMemory:
-    """The merged indexes of the last few images mounted, by cache file."""
-
-    def __init__(self, limit: int = INDEXES_KEPT) -> None:
-        self.limit = limit
-        self._kept: OrderedDict[tuple, object] = OrderedDict()
-        self.generation = 0  # counts indexes added: a spare forked before one lacks it
-
-    @staticmethod
-    def _key(image_id: str, path: str) -> tuple | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return image_id, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-    def get(self, image_id: str, path: str):
-        """The index of *image_id* if the cache file at *path* is the one it
-        was loaded from; None otherwise (the daemon then reads the file)."""
-        key = self._key(image_id, path)
-        index = self._kept.get(key) if key else None
-        if index is not None:  # in a forked daemon: its log says so
-            log.info("index of %s kept in memory by the mount server", image_id[:12])
-        return index
-
-    def load(self, root: str, image_id: str) -> None:
-        """Keep the index of *image_id* (its cache file as it is now)."""
-        from layerfs.fs.index import LowerIndex, cache_path
-
-        path = cache_path(root, image_id)
-        key = self._key(image_id, path)
-        if key is None:
-            return
-        if key in self._kept:
-            self._kept.move_to_end(key)
-            return
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            index = LowerIndex.load(data)
-        except (OSError, ValueError, EOFError, TypeError):
-            return  # unusable: the next daemon rebuilds it (never here: no Store in the server)
-        if self._key(image_id, path) != key:
-            return  # replaced while we read it
-        self._kept[key] = index
-        self.generation += 1
-        while len(self._kept) > self.limit:
-            self._kept.popitem(last=False)
-        gc.freeze()  # long-lived: keep it out of collections here and in every fork
-
-    def __len__(self) -> int:
-        return len(self._kept)
 
 
 memory = IndexMemory()

@@ -19,7 +19,7 @@ from layerfs import procfs
 from layerfs.fs import mount as fsmount
 from layerfs.fs import mountclient
 from layerfs.fs.index import cache_path
-from layerfs.fs.mountserver import IndexMemory
+from layerfs.fs.indexmemory import IndexMemory
 from layerfs.store.layout import StoreLayout
 from layerfs.store.store import Store
 from tests.conftest import mount_servers, stop_mount_servers
