@@ -173,6 +173,13 @@ class InodeTable:
     def looked_up(self, ino: int, n: int = 1) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + n
 
+    def looked_up_each(self, inos: list[int]) -> None:
+        """One lookup more for each of *inos* (a readdir's entries)."""
+        lookups = self.lookups
+        get = lookups.get
+        for ino in inos:
+            lookups[ino] = get(ino, 0) + 1
+
     def forget(self, ino: int, n: int) -> None:
         left = self.lookups.get(ino, 0) - n
         if left > 0:
