@@ -16,6 +16,7 @@ interleave with -- the union's write lock guarantees that.
 
 from __future__ import annotations
 
+import collections
 import stat
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -141,7 +142,9 @@ class InodeTable:
     def __init__(self, index: LowerIndex) -> None:
         self.index = index
         self.nodes: dict[int, Node] = {}
-        self.lookups: dict[int, int] = {}
+        # ino -> lookups the kernel holds; a Counter for update(), which
+        # counts a readdir's entries in one C loop
+        self.lookups: collections.Counter[int] = collections.Counter()
         self.next_ino = len(index) + 1
 
     def statistics(self) -> InodeStats:
@@ -172,6 +175,10 @@ class InodeTable:
 
     def looked_up(self, ino: int, n: int = 1) -> None:
         self.lookups[ino] = self.lookups.get(ino, 0) + n
+
+    def looked_up_each(self, inos: list[int]) -> None:
+        """One lookup more for each of *inos* (a readdir's entries)."""
+        self.lookups.update(inos)
 
     def forget(self, ino: int, n: int) -> None:
         left = self.lookups.get(ino, 0) - n

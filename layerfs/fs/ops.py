@@ -123,6 +123,7 @@ class Operations(pyfuse3.Operations):
         self.u = union
         union.push = _store_in_page_cache
         union.attrs_changed = _forget_attrs
+        union.reply_of = self._reply
         # requests served, by handler (the daemon logs them on SIGUSR1;
         # benchmarks/bench_fs.py reports them per operation)
         self.requests: collections.Counter[str] = collections.Counter()
@@ -241,10 +242,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh, start_id, token):
-        reply, convert = pyfuse3.readdir_reply, self._reply
-        for name, attr, next_id in self.u.readdir(fh, start_id):
-            if not reply(token, name, convert(attr), next_id):
-                break  # the buffer is full: the union does not count this entry
+        self.u.readdir(fh, start_id, functools.partial(pyfuse3.readdir_reply, token))
 
     @fuse_errors
     async def releasedir(self, fh):

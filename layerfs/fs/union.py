@@ -4,7 +4,8 @@ This is the filesystem proper, independent of FUSE plumbing: nothing in
 the core (this module, ``names``, ``files``, ``upper``, ``inodes``,
 ``index``) knows pyfuse3. Requests come in as the kernel shapes them
 (inode numbers, names as bytes), replies go out as :class:`Attr` records,
-readdir yields ``(name, attr, next offset)`` and failures are ``OSError``
+readdir hands ``(name, reply, next offset)`` to a callback (the reply is
+what the adapter makes of the entry's ``Attr``) and failures are ``OSError``
 with an errno (or a ``LayerfsError`` from the store). ``fs.ops`` is the
 thin pyfuse3 adapter over it; tests drive the core in-process. The core
 keeps the kernel's lookup counts itself: every reply that hands the
@@ -53,7 +54,8 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -81,6 +83,22 @@ CAPABILITY = b"security.capability"
 THREAD_COPY = 1 << 20     # copy-ups bigger than this run in a worker thread
 
 
+class Listing:
+    """The entries of a directory as one readdir sees them: entry *i* is
+    ``names[i]``, inode ``inos[i]``, at offset ``i + 2`` (after "." and
+    ".."). ``slots`` (their index slots) marks the listing of a lower-only
+    directory, kept per slot; ``replies`` then holds ``(name, reply, next
+    offset)`` per entry, made at its first read."""
+
+    __slots__ = ("names", "inos", "slots", "replies")
+
+    def __init__(self, names: list[bytes], inos: list[int], slots: list[int] | None) -> None:
+        self.names = names
+        self.inos = inos
+        self.slots = slots
+        self.replies: list[tuple[bytes, Any, int]] | None = None
+
+
 class Union(FileIO, NameOps):
     def __init__(self, index: LowerIndex, objects: ObjectStore, upper: UpperDir | None,
                  read_only: bool = False) -> None:
@@ -97,8 +115,12 @@ class Union(FileIO, NameOps):
         self.attrs_changed: Callable[[int], None] = lambda ino: None
         self.bad: dict[str, tuple] = {}  # big objects found bad: digest -> identity of the file then
         self._init_files()
-        self.dirs: dict[int, tuple] = {}
-        self._listing_cache: dict[int, list] = {}
+        self.dirs: dict[int, list] = {}  # open directory handle -> [node, listing of its first read]
+        self._lower_listings: dict[int, Listing] = {}  # lower-only dirs, by slot
+        # What the adapter hands the kernel for an entry's attributes (fs.ops:
+        # an EntryAttributes), set by it; the Attr itself in-process. Lower
+        # listings keep theirs (lower attributes never change).
+        self.reply_of: Callable[[Attr], Any] = lambda a: a
         self._upper_links: dict[int, int] = {}  # upper st_ino -> ino, for pre-mount hardlinks
         root = Node(ROOT, 0, b"", stat.S_IFDIR, 0, upper is not None)
         if upper is not None and upper.is_opaque(b""):
@@ -388,52 +410,84 @@ class Union(FileIO, NameOps):
         self.dirs[fh] = [node, None]
         return fh
 
-    def _listing(self, node: Node) -> list[tuple[bytes, int, int]]:
-        """(name, ino, lower slot or -1) of each entry of a directory."""
+    def _listing(self, node: Node) -> Listing:
+        """The entries of a directory as a readdir sees them now. A
+        lower-only directory's listing never changes: it is made once per
+        slot and shared by every handle."""
         if not node.upper and node.children is None:
-            listing = self._listing_cache.get(node.lower)
+            listing = self._lower_listings.get(node.lower)
             if listing is None:
                 idx = self.index
-                listing = [(name, idx.ino(s), s) for name, s in idx.kids.get(node.lower, {}).items()]
-                self._listing_cache[node.lower] = listing
+                kids = idx.kids.get(node.lower, {})
+                slots = list(kids.values())
+                listing = Listing(list(kids), [idx.ino(s) for s in slots], slots)
+                self._lower_listings[node.lower] = listing
             return listing
-        return [(name, ino_, -1) for name, ino_ in self.children(node).items()]
+        kids = self.children(node)
+        return Listing(list(kids), list(kids.values()), None)
 
-    def readdir(self, fh: int, start: int) -> Iterator[tuple[bytes, Attr, int]]:
-        """(name, attrs, offset of the next entry) of the entries from
-        offset *start* on. An entry counts as a lookup once the consumer
-        asks for the one after it, so an adapter whose reply buffer is
-        full simply stops iterating and the entry it could not send is
-        not counted."""
+    def readdir(self, fh: int, start: int, add: Callable[[bytes, Any, int], bool]) -> None:
+        """Hand the entries from offset *start* on to *add(name, reply,
+        offset of the next entry)*, where reply is ``reply_of(attrs)``;
+        *add* returns False when the kernel's buffer is full. Each entry
+        *add* took counts as a lookup; the one it refused is not counted
+        (nor sent), and nothing after it is offered."""
         state = self.dirs[fh]
         node, listing = state
         if start == 0 or listing is None:
             # The entries as they are at the first read (not at opendir),
             # and again after a rewinddir, as on a disk filesystem.
             listing = state[1] = self._listing(node)
-        nodes = self.table.nodes
         if start < 2:
             for pos, name, ino in ((0, b".", node.ino), (1, b"..", node.parent or ROOT)):
-                if pos < start:
-                    continue
-                yield name, self.attr(ino), pos + 1
+                if pos >= start and not add(name, self.reply_of(self.attr(ino)), pos + 1):
+                    return
             start = 2
-        lookups = self.table.lookups
-        lower_attr = self.lower_attr
+        if listing.slots is not None and not node.upper:
+            self._add_lower(listing, start - 2, add)
+        else:
+            self._add_live(listing, start - 2, add)
+
+    def _add_lower(self, listing: Listing, first: int, add: Callable[[bytes, Any, int], bool]) -> None:
+        """The entries of a directory that is still lower only: none of
+        them has changed (a change to any copies the directory up first),
+        so their replies are made once and kept with the listing."""
+        replies = listing.replies
+        if replies is None:
+            reply_of, lower_attr = self.reply_of, self.lower_attr
+            replies = listing.replies = [(name, reply_of(lower_attr(slot)), i + 3)
+                                         for i, (name, slot) in enumerate(zip(listing.names, listing.slots))]
+        end = len(replies)
+        for name, reply, next_off in replies[first:]:
+            if not add(name, reply, next_off):
+                end = next_off - 3
+                break
+        self.table.looked_up_each(listing.inos[first:end])
+        if self.readahead.waiting:
+            self._listed(listing.slots[first:end])
+
+    def _add_live(self, listing: Listing, first: int, add: Callable[[bytes, Any, int], bool]) -> None:
+        """The entries of a directory in the upper dir, or of a lower
+        listing whose directory changed since it was taken: attributes
+        as they are now."""
+        reply_of, names, inos = self.reply_of, listing.names, listing.inos
+        for i in range(first, len(inos)):
+            ino = inos[i]
+            try:
+                a = self.attr(ino)
+            except OSError:
+                continue  # removed since the listing was taken
+            if not add(names[i], reply_of(a), i + 3):
+                return
+            self.table.looked_up(ino)
+            if listing.slots is not None and self.readahead.waiting:
+                self._listed(listing.slots[i:i + 1])
+
+    def _listed(self, slots: list[int]) -> None:
+        """Lower files the kernel now knows: read-ahead may hand over what it kept for them."""
         waiting = self.readahead.waiting
-        for i in range(start - 2, len(listing)):
-            name, ino, slot = listing[i]
-            n = nodes.get(ino)
-            if n is None and slot >= 0:
-                a = lower_attr(slot)
-            else:
-                try:
-                    a = self.attr(ino)
-                except OSError:
-                    continue  # removed since opendir
-            yield name, a, i + 3
-            lookups[ino] = lookups.get(ino, 0) + 1
-            if waiting and slot in waiting:
+        for slot in slots:
+            if slot in waiting:
                 self.readahead.known(slot)
 
     def releasedir(self, fh: int) -> None:

@@ -90,14 +90,29 @@ class Kernel:
     def listdir(self, ino: int) -> dict[bytes, Attr]:
         fh = self.u.opendir(ino)
         try:
-            out = {}
-            for name, a, _ in self.u.readdir(fh, 0):
-                if name not in (b".", b".."):
-                    self.held[a.ino] += 1  # readdirplus hands each entry over
-                    out[name] = a
-            return out
+            return self.readdir(fh, 0)[0]
         finally:
             self.u.releasedir(fh)
+
+    def readdir(self, fh: int, start: int, room: int = 1 << 30) -> tuple[dict[bytes, Attr], int]:
+        """The entries one readdir hands over, at most *room* (the kernel's
+        buffer), "." and ".." left out; and the offset to go on from."""
+        out: dict[bytes, Attr] = {}
+        next_off = start
+
+        def add(name: bytes, a: Attr, after: int) -> bool:
+            nonlocal room, next_off
+            if room == 0:
+                return False
+            room -= 1
+            if name not in (b".", b".."):
+                self.held[a.ino] += 1  # readdirplus hands each entry over
+                out[name] = a
+            next_off = after
+            return True
+
+        self.u.readdir(fh, start, add)
+        return out, next_off
 
     async def read(self, ino: int) -> bytes:
         fh = (await self.u.open(ino, os.O_RDONLY)).fh
@@ -439,25 +454,102 @@ async def test_unlinked_open_file_lives_until_released(core, image_env):
 async def test_readdir_counts_what_it_hands_over(core, image_env):
     k, u = core, core.u
     many = k.ino("many")
-    fh = u.opendir(many)
-    names, it = [], u.readdir(fh, 0)
-    for name, a, nxt in it:
-        if len(names) == 7:  # the kernel's buffer is full: this one is not sent
-            resume = nxt - 1
+    fresh = k.take(await u.mkdir(ROOT, b"fresh", 0o755, 0, 0)).ino
+    for i in range(40):
+        fh, a = await u.create_file(fresh, b"n%d" % i, 0o644, os.O_WRONLY, 0, 0)
+        k.take(a)
+        u.release(fh)
+    # a lower-only dir (its replies kept with its listing) and one in the upper dir
+    for ino, want in ((many, {b"f%d" % i for i in range(60)}), (fresh, {b"n%d" % i for i in range(40)})):
+        for rounds in range(2):  # the second time from the kept listing
+            fh = u.opendir(ino)
+            batch, at = k.readdir(fh, 0, room=7)  # the kernel's buffer is full after 7: the 8th is not counted
+            names = list(batch)
+            assert len(names) == 5 and at == 7
+            assert u.table.lookups == dict(k.held)
+            assert k.readdir(fh, at, room=0) == ({}, at)  # no room for one: nothing is counted
+            assert u.table.lookups == dict(k.held)
+            while True:  # the next readdirs go on where the last stopped
+                batch, at = k.readdir(fh, at, room=11)
+                if not batch:
+                    break
+                names += batch
+            u.releasedir(fh)
+            assert sorted(names) == sorted(want)
+            assert u.table.lookups == dict(k.held)
+    await finish(k, image_env, os.fsdecode(u.upper.root))
+
+
+async def _write_child(k: Kernel, u: Union) -> None:
+    fh = (await u.open(k.ino("a/f1"), os.O_WRONLY)).fh
+    await u.write(fh, 0, b"longer than before\n")
+    u.release(fh)
+
+
+async def _create_child(k: Kernel, u: Union) -> None:
+    fh, a = await u.create_file(k.ino("a"), b"new", 0o644, os.O_WRONLY, 0, 0)
+    k.take(a)
+    u.release(fh)
+
+
+async def _rmdir_child(k: Kernel, u: Union) -> None:
+    sub = k.ino("a/sub")
+    for name in k.listdir(sub):
+        await u.unlink(sub, name, want_dir=False)
+    await u.unlink(k.ino("a"), b"sub", want_dir=True)
+
+
+# Changes under the lower dir "a" (f1, hl3 -- a hardlink --, sub) or near it
+_CHANGES = {
+    "create": _create_child,
+    "mkdir": lambda k, u: u.mkdir(k.ino("a"), b"nd", 0o755, 0, 0),
+    "symlink": lambda k, u: u.symlink(k.ino("a"), b"sl", b"f1", 0, 0),
+    "mknod": lambda k, u: u.mknod(k.ino("a"), b"fifo", stat.S_IFIFO | 0o644, 0, 0, 0),
+    "link in": lambda k, u: u.link(k.ino("top"), k.ino("a"), b"top2"),
+    "unlink": lambda k, u: u.unlink(k.ino("a"), b"hl3", want_dir=False),
+    "rmdir": _rmdir_child,
+    "rename within": lambda k, u: u.rename(k.ino("a"), b"f1", k.ino("a"), b"f1b", 0),
+    "rename out": lambda k, u: u.rename(k.ino("a"), b"hl3", ROOT, b"hl3b", 0),
+    "rename in": lambda k, u: u.rename(ROOT, b"top", k.ino("a"), b"top", 0),
+    "rename a subdir": lambda k, u: u.rename(k.ino("a"), b"sub", k.ino("a"), b"sub2", 0),
+    "rename the dir": lambda k, u: u.rename(ROOT, b"a", ROOT, b"a2", 0),
+    "chmod a child": lambda k, u: u.setattr(k.ino("a/hl3"), SetAttr(mode=0o600)),
+    "chmod a hardlink elsewhere": lambda k, u: u.setattr(k.ino("hl1"), SetAttr(mode=0o600)),
+    "setxattr on a child": lambda k, u: u.setxattr(k.ino("a/sub"), b"user.x", b"1"),
+    "write to a child": _write_child,
+    "unlink elsewhere": lambda k, u: u.unlink(k.ino("many"), b"f1", want_dir=False),
+}
+
+
+@pytest.mark.parametrize("change", sorted(_CHANGES))
+@in_trio
+async def test_kept_listings_show_every_change(core, image_env, change):
+    """A lower-only dir's listing is kept with its entries' attributes
+    once listed; a change to the dir or to any entry (a copy-up) must show
+    in the next readdir, and in the rest of a listing already under way."""
+    k, u = core, core.u
+    view(k)  # every dir listed: the lower ones are kept from now on
+    a = k.ino("a")
+    fh = u.opendir(a)
+    first, at = k.readdir(fh, 0, room=3)
+    assert list(first) == [b"f1"]  # (after . and ..)
+    entry = await _CHANGES[change](k, u)
+    if isinstance(entry, Attr) and not change.startswith("chmod"):  # an entry handed over
+        k.take(entry)
+    rest = {}
+    while True:
+        batch, at = k.readdir(fh, at, room=1)
+        if not batch:
             break
-        names.append(name)
-        if name not in (b".", b".."):
-            k.held[a.ino] += 1
-    it.close()
-    assert u.table.lookups == dict(k.held)
-    # the next readdir goes on where the first stopped
-    for name, a, _ in u.readdir(fh, resume):
-        names.append(name)
-        k.held[a.ino] += 1
+        rest.update(batch)
     u.releasedir(fh)
-    assert names[:2] == [b".", b".."]
-    assert sorted(names[2:]) == sorted(b"f%d" % i for i in range(60))
-    assert u.table.lookups == dict(k.held)
+    now = k.listdir(a)
+    # the names as at the first read (one removed since may be left out) ...
+    assert {b"hl3", b"sub"} & set(now) <= set(rest) <= {b"hl3", b"sub"}
+    for name, attrs in rest.items():  # but each entry as it is now
+        if name in now:
+            assert attrs[:12] == now[name][:12], name
+    # finish() compares every listing with a fresh union's over the same upper dir
     await finish(k, image_env, os.fsdecode(u.upper.root))
 
 
