@@ -69,7 +69,7 @@ def load_key(objects_dir: str) -> bytes:
 
 def _make_key(path: str) -> bytes:
     key = os.urandom(32)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = f"{path}.{os.urandom(8).hex()}.tmp"  # (several processes may make one at once)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, key)

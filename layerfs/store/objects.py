@@ -111,6 +111,7 @@ class ObjectStore:
         self._local = threading.local()
         self._counter = itertools.count()
         self._sums_key: bytes | None = None
+        self._key_lock = threading.Lock()
         os.makedirs(root, exist_ok=True)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
@@ -270,7 +271,9 @@ class ObjectStore:
     # -- chunk sums (store.chunksums) ---------------------------------------
     def sums_key(self) -> bytes:
         if self._sums_key is None:
-            self._sums_key = chunksums.load_key(self.root)
+            with self._key_lock:  # (writers in several threads: one makes it, the others read it)
+                if self._sums_key is None:
+                    self._sums_key = chunksums.load_key(self.root)
         return self._sums_key
 
     def write_sums(self, digest: str, size: int, sums: list[bytes]) -> None:

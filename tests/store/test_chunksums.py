@@ -154,3 +154,33 @@ def test_gc_removes_tables_with_their_objects_and_orphans(tmp_path):
         store.remove_image("big:1")
         gc.collect(store)
         assert not os.path.exists(table)
+
+
+def test_threads_and_processes_making_the_key_at_once_agree(tmp_path):
+    """The first big objects of a pull are written by several threads at
+    once, and two commands may start on a new store together: one key."""
+    import subprocess
+    import sys
+    import threading
+
+    root = str(tmp_path / "objects")
+    stores = [ObjectStore(root, str(tmp_path)) for _ in range(2)]
+    keys: list[bytes | Exception] = []
+
+    def make(s: ObjectStore) -> None:
+        try:
+            keys.append(s.sums_key())
+        except Exception as exc:
+            keys.append(exc)
+
+    threads = [threading.Thread(target=make, args=(s,)) for s in stores for _ in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", "import sys; from layerfs.store.objects import ObjectStore; "
+                               f"sys.stdout.write(ObjectStore({root!r}, {str(tmp_path)!r}).sums_key().hex())"],
+                              stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outs = {bytes.fromhex(p.communicate()[0]) for p in procs}
+    assert len(keys) == 8 and len(set(keys) | outs) == 1, keys
+    assert sorted(os.listdir(root)) == [chunksums.KEY_NAME]  # no debris
