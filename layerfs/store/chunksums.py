@@ -54,22 +54,24 @@ def chunk_sum(key: bytes, chunk: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(chunk, key=key).digest(SUM_BYTES)
 
 
-def load_key(objects_dir: str) -> bytes:
-    """The store's chunk-sum key, made now if there is none yet."""
+def load_key(objects_dir: str, tmp_dir: str) -> bytes:
+    """The store's chunk-sum key, made now if there is none yet (its temp
+    file in *tmp_dir*, where ``gc`` sweeps what a killed maker left)."""
     path = os.path.join(objects_dir, KEY_NAME)
     try:
         with open(path, "rb") as f:
             key = f.read()
     except FileNotFoundError:
-        key = _make_key(path)
+        key = _make_key(path, tmp_dir)
     if len(key) != 32:
         raise LayerfsError(f"{path} is damaged (not a 32-byte key); remove it and a new one is made")
     return key
 
 
-def _make_key(path: str) -> bytes:
+def _make_key(path: str, tmp_dir: str) -> bytes:
     key = os.urandom(32)
-    tmp = f"{path}.{os.urandom(8).hex()}.tmp"  # (several processes may make one at once)
+    os.makedirs(tmp_dir, exist_ok=True)
+    tmp = os.path.join(tmp_dir, f"key-{os.urandom(8).hex()}")  # (several processes may make one at once)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, key)

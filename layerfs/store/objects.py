@@ -273,7 +273,7 @@ class ObjectStore:
         if self._sums_key is None:
             with self._key_lock:  # (writers in several threads: one makes it, the others read it)
                 if self._sums_key is None:
-                    self._sums_key = chunksums.load_key(self.root)
+                    self._sums_key = chunksums.load_key(self.root, self.tmp_dir)
         return self._sums_key
 
     def write_sums(self, digest: str, size: int, sums: list[bytes]) -> None:

@@ -92,6 +92,8 @@ def test_the_key_is_private_and_kept(objects):
     path = os.path.join(objects.root, chunksums.KEY_NAME)
     assert len(key) == 32 and os.stat(path).st_mode & 0o777 == 0o600
     assert ObjectStore(objects.root, objects.tmp_dir).sums_key() == key
+    assert os.listdir(objects.root) == [chunksums.KEY_NAME]  # its temp file made in tmp/ and gone
+    assert not [n for n in os.listdir(objects.tmp_dir) if n.startswith("key-")]
 
 
 def test_a_lost_key_makes_new_tables(objects):
