@@ -14,9 +14,16 @@ left for the reader to READ, and that READ moves the window on.
 
 Nothing unchecked is served or pushed: a chunk whose sum differs gives EIO
 (and a log line) for every read that covers it, checked anew each time.
-Reads that jump (well past the furthest read or pushed chunk), and
-objects without a sound table, are verified whole as before
-(``fs.verify``); after a whole check of an object without a table, a
+Reads that jump (a random reader: a database file, fio) have only the
+chunks they cover checked, and nothing read ahead: the first of them
+waits for one chunk, not for the whole object. A reader that keeps
+jumping (:data:`JUMPS` times) has the background threads check all the
+object's other chunks, front to back (sequential disk reads, each chunk
+hashed once: its own reads wait for a chunk in progress or check it
+themselves), pushing none; a sparse reader never pays for the chunks it
+does not read. Once every chunk matched, the object counts as verified.
+Objects without a sound
+table are verified whole as before (``fs.verify``); after that, a
 background thread writes one, from a second read hashed against the name
 in the same pass, so the next cold reader of it takes this path.
 """
@@ -44,30 +51,52 @@ WINDOW = 32          # chunks checked and pushed ahead of a sequential reader (3
 MARK = 16            # every MARK-th chunk is checked but not pushed (see _pushed)
 SEGMENT = 8 << 20    # mapped at once by a read-ahead thread (mapped pages count in the daemon's RSS)
 SLACK = 8            # a READ up to this many chunks past the furthest one is still sequential
+BACK = 2             # ... or this many before it (READs in flight together are served out of order)
+JUMPS = 16           # READs that jump before the rest of the object is hashed whole in the background
 WORKERS = 2          # checking threads: blake3 releases the GIL, so two cores hash
 IDLE_EXIT = 5.0      # a thread exits after this long without work (restarted on demand)
 KEPT = 64            # objects whose chunk states are kept (each: one byte per MiB)
 UNKNOWN, CHECKING, GOOD = 0, 1, 2
+NO_PUSH = -1         # in place of an inode in the threads' queue: check the chunk, push it nowhere
 
 
 class ObjectChunks:
     """What is known of one big object's chunks."""
 
-    __slots__ = ("digest", "path", "size", "sums", "state", "done", "furthest", "queued")
+    __slots__ = ("digest", "path", "size", "sums", "state", "done", "good", "furthest", "queued", "streak",
+                 "jumps", "all_queued")
 
     def __init__(self, digest: str, path: str, size: int, sums: list[bytes]) -> None:
         self.digest, self.path, self.size, self.sums = digest, path, size, sums
         self.state = bytearray(len(sums))
         self.done: dict[int, threading.Event] = {}  # chunks being checked -> set when that ends
-        self.furthest = -1   # the furthest chunk a READ asked for
+        self.good = 0        # chunks in state GOOD
+        self.jumps = 0       # READs that started a new run
+        self.all_queued = False  # every chunk was given to the threads (check_all_later)
+        self.furthest = -1   # the furthest chunk the current run of sequential READs asked for
         self.queued = -1     # chunks up to here were given to the threads
+        self.streak = 0      # READs in that run
 
-    def sequential(self, off: int) -> bool:
-        """Whether a READ at *off* continues the reads so far: up to a few
-        chunks past the furthest READ (the kernel's read-ahead sends
-        several at once) or past the chunks handed ahead (the reader got
-        those from the page cache, without READs)."""
-        return off // SUM_CHUNK <= max(self.furthest, self.queued) + SLACK
+    def note_read(self, off: int, size: int) -> bool:
+        """Record a READ of *size* bytes at *off*; True if it is the second
+        or later of a sequential run (read ahead of it then). A READ
+        continues the run if it starts near the furthest chunk asked for
+        (the kernel's read-ahead sends several at once) or up to a few
+        chunks past those handed ahead (the reader got those from the
+        page cache, without READs); any other starts a new run. Two in a
+        row are asked for, so a random reader is not read ahead of by
+        chance."""
+        first, last = off // SUM_CHUNK, (min(off + size, self.size) - 1) // SUM_CHUNK
+        if self.furthest - BACK <= first <= max(self.furthest, self.queued) + SLACK:
+            self.streak += 1
+            self.furthest = max(self.furthest, last)
+        else:
+            self.streak, self.furthest, self.queued = 1, last, last
+            self.jumps += 1
+        return self.streak >= 2
+
+    def all_good(self) -> bool:
+        return self.good == len(self.sums)
 
 
 class ChunkReader:
@@ -112,7 +141,6 @@ class ChunkReader:
         has matched its sum (checking those nobody checks yet, in a worker
         thread); False if one did not."""
         last = min(off + size, oc.size) - 1
-        oc.furthest = max(oc.furthest, last // SUM_CHUNK)
         for i in range(off // SUM_CHUNK, last // SUM_CHUNK + 1):
             with self._lock:
                 state, done = oc.state[i], oc.done.get(i)
@@ -145,6 +173,17 @@ class ChunkReader:
         # the disk starts on the whole window now, not one chunk at a time
         os.posix_fadvise(fd, start * SUM_CHUNK, (end + 1 - start) * SUM_CHUNK, os.POSIX_FADV_WILLNEED)
 
+    def check_all_later(self, oc: ObjectChunks) -> None:
+        """Have the threads check every chunk not checked yet, in order,
+        pushing none (for a reader that keeps jumping: its next reads find
+        them checked)."""
+        if oc.all_queued:
+            return
+        oc.all_queued = True
+        with self._lock:
+            self._queue.extend((oc, NO_PUSH, i) for i in range(len(oc.sums)) if oc.state[i] == UNKNOWN)
+            self._start_threads()
+
     def write_table_later(self, digest: str, path: str, size: int) -> None:
         """After a whole check of an object without a table: write one in
         a background thread (once per object and daemon)."""
@@ -171,6 +210,7 @@ class ChunkReader:
         ok = view is not None and chunk_sum(self.objects.sums_key(), view) == oc.sums[i]
         with self._lock:
             oc.state[i] = GOOD if ok else UNKNOWN
+            oc.good += ok
             oc.done.pop(i).set()
         if not ok:  # (the read that needed it logs the file's name)
             log.error("object %s: chunk %d (bytes %d-) fails its sum", oc.digest, i, i * SUM_CHUNK)
@@ -216,7 +256,8 @@ class ChunkReader:
                         oc.done.pop(i).set()
                     continue
                 with src.chunk(i, buf) as view:
-                    if self._check_view(oc, i, view if len(view) == _chunk_len(oc, i) else None) and _pushed(i):
+                    if self._check_view(oc, i, view if len(view) == _chunk_len(oc, i) else None) and \
+                            ino != NO_PUSH and _pushed(i):
                         self._push_range(ino, i * SUM_CHUNK, view)
         finally:
             if src is not None:

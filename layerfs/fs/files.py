@@ -9,10 +9,10 @@ lock). A handle reads one of three sources:
 * ``mem``   -- a small object read whole and verified once;
 * ``raw``   -- a big uncompressed object file, ``lazy`` until first read.
   Its reads are checked a chunk at a time against its chunk-sum table
-  while they go front to back (``fs.bigread``, which also checks and hands
-  the next chunks to the kernel ahead of the reader); otherwise it is
-  verified whole (``verify``, in a worker thread) before its first byte
-  is returned.
+  (``fs.bigread``, which also checks and hands the next chunks to the
+  kernel ahead of a reader going front to back); without a sound table
+  it is verified whole (``verify``, in a worker thread) before its first
+  byte is returned.
 
 Small objects that ``fs.readahead`` loads (and verifies) because the files
 before them were read in order are handed over by its threads
@@ -49,7 +49,7 @@ import trio
 
 from layerfs.errors import Corrupt, NotFound
 from layerfs.fs import verify
-from layerfs.fs.bigread import ChunkReader
+from layerfs.fs.bigread import JUMPS, ChunkReader
 from layerfs.fs.inodes import Node, Opened
 from layerfs.fs.names import _err
 from layerfs.fs.readahead import Readahead
@@ -246,14 +246,19 @@ class FileIO:
 
     async def _check_chunks(self, h: Handle, off: int, size: int) -> bool:
         """Check the chunks a READ covers (``fs.bigread``); False if the
-        object is to be verified whole instead (no table, or a read that
-        jumps). EIO if a chunk fails its sum."""
+        object is to be verified whole instead (no sound table). EIO if a
+        chunk fails its sum."""
         oc = self.chunk_reads.chunks(h.digest, h.path, h.size)
-        if self.chunk_reads.whole or oc is None or not oc.sequential(off):
+        if self.chunk_reads.whole or oc is None:
             return False
+        sequential = oc.note_read(off, size)
         self._check(await self.chunk_reads.check(oc, h.fd, off, size), h, verified=False)
-        if h.node.lower >= 0:
+        if oc.all_good():  # every chunk matched: as good as a whole check
+            self.verified.add(h.digest)
+        elif sequential and h.node.lower >= 0:
             self.chunk_reads.ahead(oc, h.node.ino, h.fd)
+        elif oc.jumps >= JUMPS:
+            self.chunk_reads.check_all_later(oc)
         return True
 
     def _switch_to_upper(self, h: Handle) -> None:

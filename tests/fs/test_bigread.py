@@ -4,9 +4,10 @@ kernel's page cache ahead of the reader).
 
 What must hold: what is served is exactly the file's, and only chunks that
 matched their sums; a damaged chunk gives EIO for every read that covers
-it and leaves the other chunks readable; reads that jump, and objects
-whose table is missing or damaged, are verified whole as before (and then
-get a sound table); a write racing the pushes is never covered by them.
+it and leaves the other chunks readable; reads that jump check only
+their own chunks; objects whose table is missing or damaged are verified
+whole as before (and then get a sound table); a write racing the pushes
+is never covered by them.
 """
 
 from __future__ import annotations
@@ -123,19 +124,56 @@ def test_a_damaged_chunk_fails_every_read_of_it_and_no_other(big_env, tmp_path, 
         os.close(u.upper.fd)
 
 
-def test_a_read_that_jumps_verifies_the_object_whole(big_env, tmp_path, whole_checks):
+def test_reads_that_jump_check_only_their_chunks_and_read_nothing_ahead(big_env, tmp_path, whole_checks):
     root, image, content, path, _ = big_env
+    digest = blake3.blake3(content).hexdigest()
+    _damage(path, 20)
     u = _union(root, image, tmp_path)
     try:
-        got = _reads(u, [(10 * SUM_CHUNK, 4096), (0, 4096)])
-        assert got == [content[10 * SUM_CHUNK:10 * SUM_CHUNK + 4096], content[:4096]]
-        assert whole_checks == [blake3.blake3(content).hexdigest()]
+        spans = [(10 * SUM_CHUNK, 4096), (0, 4096), (20 * SUM_CHUNK + 7, 10), (15 * SUM_CHUNK, 4096)]
+        got = _reads(u, spans)
+        assert got[:2] + got[3:] == [content[o:o + n] for o, n in spans[:2] + spans[3:]]
+        assert got[2] == -errno.EIO  # the damaged chunk, and only that one
+        assert whole_checks == []
+        oc = u.chunk_reads.chunks(digest, "", len(content))
+        time.sleep(0.2)  # (time for a read-ahead that must not come)
+        assert [i for i, st in enumerate(oc.state) if st == bigread.GOOD] == [0, 10, 15]
+        assert digest not in u.verified
     finally:
         os.close(u.upper.fd)
-    _damage(path, 20)
-    u = _union(root, image, tmp_path / "again")
+
+
+def test_a_reader_that_keeps_jumping_has_the_rest_checked_in_the_background_and_pushed_nowhere(
+        big_env, tmp_path, whole_checks):
+    root, image, content, _, _ = big_env
+    digest = blake3.blake3(content).hexdigest()
+    u = _union(root, image, tmp_path)
+    pushed: list[int] = []
+    u.chunk_reads._push_range = lambda ino, off, data: pushed.append(off) or True
     try:
-        assert _reads(u, [(10 * SUM_CHUNK, 4096)]) == [-errno.EIO]  # whole: any damage fails it
+        # chunks 0, 11, 22, 9, 20, ...: every read after the first jumps
+        spans = [((i * 11) % CHUNKS * SUM_CHUNK, 4096) for i in range(bigread.JUMPS + 1)]
+        assert _reads(u, spans) == [content[o:o + n] for o, n in spans]
+        oc = u.chunk_reads.chunks(digest, "", len(content))
+        deadline = time.monotonic() + 30
+        while not oc.all_good() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert oc.all_good() and whole_checks == [] and pushed == []
+        assert _reads(u, [(3, 5)]) == [content[3:8]] and digest in u.verified
+    finally:
+        os.close(u.upper.fd)
+
+
+def test_a_random_reader_that_checked_every_chunk_has_the_object_verified(big_env, tmp_path, whole_checks):
+    root, image, content, _, _ = big_env
+    digest = blake3.blake3(content).hexdigest()
+    order = [7, 19, 2, 23, 11, 0, 15, 4, 21, 9, 13, 1, 17, 24, 5, 20, 3, 12, 22, 8, 16, 6, 18, 10, 14]
+    spans = [(i * SUM_CHUNK + 99, 4096) for i in order]
+    u = _union(root, image, tmp_path)
+    try:
+        got = _reads(u, spans + [(5, 10)])
+        assert got == [content[o:o + n] for o, n in spans + [(5, 10)]]
+        assert whole_checks == [] and digest in u.verified
     finally:
         os.close(u.upper.fd)
 
