@@ -22,10 +22,10 @@ object's other chunks, front to back (sequential disk reads, each chunk
 hashed once: its own reads wait for a chunk in progress or check it
 themselves), pushing none; a sparse reader never pays for the chunks it
 does not read. Once every chunk matched, the object counts as verified.
-Objects without a sound
-table are verified whole as before (``fs.verify``); after that, a
-background thread writes one, from a second read hashed against the name
-in the same pass, so the next cold reader of it takes this path.
+Objects without a sound table are verified whole as before
+(``fs.verify``); after that, a background thread writes one, from a
+second read hashed against the name in the same pass, so the next cold
+reader of it takes this path.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ MARK = 16            # every MARK-th chunk is checked but not pushed (see _pushe
 SEGMENT = 8 << 20    # mapped at once by a read-ahead thread (mapped pages count in the daemon's RSS)
 SLACK = 8            # a READ up to this many chunks past the furthest one is still sequential
 BACK = 2             # ... or this many before it (READs in flight together are served out of order)
-JUMPS = 16           # READs that jump before the rest of the object is hashed whole in the background
+JUMPS = 16           # READs that jump before the threads check the rest of the object (check_all_later)
 WORKERS = 2          # checking threads: blake3 releases the GIL, so two cores hash
 IDLE_EXIT = 5.0      # a thread exits after this long without work (restarted on demand)
 KEPT = 64            # objects whose chunk states are kept (each: one byte per MiB)
