@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import select
 import signal
 import stat
@@ -73,12 +72,10 @@ def mount_image_kernel(store_root: str, image_ref: str, mountpoint: str, upper_d
         kernel.require(support(store.root), writable=not read_only)
         image = store.image(image_ref)
         meta = ensure_metalayer(store, image)
-        private = upper_dir is None and not read_only
-        if private:
-            upper_dir = store.layout.private_upper(secrets.token_hex(6))
+        upper_dir, private = registry.choose_upper(store.layout, upper_dir, read_only)
         if upper_dir is not None:
             try:
-                upper_dir = _check_upper(os.path.abspath(upper_dir), mp, read_only)
+                upper_dir = _check_upper(upper_dir, mp, read_only)
             except BaseException:
                 registry.remove_private({"private": private, "upper": upper_dir})
                 raise

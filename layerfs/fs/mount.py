@@ -64,6 +64,7 @@ from layerfs.fs.registry import (  # noqa: F401
     REF_KIND,
     MountInfo,
     check_upper,
+    choose_upper,
     claim,
     clean_stale,
     forget,
@@ -225,13 +226,8 @@ def _resolve(store, image_ref, mp, upper_dir, read_only, debug, container) -> tu
     claim(store, mp)
     image = store.image(image_ref)
     cache = ensure_index_cache(store, image)
-    private = upper_dir is None and not read_only
-    if private:
-        import secrets
-
-        upper_dir = store.layout.private_upper(secrets.token_hex(6))
+    upper_dir, private = choose_upper(store.layout, upper_dir, read_only)
     if upper_dir is not None:
-        upper_dir = os.path.abspath(upper_dir)
         check_upper(upper_dir, mp, read_only)
     log_file = store.layout.mount_log(mp)
     os.makedirs(os.path.dirname(log_file), exist_ok=True)

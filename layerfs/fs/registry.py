@@ -101,6 +101,17 @@ def forget(params: dict, pid: int) -> None:
             store.drop_refs(REF_KIND, mp)
 
 
+def choose_upper(layout, upper_dir: str | None, read_only: bool) -> tuple[str | None, bool]:
+    """A mount's upper dir, absolute, and whether it is private: one made
+    under the store (*layout*) for a writable mount given none, removed
+    at its unmount (:func:`remove_private`)."""
+    if upper_dir is None and not read_only:
+        import secrets
+
+        return layout.private_upper(secrets.token_hex(6)), True
+    return (os.path.abspath(upper_dir) if upper_dir is not None else None), False
+
+
 def remove_private(data: dict) -> None:
     """Remove a private upper (and the dir made for it)."""
     if data.get("private") and data.get("upper"):
