@@ -271,6 +271,29 @@ def test_a_damaged_chunk_gives_eio_through_a_mount(big_env, tmp_path):
 
 
 @needs_fuse
+def test_a_random_reader_through_a_mount_gets_every_good_chunk_and_eio_for_the_bad_one(big_env, tmp_path):
+    root, image, content, path, _ = big_env
+    _damage(path, 13)
+    _evict(path)
+    mp = str(tmp_path / "mnt")
+    offsets = [((i * 11) % CHUNKS) * SUM_CHUNK + (i * 4096) % SUM_CHUNK for i in range(3 * bigread.JUMPS)]
+    with layerfs_mount(root, image.id, mp, upper=str(tmp_path / "up")):
+        fd = os.open(f"{mp}/d/big", os.O_RDONLY)
+        try:
+            for off in offsets:
+                if off // SUM_CHUNK == 13:
+                    with pytest.raises(OSError) as exc:
+                        os.pread(fd, 4096, off)
+                    assert exc.value.errno == errno.EIO
+                else:
+                    assert os.pread(fd, 4096, off) == content[off:off + 4096], off
+            # the tail past the last full chunk, read after the rest was checked in the background
+            assert os.pread(fd, 8192, CHUNKS * SUM_CHUNK) == content[CHUNKS * SUM_CHUNK:]
+        finally:
+            os.close(fd)
+
+
+@needs_fuse
 def test_writes_racing_the_pushes_are_never_covered(big_env, tmp_path):
     """A write lands in the middle of a file whose next chunks the threads
     are pushing: every later read sees the write (a push of the lower
