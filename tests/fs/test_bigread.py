@@ -12,6 +12,7 @@ is never covered by them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
@@ -254,13 +255,21 @@ def test_a_sequential_reader_gets_its_chunks_from_the_page_cache(big_env, tmp_pa
     assert reads < CHUNKS // 2, reads
 
 
-@needs_fuse
-def test_a_damaged_chunk_gives_eio_through_a_mount(big_env, tmp_path):
-    root, image, content, path, _ = big_env
-    _damage(path, 9)
+@contextlib.contextmanager
+def _mounted_with_damage(big_env, tmp_path, chunk: int):
+    """d/big's *chunk* damaged, the object out of the page cache, mounted: (mountpoint, handle)."""
+    root, image, _, path, _ = big_env
+    _damage(path, chunk)
     _evict(path)
     mp = str(tmp_path / "mnt")
     with layerfs_mount(root, image.id, mp, upper=str(tmp_path / "up")) as handle:
+        yield mp, handle
+
+
+@needs_fuse
+def test_a_damaged_chunk_gives_eio_through_a_mount(big_env, tmp_path):
+    content = big_env[2]
+    with _mounted_with_damage(big_env, tmp_path, 9) as (mp, handle):
         with open(f"{mp}/d/big", "rb") as f:
             assert f.read(9 * SUM_CHUNK) == content[:9 * SUM_CHUNK]
             with pytest.raises(OSError) as exc:
@@ -272,12 +281,9 @@ def test_a_damaged_chunk_gives_eio_through_a_mount(big_env, tmp_path):
 
 @needs_fuse
 def test_a_random_reader_through_a_mount_gets_every_good_chunk_and_eio_for_the_bad_one(big_env, tmp_path):
-    root, image, content, path, _ = big_env
-    _damage(path, 13)
-    _evict(path)
-    mp = str(tmp_path / "mnt")
+    content = big_env[2]
     offsets = [((i * 11) % CHUNKS) * SUM_CHUNK + (i * 4096) % SUM_CHUNK for i in range(3 * bigread.JUMPS)]
-    with layerfs_mount(root, image.id, mp, upper=str(tmp_path / "up")):
+    with _mounted_with_damage(big_env, tmp_path, 13) as (mp, _):
         fd = os.open(f"{mp}/d/big", os.O_RDONLY)
         try:
             for off in offsets:
