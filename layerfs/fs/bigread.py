@@ -158,6 +158,15 @@ class ChunkReader:
                 return False
         return True
 
+    def follow(self, oc: ObjectChunks, sequential: bool, ino: int, fd: int) -> None:
+        """After a READ's chunks matched: read ahead of a sequential reader
+        of the lower file *ino* (:data:`NO_PUSH`: no lower file to push
+        to), or have the rest checked for a reader that keeps jumping."""
+        if sequential and ino != NO_PUSH:
+            self.ahead(oc, ino, fd)
+        elif oc.jumps >= JUMPS:
+            self.check_all_later(oc)
+
     def ahead(self, oc: ObjectChunks, ino: int, fd: int) -> None:
         """Have the threads check and push the chunks up to :data:`WINDOW`
         past the furthest READ of the sequential reader of inode *ino*

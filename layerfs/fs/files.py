@@ -49,7 +49,7 @@ import trio
 
 from layerfs.errors import Corrupt, NotFound
 from layerfs.fs import verify
-from layerfs.fs.bigread import JUMPS, ChunkReader
+from layerfs.fs.bigread import NO_PUSH, ChunkReader
 from layerfs.fs.inodes import Node, Opened
 from layerfs.fs.names import _err
 from layerfs.fs.readahead import Readahead
@@ -255,10 +255,8 @@ class FileIO:
         self._check(await self.chunk_reads.check(oc, h.fd, off, size), h, verified=False)
         if oc.all_good():  # every chunk matched: as good as a whole check
             self.verified.add(h.digest)
-        elif sequential and h.node.lower >= 0:
-            self.chunk_reads.ahead(oc, h.node.ino, h.fd)
-        elif oc.jumps >= JUMPS:
-            self.chunk_reads.check_all_later(oc)
+        else:
+            self.chunk_reads.follow(oc, sequential, h.node.ino if h.node.lower >= 0 else NO_PUSH, h.fd)
         return True
 
     def _switch_to_upper(self, h: Handle) -> None:

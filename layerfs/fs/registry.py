@@ -32,11 +32,15 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from layerfs import procfs
 from layerfs.errors import Conflict, InvalidInput, LayerfsError, NotFound
 from layerfs.store import refs
 from layerfs.store.refs import Ref
+
+if TYPE_CHECKING:
+    from layerfs.store.layout import StoreLayout
 
 REF_KIND = refs.MOUNT
 FSNAME = "layerfs"
@@ -101,7 +105,7 @@ def forget(params: dict, pid: int) -> None:
             store.drop_refs(REF_KIND, mp)
 
 
-def choose_upper(layout, upper_dir: str | None, read_only: bool) -> tuple[str | None, bool]:
+def choose_upper(layout: StoreLayout, upper_dir: str | None, read_only: bool) -> tuple[str | None, bool]:
     """A mount's upper dir, absolute, and whether it is private: one made
     under the store (*layout*) for a writable mount given none, removed
     at its unmount (:func:`remove_private`)."""

@@ -54,37 +54,17 @@ def chunk_sum(key: bytes, chunk: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(chunk, key=key).digest(SUM_BYTES)
 
 
-def load_key(objects_dir: str, tmp_dir: str) -> bytes:
-    """The store's chunk-sum key, made now if there is none yet (its temp
-    file in *tmp_dir*, where ``gc`` sweeps what a killed maker left)."""
+def load_key(objects_dir: str) -> bytes | None:
+    """The store's chunk-sum key; None if it has none yet (the object
+    store makes one: ``ObjectStore.sums_key``)."""
     path = os.path.join(objects_dir, KEY_NAME)
     try:
         with open(path, "rb") as f:
             key = f.read()
     except FileNotFoundError:
-        key = _make_key(path, tmp_dir)
+        return None
     if len(key) != 32:
         raise LayerfsError(f"{path} is damaged (not a 32-byte key); remove it and a new one is made")
-    return key
-
-
-def _make_key(path: str, tmp_dir: str) -> bytes:
-    key = os.urandom(32)
-    os.makedirs(tmp_dir, exist_ok=True)
-    tmp = os.path.join(tmp_dir, f"key-{os.urandom(8).hex()}")  # (several processes may make one at once)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # never replaces a key another process made meanwhile
-    except FileExistsError:
-        with open(path, "rb") as f:
-            key = f.read()
-    finally:
-        os.unlink(tmp)
     return key
 
 

@@ -32,6 +32,7 @@ references them. The database, not the directory, says which objects exist.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import io
@@ -121,12 +122,12 @@ class ObjectStore:
             c = self._local.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
         return c
 
-    def _tmp(self) -> tuple[int, str]:
+    def _tmp(self, mode: int = 0o644) -> tuple[int, str]:
         """A new temp file; cheaper than tempfile.mkstemp (no random names)."""
         while True:
             path = os.path.join(self.tmp_dir, f"o-{os.getpid()}-{next(self._counter)}")
             try:
-                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), path
+                return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), path
             except FileExistsError:
                 continue
 
@@ -273,8 +274,24 @@ class ObjectStore:
         if self._sums_key is None:
             with self._key_lock:  # (writers in several threads: one makes it, the others read it)
                 if self._sums_key is None:
-                    self._sums_key = chunksums.load_key(self.root, self.tmp_dir)
+                    self._sums_key = chunksums.load_key(self.root) or self._make_sums_key()
         return self._sums_key
+
+    def _make_sums_key(self) -> bytes:
+        """A new key, published with link(2), which never replaces one that
+        another process made meanwhile: the one published is returned."""
+        fd, tmp = self._tmp(0o600)
+        try:
+            try:
+                os.write(fd, os.urandom(32))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, os.path.join(self.root, chunksums.KEY_NAME))
+        finally:
+            _unlink_quiet(tmp)
+        return chunksums.load_key(self.root)
 
     def write_sums(self, digest: str, size: int, sums: list[bytes]) -> None:
         """Publish the chunk-sum table of a big object whose content was
