@@ -1,27 +1,34 @@
 """Reads of big objects checked a chunk at a time, and the chunks after a
-sequential reader's checked and handed to the kernel ahead of it.
+sequential reader's checked ahead of it.
 
 A big object with a chunk-sum table (``store.chunksums``) need not be
 hashed whole before its first byte is served: each READ waits only for
 the 1 MiB chunks it covers to match their sums. While a file is read from
 its start onwards, background threads check the next chunks
-(:data:`WINDOW` of them past the last READ) and give each one that matched
-to the kernel's page cache (``notify_store`` through the union's
-``push_range``), so a sequential reader's next reads are answered by the
-kernel, as a disk filesystem's read-ahead would: hashing runs beside the
-reader instead of before it, on a second core. A chunk every so often is
-left for the reader to READ, and that READ moves the window on.
+(:data:`WINDOW` of them past the last READ), so the reader's next READs
+(the kernel's own read-ahead sends them, 1 MiB each) find their chunks
+checked: hashing runs beside the reader instead of before it, on a second
+core. The threads read through a mapping and leave the disk to the
+kernel's read-ahead for it (asking for the window with WILLNEED as well
+made a cold GiB slower: 0.92-1.02 s against 0.74-0.76 s, two threads
+hashing it).
 
-Nothing unchecked is served or pushed: a chunk whose sum differs gives EIO
-(and a log line) for every read that covers it, checked anew each time.
-Reads that jump (a random reader: a database file, fio) have only the
-chunks they cover checked, and nothing read ahead: the first of them
-waits for one chunk, not for the whole object. A reader that keeps
-jumping (:data:`JUMPS` times) has the background threads check all the
-object's other chunks, front to back (sequential disk reads, each chunk
-hashed once: its own reads wait for a chunk in progress or check it
-themselves), pushing none; a sparse reader never pays for the chunks it
-does not read. Once every chunk matched, the object counts as verified.
+The checked chunks are not pushed into the kernel's page cache
+(``notify_store``, as ``fs.readahead`` does for small files): the kernel
+fills a pushed page by page, which cost more than the READs it saves
+(a GiB read front to back, its object cached: ~1.0 s pushed against
+~0.75 s served by READs; from a cold disk 1.7 s against 1.4 s).
+
+Nothing unchecked is served: a chunk whose sum differs gives EIO (and a
+log line) for every read that covers it, checked anew each time. Reads
+that jump (a random reader: a database file, fio) have only the chunks
+they cover checked, and nothing read ahead: the first of them waits for
+one chunk, not for the whole object. A reader that keeps jumping
+(:data:`JUMPS` times) has the background threads check all the object's
+other chunks, front to back (sequential disk reads, each chunk hashed
+once: its own reads wait for a chunk in progress or check it
+themselves); a sparse reader never pays for the chunks it does not read.
+Once every chunk matched, the object counts as verified.
 Objects without a sound table are verified whole as before
 (``fs.verify``); after that, a background thread writes one, from a
 second read hashed against the name in the same pass, so the next cold
@@ -35,7 +42,6 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable
 
 import trio
 
@@ -47,8 +53,7 @@ from layerfs.store.objects import ObjectStore
 
 log = logging.getLogger("layerfs.fs")
 
-WINDOW = 32          # chunks checked and pushed ahead of a sequential reader (32 MiB)
-MARK = 16            # every MARK-th chunk is checked but not pushed (see _pushed)
+WINDOW = 32          # chunks checked ahead of a sequential reader (32 MiB)
 SEGMENT = 8 << 20    # mapped at once by a read-ahead thread (mapped pages count in the daemon's RSS)
 SLACK = 8            # a READ up to this many chunks past the furthest one is still sequential
 BACK = 2             # ... or this many before it (READs in flight together are served out of order)
@@ -57,7 +62,6 @@ WORKERS = 2          # checking threads: blake3 releases the GIL, so two cores h
 IDLE_EXIT = 5.0      # a thread exits after this long without work (restarted on demand)
 KEPT = 64            # objects whose chunk states are kept (each: one byte per MiB)
 UNKNOWN, CHECKING, GOOD = 0, 1, 2
-NO_PUSH = -1         # in place of an inode in the threads' queue: check the chunk, push it nowhere
 
 
 class ObjectChunks:
@@ -100,20 +104,18 @@ class ObjectChunks:
 
 
 class ChunkReader:
-    """Chunk checks and read-ahead pushes of big objects (see the module docstring)."""
+    """Chunk checks of big objects, and checks ahead of their readers (see
+    the module docstring)."""
 
-    def __init__(self, objects: ObjectStore, push_range: Callable[[int, int, memoryview], bool]) -> None:
-        """*push_range(ino, offset, data)* gives checked content to the
-        kernel's page cache (False if it could not: no longer the lower
-        file's, the kernel forgot the inode, the session closes)."""
-        self.objects, self._push_range = objects, push_range
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
         # developer aid: LAYERFS_BIG_READS=whole verifies every big object
         # whole, as before chunk sums, for A/B runs
         self.whole = os.environ.get("LAYERFS_BIG_READS") == "whole"
         self._objects: collections.OrderedDict[str, ObjectChunks | None] = collections.OrderedDict()
         self._lock = threading.Lock()      # chunk states, and the queue below
         self._wake = threading.Condition(self._lock)
-        self._queue: collections.deque[tuple[ObjectChunks, int, int]] = collections.deque()  # (object, ino, chunk)
+        self._queue: collections.deque[tuple[ObjectChunks, int]] = collections.deque()  # (object, chunk)
         self._threads = 0
         self._tabled: set[str] = set()     # objects this daemon wrote (or tried to write) a table for
 
@@ -158,39 +160,35 @@ class ChunkReader:
                 return False
         return True
 
-    def follow(self, oc: ObjectChunks, sequential: bool, ino: int, fd: int) -> None:
-        """After a READ's chunks matched: read ahead of a sequential reader
-        of the lower file *ino* (:data:`NO_PUSH`: no lower file to push
-        to), or have the rest checked for a reader that keeps jumping."""
-        if sequential and ino != NO_PUSH:
-            self.ahead(oc, ino, fd)
+    def follow(self, oc: ObjectChunks, sequential: bool) -> None:
+        """After a READ's chunks matched: check ahead of a sequential
+        reader, or have the rest checked for a reader that keeps jumping."""
+        if sequential:
+            self.ahead(oc)
         elif oc.jumps >= JUMPS:
             self.check_all_later(oc)
 
-    def ahead(self, oc: ObjectChunks, ino: int, fd: int) -> None:
-        """Have the threads check and push the chunks up to :data:`WINDOW`
-        past the furthest READ of the sequential reader of inode *ino*
-        (*fd*: the reader's open object)."""
+    def ahead(self, oc: ObjectChunks) -> None:
+        """Have the threads check the chunks up to :data:`WINDOW` past the
+        furthest READ of the sequential reader."""
         end = min(oc.furthest + WINDOW, len(oc.sums) - 1)
         start = max(oc.queued, oc.furthest) + 1
         if start > end:
             return
         with self._lock:
-            self._queue.extend((oc, ino, i) for i in range(start, end + 1))
+            self._queue.extend((oc, i) for i in range(start, end + 1))
             oc.queued = end
             self._start_threads()
-        # the disk starts on the whole window now, not one chunk at a time
-        os.posix_fadvise(fd, start * SUM_CHUNK, (end + 1 - start) * SUM_CHUNK, os.POSIX_FADV_WILLNEED)
 
     def check_all_later(self, oc: ObjectChunks) -> None:
-        """Have the threads check every chunk not checked yet, in order,
-        pushing none (for a reader that keeps jumping: its next reads find
-        them checked)."""
+        """Have the threads check every chunk not checked yet, in order
+        (for a reader that keeps jumping: its next reads find them
+        checked)."""
         if oc.all_queued:
             return
         oc.all_queued = True
         with self._lock:
-            self._queue.extend((oc, NO_PUSH, i) for i in range(len(oc.sums)) if oc.state[i] == UNKNOWN)
+            self._queue.extend((oc, i) for i in range(len(oc.sums)) if oc.state[i] == UNKNOWN)
             self._start_threads()
 
     def write_table_later(self, digest: str, path: str, size: int) -> None:
@@ -231,18 +229,18 @@ class ChunkReader:
             self._threads += 1
         self._wake.notify_all()
 
-    def _next(self, src: _Source | None) -> tuple[ObjectChunks, int, int] | None:
+    def _next(self, src: _Source | None) -> tuple[ObjectChunks, int] | None:
         """The next chunk to check, None after :data:`IDLE_EXIT` idle.
         *src* (the thread's open object) lets go of its mapping and lease
         while the thread waits."""
         with self._wake:
             while True:
                 while self._queue:
-                    oc, ino, i = self._queue.popleft()
+                    oc, i = self._queue.popleft()
                     if oc.state[i] == UNKNOWN:
                         oc.state[i] = CHECKING
                         oc.done[i] = threading.Event()
-                        return oc, ino, i
+                        return oc, i
                 if src is not None:
                     src.unmap()
                 if not self._wake.wait(IDLE_EXIT) and not self._queue:
@@ -254,7 +252,7 @@ class ChunkReader:
         src: _Source | None = None  # one per object in a row: mapped once, and the kernel's read-ahead follows it
         try:
             while (item := self._next(src)) is not None:
-                oc, ino, i = item
+                oc, i = item
                 if src is None or src.oc is not oc:
                     if src is not None:
                         src.close()
@@ -264,12 +262,8 @@ class ChunkReader:
                         oc.state[i] = UNKNOWN
                         oc.done.pop(i).set()
                     continue
-                if ino == NO_PUSH and i % MARK == 0:  # (ahead() does this for the pushed chunks)
-                    src.will_need(i + MARK, 2 * MARK)
                 with src.chunk(i, buf) as view:
-                    if self._check_view(oc, i, view if len(view) == _chunk_len(oc, i) else None) and \
-                            ino != NO_PUSH and _pushed(i):
-                        self._push_range(ino, i * SUM_CHUNK, view)
+                    self._check_view(oc, i, view if len(view) == _chunk_len(oc, i) else None)
         finally:
             if src is not None:
                 src.close()
@@ -290,24 +284,13 @@ class ChunkReader:
             log.info("no chunk-sum table written for %s: %s", digest[:12], exc)
 
 
-def _pushed(i: int) -> bool:
-    """Whether chunk *i* is pushed once checked. A reader served from the
-    page cache sends no READ, so the daemon would not see it come and the
-    window would move only when the reader ran out of it, a stall at every
-    window. A chunk left out every :data:`MARK` chunks is a mark instead,
-    as the kernel's own read-ahead marks a page: the reader's READ of it
-    (a checked chunk, quick to answer) moves the window on while the
-    reader is still :data:`WINDOW` - :data:`MARK` chunks from its end."""
-    return i % MARK != MARK // 2
-
-
 def _chunk_len(oc: ObjectChunks, i: int) -> int:
     return min(SUM_CHUNK, oc.size - i * SUM_CHUNK)
 
 
 class _Source:
-    """A read-ahead thread's open object. Chunks are hashed and pushed
-    straight from a mapping of it (no copy into a buffer first) while a
+    """A read-ahead thread's open object. Chunks are hashed straight from
+    a mapping of it (no copy into a buffer first) while a
     read lease keeps anyone from truncating it under the mapping, which
     would be SIGBUS (see ``fs.verify``: same lease, same rule); without a
     lease, or once a writer waits for it, chunks are read into a buffer.
@@ -343,11 +326,6 @@ class _Source:
         except OSError:
             got = 0
         return view[:got]
-
-    def will_need(self, first: int, chunks: int) -> None:
-        """Have the disk start on chunks *first*... now, in big requests,
-        rather than a page fault at a time."""
-        os.posix_fadvise(self.fd, first * SUM_CHUNK, chunks * SUM_CHUNK, os.POSIX_FADV_WILLNEED)
 
     def _mapped(self, start: int, n: int) -> memoryview | None:
         if not self.mappable:

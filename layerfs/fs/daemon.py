@@ -228,9 +228,6 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
                     async for _ in sigs:
                         log.info("requests %s", json.dumps(dict(operations.requests), sort_keys=True))
 
-            async def raise_readahead() -> None:
-                await trio.to_thread.run_sync(_raise_readahead, mp)
-
             async def on_owner_exit() -> None:
                 nonlocal orphaned
                 if owner_fd >= 0:
@@ -241,6 +238,11 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
                 log.info("owner %d exited: unmounting", params["owner"])
                 orphaned = True
                 pyfuse3.terminate()
+
+            async def raise_readahead() -> None:
+                # Its stat waits for this loop: a stop before the loop
+                # answered it must not wait for that thread (never answered).
+                await trio.to_thread.run_sync(_raise_readahead, mp, abandon_on_cancel=True)
 
             nursery.start_soon(on_signal)
             nursery.start_soon(report_requests)
@@ -279,7 +281,10 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
 
 def _raise_readahead(mp: str) -> None:
     """Let the kernel read ahead 1 MiB per request (the FUSE default is
-    128 KiB): fewer, bigger reads for sequential access."""
+    128 KiB): fewer, bigger reads for sequential access. Only once the
+    kernel has this daemon's INIT reply, which would set it back (to the
+    max_readahead the kernel offered in its INIT): the stat waits for that,
+    as every request on the mount does."""
     try:
         dev = os.stat(mp).st_dev
         with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:

@@ -9,10 +9,9 @@ lock). A handle reads one of three sources:
 * ``mem``   -- a small object read whole and verified once;
 * ``raw``   -- a big uncompressed object file, ``lazy`` until first read.
   Its reads are checked a chunk at a time against its chunk-sum table
-  (``fs.bigread``, which also checks and hands the next chunks to the
-  kernel ahead of a reader going front to back); without a sound table
-  it is verified whole (``verify``, in a worker thread) before its first
-  byte is returned.
+  (``fs.bigread``, which also checks the next chunks ahead of a reader
+  going front to back); without a sound table it is verified whole
+  (``verify``, in a worker thread) before its first byte is returned.
 
 Small objects that ``fs.readahead`` loads (and verifies) because the files
 before them were read in order are handed over by its threads
@@ -49,7 +48,7 @@ import trio
 
 from layerfs.errors import Corrupt, NotFound
 from layerfs.fs import verify
-from layerfs.fs.bigread import NO_PUSH, ChunkReader
+from layerfs.fs.bigread import ChunkReader
 from layerfs.fs.inodes import Node, Opened
 from layerfs.fs.names import _err
 from layerfs.fs.readahead import Readahead
@@ -93,7 +92,7 @@ class FileIO:
         self.push_lock = threading.Lock()  # guards pushing and the copy-up's marking of nodes upper
         self.pushing: dict[int, int] = {}  # inode -> pushes of its lower content in flight
         self.readahead = Readahead(self.index, self.objects, _digest_ok, self._wanted, self._hand_over)
-        self.chunk_reads = ChunkReader(self.objects, self.push_range)
+        self.chunk_reads = ChunkReader(self.objects)
 
     def _new_fh(self) -> int:
         fh = self._next_fh
@@ -256,7 +255,7 @@ class FileIO:
         if oc.all_good():  # every chunk matched: as good as a whole check
             self.verified.add(h.digest)
         else:
-            self.chunk_reads.follow(oc, sequential, h.node.ino if h.node.lower >= 0 else NO_PUSH, h.fd)
+            self.chunk_reads.follow(oc, sequential)
         return True
 
     def _switch_to_upper(self, h: Handle) -> None:

@@ -178,6 +178,45 @@ def test_sigterm_as_soon_as_the_daemon_is_ready_unmounts_cleanly(fs_env, tmp_pat
             subprocess.run(["umount", "-l", mp])
 
 
+def test_the_mount_reads_ahead_a_mib_per_request(fs_env, tmp_path):
+    """Set once the kernel has the daemon's INIT reply (which would set it
+    back to the 128 KiB the kernel offered)."""
+    with layerfs_mount(fs_env["root"], fs_env["image"], str(tmp_path / "mnt"), read_only=True) as h:
+        dev = os.stat(h.mountpoint).st_dev
+        setting = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        deadline = time.monotonic() + 20
+        while open(setting).read().strip() != "1024":  # (set by a thread of the daemon, soon after the mount)
+            assert time.monotonic() < deadline, open(setting).read()
+            time.sleep(0.01)
+
+
+def test_a_stop_signal_before_the_loop_answered_anything_still_unmounts(fs_env, tmp_path):
+    """The daemon's own first request (the stat that raises its read-ahead)
+    is never answered when a stop signal comes first: the loop must not
+    wait for it. Every mount gets its signal at once, ten times over, so
+    the race is met."""
+    from layerfs.fs.daemon import Daemon
+
+    for i in range(10):
+        mp = str(tmp_path / f"mnt{i}")
+        os.makedirs(mp)
+        daemon = Daemon()
+        with Store(fs_env["root"]) as store:
+            params, _ = fsmount._resolve(store, fs_env["image"], mp, None, True, False, None)
+        pid = daemon.go(params)
+        os.kill(pid, signal.SIGTERM)
+        try:
+            deadline = time.monotonic() + 20
+            while procfs.alive(pid, None) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not procfs.alive(pid, None), f"daemon {i} still there"
+            assert fsmount.mounted_fstype(mp) is None
+        finally:
+            if fsmount.mounted_fstype(mp):
+                subprocess.run(["umount", "-l", mp])
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_stale_mount_is_cleaned(fs_env, tmp_path):
     mp = str(tmp_path / "mnt")
     os.makedirs(mp)
