@@ -208,8 +208,9 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
     log.info("mounted %s at %s (upper %s)", params["image_id"][:12], mp, upper_dir)
     # Mounted: requests wait in the kernel until the loop serves them, so
     # the caller may go on (register the mount, stat it) while trio starts.
-    # A stop signal meanwhile stays pending until the loop's receiver has it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    # A stop signal (or a SIGUSR1 asking for the request counts) meanwhile
+    # stays pending until the loop's receiver has it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, (*_STOP_SIGNALS, signal.SIGUSR1))
     ready(f"ok {os.getpid()}\n")
     orphaned = False
 
@@ -225,6 +226,7 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
 
             async def report_requests() -> None:
                 with trio.open_signal_receiver(signal.SIGUSR1) as sigs:
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
                     async for _ in sigs:
                         log.info("requests %s", json.dumps(dict(operations.requests), sort_keys=True))
 

@@ -217,6 +217,33 @@ def test_a_stop_signal_before_the_loop_answered_anything_still_unmounts(fs_env, 
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_request_counts_asked_for_at_once_are_reported(fs_env, tmp_path):
+    """SIGUSR1 (log the request counts) sent as soon as the mount exists,
+    before the loop's receiver is there, is answered once it is, not lost."""
+    from layerfs.fs.daemon import Daemon
+
+    for i in range(5):
+        mp = str(tmp_path / f"mnt{i}")
+        os.makedirs(mp)
+        with Store(fs_env["root"]) as store:
+            params, _ = fsmount._resolve(store, fs_env["image"], mp, None, True, False, None)
+        start = os.path.getsize(params["log"]) if os.path.exists(params["log"]) else 0
+        pid = Daemon().go(params)
+        os.kill(pid, signal.SIGUSR1)
+        try:
+            deadline = time.monotonic() + 20
+            while " requests {" not in open(params["log"]).read()[start:]:
+                assert time.monotonic() < deadline, f"mount {i}: no request counts logged"
+                time.sleep(0.01)
+        finally:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while procfs.alive(pid, None) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if fsmount.mounted_fstype(mp):
+                subprocess.run(["umount", "-l", mp])
+
+
 def test_stale_mount_is_cleaned(fs_env, tmp_path):
     mp = str(tmp_path / "mnt")
     os.makedirs(mp)
