@@ -16,8 +16,9 @@ hashing it).
 The checked chunks are not pushed into the kernel's page cache
 (``notify_store``, as ``fs.readahead`` does for small files): the kernel
 fills a pushed page by page, which cost more than the READs it saves
-(a GiB read front to back, its object cached: ~1.0 s pushed against
-~0.75 s served by READs; from a cold disk 1.7 s against 1.4 s).
+(a GiB read front to back, interleaved runs on 2 cores: its object
+cached, 0.84-1.24 s pushed against 0.71-0.82 s served by READs; from a
+cold disk 1.66-1.83 s against 1.19-1.47 s).
 
 Nothing unchecked is served: a chunk whose sum differs gives EIO (and a
 log line) for every read that covers it, checked anew each time. Reads
@@ -290,10 +291,10 @@ def _chunk_len(oc: ObjectChunks, i: int) -> int:
 
 class _Source:
     """A read-ahead thread's open object. Chunks are hashed straight from
-    a mapping of it (no copy into a buffer first) while a
-    read lease keeps anyone from truncating it under the mapping, which
-    would be SIGBUS (see ``fs.verify``: same lease, same rule); without a
-    lease, or once a writer waits for it, chunks are read into a buffer.
+    a mapping of it (no copy into a buffer first) while a read lease keeps
+    anyone from truncating it under the mapping, which would be SIGBUS
+    (see ``fs.verify``: same lease, same rule); without a lease, or once a
+    writer waits for it, chunks are read into a buffer.
     :data:`SEGMENT` bytes are mapped at a time: mapped pages count in the
     daemon's RSS."""
 

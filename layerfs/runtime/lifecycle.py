@@ -34,7 +34,14 @@ from layerfs.runtime import containers as records
 from layerfs.runtime.cgroups import remove_cgroup_paths
 from layerfs.runtime.containers import Container, ContainerState, load, update_state
 from layerfs.runtime.errors import ContainerSetupError
-from layerfs.runtime.process import ContainerProcess, ContainerResult, run_container, start_container, stream_fileno
+from layerfs.runtime.process import (
+    ContainerProcess,
+    ContainerResult,
+    run_container,
+    signal_wakeup,
+    start_container,
+    stream_fileno,
+)
 from layerfs.runtime.pty import relay
 from layerfs.store.store import Store
 
@@ -214,11 +221,11 @@ def _run_builtin(c: Container, foreground: bool, stdin: Any, stdout: Any, stderr
     proc = start_container(spec, c.runtime_dir, container_id=c.id, stdin=stdin,
                            stdout=log_fd, stderr=log_fd)
     try:
-        with _forwarding(proc):
+        with _forwarding(proc) as wakeup_fd:
             _mark_running(c, proc, ready)
             if proc.console_fd is not None:
                 relay(proc.console_fd, None, log_fd)
-            return proc.wait()
+            return proc.wait(wakeup_fd)
     except BaseException:
         if not proc.done:
             proc.kill(signal.SIGKILL)
@@ -228,14 +235,16 @@ def _run_builtin(c: Container, foreground: bool, stdin: Any, stdout: Any, stderr
 
 @contextlib.contextmanager
 def _forwarding(proc: ContainerProcess):  # type: ignore[no-untyped-def]
-    """In a shim: SIGTERM/SIGINT to the shim go to the container."""
+    """In a shim: SIGTERM/SIGINT to the shim go to the container. Yields
+    the signal wakeup fd for ``proc.wait`` (``process.signal_wakeup``)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield None
         return
     sigs = (signal.SIGTERM, signal.SIGINT)
     saved = {s: signal.signal(s, lambda sig, _frame: proc.kill(sig)) for s in sigs}
     try:
-        yield
+        with signal_wakeup() as wakeup_fd:
+            yield wakeup_fd
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)

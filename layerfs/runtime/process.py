@@ -127,13 +127,15 @@ class ContainerProcess:
                 return self.wait()
         return self._result
 
-    def wait(self) -> ContainerResult:
-        """Block until the container exits; reap it and remove its cgroup."""
+    def wait(self, wakeup_fd: int | None = None) -> ContainerResult:
+        """Block until the container exits; reap it and remove its cgroup.
+        *wakeup_fd*: the one :func:`signal_wakeup` gives a caller whose
+        signal handlers must run while it waits (they forward signals)."""
         if self._result is not None:
             return self._result
         status = self._early_status
         if status is None:
-            status = _receive_status(self._sync)
+            status = _receive_status(self._sync, wakeup_fd)
         _, shim_status = os.waitpid(self._shim_pid, 0)
         if status is None:
             status = shim_status  # the shim died before reporting
@@ -153,13 +155,46 @@ class ContainerProcess:
         self._sync.close()
 
 
-def _receive_status(sync: socket.socket) -> int | None:
+def _receive_status(sync: socket.socket, wakeup_fd: int | None) -> int | None:
     while True:
+        if wakeup_fd is not None:
+            _wait_readable(sync, wakeup_fd)
         message = sync.recv(4096)
         if not message:
             return None
         if message.startswith(b"status "):
             return int(message.split()[1])
+
+
+def _wait_readable(sync: socket.socket, wakeup_fd: int) -> None:
+    """Until *sync* has a message, running signal handlers as signals come
+    (they run in the main thread between two bytecodes, so a select woken
+    by the wakeup fd returns to the interpreter and lets them run)."""
+    while sync not in select.select([sync, wakeup_fd], [], [])[0]:
+        with contextlib.suppress(BlockingIOError):
+            os.read(wakeup_fd, 512)
+
+
+@contextlib.contextmanager
+def signal_wakeup() -> Iterator[int | None]:
+    """A pipe the interpreter writes a byte to for every signal
+    (``signal.set_wakeup_fd``), for the time of the block: its read end,
+    for :meth:`ContainerProcess.wait`; None off the main thread. Without
+    it, a signal that lands just before a blocking ``recv`` has its
+    Python handler wait until the ``recv`` returns (the C-level handler
+    only sets a flag): a forwarded signal that would end the container is
+    then never forwarded, and the wait never ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    read_fd, write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    try:
+        yield read_fd
+    finally:
+        signal.set_wakeup_fd(old)
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 def _result(status: int, oom: bool, exec_error: str | None) -> ContainerResult:
@@ -402,7 +437,7 @@ def run_container(spec: ContainerSpec, state_dir: str, *, container_id: str | No
                 relay_in = in_fd if spec.interactive else None
                 with raw_mode(relay_in):
                     relay(proc.console_fd, relay_in, out_fd)
-            return proc.wait()
+            return proc.wait(forwarder.wakeup_fd)
         except BaseException:
             # Interrupted (a relay error, an exception from a handler):
             # never leave the container running behind the caller's back.
@@ -419,6 +454,7 @@ class _SignalForwarder:
         self._tty_fd = tty_fd
         self._proc: ContainerProcess | None = None
         self._pending: list[int] = []
+        self.wakeup_fd: int | None = None  # while installed (see signal_wakeup)
 
     def attach(self, proc: ContainerProcess) -> None:
         self._proc = proc
@@ -449,7 +485,9 @@ class _SignalForwarder:
         handlers[signal.SIGWINCH] = self._resize if self._tty_fd is not None else self._forward
         saved = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
-            yield
+            with signal_wakeup() as self.wakeup_fd:
+                yield
         finally:
+            self.wakeup_fd = None
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
