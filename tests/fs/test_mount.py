@@ -338,9 +338,11 @@ def test_corrupt_object_gives_eio_and_a_log_line(tmp_path):
         for e in store.layer_entries(lid):
             if e.path in ("bad", "bigbad", "hugebad"):
                 path, _ = store.objects.locate(e.digest)
-                with open(path, "r+b") as f:
+                with open(path, "r+b") as f:  # (flipped: random content may hold the new byte already)
                     f.seek(3)
-                    f.write(b"X")
+                    byte = f.read(1)[0]
+                    f.seek(3)
+                    f.write(bytes([byte ^ 0xFF]))
     with layerfs_mount(root, image.id, str(tmp_path / "mnt")) as h:
         assert open(f"{h.mountpoint}/good", "rb").read() == b"good\n"
         for name in ("bad", "bigbad"):
