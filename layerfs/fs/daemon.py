@@ -241,14 +241,8 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
                 orphaned = True
                 pyfuse3.terminate()
 
-            async def raise_readahead() -> None:
-                # Its stat waits for this loop: a stop before the loop
-                # answered it must not wait for that thread (never answered).
-                await trio.to_thread.run_sync(_raise_readahead, mp, abandon_on_cancel=True)
-
             nursery.start_soon(on_signal)
             nursery.start_soon(report_requests)
-            nursery.start_soon(raise_readahead)
             if params.get("owner"):
                 nursery.start_soon(on_owner_exit)
             await pyfuse3.main(min_tasks=4, max_tasks=64)
@@ -279,20 +273,6 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
     log.info("unmounted %s", mp)
     mountproc.finish_mount(params, orphaned, log)
     return code
-
-
-def _raise_readahead(mp: str) -> None:
-    """Let the kernel read ahead 1 MiB per request (the FUSE default is
-    128 KiB): fewer, bigger reads for sequential access. Only once the
-    kernel has this daemon's INIT reply, which would set it back (to the
-    max_readahead the kernel offered in its INIT): the stat waits for that,
-    as every request on the mount does."""
-    try:
-        dev = os.stat(mp).st_dev
-        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
-            f.write("1024")
-    except OSError:
-        pass
 
 
 def prepare_upper(upper: str, root_meta: tuple, read_only: bool) -> None:
