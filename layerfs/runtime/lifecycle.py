@@ -224,7 +224,7 @@ def _run_builtin(c: Container, foreground: bool, stdin: Any, stdout: Any, stderr
         with _forwarding(proc) as wakeup_fd:
             _mark_running(c, proc, ready)
             if proc.console_fd is not None:
-                relay(proc.console_fd, None, log_fd)
+                relay(proc.console_fd, None, log_fd, wakeup_fd)
             return proc.wait(wakeup_fd)
     except BaseException:
         if not proc.done:

@@ -436,7 +436,7 @@ def run_container(spec: ContainerSpec, state_dir: str, *, container_id: str | No
             if proc.console_fd is not None:
                 relay_in = in_fd if spec.interactive else None
                 with raw_mode(relay_in):
-                    relay(proc.console_fd, relay_in, out_fd)
+                    relay(proc.console_fd, relay_in, out_fd, forwarder.wakeup_fd)
             return proc.wait(forwarder.wakeup_fd)
         except BaseException:
             # Interrupted (a relay error, an exception from a handler):

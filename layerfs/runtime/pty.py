@@ -91,19 +91,25 @@ def raw_mode(fd: int | None) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def relay(master_fd: int, in_fd: int | None, out_fd: int) -> None:
+def relay(master_fd: int, in_fd: int | None, out_fd: int, wakeup_fd: int | None = None) -> None:
     """Copy in_fd -> master and master -> out_fd until the container side closes.
 
     Writes to the master are non-blocking and buffered so a container that
-    stops reading cannot stall its own output.
+    stops reading cannot stall its own output. *wakeup_fd*: the signal
+    wakeup fd of a caller whose handlers forward signals
+    (``process.signal_wakeup``), so they run while nothing else moves.
     """
     os.set_blocking(master_fd, False)
     pending = b""
     reading_input = in_fd is not None
+    wakeup = [] if wakeup_fd is None else [wakeup_fd]
     while True:
-        readers = [master_fd] + ([in_fd] if reading_input and len(pending) < _CHUNK else [])
+        readers = [master_fd] + ([in_fd] if reading_input and len(pending) < _CHUNK else []) + wakeup
         writers = [master_fd] if pending else []
         readable, writable, _ = select.select(readers, writers, [])
+        if wakeup_fd in readable:  # (the handlers run as this returns to the interpreter)
+            with contextlib.suppress(BlockingIOError):
+                os.read(wakeup_fd, 512)
         if master_fd in readable and not _drain(master_fd, out_fd):
             return
         if in_fd is not None and in_fd in readable:

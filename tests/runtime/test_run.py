@@ -79,13 +79,15 @@ def test_kill_reaches_a_trapping_pid1(rootfs: Path, state_dir: str, tmp_path: Pa
         assert proc.wait().exit_code == 7
 
 
-@pytest.mark.parametrize("taken_by", ["main thread", "another thread"])
-def test_signals_to_the_caller_are_forwarded(rootfs: Path, state_dir: str, tmp_path: Path, taken_by: str) -> None:
+@pytest.mark.parametrize("taken_by,tty", [("main thread", False), ("another thread", False),
+                                         ("another thread", True)])
+def test_signals_to_the_caller_are_forwarded(rootfs: Path, state_dir: str, tmp_path: Path, taken_by: str,
+                                             tty: bool) -> None:
     """Also when the signal lands while the caller's wait is already in a
     blocking call: Python's C-level handler then only sets a flag, and a
-    wait that stays in recv() never lets the handler that forwards the
-    signal run (seen as a rare hang). A signal another thread takes is that
-    case every time."""
+    wait that stays in recv() (or, with a tty, in the relay's select) never
+    lets the handler that forwards the signal run (seen as a rare hang). A
+    signal another thread takes is that case every time."""
     prelude = ""
     if taken_by == "another thread":
         prelude = ("threading.Thread(target=threading.Event().wait, daemon=True).start()\n"
@@ -93,12 +95,12 @@ def test_signals_to_the_caller_are_forwarded(rootfs: Path, state_dir: str, tmp_p
     script = tmp_path / "runner.py"
     script.write_text(
         "import signal, sys, threading\nfrom layerfs.runtime import ContainerSpec, run_container\n" + prelude +
-        f"spec = ContainerSpec(rootfs={str(rootfs)!r}, args=['sh', '-c', "
+        f"spec = ContainerSpec(rootfs={str(rootfs)!r}, tty={tty}, args=['sh', '-c', "
         "'trap \"exit 9\" USR1; echo ready; while :; do sleep 0.05; done'])\n"
         f"sys.exit(run_container(spec, {state_dir!r}).exit_code)\n")
     runner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
     try:
-        assert runner.stdout is not None and runner.stdout.readline() == b"ready\n"
+        assert runner.stdout is not None and runner.stdout.readline().rstrip(b"\r\n") == b"ready"
         runner.send_signal(signal.SIGUSR1)
         assert runner.wait(timeout=10) == 9
     finally:
