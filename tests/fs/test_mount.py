@@ -186,35 +186,55 @@ def test_the_mount_reads_ahead_a_mib_per_request(fs_env, tmp_path):
         assert open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read().strip() == "1024"
 
 
+def _bare_daemon(fs_env, mp: str) -> tuple[int, dict, int]:
+    """A daemon mounting the image read-only at *mp*, with nobody touching
+    the mount: (pid, its params, the size of its log before it)."""
+    from layerfs.fs.daemon import Daemon
+
+    os.makedirs(mp)
+    with Store(fs_env["root"]) as store:
+        params, _ = fsmount._resolve(store, fs_env["image"], mp, None, True, False, None)
+    start = os.path.getsize(params["log"]) if os.path.exists(params["log"]) else 0
+    return Daemon().go(params), params, start
+
+
+def _gone(pid: int, mp: str, sig: int = signal.SIGTERM) -> bool:
+    """Send *sig* to the daemon; True if it exited and unmounted within
+    20 s. Whatever is left is cleaned up."""
+    os.kill(pid, sig)
+    deadline = time.monotonic() + 20
+    while procfs.alive(pid, None) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    gone = not procfs.alive(pid, None) and fsmount.mounted_fstype(mp) is None
+    if fsmount.mounted_fstype(mp):
+        subprocess.run(["umount", "-l", mp])
+        os.kill(pid, signal.SIGKILL)
+    return gone
+
+
+def _request_counts(params: dict, start: int) -> dict:
+    """The counts the daemon logs (after *start* in its log) on SIGUSR1."""
+    deadline = time.monotonic() + 20
+    while " requests {" not in (log := open(params["log"]).read()[start:]):
+        assert time.monotonic() < deadline, "no request counts logged"
+        time.sleep(0.01)
+    return json.loads(log[log.index(" requests {") + 10:].splitlines()[0])
+
+
 def test_the_daemon_asks_nothing_of_its_own_mount(fs_env, tmp_path):
     """A request a daemon makes of its own mount, read by its loop but not
     answered when the daemon is killed, keeps the process (its /dev/fuse fd
     with it) and so the mount alive and unanswerable for good: seen once,
     a CI run hung in statfs. Nothing else touches this mount, so the
     daemon must have served no request at all."""
-    from layerfs.fs.daemon import Daemon
-
     mp = str(tmp_path / "mnt")
-    os.makedirs(mp)
-    with Store(fs_env["root"]) as store:
-        params, _ = fsmount._resolve(store, fs_env["image"], mp, None, True, False, None)
-    start = os.path.getsize(params["log"]) if os.path.exists(params["log"]) else 0
-    pid = Daemon().go(params)
+    pid, params, start = _bare_daemon(fs_env, mp)
     try:
         time.sleep(0.5)  # (time for a request of its own, which must not come)
         os.kill(pid, signal.SIGUSR1)
-        deadline = time.monotonic() + 20
-        while " requests {" not in (log := open(params["log"]).read()[start:]):
-            assert time.monotonic() < deadline, "no request counts logged"
-            time.sleep(0.01)
-        assert json.loads(log[log.index(" requests {") + 10:].splitlines()[0]) == {}
+        assert _request_counts(params, start) == {}
     finally:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while procfs.alive(pid, None) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if fsmount.mounted_fstype(mp):
-            subprocess.run(["umount", "-l", mp])
+        assert _gone(pid, mp)
 
 
 def test_a_stop_signal_before_the_loop_answered_anything_still_unmounts(fs_env, tmp_path):
@@ -223,53 +243,23 @@ def test_a_stop_signal_before_the_loop_answered_anything_still_unmounts(fs_env, 
     at once, ten times over. (A daemon that stat'ed its own mount in a
     thread once hung here: the loop stopped, and nothing answered the
     thread.)"""
-    from layerfs.fs.daemon import Daemon
-
     for i in range(10):
         mp = str(tmp_path / f"mnt{i}")
-        os.makedirs(mp)
-        daemon = Daemon()
-        with Store(fs_env["root"]) as store:
-            params, _ = fsmount._resolve(store, fs_env["image"], mp, None, True, False, None)
-        pid = daemon.go(params)
-        os.kill(pid, signal.SIGTERM)
-        try:
-            deadline = time.monotonic() + 20
-            while procfs.alive(pid, None) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert not procfs.alive(pid, None), f"daemon {i} still there"
-            assert fsmount.mounted_fstype(mp) is None
-        finally:
-            if fsmount.mounted_fstype(mp):
-                subprocess.run(["umount", "-l", mp])
-                os.kill(pid, signal.SIGKILL)
+        pid, _, _ = _bare_daemon(fs_env, mp)
+        assert _gone(pid, mp), f"daemon {i} still there"
 
 
 def test_request_counts_asked_for_at_once_are_reported(fs_env, tmp_path):
     """SIGUSR1 (log the request counts) sent as soon as the mount exists,
     before the loop's receiver is there, is answered once it is, not lost."""
-    from layerfs.fs.daemon import Daemon
-
     for i in range(5):
         mp = str(tmp_path / f"mnt{i}")
-        os.makedirs(mp)
-        with Store(fs_env["root"]) as store:
-            params, _ = fsmount._resolve(store, fs_env["image"], mp, None, True, False, None)
-        start = os.path.getsize(params["log"]) if os.path.exists(params["log"]) else 0
-        pid = Daemon().go(params)
+        pid, params, start = _bare_daemon(fs_env, mp)
         os.kill(pid, signal.SIGUSR1)
         try:
-            deadline = time.monotonic() + 20
-            while " requests {" not in open(params["log"]).read()[start:]:
-                assert time.monotonic() < deadline, f"mount {i}: no request counts logged"
-                time.sleep(0.01)
+            _request_counts(params, start)
         finally:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while procfs.alive(pid, None) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            if fsmount.mounted_fstype(mp):
-                subprocess.run(["umount", "-l", mp])
+            assert _gone(pid, mp)
 
 
 def test_stale_mount_is_cleaned(fs_env, tmp_path):
