@@ -134,7 +134,7 @@ class FileIO:
         ino = self.index.ino(slot)
         if ino in self.kernel_has:
             return True  # not needed
-        if not self.push_range(ino, 0, data):
+        if not self.push_file(ino, data):
             node = self.table.nodes.get(ino)
             # no longer the lower file's content: nothing to keep it for
             return node is not None and (node.upper or node.lower < 0)
@@ -144,9 +144,9 @@ class FileIO:
         self.verified.add(digest)
         return True
 
-    def push_range(self, ino: int, off: int, data: bytes | memoryview) -> bool:
-        """Give checked lower content of inode *ino* to the kernel's page
-        cache at *off* (read-ahead threads only); False if it was not given:
+    def push_file(self, ino: int, data: bytes) -> bool:
+        """Give the checked lower content of inode *ino*, whole, to the
+        kernel's page cache (read-ahead threads only); False if it was not given:
         the kernel does not know the inode, the session closes, or the node
         is no longer the lower file.
 
@@ -167,7 +167,7 @@ class FileIO:
         try:
             # Not under the lock: the kernel may make this wait for a READ of
             # the same file, which the request loop must be free to answer.
-            push(ino, data, off)
+            push(ino, data, 0)
             return True
         except OSError:
             return False

@@ -52,7 +52,7 @@ from layerfs.runtime.cgroups import Cgroup, CgroupLimits, CgroupStats, create_cg
 from layerfs.runtime.errors import ContainerSetupError
 from layerfs.runtime.hostfiles import write_host_files
 from layerfs.runtime.init import LaunchPlan, run_shim
-from layerfs.runtime.pty import copy_winsize, get_winsize, raw_mode, relay, set_winsize
+from layerfs.runtime.pty import copy_winsize, drain_wakeup, get_winsize, raw_mode, relay, set_winsize
 from layerfs.runtime.rootfs import prepare_mountpoints
 from layerfs.runtime.rootpath import make_mountpoint
 from layerfs.runtime.spec import ContainerSpec, UserNamespace, check_name, check_volume_sources, container_env
@@ -171,8 +171,7 @@ def _wait_readable(sync: socket.socket, wakeup_fd: int) -> None:
     (they run in the main thread between two bytecodes, so a select woken
     by the wakeup fd returns to the interpreter and lets them run)."""
     while sync not in select.select([sync, wakeup_fd], [], [])[0]:
-        with contextlib.suppress(BlockingIOError):
-            os.read(wakeup_fd, 512)
+        drain_wakeup(wakeup_fd)
 
 
 @contextlib.contextmanager

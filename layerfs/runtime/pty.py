@@ -108,8 +108,7 @@ def relay(master_fd: int, in_fd: int | None, out_fd: int, wakeup_fd: int | None 
         writers = [master_fd] if pending else []
         readable, writable, _ = select.select(readers, writers, [])
         if wakeup_fd in readable:  # (the handlers run as this returns to the interpreter)
-            with contextlib.suppress(BlockingIOError):
-                os.read(wakeup_fd, 512)
+            drain_wakeup(wakeup_fd)
         if master_fd in readable and not _drain(master_fd, out_fd):
             return
         if in_fd is not None and in_fd in readable:
@@ -120,6 +119,13 @@ def relay(master_fd: int, in_fd: int | None, out_fd: int, wakeup_fd: int | None 
                 reading_input = False
         if master_fd in writable:
             pending = pending[_write_some(master_fd, pending):]
+
+
+def drain_wakeup(fd: int) -> None:
+    """Empty a signal wakeup fd (``process.signal_wakeup``) once select
+    said it was readable."""
+    with contextlib.suppress(BlockingIOError):
+        os.read(fd, 512)
 
 
 def _drain(master_fd: int, out_fd: int) -> bool:

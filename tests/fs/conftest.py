@@ -186,6 +186,16 @@ def daemon_requests(handle) -> dict[str, int]:
     raise AssertionError("the daemon logged no request counts")
 
 
+def flip_byte(path: str, offset: int) -> None:
+    """Damage *path* in place: the byte at *offset* inverted (never a no-op,
+    as writing a fixed byte into random content is one time in 256)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0xFF]))
+
+
 def big_file_image(tmp_path, size: int):
     """A store at tmp_path/store with one image holding only d/big, *size*
     random bytes: (root, image, content, path of its object file)."""

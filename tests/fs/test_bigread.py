@@ -25,7 +25,7 @@ import trio
 from layerfs.fs import bigread, verify
 from layerfs.store import chunksums
 from layerfs.store.chunksums import SUM_CHUNK
-from tests.fs.conftest import big_file_image, daemon_requests, layerfs_mount, needs_fuse
+from tests.fs.conftest import big_file_image, daemon_requests, flip_byte, layerfs_mount, needs_fuse
 from tests.fs.test_core import make_union
 
 pytestmark = [pytest.mark.root]
@@ -81,11 +81,7 @@ def _sequential(size: int, step: int = 128 << 10) -> list[tuple[int, int]]:
 
 
 def _damage(path: str, chunk: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(chunk * SUM_CHUNK + 100)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x40]))
+    flip_byte(path, chunk * SUM_CHUNK + 100)
 
 
 def _union(root, image, tmp_path):
@@ -204,11 +200,7 @@ def test_without_a_sound_table_the_object_is_verified_whole_and_gets_one(big_env
     if table == "missing":
         os.unlink(sums)
     else:
-        with open(sums, "r+b") as f:  # (flipped: a byte set to 0xff was 0xff already one run in 256)
-            f.seek(60)
-            byte = f.read(1)[0]
-            f.seek(60)
-            f.write(bytes([byte ^ 0xFF]))
+        flip_byte(sums, 60)
     u = _union(root, image, tmp_path)
     digest = blake3.blake3(content).hexdigest()
     try:

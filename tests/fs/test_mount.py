@@ -19,7 +19,7 @@ from layerfs.store import images as img
 from layerfs.store import transfer
 from layerfs.store.store import Store
 from tests.conftest import layerfs_cmd
-from tests.fs.conftest import fresh_upper, kernel_overlay, layerfs_mount, needs_fuse
+from tests.fs.conftest import flip_byte, fresh_upper, kernel_overlay, layerfs_mount, needs_fuse
 from tests.treeutil import describe
 
 pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.root]
@@ -147,45 +147,6 @@ def test_sigterm_unmounts_and_private_upper_goes(fs_env, tmp_path):
             subprocess.run(["umount", "-l", mp])
 
 
-def test_sigterm_as_soon_as_the_daemon_is_ready_unmounts_cleanly(fs_env, tmp_path):
-    """The daemon says it is ready once mounted, before its loop runs: a stop
-    signal then waits for the loop (no death by the default action, which
-    would leave a dead mount and its record). The stat is the mount's first
-    request, as `mount_image`'s own: a daemon stopped before its first
-    request waits for one (pyfuse3.terminate wakes no worker then)."""
-    from layerfs.fs.daemon import Daemon
-
-    mp = str(tmp_path / "mnt")
-    os.makedirs(mp)
-    daemon = Daemon()
-    with Store(fs_env["root"]) as store:
-        params, _ = fsmount._resolve(store, fs_env["image"], mp, None, True, False, None)
-    pid = daemon.go(params)
-    os.kill(pid, signal.SIGTERM)
-    try:
-        try:
-            os.stat(mp)
-        except OSError:
-            pass
-        deadline = time.monotonic() + 20
-        while procfs.alive(pid, None) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not procfs.alive(pid, None)
-        assert fsmount.mounted_fstype(mp) is None
-        assert f"signal {int(signal.SIGTERM)}: unmounting" in open(params["log"]).read()
-    finally:
-        if fsmount.mounted_fstype(mp):
-            subprocess.run(["umount", "-l", mp])
-
-
-def test_the_mount_reads_ahead_a_mib_per_request(fs_env, tmp_path):
-    """Set by mount_image once the mount answered (the kernel has the
-    daemon's INIT reply then, which would set it back to 128 KiB)."""
-    with layerfs_mount(fs_env["root"], fs_env["image"], str(tmp_path / "mnt"), read_only=True) as h:
-        dev = os.stat(h.mountpoint).st_dev
-        assert open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read().strip() == "1024"
-
-
 def _bare_daemon(fs_env, mp: str) -> tuple[int, dict, int]:
     """A daemon mounting the image read-only at *mp*, with nobody touching
     the mount: (pid, its params, the size of its log before it)."""
@@ -198,10 +159,11 @@ def _bare_daemon(fs_env, mp: str) -> tuple[int, dict, int]:
     return Daemon().go(params), params, start
 
 
-def _gone(pid: int, mp: str, sig: int = signal.SIGTERM) -> bool:
-    """Send *sig* to the daemon; True if it exited and unmounted within
-    20 s. Whatever is left is cleaned up."""
-    os.kill(pid, sig)
+def _gone(pid: int, mp: str, sig: int | None = signal.SIGTERM) -> bool:
+    """Send *sig* to the daemon (None: it was sent already); True if it
+    exited and unmounted within 20 s. Whatever is left is cleaned up."""
+    if sig is not None:
+        os.kill(pid, sig)
     deadline = time.monotonic() + 20
     while procfs.alive(pid, None) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -219,6 +181,31 @@ def _request_counts(params: dict, start: int) -> dict:
         assert time.monotonic() < deadline, "no request counts logged"
         time.sleep(0.01)
     return json.loads(log[log.index(" requests {") + 10:].splitlines()[0])
+
+
+def test_sigterm_as_soon_as_the_daemon_is_ready_unmounts_cleanly(fs_env, tmp_path):
+    """The daemon says it is ready once mounted, before its loop runs: a stop
+    signal then waits for the loop (no death by the default action, which
+    would leave a dead mount and its record). The stat is the mount's first
+    request, as `mount_image`'s own: a daemon stopped before its first
+    request waits for one (pyfuse3.terminate wakes no worker then)."""
+    mp = str(tmp_path / "mnt")
+    pid, params, start = _bare_daemon(fs_env, mp)
+    os.kill(pid, signal.SIGTERM)
+    try:
+        os.stat(mp)
+    except OSError:
+        pass
+    assert _gone(pid, mp, sig=None)
+    assert f"signal {int(signal.SIGTERM)}: unmounting" in open(params["log"]).read()[start:]
+
+
+def test_the_mount_reads_ahead_a_mib_per_request(fs_env, tmp_path):
+    """Set by mount_image once the mount answered (the kernel has the
+    daemon's INIT reply then, which would set it back to 128 KiB)."""
+    with layerfs_mount(fs_env["root"], fs_env["image"], str(tmp_path / "mnt"), read_only=True) as h:
+        dev = os.stat(h.mountpoint).st_dev
+        assert open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb").read().strip() == "1024"
 
 
 def test_the_daemon_asks_nothing_of_its_own_mount(fs_env, tmp_path):
@@ -356,11 +343,7 @@ def test_corrupt_object_gives_eio_and_a_log_line(tmp_path):
         for e in store.layer_entries(lid):
             if e.path in ("bad", "bigbad", "hugebad"):
                 path, _ = store.objects.locate(e.digest)
-                with open(path, "r+b") as f:  # (flipped: random content may hold the new byte already)
-                    f.seek(3)
-                    byte = f.read(1)[0]
-                    f.seek(3)
-                    f.write(bytes([byte ^ 0xFF]))
+                flip_byte(path, 3)
     with layerfs_mount(root, image.id, str(tmp_path / "mnt")) as h:
         assert open(f"{h.mountpoint}/good", "rb").read() == b"good\n"
         for name in ("bad", "bigbad"):
