@@ -63,7 +63,7 @@ SLACK = 8            # a READ up to this many chunks past the furthest one is st
 BACK = 2             # ... or this many before it (READs in flight together are served out of order)
 BATCH = 8            # chunks a thread takes at once, and queued at once ahead of a reader
 JUMPS = 16           # READs that jump before the threads check the rest of the object (check_all_later)
-WORKERS = 2          # checking threads: blake3 releases the GIL, so two cores hash
+WORKERS = 2          # checking threads: the sums release the GIL, so two cores check
 IDLE_EXIT = 5.0      # a thread exits after this long without work (restarted on demand)
 KEPT = 64            # objects whose chunk states are kept (each: one byte per MiB)
 UNKNOWN, CHECKING, GOOD = 0, 1, 2
@@ -72,12 +72,13 @@ UNKNOWN, CHECKING, GOOD = 0, 1, 2
 class ObjectChunks:
     """What is known of one big object's chunks."""
 
-    __slots__ = ("digest", "path", "size", "sums", "state", "good", "furthest", "queued", "streak",
+    __slots__ = ("digest", "path", "size", "nonce", "sums", "state", "good", "furthest", "queued", "streak",
                  "jumps", "all_queued")
 
-    def __init__(self, digest: str, path: str, size: int, sums: list[bytes]) -> None:
-        self.digest, self.path, self.size, self.sums = digest, path, size, sums
-        self.state = bytearray(len(sums))
+    def __init__(self, digest: str, path: str, size: int, table: chunksums.Table) -> None:
+        self.digest, self.path, self.size = digest, path, size
+        self.nonce, self.sums = table.nonce, table.sums
+        self.state = bytearray(len(self.sums))
         self.good = 0        # chunks in state GOOD
         self.jumps = 0       # READs that started a new run
         self.all_queued = False  # every chunk was given to the threads (check_all_later)
@@ -134,11 +135,11 @@ class ChunkReader:
                 self._objects.move_to_end(digest)
                 return self._objects[digest]
         try:
-            sums = self.objects.chunk_sums(digest, size)
+            table = self.objects.chunk_sums(digest, size)
         except (OSError, LayerfsError) as exc:  # an unreadable table or key: verified whole
             log.info("chunk sums of %s not used: %s", digest[:12], exc)
-            sums = None
-        oc = ObjectChunks(digest, path, size, sums) if sums else None
+            table = None
+        oc = ObjectChunks(digest, path, size, table) if table and table.sums else None
         with self._lock:
             self._objects[digest] = oc
             if len(self._objects) > KEPT:
@@ -223,7 +224,7 @@ class ChunkReader:
         """Compare chunk *i*'s bytes (None: could not be read whole) with
         its sum and record the outcome (a bad chunk goes back to unknown:
         checked anew, and reported, by every read of it)."""
-        ok = view is not None and chunk_sum(self.objects.sums_key(), view) == oc.sums[i]
+        ok = view is not None and chunk_sum(self.objects.sums_key(), oc.nonce, i, view) == oc.sums[i]
         self._settle(oc, i, GOOD if ok else UNKNOWN)
         if not ok:  # (the read that needed it logs the file's name)
             log.error("object %s: chunk %d (bytes %d-) fails its sum", oc.digest, i, i * SUM_CHUNK)
@@ -312,12 +313,12 @@ class ChunkReader:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                found, sums = chunksums.digest_and_sums(self.objects.sums_key(), fd)
+                found, table = chunksums.digest_and_sums(self.objects.sums_key(), fd)
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
             if found == digest:
-                self.objects.write_sums(digest, size, sums)
+                self.objects.write_sums(digest, size, table)
                 with self._lock:
                     self._objects.pop(digest, None)  # the next reader loads the table
         except Exception as exc:  # a read-only store, a full disk: reads just stay whole-checked

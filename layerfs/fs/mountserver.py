@@ -478,6 +478,8 @@ def _preload() -> None:
     import secrets  # noqa: F401
     import shutil  # noqa: F401
 
+    import cryptography.hazmat.primitives.ciphers.aead  # noqa: F401 - chunk sums (store.chunksums)
+
     import layerfs.fs.backend  # noqa: F401
     import layerfs.fs.index  # noqa: F401
     import layerfs.fs.mount  # noqa: F401

@@ -293,12 +293,12 @@ class ObjectStore:
             _unlink_quiet(tmp)
         return chunksums.load_key(self.root)
 
-    def write_sums(self, digest: str, size: int, sums: list[bytes]) -> None:
+    def write_sums(self, digest: str, size: int, table: chunksums.Table) -> None:
         """Publish the chunk-sum table of a big object whose content was
-        hashed against *digest* in the same pass as *sums*."""
-        self._write_renamed(self.sums_path(digest), [chunksums.pack(self.sums_key(), digest, size, sums)])
+        hashed against *digest* in the same pass as *table*'s sums."""
+        self._write_renamed(self.sums_path(digest), [chunksums.pack(self.sums_key(), digest, size, table)])
 
-    def chunk_sums(self, digest: str, size: int) -> list[bytes] | None:
+    def chunk_sums(self, digest: str, size: int) -> chunksums.Table | None:
         """The big object's chunk sums, or None if it has no sound table."""
         try:
             with open(self.sums_path(digest), "rb") as f:
@@ -356,12 +356,12 @@ class ObjectStore:
             return self.verify(digest)
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            found, sums = chunksums.digest_and_sums(self.sums_key(), fd)
+            found, table = chunksums.digest_and_sums(self.sums_key(), fd)
         finally:
             os.close(fd)
         if found != digest:
             return False
-        self.write_sums(digest, size, sums)
+        self.write_sums(digest, size, table)
         return True
 
     def ensure_raw(self, digest: str) -> bool:

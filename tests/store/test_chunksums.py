@@ -23,8 +23,15 @@ from layerfs.store.store import Store
 SIZES = [SUM_CHUNK + 1, 2 * SUM_CHUNK, 3 * SUM_CHUNK + 12345]
 
 
-def _expected(key: bytes, data: bytes) -> list[bytes]:
-    return [chunksums.chunk_sum(key, data[i:i + SUM_CHUNK]) for i in range(0, len(data), SUM_CHUNK)]
+def _expected(key: bytes, data: bytes, nonce: bytes) -> chunksums.Table:
+    return chunksums.Table(nonce, tuple(chunksums.chunk_sum(key, nonce, i // SUM_CHUNK, data[i:i + SUM_CHUNK])
+                                        for i in range(0, len(data), SUM_CHUNK)))
+
+
+def _sound(objects: ObjectStore, digest: str, data: bytes) -> bool:
+    """The object's table is sound and holds the sums of *data*."""
+    table = objects.chunk_sums(digest, len(data))
+    return table is not None and table == _expected(objects.sums_key(), data, table.nonce)
 
 
 @pytest.fixture
@@ -43,7 +50,7 @@ def test_every_way_of_storing_a_big_object_writes_its_table(objects, tmp_path, s
     for store_it in ways:
         objects.remove(digest)
         assert store_it().digest == digest
-        assert objects.chunk_sums(digest, size) == _expected(objects.sums_key(), data)
+        assert _sound(objects, digest, data)
 
 
 class _Trickle(io.RawIOBase):
@@ -70,21 +77,45 @@ def test_a_table_is_refused_whole_when_it_is_not_this_objects(objects, tmp_path)
     path = objects.sums_path(digest)
     sound = open(path, "rb").read()
     key = objects.sums_key()
-    assert chunksums.unpack(key, digest, len(data), sound) is not None
+    nonce = chunksums.unpack(key, digest, len(data), sound).nonce
     damaged = bytearray(sound)
     damaged[40] ^= 1  # one bit of one sum
     refused = [
         bytes(damaged),
         sound[:-1],                                               # cut short
         open(objects.sums_path(other_digest), "rb").read(),       # another object's table
-        chunksums.pack(os.urandom(32), digest, len(data), _expected(key, data)),  # another key's
-        chunksums.pack(key, digest, len(data) + 1, _expected(key, data)),          # another size
+        chunksums.pack(os.urandom(32), digest, len(data), _expected(key, data, nonce)),  # another key's
+        chunksums.pack(key, digest, len(data) + 1, _expected(key, data, nonce)),          # another size
+        first_format_table(key, digest, data),                                                 # keyed blake3 sums
     ]
     for table in refused:
         assert chunksums.unpack(key, digest, len(data), table) is None
         with open(path, "wb") as f:
             f.write(table)
         assert objects.chunk_sums(digest, len(data)) is None
+
+
+def first_format_table(key: bytes, digest: str, data: bytes) -> bytes:
+    """A table as layerfs wrote them before GMAC: keyed blake3 sums, no nonce."""
+    sums = b"".join(blake3.blake3(data[i:i + SUM_CHUNK], key=key).digest(16) for i in range(0, len(data), SUM_CHUNK))
+    body = b"LFSUMS1\n" + len(data).to_bytes(8, "little") + bytes.fromhex(digest) + sums
+    return body + blake3.blake3(body, key=key).digest()
+
+
+def test_each_table_has_its_own_nonce_and_a_chunk_sum_depends_on_it_and_the_index(objects):
+    """GMAC must never tag two messages under one (key, nonce): a nonce
+    per table, and the chunk's index in each chunk's."""
+    data = os.urandom(SUM_CHUNK)
+    digest = objects.put_bytes(data + data).digest  # two equal chunks
+    first = objects.chunk_sums(digest, 2 * len(data))
+    assert objects.verify(digest) and first.sums[0] != first.sums[1]
+    os.unlink(objects.sums_path(digest))
+    assert objects.verify(digest, write_table=True)
+    again = objects.chunk_sums(digest, 2 * len(data))
+    assert again.nonce != first.nonce and again.sums[0] != first.sums[0]
+    key = objects.sums_key()
+    assert chunksums.chunk_sum(key, first.nonce, 0, data) == first.sums[0]
+    assert chunksums.chunk_sum(os.urandom(32), first.nonce, 0, data) != first.sums[0]
 
 
 def test_the_key_is_private_and_kept(objects):
@@ -104,7 +135,7 @@ def test_a_lost_key_makes_new_tables(objects):
     fresh = ObjectStore(objects.root, objects.tmp_dir)
     assert fresh.chunk_sums(digest, len(data)) is None  # the old table, under the lost key
     assert fresh.verify(digest, write_table=True)
-    assert fresh.chunk_sums(digest, len(data)) == _expected(fresh.sums_key(), data)
+    assert _sound(fresh, digest, data)
 
 
 def test_a_damaged_key_file_is_one_error(objects):
@@ -134,7 +165,7 @@ def test_fsck_repair_writes_missing_tables_and_check_alone_writes_nothing(tmp_pa
         os.unlink(table)
         assert fsck_mod.check(store).clean and not os.path.exists(table)
         assert fsck_mod.check(store, repair=True).clean
-        assert store.objects.chunk_sums(digest, len(data)) == _expected(store.objects.sums_key(), data)
+        assert _sound(store.objects, digest, data)
         with open(store.objects.raw_path(digest), "r+b") as f:  # damaged: no table is made for it
             f.write(b"\0" * 8)
         os.unlink(table)
