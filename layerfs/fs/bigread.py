@@ -154,16 +154,10 @@ class ChunkReader:
         for i in range(off // SUM_CHUNK, last // SUM_CHUNK + 1):
             if oc.state[i] == GOOD:  # (the usual case: no lock; GOOD is final)
                 continue
-            with self._lock:
-                state = oc.state[i]
-                if state == UNKNOWN:
-                    oc.state[i] = CHECKING
-            if state == UNKNOWN:
+            if self._take(oc, i):
                 ok = await trio.to_thread.run_sync(self._check_chunk, oc, fd, i, bytearray(SUM_CHUNK))
-            elif state == CHECKING:  # a read-ahead thread checks it right now
-                ok = await trio.to_thread.run_sync(self._wait_settled, oc, i)
-            else:
-                ok = True
+            else:  # a read-ahead thread checks it right now, or it matched since
+                ok = oc.state[i] == GOOD or await trio.to_thread.run_sync(self._wait_settled, oc, i)
             if not ok:
                 return False
         return True
@@ -239,6 +233,14 @@ class ChunkReader:
             if self._waiting:
                 self._settled.notify_all()
 
+    def _take(self, oc: ObjectChunks, i: int) -> bool:
+        """Mark chunk *i* CHECKING if nobody checked or checks it yet."""
+        with self._lock:
+            if oc.state[i] != UNKNOWN:
+                return False
+            oc.state[i] = CHECKING
+            return True
+
     def _wait_settled(self, oc: ObjectChunks, i: int) -> bool:
         """Wait while another thread checks chunk *i*; True if it matched."""
         with self._lock:
@@ -260,9 +262,11 @@ class ChunkReader:
 
     def _next(self, src: _Source | None) -> tuple[ObjectChunks, list[int]] | None:
         """The next run of up to :data:`BATCH` chunks of one object to
-        check (marked CHECKING), None after :data:`IDLE_EXIT` idle. *src*
-        (the thread's open object) lets go of its mapping and lease while
-        the thread waits."""
+        check, None after :data:`IDLE_EXIT` idle. They are not marked
+        CHECKING yet (:meth:`_take`, one at a time): a READ that needs one
+        of them checks it itself rather than wait for the chunks before it.
+        *src* (the thread's open object) lets go of its mapping and lease
+        while the thread waits."""
         with self._wake:
             while True:
                 run: list[int] = []
@@ -273,7 +277,6 @@ class ChunkReader:
                         break
                     self._queue.popleft()
                     if oc.state[i] == UNKNOWN:
-                        oc.state[i] = CHECKING
                         run_oc = oc
                         run.append(i)
                 if run_oc is not None:
@@ -301,7 +304,8 @@ class ChunkReader:
                     src = _Source.open(oc)
                 for i in run:
                     if src is None:  # gone: the reader's own read reports it
-                        self._settle(oc, i, UNKNOWN)
+                        break
+                    if not self._take(oc, i):
                         continue
                     with src.chunk(i, buf) as view:
                         self._check_view(oc, i, view if len(view) == _chunk_len(oc, i) else None)

@@ -398,3 +398,33 @@ def test_the_threads_are_handed_chunks_a_batch_at_a_time(big_env, tmp_path, whol
         assert len(runs) <= len(handed) // bigread.BATCH + 2, runs  # (a short run at each end)
     finally:
         os.close(u.upper.fd)
+
+
+def test_a_read_of_a_chunk_in_a_threads_batch_does_not_wait_for_the_batch(big_env, tmp_path, monkeypatch):
+    """A batch is handed over unmarked: a random reader needing one of its
+    chunks checks it itself rather than wait behind the chunks before it
+    (up to BATCH MiB from a cold disk)."""
+    root, image, content, path, _ = big_env
+    digest = blake3.blake3(content).hexdigest()
+    monkeypatch.setattr(bigread.ChunkReader, "_start_threads", lambda self: None)  # the test is the thread
+    u = _union(root, image, tmp_path)
+    reader = u.chunk_reads
+    try:
+        oc = reader.chunks(digest, path, len(content))
+        reader.check_all_later(oc)
+        _, run = reader._next(None)
+        assert len(run) == bigread.BATCH
+        assert all(oc.state[i] == bigread.UNKNOWN for i in run)  # (marked one at a time, as the thread gets there)
+        fd = os.open(path, os.O_RDONLY)
+        async def read_last() -> bool:
+            with trio.fail_after(30):
+                return await reader.check(oc, fd, run[-1] * SUM_CHUNK, 10)
+
+        try:
+            assert trio.run(read_last)
+        finally:
+            os.close(fd)
+        assert oc.state[run[-1]] == bigread.GOOD and oc.state[run[0]] == bigread.UNKNOWN
+        assert not reader._take(oc, run[-1]) and reader._take(oc, run[0])  # the thread skips what was checked
+    finally:
+        os.close(u.upper.fd)
