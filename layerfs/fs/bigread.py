@@ -8,13 +8,15 @@ its start onwards, background threads check the next chunks
 (:data:`WINDOW` of them past the last READ), so the reader's next READs
 (the kernel's own read-ahead sends them, 1 MiB each) find their chunks
 checked: hashing runs beside the reader instead of before it, on a second
-core. The threads are handed :data:`BATCH` chunks at a time: woken for
-every READ, they cost the daemon more CPU than the hashing itself saved
-(0.66-0.76 s per GiB read with the hashing taken out, against 0.45-0.52 s
-in batches and 0.36-0.39 s for an object already verified). The threads read through a mapping and leave the disk to the
-kernel's read-ahead for it (asking for the window with WILLNEED as well
-made a cold GiB slower: 0.92-1.02 s against 0.74-0.76 s, two threads
-hashing it).
+core. The threads are handed :data:`BATCH` chunks at a time (woken for
+every READ, they cost the daemon 0.66-0.76 s of CPU per GiB read with the
+hashing itself taken out, against 0.45-0.52 s in batches and 0.36-0.39 s
+for an object already verified), and mark each chunk as they get to it,
+so a reader that needs one of them meanwhile checks it itself. The
+threads read through a mapping and leave the disk to the kernel's
+read-ahead for it (asking for the window with WILLNEED as well made a
+cold GiB slower: 0.92-1.02 s against 0.74-0.76 s, two threads hashing
+it).
 
 The checked chunks are not pushed into the kernel's page cache
 (``notify_store``, as ``fs.readahead`` does for small files): the kernel
