@@ -52,17 +52,29 @@ def mounts_under(path: str) -> list[str]:
     return [mp for mp, _ in mounts() if mp == path or mp.startswith(prefix)]
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (state first); [] if the
+    process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
 def start_time(pid: int) -> str | None:
     """The start time of a live process (clock ticks since boot), None if it
     is gone or a zombie: with the pid it names one process for good."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return None
+    fields = _stat_fields(pid)
     if len(fields) <= 19 or fields[0] in ("Z", "X"):
         return None
     return fields[19]
+
+
+def parent_pid(pid: int) -> int | None:
+    """The pid of *pid*'s parent, None if it is gone."""
+    fields = _stat_fields(pid)
+    return int(fields[1]) if len(fields) > 1 else None
 
 
 def alive(pid: int | None, start: str | None) -> bool:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from layerfs import procfs
 from layerfs.store.store import Store
 from tests import capabilities
 
@@ -80,15 +81,7 @@ def mount_servers(under: str) -> dict[int, str]:
     # A worker the server has just forked bears its name until it renames
     # itself (fs.mountserver: _leave), a moment on a busy machine: a server
     # is one whose parent is not a server.
-    return {pid: root for pid, root in found.items() if _parent(pid) not in found}
-
-
-def _parent(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
+    return {pid: root for pid, root in found.items() if procfs.parent_pid(pid) not in found}
 
 
 def stop_mount_servers(pids) -> None:
