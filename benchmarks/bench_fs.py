@@ -309,7 +309,7 @@ def install_layerfs(work: str) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "src")
         shutil.copytree(os.path.dirname(HERE), src, ignore=shutil.ignore_patterns(
-            ".git", ".venv", "__pycache__", "build", "dist", "*.egg-info", "benchmarks", "tests", "docs"))
+            ".git", ".venv", "__pycache__", "build", "dist", "*.egg-info", "*.so", "benchmarks", "tests", "docs"))
         subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", tmp, src], check=True)
         [wheel] = glob.glob(os.path.join(tmp, "*.whl"))
         subprocess.run(pip + ["--python", python, "install", "--no-deps", "--force-reinstall", wheel], check=True)

@@ -41,7 +41,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.installed-$what
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ layerfs/fs/_dircache.c -nt "$stamp" ]; then
   extra=""
   [ "$what" = test ] && extra="[test]"
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true

@@ -16,6 +16,7 @@ interleave with -- the union's write lock guarantees that.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import stat
 from dataclasses import dataclass
@@ -72,6 +73,57 @@ class SetAttr:
     mtime_ns: int | None = None
 
 
+FIRST_ENTRY = 2  # readdir offset of a directory's first entry, after "." (0) and ".." (1)
+
+
+class Children(dict):
+    """A directory's merged entries, name -> inode, each at a readdir
+    offset of its own that stays while the entry does.
+
+    Offsets count up in the order names came in (the dict's order), and a
+    name removed and made again comes in anew, at the end. So a listing
+    read in pieces, while entries come and go between the pieces, never
+    skips or repeats an entry that stayed: what POSIX asks of readdir, and
+    what the kernel's cache of a listing (kept by offset) relies on.
+    ``FIRST_ENTRY + i`` is the offset of the i-th entry of a fresh
+    listing, as of a lower directory's listing (``Union._add_lower``), so
+    a directory's offsets do not move when it is copied up."""
+
+    __slots__ = ("_offsets", "_next", "_sorted")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._offsets: dict[bytes, int] = {}
+        self._next = FIRST_ENTRY
+        self._sorted: tuple[list[int], list[bytes]] | None = None
+
+    def __setitem__(self, name: bytes, ino: int) -> None:
+        if name not in self._offsets:
+            self._offsets[name] = self._next
+            self._next += 1
+            self._sorted = None
+        super().__setitem__(name, ino)
+
+    def __delitem__(self, name: bytes) -> None:
+        super().__delitem__(name)
+        del self._offsets[name]
+        self._sorted = None
+
+    def pop(self, name: bytes, *default: int) -> int:  # type: ignore[override]
+        if name in self._offsets:
+            del self._offsets[name]
+            self._sorted = None
+        return super().pop(name, *default)
+
+    def since(self, offset: int) -> list[tuple[bytes, int]]:
+        """(name, offset) of the entries at *offset* and after, in order."""
+        if self._sorted is None:
+            self._sorted = (list(self._offsets.values()), list(self._offsets))
+        offsets, names = self._sorted
+        first = bisect.bisect_left(offsets, offset)
+        return list(zip(names[first:], offsets[first:]))
+
+
 class Node:
     """State of one inode that is not (or no longer) plain lower."""
 
@@ -87,7 +139,7 @@ class Node:
         #                               copied up) / merged children source (dirs; -1
         #                               when opaque or none)
         self.upper = upper            # exists in the upper dir
-        self.children: dict[bytes, int] | None = None  # dirs: merged name -> ino
+        self.children: Children | None = None  # dirs: merged name -> ino
         self.nsubdirs = 0             # dirs with children: how many are dirs
         self.links: list[tuple[int, bytes]] | None = None  # extra links (hardlinks)
         self.opens = 0                # open file handles

@@ -19,7 +19,7 @@ import errno
 import os
 import stat
 
-from layerfs.fs.inodes import Attr, Node
+from layerfs.fs.inodes import Attr, Children, Node
 from layerfs.fs.upper import NAME_MAX, OPAQUE, RENAME_EXCHANGE, RENAME_NOREPLACE, discard
 
 
@@ -129,7 +129,7 @@ class NameOps:
             node = self.table.add(Node(self.table.new_ino(), d.ino, name, fmt, -1, True))
             node.nocaps = fmt == stat.S_IFREG
             if fmt == stat.S_IFDIR:
-                node.children = {}
+                node.children = Children()
                 d.nsubdirs += 1
             kids[name] = node.ino
             return node, fd

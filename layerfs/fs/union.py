@@ -61,7 +61,7 @@ import trio
 
 from layerfs.fs.files import FileIO
 from layerfs.fs.index import LowerIndex
-from layerfs.fs.inodes import ROOT, Attr, InodeTable, Node, SetAttr
+from layerfs.fs.inodes import FIRST_ENTRY, ROOT, Attr, Children, InodeTable, Node, SetAttr
 from layerfs.fs.loop import NoCheckpointLock
 from layerfs.fs.names import NameOps, _err, _join
 from layerfs.fs.upper import (
@@ -84,11 +84,10 @@ THREAD_COPY = 1 << 20     # copy-ups bigger than this run in a worker thread
 
 
 class Listing:
-    """The entries of a directory as one readdir sees them: entry *i* is
-    ``names[i]``, inode ``inos[i]``, at offset ``i + 2`` (after "." and
-    ".."). ``slots`` (their index slots) marks the listing of a lower-only
-    directory, kept per slot; ``replies`` then holds ``(name, reply, next
-    offset)`` per entry, made at its first read."""
+    """The entries of a lower-only directory: entry *i* is ``names[i]``,
+    inode ``inos[i]``, index slot ``slots[i]``, at offset ``FIRST_ENTRY +
+    i``; ``replies`` holds ``(name, reply, next offset)`` per entry, made
+    at the listing's first read."""
 
     __slots__ = ("names", "inos", "slots", "replies")
 
@@ -115,7 +114,6 @@ class Union(FileIO, NameOps):
         self.attrs_changed: Callable[[int], None] = lambda ino: None
         self.bad: dict[str, tuple] = {}  # big objects found bad: digest -> identity of the file then
         self._init_files()
-        self.dirs: dict[int, list] = {}  # open directory handle -> [node, listing of its first read]
         self._lower_listings: dict[int, Listing] = {}  # lower-only dirs, by slot
         # What the adapter hands the kernel for an entry's attributes (fs.ops:
         # an EntryAttributes), set by it; the Attr itself in-process. Lower
@@ -163,7 +161,7 @@ class Union(FileIO, NameOps):
         parts.reverse()
         return b"/".join(parts)
 
-    def children(self, d: Node) -> dict[bytes, int]:
+    def children(self, d: Node) -> Children:
         """Merged listing of an upper dir (built on first use, then kept)."""
         if d.children is None:
             self._materialize(d)
@@ -171,7 +169,7 @@ class Union(FileIO, NameOps):
 
     def _materialize(self, d: Node) -> None:
         idx = self.index
-        kids: dict[bytes, int] = {}
+        kids = Children()
         if d.lower >= 0:
             for name, s in idx.kids[d.lower].items():
                 kids[name] = idx.ino(s)
@@ -404,49 +402,43 @@ class Union(FileIO, NameOps):
         return self.upper.getxattr(self.path(node), escape_xattr(name))
 
     # -- directories ------------------------------------------------------------
+    # Reads of a directory are not tied to an open handle: the kernel may
+    # read a listing with no OPENDIR before it (fs/dircache.py), and caches
+    # what it read by offset. An entry's offset is its own for as long as
+    # it exists (inodes.Children), so any reader may go on from any offset.
     def opendir(self, ino: int) -> int:
+        """The handle of an open directory: its inode."""
+        self.node(ino)
+        return ino
+
+    def readdir(self, ino: int, start: int, add: Callable[[bytes, Any, int], bool]) -> None:
+        """Hand the entries of directory *ino* from offset *start* on to
+        *add(name, reply, offset of the next entry)*, where reply is
+        ``reply_of(attrs)``; *add* returns False when the kernel's buffer
+        is full. Each entry *add* took counts as a lookup; the one it
+        refused is not counted (nor sent), and nothing after it is offered."""
         node = self.node(ino)
-        fh = self._new_fh()
-        self.dirs[fh] = [node, None]
-        return fh
-
-    def _listing(self, node: Node) -> Listing:
-        """The entries of a directory as a readdir sees them now. A
-        lower-only directory's listing never changes: it is made once per
-        slot and shared by every handle."""
-        if not node.upper and node.children is None:
-            listing = self._lower_listings.get(node.lower)
-            if listing is None:
-                idx = self.index
-                kids = idx.kids.get(node.lower, {})
-                slots = list(kids.values())
-                listing = Listing(list(kids), [idx.ino(s) for s in slots], slots)
-                self._lower_listings[node.lower] = listing
-            return listing
-        kids = self.children(node)
-        return Listing(list(kids), list(kids.values()), None)
-
-    def readdir(self, fh: int, start: int, add: Callable[[bytes, Any, int], bool]) -> None:
-        """Hand the entries from offset *start* on to *add(name, reply,
-        offset of the next entry)*, where reply is ``reply_of(attrs)``;
-        *add* returns False when the kernel's buffer is full. Each entry
-        *add* took counts as a lookup; the one it refused is not counted
-        (nor sent), and nothing after it is offered."""
-        state = self.dirs[fh]
-        node, listing = state
-        if start == 0 or listing is None:
-            # The entries as they are at the first read (not at opendir),
-            # and again after a rewinddir, as on a disk filesystem.
-            listing = state[1] = self._listing(node)
-        if start < 2:
-            for pos, name, ino in ((0, b".", node.ino), (1, b"..", node.parent or ROOT)):
-                if pos >= start and not add(name, self.reply_of(self.attr(ino)), pos + 1):
+        if start < FIRST_ENTRY:
+            for pos, name, dot in ((0, b".", node.ino), (1, b"..", node.parent or ROOT)):
+                if pos >= start and not add(name, self.reply_of(self.attr(dot)), pos + 1):
                     return
-            start = 2
-        if listing.slots is not None and not node.upper:
-            self._add_lower(listing, start - 2, add)
+            start = FIRST_ENTRY
+        if not node.upper and node.children is None:
+            self._add_lower(self._lower_listing(node.lower), start - FIRST_ENTRY, add)
         else:
-            self._add_live(listing, start - 2, add)
+            self._add_live(self.children(node), start, add)
+
+    def _lower_listing(self, slot: int) -> Listing:
+        """The entries of a lower-only directory. They never change: the
+        listing is made once per slot and kept."""
+        listing = self._lower_listings.get(slot)
+        if listing is None:
+            idx = self.index
+            kids = idx.kids.get(slot, {}) if slot >= 0 else {}
+            slots = list(kids.values())
+            listing = Listing(list(kids), [idx.ino(s) for s in slots], slots)
+            self._lower_listings[slot] = listing
+        return listing
 
     def _add_lower(self, listing: Listing, first: int, add: Callable[[bytes, Any, int], bool]) -> None:
         """The entries of a directory that is still lower only: none of
@@ -455,33 +447,30 @@ class Union(FileIO, NameOps):
         replies = listing.replies
         if replies is None:
             reply_of, lower_attr = self.reply_of, self.lower_attr
-            replies = listing.replies = [(name, reply_of(lower_attr(slot)), i + 3)
+            replies = listing.replies = [(name, reply_of(lower_attr(slot)), FIRST_ENTRY + i + 1)
                                          for i, (name, slot) in enumerate(zip(listing.names, listing.slots))]
         end = len(replies)
         for name, reply, next_off in replies[first:]:
             if not add(name, reply, next_off):
-                end = next_off - 3
+                end = next_off - FIRST_ENTRY - 1
                 break
         self.table.looked_up_each(listing.inos[first:end])
         if self.readahead.waiting:
             self._listed(listing.slots[first:end])
 
-    def _add_live(self, listing: Listing, first: int, add: Callable[[bytes, Any, int], bool]) -> None:
-        """The entries of a directory in the upper dir, or of a lower
-        listing whose directory changed since it was taken: attributes
-        as they are now."""
-        reply_of, names, inos = self.reply_of, listing.names, listing.inos
-        for i in range(first, len(inos)):
-            ino = inos[i]
+    def _add_live(self, kids: Children, start: int, add: Callable[[bytes, Any, int], bool]) -> None:
+        """The entries of a directory in the upper dir (or whose listing
+        was merged): attributes as they are now."""
+        reply_of = self.reply_of
+        for name, offset in kids.since(start):
+            ino = kids[name]
             try:
                 a = self.attr(ino)
             except OSError:
-                continue  # removed since the listing was taken
-            if not add(names[i], reply_of(a), i + 3):
+                continue  # gone from the upper dir behind the mount's back
+            if not add(name, reply_of(a), offset + 1):
                 return
             self.table.looked_up(ino)
-            if listing.slots is not None and self.readahead.waiting:
-                self._listed(listing.slots[i:i + 1])
 
     def _listed(self, slots: list[int]) -> None:
         """Lower files the kernel now knows: read-ahead may hand over what it kept for them."""
@@ -491,7 +480,7 @@ class Union(FileIO, NameOps):
                 self.readahead.known(slot)
 
     def releasedir(self, fh: int) -> None:
-        self.dirs.pop(fh, None)
+        """Nothing to let go: a directory handle is its inode."""
 
     async def setattr(self, ino: int, attr: SetAttr, fh: int | None = None) -> Attr:
         self._writable()
