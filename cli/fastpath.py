@@ -98,17 +98,13 @@ def mount_fast(argv: list[str]) -> None:
     except KeyboardInterrupt:
         sys.stderr.write("Interrupted.\n")
         sys.exit(130)
-    if "fallback" in answer:
+    done = mountclient.outcome(answer, request["debug"])
+    if done is None:
         if answer.get("backend") != "kernel":
             _prefork()
         return
-    if "error" in answer:
-        if answer.get("bug") or request["debug"]:
-            sys.stderr.write(answer.get("traceback") or "")  # as click's path: an uncaught exception
-            _exit(1)
-        sys.stderr.write(f"Error: {answer['error']}\n")
-        _exit(answer["code"])
-    _exit(0)
+    sys.stderr.write(done[1])
+    _exit(done[0])
 
 
 def _exit(code: int) -> None:

@@ -63,7 +63,7 @@ def cli(ctx: click.Context, root: str | None, debug: bool) -> None:
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="layerfs", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)

@@ -11,7 +11,9 @@ the request (the server, or the worker it forked) sends one byte ``A``,
 then one frame with the answer. The server reads a frame only from a peer
 with its own uid (``SO_PEERCRED``), so marshal never sees a stranger's
 bytes. A connection closed before ``A`` was not taken (a server that went
-away meanwhile) and is retried once with a new server.
+away meanwhile) and is retried once with a new server. A request with
+``"reply": "plain"`` (the C client, bin/layerfs.c) is answered with
+:func:`plain_reply` instead: what the command prints and its exit code.
 
 Starting (:func:`connect`): a server holds ``ROOT/mount-server/lock``
 (flock) for its whole life. A client that cannot connect takes the lock
@@ -95,6 +97,36 @@ def recv_exact(sock, n: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def send_reply(sock, request: dict, answer: dict) -> None:
+    """Send *answer* to *request* in the form the client asked for."""
+    if request.get("reply") == "plain":
+        data = plain_reply(answer, bool(request.get("debug")))
+        sock.sendall(len(data).to_bytes(4, "big") + data)
+    else:
+        send_frame(sock, answer)
+
+
+def outcome(answer: dict, debug: bool) -> tuple[int, str] | None:
+    """What ``layerfs mount`` does with the server's *answer*: (exit code,
+    text for stderr); None if the CLI is to do the mount itself."""
+    if "fallback" in answer:
+        return None
+    if "error" in answer:
+        if answer.get("bug") or debug:  # as click's path: an uncaught exception
+            return 1, answer.get("traceback") or ""
+        return answer["code"], f"Error: {answer['error']}\n"
+    return 0, ""
+
+
+def plain_reply(answer: dict, debug: bool) -> bytes:
+    """*answer* for a client that is not Python: ``exit CODE\nTEXT``, or
+    ``fallback\n``."""
+    done = outcome(answer, debug)
+    if done is None:
+        return b"fallback\n"
+    return b"exit %d\n" % done[0] + done[1].encode(errors="replace")
 
 
 def recv_frame(sock) -> dict:

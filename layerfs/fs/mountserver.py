@@ -62,7 +62,7 @@ from dataclasses import dataclass
 
 from layerfs.fs import codewatch, mountclient
 from layerfs.fs.indexmemory import IndexMemory
-from layerfs.fs.mountclient import recv_frame, send_frame
+from layerfs.fs.mountclient import recv_frame, send_frame, send_reply
 
 log = logging.getLogger("layerfs.mountserver")
 
@@ -223,7 +223,7 @@ class Server:
         elif op == "mount":
             if (request.get("mntns"), request.get("rootdir")) != (self.mntns["mntns"], self.mntns["rootdir"]):
                 conn.sendall(b"A")
-                send_frame(conn, {"fallback": "the caller is in another mount namespace or root"})
+                send_reply(conn, request, {"fallback": "the caller is in another mount namespace or root"})
                 return
             if not self._hand_to_spare(conn, request):
                 self._fork(lambda report_w: _worker(self.root, conn, request, report_w))
@@ -414,7 +414,7 @@ def _worker(root: str, conn: socket.socket, request: dict, report_w: int, store:
     stores = [store[0]] if store is not None else []
     try:
         answer, image_id = _mount(root, request, stores)
-        send_frame(conn, answer)
+        send_reply(conn, request, answer)
         conn.close()
         if image_id:
             os.write(report_w, image_id.encode() + b"\n")

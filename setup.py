@@ -1,0 +1,32 @@
+"""Builds the ``layerfs`` command from bin/layerfs.c beside the Python
+command (bin/layerfs-py); the rest of the configuration is pyproject.toml.
+
+setuptools has no way to build a program rather than a Python extension,
+so the step that installs scripts (into a wheel, or an editable install)
+compiles it among them. With no working C compiler, ``layerfs`` is a copy
+of the Python command.
+"""
+
+import os
+import shutil
+import subprocess
+import sysconfig
+
+from setuptools import setup
+from setuptools.command.install_scripts import install_scripts
+
+
+class InstallScripts(install_scripts):
+    def run(self) -> None:
+        super().run()
+        out = os.path.join(self.install_dir, "layerfs")
+        cc = (sysconfig.get_config_var("CC") or "cc").split()
+        try:
+            subprocess.run([*cc, "-O2", "-Wall", "-o", out, os.path.join("bin", "layerfs.c")], check=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            self.warn(f"bin/layerfs.c not built ({exc}): layerfs is the Python command")
+            shutil.copy2(os.path.join(self.install_dir, "layerfs-py"), out)
+        self.outfiles.append(out)
+
+
+setup(cmdclass={"install_scripts": InstallScripts})
