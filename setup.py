@@ -1,5 +1,6 @@
-"""Builds the ``layerfs`` command from bin/layerfs.c beside the Python
-command (bin/layerfs-py); the rest of the configuration is pyproject.toml.
+"""What pyproject.toml cannot say: the two C parts. The ``layerfs``
+command, built from bin/layerfs.c beside the Python command
+(bin/layerfs-py), and the extension ``layerfs.fs._dircache``.
 
 setuptools has no way to build a program rather than a Python extension,
 so the step that installs scripts (into a wheel, or an editable install)
@@ -12,7 +13,7 @@ import shutil
 import subprocess
 import sysconfig
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.install_scripts import install_scripts
 
 
@@ -20,7 +21,7 @@ class InstallScripts(install_scripts):
     def run(self) -> None:
         super().run()
         out = os.path.join(self.install_dir, "layerfs")
-        cc = (sysconfig.get_config_var("CC") or "cc").split()
+        cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()
         try:
             subprocess.run([*cc, "-O2", "-Wall", "-o", out, os.path.join("bin", "layerfs.c")], check=True)
         except (OSError, subprocess.CalledProcessError) as exc:
@@ -29,4 +30,10 @@ class InstallScripts(install_scripts):
         self.outfiles.append(out)
 
 
-setup(cmdclass={"install_scripts": InstallScripts})
+setup(
+    cmdclass={"install_scripts": InstallScripts},
+    # Lets the kernel cache directory listings (see the file). Optional: where
+    # libfuse3's headers are missing the daemon answers OPENDIR itself.
+    ext_modules=[Extension("layerfs.fs._dircache", ["layerfs/fs/_dircache.c"], libraries=["fuse3"],
+                           optional=True)],
+)

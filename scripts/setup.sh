@@ -41,7 +41,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.installed-$what
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ layerfs/fs/_dircache.c -nt "$stamp" ]; then
+newer() { for f in pyproject.toml setup.py layerfs/fs/_dircache.c bin/layerfs.c; do [ "$f" -nt "$stamp" ] && return 0; done; return 1; }
+if [ ! -f "$stamp" ] || newer; then
   extra=""
   [ "$what" = test ] && extra="[test]"
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true

@@ -3,8 +3,9 @@
 The kernel keeps a FUSE directory's listing in its page cache only when
 OPENDIR answers with FOPEN_CACHE_DIR, which pyfuse3 cannot set. A
 filesystem whose OPENDIR fails with ENOSYS gets the same cache, and no
-OPENDIR or RELEASEDIR again (Linux 5.1+): a warm ``find`` of an image then
-costs no request at all, and a cold one a third fewer. The READDIRs that
+OPENDIR or RELEASEDIR again (Linux 5.1+): a cold ``find`` of an image
+then costs half the requests, and a warm one none but a GETATTR per
+directory (the kernel's check of a listing's mtime, on a writable mount). The READDIRs that
 remain carry no file handle, so the C module ``_dircache`` hands pyfuse3
 the directory's inode in its place (how, and why it must be loaded before
 pyfuse3, is in ``_dircache.c``); ``Union.readdir`` works from any offset
