@@ -245,6 +245,7 @@ static void encode(const struct request *r, const char *cwd, struct buf *b)
     if (n <= 0 || stat("/", &st) != 0)
         python_cli();
     mntns[n] = '\0';
+    b->len = 4; /* the frame's length goes first, filled in at the end */
     put(b, "{", 1);
     put_key_str(b, "op", "mount");
     put_key_str(b, "reply", "plain");
@@ -282,6 +283,9 @@ static void encode(const struct request *r, const char *cwd, struct buf *b)
     }
     put(b, "0", 1);
     put(b, "0", 1);
+    size_t body = b->len - 4;
+    unsigned char head[4] = {body >> 24, (body >> 16) & 0xff, (body >> 8) & 0xff, body & 0xff};
+    memcpy(b->data, head, 4);
 }
 
 /* -- talking to the server ----------------------------------------------------- */
@@ -296,6 +300,22 @@ static int read_exact(int fd, void *p, size_t n)
         got += k;
     }
     return 1;
+}
+
+/* The answer's frame, NUL-terminated; NULL if it did not come whole. */
+static char *read_frame(int fd)
+{
+    unsigned char head[4];
+    if (!read_exact(fd, head, 4))
+        return NULL;
+    uint32_t n = (uint32_t)head[0] << 24 | (uint32_t)head[1] << 16 | (uint32_t)head[2] << 8 | head[3];
+    char *frame = n <= (1 << 20) ? malloc(n + 1) : NULL;
+    if (frame == NULL || !read_exact(fd, frame, n)) {
+        free(frame);
+        return NULL;
+    }
+    frame[n] = '\0';
+    return frame;
 }
 
 static int write_all(int fd, const void *p, size_t n)
@@ -329,25 +349,18 @@ int main(int argc, char **argv)
     encode(&r, cwd, &b);
 
     int sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    unsigned char head[4] = {b.len >> 24, (b.len >> 16) & 0xff, (b.len >> 8) & 0xff, b.len & 0xff};
     char taken;
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) != 0)
         python_cli(); /* no server: the Python client starts one */
-    if (!write_all(sock, head, 4) || !write_all(sock, b.data, b.len) || !read_exact(sock, &taken, 1) || taken != 'A')
+    if (!write_all(sock, b.data, b.len) || !read_exact(sock, &taken, 1) || taken != 'A')
         python_cli(); /* not taken: nothing was done, the Python client tries again */
 
     /* Taken: from here on the request must not be made twice. */
-    uint32_t n;
-    if (!read_exact(sock, head, 4) || (n = (uint32_t)head[0] << 24 | head[1] << 16 | head[2] << 8 | head[3]) > (1 << 20)) {
+    char *reply = read_frame(sock);
+    if (reply == NULL) {
         fprintf(stderr, "Error: the mount server's worker died; see %s/logs/mount-server.log\n", root);
         return 1;
     }
-    char *reply = malloc(n + 1);
-    if (reply == NULL || !read_exact(sock, reply, n)) {
-        fprintf(stderr, "Error: the mount server's worker died; see %s/logs/mount-server.log\n", root);
-        return 1;
-    }
-    reply[n] = '\0';
     /* "exit CODE\nTEXT": print TEXT on stderr, exit CODE; "fallback\n": the CLI's to do. */
     int code;
     char *text = strchr(reply, '\n');

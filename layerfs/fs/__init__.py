@@ -15,6 +15,8 @@ Modules, bottom up:
 * ``verify`` -- whole-object verification of big objects (mapped under a
   read lease; on every core only in the detached daemon);
 * ``ops``    -- the thin pyfuse3.Operations adapter (one error decorator);
+* ``dircache`` -- with the C module ``_dircache``: OPENDIR answered
+  ENOSYS so that the kernel caches listings, READDIR given its inode;
 * ``mount``  -- ``mount_image`` (the API the CLI, runtime and builder
   use): resolve the image, pick the backend, hand a forked daemon its job;
 * ``daemon`` -- the FUSE daemon process: forked early, serves the union

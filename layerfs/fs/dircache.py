@@ -5,11 +5,12 @@ OPENDIR answers with FOPEN_CACHE_DIR, which pyfuse3 cannot set. A
 filesystem whose OPENDIR fails with ENOSYS gets the same cache, and no
 OPENDIR or RELEASEDIR again (Linux 5.1+): a cold ``find`` of an image
 then costs half the requests, and a warm one none but a GETATTR per
-directory (the kernel's check of a listing's mtime, on a writable mount). The READDIRs that
-remain carry no file handle, so the C module ``_dircache`` hands pyfuse3
-the directory's inode in its place (how, and why it must be loaded before
-pyfuse3, is in ``_dircache.c``); ``Union.readdir`` works from any offset
-of any reader, with no state per open directory.
+directory (the kernel's check of a listing's mtime, on a writable
+mount). The READDIRs that remain carry no file handle, so the C module
+``_dircache`` hands pyfuse3 the directory's inode in its place (how, and
+why it must be loaded before pyfuse3, is in ``_dircache.c``);
+``Union.readdir`` works from any offset of any reader, with no state per
+open directory.
 
 Without the module (not built, or pyfuse3 already imported) the daemon
 answers OPENDIR itself, with the inode as handle, as before.

@@ -84,7 +84,10 @@ def short_address(path: str) -> tuple[str, int]:
 
 # -- frames -------------------------------------------------------------------
 def send_frame(sock, obj: dict) -> None:
-    data = marshal.dumps(obj)
+    _send_bytes(sock, marshal.dumps(obj))
+
+
+def _send_bytes(sock, data: bytes) -> None:
     sock.sendall(len(data).to_bytes(4, "big") + data)
 
 
@@ -102,8 +105,7 @@ def recv_exact(sock, n: int) -> bytes:
 def send_reply(sock, request: dict, answer: dict) -> None:
     """Send *answer* to *request* in the form the client asked for."""
     if request.get("reply") == "plain":
-        data = plain_reply(answer, bool(request.get("debug")))
-        sock.sendall(len(data).to_bytes(4, "big") + data)
+        _send_bytes(sock, plain_reply(answer, bool(request.get("debug"))))
     else:
         send_frame(sock, answer)
 

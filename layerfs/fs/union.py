@@ -434,7 +434,7 @@ class Union(FileIO, NameOps):
         listing = self._lower_listings.get(slot)
         if listing is None:
             idx = self.index
-            kids = idx.kids.get(slot, {}) if slot >= 0 else {}
+            kids = idx.kids.get(slot, {})
             slots = list(kids.values())
             listing = Listing(list(kids), [idx.ino(s) for s in slots], slots)
             self._lower_listings[slot] = listing
