@@ -7,8 +7,9 @@ into flat arrays indexed by a *slot*:
 * slots are the merged paths in bytewise order, so slot 0 is the root;
 * the inode number of a lower path is ``slot + 1`` (the root is inode 1,
   ``fs.inodes.ROOT``, as FUSE's); the members of a hardlink group all use the
-  inode of their first member, so they are one inode with the right
-  ``st_nlink``;
+  inode of their first member, so they are one inode; its ``st_nlink`` is
+  the group's size in the layer it comes from, as overlayfs shows it
+  (names an upper layer covers still count);
 * a directory slot maps child names (bytes, as FUSE gives them) to slots.
 
 Nothing here changes after construction. The mutable overlay of the
@@ -22,8 +23,10 @@ manifests and flattening them again.
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import os
+import re
 import stat
 from array import array
 from typing import TYPE_CHECKING
@@ -32,7 +35,7 @@ if TYPE_CHECKING:  # the store's modules load only when an index is built (not i
     from layerfs.store.manifest import Entry
     from layerfs.store.tree import MergedTree
 
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4
 
 
 class LowerIndex:
@@ -44,11 +47,13 @@ class LowerIndex:
     of milliseconds.
     """
 
-    __slots__ = ("paths", "meta", "parent", "kids", "leader", "groups", "nsubdirs", "packed", "_attr_cache")
+    __slots__ = ("paths", "meta", "parent", "kids", "leader", "groups", "nsubdirs", "packed", "link_counts",
+                 "_attr_cache")
 
     def __init__(self, paths: list[bytes], meta: list[tuple], parent: array,
                  kids: dict[int, dict[bytes, int]], groups: dict[int, list[int]],
-                 nsubdirs: dict[int, int] | None = None, packed: frozenset[str] = frozenset()) -> None:
+                 nsubdirs: dict[int, int] | None = None, packed: frozenset[str] = frozenset(),
+                 link_counts: dict[int, int] | None = None) -> None:
         self.paths = paths
         # digests stored as .zst: a hint for the reader, which tries that
         # file first (a miss in a cold object dir costs a disk read)
@@ -62,6 +67,9 @@ class LowerIndex:
             nsubdirs = {d: sum(1 for s in names.values() if stat.S_ISDIR(meta[s][0]))
                         for d, names in kids.items()}
         self.nsubdirs = nsubdirs
+        # {first visible member's slot: links in its layer}, for groups of more than one there
+        self.link_counts = link_counts if link_counts is not None else {
+            lead: len(members) for lead, members in groups.items()}
         self._attr_cache: dict[int, object] = {}
 
     # -- construction -----------------------------------------------------
@@ -92,28 +100,32 @@ class LowerIndex:
                 parent[i] = ps
                 kids[ps][name] = i
         groups: dict[int, list[int]] = {}
+        link_counts: dict[int, int] = {}
         by_key: dict[tuple, list[int]] = {}
         for p, key in tree.links.items():
             by_key.setdefault(key, []).append(slot_of[os.fsencode(p)])
-        for members in by_key.values():
+        for key, members in by_key.items():
+            members.sort()
             if len(members) > 1:
-                members.sort()
                 groups[members[0]] = members
-        return cls(paths, meta, parent, kids, groups, packed=packed)
+            count = tree.link_counts.get(key, len(members))
+            if count > 1:
+                link_counts[members[0]] = count
+        return cls(paths, meta, parent, kids, groups, packed=packed, link_counts=link_counts)
 
     def dump(self) -> bytes:
         return marshal.dumps((CACHE_FORMAT, self.paths, self.meta, self.parent.tobytes(), self.kids,
-                              self.groups, self.nsubdirs, self.packed))
+                              self.groups, self.nsubdirs, self.packed, self.link_counts))
 
     @classmethod
     def load(cls, data: bytes) -> "LowerIndex":
         fields = marshal.loads(data)
         if fields[0] != CACHE_FORMAT:
             raise ValueError("index cache format")
-        _, paths, meta, parent, kids, groups, nsubdirs, packed = fields
+        _, paths, meta, parent, kids, groups, nsubdirs, packed, link_counts = fields
         par = array("q")
         par.frombytes(parent)
-        return cls(paths, meta, par, kids, groups, nsubdirs, packed)
+        return cls(paths, meta, par, kids, groups, nsubdirs, packed, link_counts)
 
     # -- queries ----------------------------------------------------------
     def __len__(self) -> int:
@@ -138,8 +150,7 @@ class LowerIndex:
     def nlink(self, slot: int) -> int:
         if slot in self.kids:
             return 2 + self.nsubdirs[slot]
-        lead = self.leader.get(slot)
-        return 1 if lead is None else len(self.groups[lead])
+        return self.link_counts.get(self.leader.get(slot, slot), 1)
 
     def name(self, slot: int) -> bytes:
         return self.paths[slot].rpartition(b"/")[2]
@@ -178,6 +189,19 @@ def cache_path(store_root: str, image_id: str) -> str:
     return StoreLayout(store_root).fscache_entry(f"{image_id}.v{CACHE_FORMAT}")
 
 
+def drop_other_formats(path: str, suffix: str = "") -> None:
+    """Remove the caches of *path*'s key written in other formats
+    (``<key>``, ``<key>.v<N><suffix>``): gc keeps them while the key lives.
+    Temp files of a concurrent writer (``<name>.<pid>.tmp``) are not matched."""
+    folder, name = os.path.split(path)
+    key = name.split(".")[0]
+    pattern = re.compile(re.escape(key) + r"(\.v\d+" + re.escape(suffix) + ")?")
+    for other in os.listdir(folder):
+        if other != name and pattern.fullmatch(other):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, other))
+
+
 def ensure_index_cache(store, image) -> str:
     """Path of the cached index of *image*, built now if missing.
 
@@ -189,9 +213,7 @@ def ensure_index_cache(store, image) -> str:
         return path
     index = LowerIndex.from_tree(store.merged_tree(image), frozenset(store.compressed_objects(image.layers)))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    legacy = store.layout.fscache_entry(image.id)  # format 2 had no suffix
-    if os.path.exists(legacy):
-        os.unlink(legacy)
+    drop_other_formats(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:
         f.write(index.dump())

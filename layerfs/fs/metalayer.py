@@ -45,7 +45,7 @@ from layerfs.fs.erofs import Node, write_image
 from layerfs.store.layout import StoreLayout
 from layerfs.store.overlay_xattrs import escape_overlay_xattr
 
-FORMAT = 1
+FORMAT = 2  # 2: a hardlink's nlink counts the names upper layers cover
 SUFFIX = ".erofs"
 
 
@@ -69,7 +69,7 @@ def ensure_metalayer(store, image, rebuild: bool = False) -> str:
     path = cache_path(store.root, image)
     if os.path.exists(path) and not rebuild:
         return path
-    from layerfs.fs.index import ensure_index_cache, read_index_cache
+    from layerfs.fs.index import drop_other_formats, ensure_index_cache, read_index_cache
 
     with store.writing():
         index = read_index_cache(store.root, image.id, ensure_index_cache(store, image))
@@ -81,6 +81,7 @@ def ensure_metalayer(store, image, rebuild: bool = False) -> str:
             syncfs(store.objects.root)
         data = write_image(nodes, bytes.fromhex(image.chain_key)[:16])
         _publish(store.tmp_dir, path, data)
+        drop_other_formats(path, SUFFIX)
     return path
 
 
@@ -133,7 +134,7 @@ def nodes_from_index(index) -> tuple[list[Node], dict[str, str]]:
             node_of[slot] = node_of[lead]
     nodes: list[Node] = []
     files: dict[str, str] = {}
-    meta, kids, parent, paths, groups = index.meta, index.kids, index.parent, index.paths, index.groups
+    meta, kids, parent, paths = index.meta, index.kids, index.parent, index.paths
     nsubdirs = index.nsubdirs
     append = nodes.append
     for slot in range(n):
@@ -153,7 +154,7 @@ def nodes_from_index(index) -> tuple[list[Node], dict[str, str]]:
                                   "which kernel overlayfs would take for a whiteout and hide; use "
                                   "--backend fuse for this image")
             node = Node(st_mode, uid, gid, mtime_ns, rdev=rdev, target=target, xattrs=xa,
-                        nlink=len(groups[slot]) if slot in groups else 1)
+                        nlink=index.nlink(slot))
             if fmt == stat.S_IFREG and size:
                 if digest not in files:
                     files[digest] = _LazyPath(paths, slot)

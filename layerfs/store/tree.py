@@ -21,12 +21,15 @@ class MergedTree:
 
     ``links`` maps a path to its hardlink-group key (layer index, first
     path) so exporters can recreate the group; paths absent from it are
-    single links.
+    single links. ``link_counts`` is each group's size in its own layer,
+    covered members included: overlayfs shows a lower file's nlink as its
+    layer has it, even where an upper layer hides some of its names.
     """
 
     entries: dict[str, Entry] = field(default_factory=dict)
     children: dict[str, set[str]] = field(default_factory=dict)
     links: dict[str, tuple[int, str]] = field(default_factory=dict)
+    link_counts: dict[tuple[int, str], int] = field(default_factory=dict)
 
     def remove_subtree(self, path: str) -> None:
         # A loop, not recursion: a layer may nest thousands of dirs.
@@ -95,8 +98,10 @@ def apply_layer(tree: MergedTree, index: int, entries: list[Entry]) -> None:
         if e.kind == mf.HARDLINK:
             holder = files[e.target]
             tree.put(replace(holder, path=e.path))
-            tree.links[e.path] = (index, e.target)
-            tree.links.setdefault(e.target, (index, e.target))
+            key = (index, e.target)
+            tree.links[e.path] = key
+            tree.links.setdefault(e.target, key)
+            tree.link_counts[key] = tree.link_counts.get(key, 1) + 1
             continue
         tree.put(replace(e, opaque=False) if e.opaque else e)
 

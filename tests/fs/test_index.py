@@ -43,11 +43,29 @@ def test_slots_inodes_and_links():
     assert e.kind == mf.FILE and e.path == "a/f" and e.size == 3
 
 
+def test_a_covered_link_still_counts():
+    """As overlayfs shows a lower file: nlink is its layer's link count,
+    names a later layer hides or replaces included."""
+    base = [Entry("", mf.DIR, 0o755), Entry("h1", mf.FILE, 0o644, size=1, digest="d" * 64),
+            Entry("h2", mf.HARDLINK, target="h1"), Entry("h3", mf.HARDLINK, target="h1"),
+            Entry("s1", mf.FILE, 0o644, size=1, digest="e" * 64), Entry("s2", mf.HARDLINK, target="s1")]
+    top = [Entry("", mf.DIR, 0o755), Entry("h1", mf.FILE, 0o600, size=0, digest=mf.layer_id(b"")),
+           Entry("s2", mf.WHITEOUT)]
+    idx = LowerIndex.from_tree(flatten([base, top]))
+    h1, h2, h3, s1 = (idx.child(0, n) for n in (b"h1", b"h2", b"h3", b"s1"))
+    assert idx.nlink(h1) == 1 and idx.group(h2) == [h2, h3]
+    assert idx.nlink(h2) == idx.nlink(h3) == 3
+    assert idx.nlink(s1) == 2 and idx.group(s1) == [s1]  # the only name left
+    again = LowerIndex.load(idx.dump())
+    assert [again.nlink(s) for s in (h1, h2, h3, s1)] == [1, 3, 3, 2]
+
+
 def test_cache_round_trip():
     idx = _index()
     again = LowerIndex.load(idx.dump())
     assert again.paths == idx.paths and again.meta == idx.meta and again.kids == idx.kids
     assert list(again.parent) == list(idx.parent) and again.groups == idx.groups
+    assert again.link_counts == idx.link_counts
 
 
 def test_inode_table_lookup_counts_and_forget():
