@@ -258,6 +258,12 @@ class FileIO:
             self.chunk_reads.follow(oc, sequential)
         return True
 
+    def follow_copy_up(self, node) -> None:
+        """Move the handles of *node* opened while it was lower to its copy."""
+        for h in self.handles.values():
+            if h.node is node and h.kind != "upper":
+                self._switch_to_upper(h)
+
     def _switch_to_upper(self, h: Handle) -> None:
         """A lower handle whose node was copied up since reads the copy, as
         overlayfs's stacked file operations do."""

@@ -133,7 +133,7 @@ class Node:
     """State of one inode that is not (or no longer) plain lower."""
 
     __slots__ = ("ino", "parent", "name", "fmt", "lower", "upper", "children", "nsubdirs",
-                 "links", "opens", "unlinked", "nocaps")
+                 "links", "opens", "unlinked", "nocaps", "gone")
 
     def __init__(self, ino: int, parent: int, name: bytes, fmt: int, lower: int, upper: bool) -> None:
         self.ino = ino
@@ -150,6 +150,7 @@ class Node:
         self.opens = 0                # open file handles
         self.unlinked = False
         self.nocaps = False           # made by this mount, no security.capability set since
+        self.gone: Attr | None = None  # a removed dir's last attrs (fstat of an fd still open on it)
 
     @property
     def is_dir(self) -> bool:

@@ -188,6 +188,7 @@ class NameOps:
             kids = self.children(d)
             rel = _join(self.path(d), name)
             whiteout = self.lower_has(d, name)
+            self._before_last_name_goes(node)
             if node.upper:
                 if want_dir:
                     self.upper.clear_whiteouts(rel)
@@ -204,6 +205,21 @@ class NameOps:
                 d.nsubdirs -= 1
             node.drop_link(d.ino, name)
             self.table.maybe_drop(ino)
+
+    def _before_last_name_goes(self, node: Node) -> None:
+        """Keep what a file still open on *node* needs once the name about
+        to go is its last: a dir's last attrs, no links (no upper dir is
+        left to ask; fstat shows them, as on any fs), and a copied-up
+        file's handles opened while it was lower moved to the copy now
+        (after this it cannot be opened by name; overlayfs's readers
+        follow a copy-up the same way)."""
+        if node.links:
+            return
+        if node.is_dir:
+            if node.upper:
+                node.gone = self.attr(node.ino)._replace(nlink=0)
+        elif node.upper and node.opens:
+            self.follow_copy_up(node)
 
     async def _prepare_move(self, node: Node) -> None:
         if node.is_dir:
@@ -259,6 +275,7 @@ class NameOps:
                 return
             need_whiteout = self.lower_has(od, oname)
             if t is not None:
+                self._before_last_name_goes(t)
                 if t.is_dir and t.upper:
                     self.upper.clear_whiteouts(nrel)
                 self.upper.rename(orel, nrel)

@@ -244,6 +244,8 @@ class Union(FileIO, NameOps):
             if not 0 < ino <= self.nslots:
                 raise _err(errno.ESTALE)
             return self.lower_attr(ino - 1)
+        if node.gone is not None and node.unlinked:
+            return node.gone
         if not node.upper:
             return self.lower_attr(node.lower)
         st = self._stat(node)

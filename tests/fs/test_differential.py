@@ -41,11 +41,16 @@ PATHS = ["a", "a/f1", "a/sub", "a/sub/g", "a/sub/k", "a/hl3", "b", "b/h", "b/big
          "many/f3", "top", "n1", "a/n2", "b/n3", "d/n4", "a/sub/n5", "nd", "nd/x", "c/x"]
 
 
-def apply(root: str, op: tuple):
-    """Run one operation under *root*; returns ("ok", value) or ("err", errno)."""
+def apply(root: str, op: tuple, held: dict | None = None):
+    """Run one operation under *root*; returns ("ok", value) or ("err", errno).
+    *held* keeps the files a "hold" opened (slot: fd) for the fd* operations,
+    which act on an open file while other operations copy it up, rename or
+    remove it (the caller closes them)."""
     kind, *args = op
     p = lambda rel: os.path.join(root, rel)  # noqa: E731
     try:
+        if kind.startswith("fd") or kind == "hold":
+            return _apply_held(p, kind, args, {} if held is None else held)
         if kind == "write":
             rel, data, how, off = args
             flags = {"w": os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
@@ -123,6 +128,31 @@ def apply(root: str, op: tuple):
         return ("err", errno.errorcode.get(exc.errno, exc.errno))
 
 
+def _apply_held(p, kind: str, args: list, held: dict):
+    if kind == "hold":
+        slot, rel, how = args
+        if slot in held:
+            os.close(held.pop(slot))
+        flags = os.O_RDONLY if how == "r" else os.O_RDWR
+        held[slot] = os.open(p(rel), flags | os.O_NONBLOCK)
+        return ("ok", None)
+    fd = held.get(args[0])
+    if fd is None:
+        return ("ok", "not held")
+    if kind == "fdread":
+        return ("ok", os.pread(fd, 1 << 16, 0))
+    if kind == "fdwrite":
+        return ("ok", os.pwrite(fd, args[1], args[2]))
+    if kind == "fdtruncate":
+        os.ftruncate(fd, args[1])
+        return ("ok", None)
+    if kind == "fdstat":
+        s = os.fstat(fd)
+        return ("ok", (stat.S_IFMT(s.st_mode), stat.S_IMODE(s.st_mode), s.st_uid, s.st_gid,
+                       0 if stat.S_ISDIR(s.st_mode) else s.st_size, 0 if stat.S_ISDIR(s.st_mode) else s.st_nlink))
+    raise AssertionError(kind)
+
+
 def normalized(root: str, since_ns: int) -> dict:
     out = {}
     for path, fields in describe(root).items():
@@ -185,10 +215,16 @@ def run_both(env: dict, ops: list[tuple], backend: str = "fuse") -> None:
                                 backend) as km, \
                     layerfs_mount(env["root"], image, os.path.join(work, "lm"), upper=lupper, backend=backend) as h:
                 lm = h.mountpoint
-                for op in seg:
-                    want, got = apply(km, op), apply(lm, op)
-                    assert got == want, f"op {done} {op!r}: kernel {want!r}, layerfs {got!r}"
-                    done += 1
+                kheld: dict[int, int] = {}
+                lheld: dict[int, int] = {}
+                try:
+                    for op in seg:
+                        want, got = apply(km, op, kheld), apply(lm, op, lheld)
+                        assert got == want, f"op {done} {op!r}: kernel {want!r}, layerfs {got!r}"
+                        done += 1
+                finally:
+                    for fd in [*kheld.values(), *lheld.values()]:
+                        os.close(fd)
                 want, got = normalized(km, since), normalized(lm, since)
                 assert sorted(got) == sorted(want), f"after op {done}"
                 for path in want:
@@ -269,6 +305,26 @@ def test_remount_sequence(env, backend):
     run_both(env, REMOUNT_SCRIPT, backend)
 
 
+# Open files while other operations copy them up, change, move and remove them.
+HELD_SCRIPT = [
+    ("hold", 0, "a/f1", "r"), ("fdread", 0), ("write", "a/f1", b"more", "a", 0), ("fdread", 0), ("fdstat", 0),
+    ("hold", 1, "hl1", "rw"), ("fdwrite", 1, b"HL", 0), ("read", "a/hl3"), ("fdstat", 1), ("stat", "hl2"),
+    ("unlink", "a/f1"), ("fdread", 0), ("fdstat", 0), ("rename", "hl1", "moved", 0), ("fdwrite", 1, b"z", 9),
+    ("read", "moved"), ("hold", 0, "b/big", "r"), ("truncate", "b/big", 5), ("fdread", 0), ("fdstat", 0),
+    ("hold", 0, "b/h", "rw"), ("fdtruncate", 0, 2), ("read", "b/h"), ("rename", "b", "c", RENAME_EXCHANGE),
+    ("fdwrite", 0, b"x", 5000), ("fdstat", 0), ("read", "c/h"), ("hold", 1, "d", "r"), ("fdread", 1),
+    ("fdstat", 1), ("rmtree", "d"), ("fdstat", 1),
+    # copied up and removed between two reads of a file held open since it was lower
+    ("hold", 0, "top", "r"), ("write", "top", b"new", "a", 0), ("unlink", "top"), ("fdstat", 0), ("fdread", 0),
+    ("hold", 1, "a/sub/g", "r"), ("fdread", 1), ("chmod", "a/sub/g", 0o600), ("rename", "a/sub/g", "gg", 0),
+    ("write", "gg", b"!", "a", 0), ("unlink", "gg"), ("fdread", 1), ("fdstat", 1),
+]
+
+
+def test_open_files_sequence(env, backend):
+    run_both(env, HELD_SCRIPT, backend)
+
+
 # A hardlink group that a later layer covers in part: overlayfs shows the
 # lower file's nlink as its own layer has it, covered names included.
 # (Hypothesis found the first: the kernel backend said 2 where overlay said 3.)
@@ -310,6 +366,13 @@ _ops = st.one_of(
     st.tuples(st.just("stat"), _path),
     st.tuples(st.just("rmtree"), _path),
     st.tuples(st.just("remount"), st.booleans()),
+    # an open file across the operations above
+    st.tuples(st.just("hold"), st.sampled_from([0, 1]), _path, st.sampled_from(["r", "rw"])),
+    st.tuples(st.just("fdread"), st.sampled_from([0, 1])),
+    st.tuples(st.just("fdwrite"), st.sampled_from([0, 1]), st.binary(min_size=1, max_size=20),
+              st.sampled_from([0, 3, 5000])),
+    st.tuples(st.just("fdtruncate"), st.sampled_from([0, 1]), st.sampled_from([0, 2, 7000])),
+    st.tuples(st.just("fdstat"), st.sampled_from([0, 1])),
 )
 
 
