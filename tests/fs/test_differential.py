@@ -38,7 +38,8 @@ pytestmark = [needs_fuse, pytest.mark.fuse, pytest.mark.root]
 
 PATHS = ["a", "a/f1", "a/sub", "a/sub/g", "a/sub/k", "a/hl3", "b", "b/h", "b/big", "c", "d", "d/new",
          "e", "e/e2", "hl1", "hl2", "link1", "dangling", "fifo1", "xf", "sticky", "suid", "many",
-         "many/f3", "top", "n1", "a/n2", "b/n3", "d/n4", "a/sub/n5", "nd", "nd/x", "c/x"]
+         "many/f3", "top", "n1", "a/n2", "b/n3", "d/n4", "a/sub/n5", "nd", "nd/x", "c/x",
+         "N" * 255, "a/sub/" + "é" * 127, "d/" + "L" * 255 + "/x"]  # names at NAME_MAX (255 bytes)
 
 
 def apply(root: str, op: tuple, held: dict | None = None):
