@@ -1,6 +1,6 @@
 """What pyproject.toml cannot say: the two C parts. The ``layerfs``
 command, built from bin/layerfs.c beside the Python command
-(bin/layerfs-py), and the extension ``layerfs.fs._dircache``.
+(bin/layerfs-py), and the extension ``layerfs.fs._lowlevel``.
 
 setuptools has no way to build a program rather than a Python extension,
 so the step that installs scripts (into a wheel, or an editable install)
@@ -34,6 +34,6 @@ setup(
     cmdclass={"install_scripts": InstallScripts},
     # Lets the kernel cache directory listings (see the file). Optional: where
     # libfuse3's headers are missing the daemon answers OPENDIR itself.
-    ext_modules=[Extension("layerfs.fs._dircache", ["layerfs/fs/_dircache.c"], libraries=["fuse3"],
+    ext_modules=[Extension("layerfs.fs._lowlevel", ["layerfs/fs/_lowlevel.c"], libraries=["fuse3"],
                            optional=True)],
 )

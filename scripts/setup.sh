@@ -41,7 +41,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.installed-$what
-newer() { for f in pyproject.toml setup.py layerfs/fs/_dircache.c bin/layerfs.c; do [ "$f" -nt "$stamp" ] && return 0; done; return 1; }
+newer() { for f in pyproject.toml setup.py layerfs/fs/_lowlevel.c bin/layerfs.c; do [ "$f" -nt "$stamp" ] && return 0; done; return 1; }
 if [ ! -f "$stamp" ] || newer; then
   extra=""
   [ "$what" = test ] && extra="[test]"

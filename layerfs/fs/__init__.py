@@ -15,8 +15,9 @@ Modules, bottom up:
 * ``verify`` -- whole-object verification of big objects (mapped under a
   read lease; on every core only in the detached daemon);
 * ``ops``    -- the thin pyfuse3.Operations adapter (one error decorator);
-* ``dircache`` -- with the C module ``_dircache``: OPENDIR answered
-  ENOSYS so that the kernel caches listings, READDIR given its inode;
+* ``lowlevel`` -- with the C module ``_lowlevel``, what pyfuse3 cannot
+  do: OPENDIR answered ENOSYS so that the kernel caches listings (READDIR
+  given its inode), and FALLOCATE passed on to the upper file;
 * ``mount``  -- ``mount_image`` (the API the CLI, runtime and builder
   use): resolve the image, pick the backend, hand a forked daemon its job;
 * ``daemon`` -- the FUSE daemon process: forked early, serves the union

@@ -106,9 +106,9 @@ def _import_pyfuse3() -> None:
     """
     import sys
 
-    from layerfs.fs import dircache
+    from layerfs.fs import lowlevel
 
-    dircache.load()  # before pyfuse3: it must bind to the module's fuse_session_new
+    lowlevel.load()  # before pyfuse3: it must bind to the module's fuse_session_new
     if "pyfuse3" in sys.modules or "importlib.metadata" in sys.modules:
         import pyfuse3  # noqa: F401
         return
@@ -139,7 +139,7 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
     import pyfuse3
     import trio
 
-    from layerfs.fs import dircache
+    from layerfs.fs import lowlevel
     from layerfs.fs.index import read_index_cache
     from layerfs.fs.ops import Operations
     from layerfs.fs.union import Union
@@ -198,9 +198,10 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             options.add("debug")
         owner_fd = mountproc.open_owner(params)
         operations = Operations(union)
-        dircache.prepare()
+        lowlevel.prepare(union.fallocate_fd)
         pyfuse3.init(operations, mp, options)
-        log.info("directory listings cached by the kernel: %s", dircache.kernel_caches_listings())
+        log.info("directory listings cached by the kernel: %s; fallocate answered: %s",
+                 lowlevel.kernel_caches_listings(), lowlevel.answers_fallocate())
         if os.environ.get("LAYERFS_FUSE_LOOP") != "stock":  # developer aid: A/B against pyfuse3's own loop
             from layerfs.fs import loop
 

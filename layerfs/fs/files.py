@@ -407,6 +407,15 @@ class FileIO:
         if h is not None and h.kind == "upper":
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
 
+    def fallocate_fd(self, fh: int) -> int:
+        """For FALLOCATE (``fs.lowlevel``): the upper file's descriptor of
+        *fh*, or -errno. The kernel sends it only for a file open for
+        writing, which is in the upper dir since its open."""
+        h = self.handles.get(fh)
+        if h is None or h.kind != "upper":
+            return -errno.EBADF
+        return h.fd
+
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is None:

@@ -405,7 +405,7 @@ class Union(FileIO, NameOps):
 
     # -- directories ------------------------------------------------------------
     # Reads of a directory are not tied to an open handle: the kernel may
-    # read a listing with no OPENDIR before it (fs/dircache.py), and caches
+    # read a listing with no OPENDIR before it (fs/lowlevel.py), and caches
     # what it read by offset. An entry's offset is its own for as long as
     # it exists (inodes.Children), so any reader may go on from any offset.
     def opendir(self, ino: int) -> int:

@@ -15,6 +15,7 @@ uppers on disk and on a tmpfs.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -76,7 +77,13 @@ def apply(root: str, op: tuple, held: dict | None = None):
                 return ("ok", b"".join(chunks))
             finally:
                 os.close(fd)
-        if kind == "truncate":
+        if kind == "fallocate":
+            fd = os.open(p(args[0]), os.O_RDWR | os.O_NONBLOCK)
+            try:
+                _fallocate(fd, *args[1:])
+            finally:
+                os.close(fd)
+        elif kind == "truncate":
             os.truncate(p(args[0]), args[1])
         elif kind == "mkdir":
             os.mkdir(p(args[0]), args[1])
@@ -129,6 +136,17 @@ def apply(root: str, op: tuple, held: dict | None = None):
         return ("err", errno.errorcode.get(exc.errno, exc.errno))
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_MODES = [0, 1, 3, 0x10]  # plain, KEEP_SIZE, PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE
+
+
+def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, off, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
 def _apply_held(p, kind: str, args: list, held: dict):
     if kind == "hold":
         slot, rel, how = args
@@ -144,6 +162,9 @@ def _apply_held(p, kind: str, args: list, held: dict):
         return ("ok", os.pread(fd, 1 << 16, 0))
     if kind == "fdwrite":
         return ("ok", os.pwrite(fd, args[1], args[2]))
+    if kind == "fdfallocate":
+        _fallocate(fd, *args[1:])
+        return ("ok", None)
     if kind == "fdtruncate":
         os.ftruncate(fd, args[1])
         return ("ok", None)
@@ -315,6 +336,11 @@ HELD_SCRIPT = [
     ("hold", 0, "b/h", "rw"), ("fdtruncate", 0, 2), ("read", "b/h"), ("rename", "b", "c", RENAME_EXCHANGE),
     ("fdwrite", 0, b"x", 5000), ("fdstat", 0), ("read", "c/h"), ("hold", 1, "d", "r"), ("fdread", 1),
     ("fdstat", 1), ("rmtree", "d"), ("fdstat", 1),
+    # fallocate, every mode FUSE passes on, on a lower file (copied up first) and an open one
+    ("fallocate", "b/h", 0, 0, 9000), ("read", "b/h"), ("fallocate", "a/sub/k", 3, 1, 2), ("read", "a/sub/k"),
+    ("fallocate", "xf", 0x10, 0, 3), ("read", "xf"), ("fallocate", "suid", 1, 0, 8192), ("stat", "suid"),
+    ("hold", 1, "n1", "rw"), ("fdfallocate", 1, 0, 4096, 9000), ("fdstat", 1), ("fdread", 1),
+    ("hold", 0, "many/f3", "r"), ("fdfallocate", 0, 0, 0, 10), ("fallocate", "a", 0, 0, 1),
     # copied up and removed between two reads of a file held open since it was lower
     ("hold", 0, "top", "r"), ("write", "top", b"new", "a", 0), ("unlink", "top"), ("fdstat", 0), ("fdread", 0),
     ("hold", 1, "a/sub/g", "r"), ("fdread", 1), ("chmod", "a/sub/g", 0o600), ("rename", "a/sub/g", "gg", 0),
@@ -373,6 +399,10 @@ _ops = st.one_of(
     st.tuples(st.just("fdwrite"), st.sampled_from([0, 1]), st.binary(min_size=1, max_size=20),
               st.sampled_from([0, 3, 5000])),
     st.tuples(st.just("fdtruncate"), st.sampled_from([0, 1]), st.sampled_from([0, 2, 7000])),
+    st.tuples(st.just("fdfallocate"), st.sampled_from([0, 1]), st.sampled_from(FALLOC_MODES),
+              st.sampled_from([0, 2, 4096]), st.sampled_from([1, 3, 9000])),
+    st.tuples(st.just("fallocate"), _path, st.sampled_from(FALLOC_MODES), st.sampled_from([0, 2, 4096]),
+              st.sampled_from([1, 3, 9000])),
     st.tuples(st.just("fdstat"), st.sampled_from([0, 1])),
 )
 

@@ -1,5 +1,5 @@
 """Directory listings through a real mount, with the kernel caching them
-(fs/dircache.py: OPENDIR answered ENOSYS, READDIR by inode) and without
+(fs/lowlevel.py: OPENDIR answered ENOSYS, READDIR by inode) and without
 (``LAYERFS_DIR_CACHE=off``: the daemon opens directories itself)."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _cached(handle) -> bool:
     with open(handle.log) as f:
         lines = [line for line in f if f" {handle.pid} " in line and "directory listings cached" in line]
     assert lines, "the daemon did not say whether the kernel caches listings"
-    return lines[-1].rstrip().endswith("True")
+    return "listings cached by the kernel: True" in lines[-1]
 
 
 def _walk(top: str) -> dict[str, list[str]]:

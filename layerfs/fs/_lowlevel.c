@@ -1,0 +1,178 @@
+/*
+ * What pyfuse3 (3.5) cannot do, done at libfuse's low level:
+ *
+ * - Let the kernel cache directory listings. The kernel keeps a
+ *   directory's readdir results in its page cache only when OPENDIR answers
+ *   with FOPEN_CACHE_DIR, and pyfuse3 has no way to set that flag. A
+ *   filesystem that answers OPENDIR with ENOSYS gets the same cache (Linux
+ *   5.1+, "fuse: cache readdir calls if filesystem opts out of opendir")
+ *   and no OPENDIR or RELEASEDIR request again; every READDIR then carries
+ *   file handle 0, and pyfuse3's readdir handler is not told the inode. So
+ *   OPENDIR is answered ENOSYS here, and READDIRPLUS reaches pyfuse3 with
+ *   the directory's inode number as its file handle.
+ *
+ * - Answer FALLOCATE, which pyfuse3 has no handler for (the kernel would
+ *   tell every caller EOPNOTSUPP, where overlayfs passes the call on to the
+ *   upper file). The daemon registers a callable that maps a file handle
+ *   to the upper file's descriptor (or -errno); fallocate(2) runs on that
+ *   descriptor here, with the GIL released.
+ *
+ * Both by defining fuse_session_new: loaded with RTLD_GLOBAL before
+ * pyfuse3 (fs/lowlevel.py), this definition is the one pyfuse3's call
+ * binds to; it copies pyfuse3's handler table, swaps the handlers and
+ * calls libfuse's fuse_session_new with the copy. If pyfuse3 was loaded
+ * first, or calls libfuse by another name, nothing is swapped and
+ * hooked() says so: the daemon then opens directories itself, and
+ * FALLOCATE stays unsupported.
+ */
+#define _GNU_SOURCE
+#define FUSE_USE_VERSION 31
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <string.h>
+
+#include <fuse3/fuse_lowlevel.h>
+
+typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
+                                               size_t, void *);
+typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+
+static int cache_listings = 1;  /* set_cache_listings(): swap the listing handlers in the next sessions */
+static int listings_hooked;     /* the last session was made with the listing handlers swapped */
+static int fallocate_hooked;    /* ... with FALLOCATE answered here */
+static readdir_fn pyfuse3_readdirplus;
+static PyObject *fallocate_fd;  /* fh -> fd of the upper file, or -errno (set_fallocate) */
+static struct fuse_lowlevel_ops swapped;  /* libfuse copies it; kept for its lifetime anyway */
+
+static void opendir_unsupported(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino;
+    (void)fi;
+    fuse_reply_err(req, ENOSYS);
+}
+
+static void readdirplus_by_inode(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                                 struct fuse_file_info *fi)
+{
+    fi->fh = ino;
+    pyfuse3_readdirplus(req, ino, size, off, fi);
+}
+
+/* The upper file's descriptor for *fh*, or -errno; an exception in the
+ * callable is reported (the daemon's log) and taken for EIO. */
+static long upper_fd(uint64_t fh)
+{
+    if (fallocate_fd == NULL)
+        return -EOPNOTSUPP;
+    PyObject *got = PyObject_CallFunction(fallocate_fd, "K", (unsigned long long)fh);
+    long fd = got == NULL ? -1 : PyLong_AsLong(got);
+    Py_XDECREF(got);
+    if (PyErr_Occurred()) {
+        PyErr_WriteUnraisable(fallocate_fd);
+        return -EIO;
+    }
+    return fd;
+}
+
+static void fallocate_upper(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length,
+                            struct fuse_file_info *fi)
+{
+    (void)ino;
+    int err = 0;
+    /* pyfuse3 calls handlers with the GIL held; Ensure is cheap then */
+    PyGILState_STATE gil = PyGILState_Ensure();
+    long fd = upper_fd(fi->fh);
+    if (fd < 0) {
+        err = (int)-fd;
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        if (fallocate((int)fd, mode, off, length) != 0)
+            err = errno;
+        Py_END_ALLOW_THREADS
+    }
+    PyGILState_Release(gil);
+    fuse_reply_err(req, err);
+}
+
+struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                      size_t op_size, void *userdata)
+{
+    static session_new_fn libfuse_session_new;
+
+    if (libfuse_session_new == NULL)
+        libfuse_session_new = (session_new_fn)dlsym(RTLD_NEXT, "fuse_session_new");
+    if (libfuse_session_new == NULL)
+        return NULL;
+    listings_hooked = fallocate_hooked = 0;
+    /* A table from newer headers than ours is passed on untouched. */
+    if (op == NULL || op_size != sizeof swapped || op->readdirplus == NULL)
+        return libfuse_session_new(args, op, op_size, userdata);
+    memcpy(&swapped, op, sizeof swapped);
+    if (cache_listings) {
+        pyfuse3_readdirplus = op->readdirplus;
+        swapped.opendir = opendir_unsupported;
+        swapped.readdirplus = readdirplus_by_inode;
+        swapped.releasedir = NULL;
+        listings_hooked = 1;
+    }
+    if (swapped.fallocate == NULL) {
+        swapped.fallocate = fallocate_upper;
+        fallocate_hooked = 1;
+    }
+    return libfuse_session_new(args, &swapped, op_size, userdata);
+}
+
+static PyObject *py_hooked(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return Py_BuildValue("(OO)", listings_hooked ? Py_True : Py_False, fallocate_hooked ? Py_True : Py_False);
+}
+
+static PyObject *py_set_cache_listings(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    cache_listings = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_set_fallocate(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (arg != Py_None && !PyCallable_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "set_fallocate takes a callable or None");
+        return NULL;
+    }
+    Py_XDECREF(fallocate_fd);
+    fallocate_fd = arg == Py_None ? NULL : Py_NewRef(arg);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"hooked", py_hooked, METH_NOARGS,
+     "(listings cached by the kernel, FALLOCATE answered) for the last FUSE session made."},
+    {"set_cache_listings", py_set_cache_listings, METH_O,
+     "Answer OPENDIR ENOSYS and pass readdir the inode as its file handle, in sessions made from now on "
+     "(default: yes)."},
+    {"set_fallocate", py_set_fallocate, METH_O,
+     "The callable FALLOCATE asks for a file handle's upper file descriptor (or -errno); None: EOPNOTSUPP."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_lowlevel", "pyfuse3 sessions with what pyfuse3 cannot do done at libfuse's level.",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__lowlevel(void)
+{
+    return PyModule_Create(&module);
+}
