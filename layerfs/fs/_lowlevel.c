@@ -17,13 +17,17 @@
  *   to the upper file's descriptor (or -errno); fallocate(2) runs on that
  *   descriptor here, with the GIL released.
  *
- * Both by defining fuse_session_new: loaded with RTLD_GLOBAL before
+ * - Answer LSEEK for SEEK_DATA and SEEK_HOLE, which pyfuse3 has no handler
+ *   for either (the kernel would call every file all data, where overlayfs
+ *   shows the holes of the file below): another callable gives the answer.
+ *
+ * All by defining fuse_session_new: loaded with RTLD_GLOBAL before
  * pyfuse3 (fs/lowlevel.py), this definition is the one pyfuse3's call
  * binds to; it copies pyfuse3's handler table, swaps the handlers and
  * calls libfuse's fuse_session_new with the copy. If pyfuse3 was loaded
  * first, or calls libfuse by another name, nothing is swapped and
- * hooked() says so: the daemon then opens directories itself, and
- * FALLOCATE stays unsupported.
+ * hooked() says so: the daemon then opens directories itself, FALLOCATE
+ * stays unsupported and every file reads as all data.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 31
@@ -33,6 +37,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <stdarg.h>
 #include <stddef.h>
 #include <string.h>
 
@@ -44,9 +49,10 @@ typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_fi
 
 static int cache_listings = 1;  /* set_cache_listings(): swap the listing handlers in the next sessions */
 static int listings_hooked;     /* the last session was made with the listing handlers swapped */
-static int fallocate_hooked;    /* ... with FALLOCATE answered here */
+static int file_ops_hooked;     /* ... with FALLOCATE and LSEEK answered here */
 static readdir_fn pyfuse3_readdirplus;
-static PyObject *fallocate_fd;  /* fh -> fd of the upper file, or -errno (set_fallocate) */
+static PyObject *fallocate_fd;  /* fh -> fd of the upper file, or -errno (set_file_ops) */
+static PyObject *seek_data;     /* (fh, offset, whence) -> offset, or -errno (set_file_ops) */
 static struct fuse_lowlevel_ops swapped;  /* libfuse copies it; kept for its lifetime anyway */
 
 static void opendir_unsupported(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -63,20 +69,25 @@ static void readdirplus_by_inode(fuse_req_t req, fuse_ino_t ino, size_t size, of
     pyfuse3_readdirplus(req, ino, size, off, fi);
 }
 
-/* The upper file's descriptor for *fh*, or -errno; an exception in the
- * callable is reported (the daemon's log) and taken for EIO. */
-static long upper_fd(uint64_t fh)
+/* What *fn* returns for the arguments (a number, or -errno); an exception
+ * is reported (the daemon's log) and taken for EIO. Called with the GIL. */
+static long long ask(PyObject *fn, const char *format, ...)
 {
-    if (fallocate_fd == NULL)
+    if (fn == NULL)
         return -EOPNOTSUPP;
-    PyObject *got = PyObject_CallFunction(fallocate_fd, "K", (unsigned long long)fh);
-    long fd = got == NULL ? -1 : PyLong_AsLong(got);
+    va_list va;
+    va_start(va, format);
+    PyObject *args = Py_VaBuildValue(format, va);
+    va_end(va);
+    PyObject *got = args == NULL ? NULL : PyObject_CallObject(fn, args);
+    long long n = got == NULL ? -1 : PyLong_AsLongLong(got);
+    Py_XDECREF(args);
     Py_XDECREF(got);
     if (PyErr_Occurred()) {
-        PyErr_WriteUnraisable(fallocate_fd);
+        PyErr_WriteUnraisable(fn);
         return -EIO;
     }
-    return fd;
+    return n;
 }
 
 static void fallocate_upper(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length,
@@ -86,7 +97,7 @@ static void fallocate_upper(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
     int err = 0;
     /* pyfuse3 calls handlers with the GIL held; Ensure is cheap then */
     PyGILState_STATE gil = PyGILState_Ensure();
-    long fd = upper_fd(fi->fh);
+    long long fd = ask(fallocate_fd, "(K)", (unsigned long long)fi->fh);
     if (fd < 0) {
         err = (int)-fd;
     } else {
@@ -99,6 +110,18 @@ static void fallocate_upper(fuse_req_t req, fuse_ino_t ino, int mode, off_t off,
     fuse_reply_err(req, err);
 }
 
+static void lseek_data(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
+{
+    (void)ino;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    long long got = ask(seek_data, "(KLi)", (unsigned long long)fi->fh, (long long)off, whence);
+    PyGILState_Release(gil);
+    if (got < 0)
+        fuse_reply_err(req, (int)-got);
+    else
+        fuse_reply_lseek(req, (off_t)got);
+}
+
 struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata)
 {
@@ -108,7 +131,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         libfuse_session_new = (session_new_fn)dlsym(RTLD_NEXT, "fuse_session_new");
     if (libfuse_session_new == NULL)
         return NULL;
-    listings_hooked = fallocate_hooked = 0;
+    listings_hooked = file_ops_hooked = 0;
     /* A table from newer headers than ours is passed on untouched. */
     if (op == NULL || op_size != sizeof swapped || op->readdirplus == NULL)
         return libfuse_session_new(args, op, op_size, userdata);
@@ -120,9 +143,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         swapped.releasedir = NULL;
         listings_hooked = 1;
     }
-    if (swapped.fallocate == NULL) {
+    if (swapped.fallocate == NULL && swapped.lseek == NULL) {
         swapped.fallocate = fallocate_upper;
-        fallocate_hooked = 1;
+        swapped.lseek = lseek_data;
+        file_ops_hooked = 1;
     }
     return libfuse_session_new(args, &swapped, op_size, userdata);
 }
@@ -131,7 +155,7 @@ static PyObject *py_hooked(PyObject *self, PyObject *unused)
 {
     (void)self;
     (void)unused;
-    return Py_BuildValue("(OO)", listings_hooked ? Py_True : Py_False, fallocate_hooked ? Py_True : Py_False);
+    return Py_BuildValue("(OO)", listings_hooked ? Py_True : Py_False, file_ops_hooked ? Py_True : Py_False);
 }
 
 static PyObject *py_set_cache_listings(PyObject *self, PyObject *arg)
@@ -144,26 +168,30 @@ static PyObject *py_set_cache_listings(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
-static PyObject *py_set_fallocate(PyObject *self, PyObject *arg)
+static PyObject *py_set_file_ops(PyObject *self, PyObject *args)
 {
     (void)self;
-    if (arg != Py_None && !PyCallable_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "set_fallocate takes a callable or None");
+    PyObject *fallocate, *lseek;
+    if (!PyArg_ParseTuple(args, "OO", &fallocate, &lseek))
+        return NULL;
+    if (!PyCallable_Check(fallocate) || !PyCallable_Check(lseek)) {
+        PyErr_SetString(PyExc_TypeError, "set_file_ops takes two callables");
         return NULL;
     }
-    Py_XDECREF(fallocate_fd);
-    fallocate_fd = arg == Py_None ? NULL : Py_NewRef(arg);
+    Py_XSETREF(fallocate_fd, Py_NewRef(fallocate));
+    Py_XSETREF(seek_data, Py_NewRef(lseek));
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"hooked", py_hooked, METH_NOARGS,
-     "(listings cached by the kernel, FALLOCATE answered) for the last FUSE session made."},
+     "(listings cached by the kernel, FALLOCATE and LSEEK answered) for the last FUSE session made."},
     {"set_cache_listings", py_set_cache_listings, METH_O,
      "Answer OPENDIR ENOSYS and pass readdir the inode as its file handle, in sessions made from now on "
      "(default: yes)."},
-    {"set_fallocate", py_set_fallocate, METH_O,
-     "The callable FALLOCATE asks for a file handle's upper file descriptor (or -errno); None: EOPNOTSUPP."},
+    {"set_file_ops", py_set_file_ops, METH_VARARGS,
+     "set_file_ops(fallocate_fd, lseek): the callables FALLOCATE asks for a file handle's upper file "
+     "descriptor, and LSEEK for (fh, offset, whence)'s answer (both: or -errno)."},
     {NULL, NULL, 0, NULL},
 };
 

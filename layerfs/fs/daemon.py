@@ -198,10 +198,10 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             options.add("debug")
         owner_fd = mountproc.open_owner(params)
         operations = Operations(union)
-        lowlevel.prepare(union.fallocate_fd)
+        lowlevel.prepare(union.fallocate_fd, union.lseek)
         pyfuse3.init(operations, mp, options)
-        log.info("directory listings cached by the kernel: %s; fallocate answered: %s",
-                 lowlevel.kernel_caches_listings(), lowlevel.answers_fallocate())
+        log.info("directory listings cached by the kernel: %s; fallocate and lseek answered: %s",
+                 lowlevel.kernel_caches_listings(), lowlevel.answers_file_ops())
         if os.environ.get("LAYERFS_FUSE_LOOP") != "stock":  # developer aid: A/B against pyfuse3's own loop
             from layerfs.fs import loop
 

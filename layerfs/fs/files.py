@@ -46,7 +46,7 @@ from collections.abc import Callable
 import blake3
 import trio
 
-from layerfs.errors import Corrupt, NotFound
+from layerfs.errors import Corrupt, LayerfsError, NotFound
 from layerfs.fs import verify
 from layerfs.fs.bigread import ChunkReader
 from layerfs.fs.inodes import Node, Opened
@@ -415,6 +415,28 @@ class FileIO:
         if h is None or h.kind != "upper":
             return -errno.EBADF
         return h.fd
+
+    def lseek(self, fh: int, off: int, whence: int) -> int:
+        """For LSEEK (``fs.lowlevel``; the kernel asks only for SEEK_DATA
+        and SEEK_HOLE): the answer of the file below, or -errno."""
+        h = self.handles.get(fh)
+        if h is None:
+            return -errno.EBADF
+        try:
+            if h.kind != "upper" and h.node.upper:
+                self._switch_to_upper(h)
+            if h.kind == "lazy":
+                self._open_big(h)
+            if h.kind == "mem":  # no fd: small content, no holes kept
+                size = h.size if h.data is None else len(h.data)
+                if off >= size:
+                    return -errno.ENXIO
+                return off if whence == os.SEEK_DATA else size
+            return os.lseek(h.fd, off, whence)
+        except OSError as exc:
+            return -exc.errno
+        except LayerfsError:  # Corrupt: the object is missing
+            return -errno.EIO
 
     def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)

@@ -15,11 +15,14 @@
   -l``, ``posix_fallocate`` without glibc's slow fallback, punching holes,
   zeroing ranges). The module asks :func:`set_fallocate`'s callable for the
   upper file's descriptor and calls fallocate(2) on it.
+* **LSEEK** with SEEK_DATA and SEEK_HOLE, which pyfuse3 cannot answer
+  either: the kernel would take every file for all data, where overlayfs
+  shows the holes of the file below it (``cp --sparse``, ``tar -S``).
 
 How, and why the module must be loaded before pyfuse3, is in
 ``_lowlevel.c``. Without it (not built, or pyfuse3 already imported) the
-daemon answers OPENDIR itself, with the inode as handle, and FALLOCATE is
-unsupported. ``LAYERFS_DIR_CACHE=off`` leaves the listing handlers alone
+daemon answers OPENDIR itself, with the inode as handle, FALLOCATE is
+unsupported and files have no holes. ``LAYERFS_DIR_CACHE=off`` leaves the listing handlers alone
 on purpose: a developer's A/B.
 """
 
@@ -50,13 +53,14 @@ def load() -> None:
     _module = _lowlevel
 
 
-def prepare(fallocate_fd: Callable[[int], int]) -> None:
+def prepare(fallocate_fd: Callable[[int], int], lseek: Callable[[int, int, int], int]) -> None:
     """Before ``pyfuse3.init``: whether this session's listings are to be
-    cached, and the callable FALLOCATE asks for a file handle's upper
-    file descriptor (or -errno)."""
+    cached, and the callables FALLOCATE and LSEEK ask: a file handle's
+    upper file descriptor, and the answer to (fh, offset, whence); either
+    may give -errno."""
     if _module is not None:
         _module.set_cache_listings(os.environ.get("LAYERFS_DIR_CACHE") != "off")
-        _module.set_fallocate(fallocate_fd)
+        _module.set_file_ops(fallocate_fd, lseek)
 
 
 def kernel_caches_listings() -> bool:
@@ -65,6 +69,6 @@ def kernel_caches_listings() -> bool:
     return _module is not None and _module.hooked()[0]
 
 
-def answers_fallocate() -> bool:
-    """After ``pyfuse3.init``: whether FALLOCATE reaches the upper files."""
+def answers_file_ops() -> bool:
+    """After ``pyfuse3.init``: whether FALLOCATE and LSEEK are answered."""
     return _module is not None and _module.hooked()[1]

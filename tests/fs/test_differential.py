@@ -77,6 +77,12 @@ def apply(root: str, op: tuple, held: dict | None = None):
                 return ("ok", b"".join(chunks))
             finally:
                 os.close(fd)
+        if kind in ("lseek", "lseek_exact"):  # exact: of a file made by the sequence (in the upper dir)
+            fd = os.open(p(args[0]), os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                return ("ok", os.lseek(fd, *args[1:]) if kind == "lseek_exact" else _seek_answer(fd, *args[1:]))
+            finally:
+                os.close(fd)
         if kind == "fallocate":
             fd = os.open(p(args[0]), os.O_RDWR | os.O_NONBLOCK)
             try:
@@ -147,6 +153,23 @@ def _fallocate(fd: int, mode: int, off: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+def _seek_answer(fd: int, off: int, whence: int) -> str:
+    """SEEK_DATA/SEEK_HOLE's answer checked against the file's bytes, not
+    compared as a number: where the holes are is the storage's business
+    (the store keeps zero runs as holes, a lower dir written byte by byte
+    has none), but an answer must never skip data, and ENXIO (raised) only
+    past the end is the same everywhere."""
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        # not layerfs's to answer: the kernel's FUSE client seeks in a dir
+        # itself (generic_file_llseek: ENXIO), overlayfs refuses (EINVAL)
+        return "a directory"
+    got = os.lseek(fd, off, whence)
+    data = os.pread(fd, 1 << 22, 0)
+    if not off <= got <= len(data) or (whence == os.SEEK_DATA and any(data[off:got])):
+        return f"wrong: {got}"
+    return "consistent"
+
+
 def _apply_held(p, kind: str, args: list, held: dict):
     if kind == "hold":
         slot, rel, how = args
@@ -162,6 +185,8 @@ def _apply_held(p, kind: str, args: list, held: dict):
         return ("ok", os.pread(fd, 1 << 16, 0))
     if kind == "fdwrite":
         return ("ok", os.pwrite(fd, args[1], args[2]))
+    if kind == "fdlseek":
+        return ("ok", _seek_answer(fd, *args[1:]))
     if kind == "fdfallocate":
         _fallocate(fd, *args[1:])
         return ("ok", None)
@@ -341,6 +366,14 @@ HELD_SCRIPT = [
     ("fallocate", "xf", 0x10, 0, 3), ("read", "xf"), ("fallocate", "suid", 1, 0, 8192), ("stat", "suid"),
     ("hold", 1, "n1", "rw"), ("fdfallocate", 1, 0, 4096, 9000), ("fdstat", 1), ("fdread", 1),
     ("hold", 0, "many/f3", "r"), ("fdfallocate", 0, 0, 0, 10), ("fallocate", "a", 0, 0, 1),
+    # holes: a lower file with a zero run, the same copied up, a sparse upper file
+    ("lseek", "b/big", 0, os.SEEK_DATA), ("lseek", "b/big", 5000, os.SEEK_HOLE),
+    ("lseek", "b/big", 1 << 22, os.SEEK_DATA), ("hold", 0, "b/big", "r"), ("truncate", "b/big", 1 << 21),
+    ("fdlseek", 0, 3 << 19, os.SEEK_DATA), ("fdlseek", 0, 3 << 19, os.SEEK_HOLE), ("lseek", "top", 0, os.SEEK_HOLE),
+    ("fallocate", "nd/x", 0, 0, 1), ("truncate", "new_sparse", 1), ("lseek", "a/f1", 100, os.SEEK_DATA),
+    ("write", "sp", b"", "w", 0), ("write", "sp", b"x", "r+", 1 << 19), ("truncate", "sp", 1 << 20),
+    ("lseek_exact", "sp", 0, os.SEEK_DATA), ("lseek_exact", "sp", 0, os.SEEK_HOLE),
+    ("lseek_exact", "sp", 1 << 19, os.SEEK_HOLE), ("lseek_exact", "sp", (1 << 19) + 8192, os.SEEK_DATA),
     # copied up and removed between two reads of a file held open since it was lower
     ("hold", 0, "top", "r"), ("write", "top", b"new", "a", 0), ("unlink", "top"), ("fdstat", 0), ("fdread", 0),
     ("hold", 1, "a/sub/g", "r"), ("fdread", 1), ("chmod", "a/sub/g", 0o600), ("rename", "a/sub/g", "gg", 0),
@@ -401,6 +434,10 @@ _ops = st.one_of(
     st.tuples(st.just("fdtruncate"), st.sampled_from([0, 1]), st.sampled_from([0, 2, 7000])),
     st.tuples(st.just("fdfallocate"), st.sampled_from([0, 1]), st.sampled_from(FALLOC_MODES),
               st.sampled_from([0, 2, 4096]), st.sampled_from([1, 3, 9000])),
+    st.tuples(st.just("lseek"), _path, st.sampled_from([0, 3, 5000, 1 << 20]),
+              st.sampled_from([os.SEEK_DATA, os.SEEK_HOLE])),
+    st.tuples(st.just("fdlseek"), st.sampled_from([0, 1]), st.sampled_from([0, 3, 5000, 1 << 20]),
+              st.sampled_from([os.SEEK_DATA, os.SEEK_HOLE])),
     st.tuples(st.just("fallocate"), _path, st.sampled_from(FALLOC_MODES), st.sampled_from([0, 2, 4096]),
               st.sampled_from([1, 3, 9000])),
     st.tuples(st.just("fdstat"), st.sampled_from([0, 1])),
