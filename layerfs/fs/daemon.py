@@ -44,16 +44,22 @@ class Daemon:
         os.write(self.go_w, json.dumps({"params": params, "env": env}).encode())
         os.close(self.go_w)
         self.go_w = -1
-        return mountproc.wait_ready(self.pid, self.ready_r, "the mount daemon died before the mount was ready")
+        # wait_ready reaps the child and closes the pipe, whatever it finds:
+        # neither is abort()'s to do again (the fd number, or the pid, may
+        # be someone else's by then)
+        pid, ready_r, self.pid, self.ready_r = self.pid, self.ready_r, -1, -1
+        return mountproc.wait_ready(pid, ready_r, "the mount daemon died before the mount was ready")
 
     def abort(self) -> None:
         if self.go_w >= 0:
             os.close(self.go_w)  # EOF: the daemon exits without mounting
-        os.close(self.ready_r)
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        if self.ready_r >= 0:
+            os.close(self.ready_r)
+        if self.pid > 0:
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
 
 
 def _daemon_main(go_r: int, ready_w: int) -> int:

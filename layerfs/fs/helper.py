@@ -70,11 +70,17 @@ def _mount_child(store_root: str, image_id: str, mp: str, upper: str, owner: int
 
         handle = mount_image(store_root, image_id, mp, upper_dir=upper, owner=owner, owner_scratch=scratch,
                              backend=backend)
-        conn.send(handle.pid)
+        outcome: int | BaseException = handle.pid
     except BaseException as exc:  # sent to the parent, raised there
+        outcome = exc
+    try:
         try:
-            conn.send(exc)
-        except Exception:
-            conn.send(LayerfsError(f"mount failed: {exc}"))
+            conn.send(outcome)
+        except OSError:
+            raise
+        except Exception:  # an exception that does not pickle
+            conn.send(LayerfsError(f"mount failed: {outcome}"))
+    except OSError:
+        pass  # the parent is gone (killed): nobody to tell; a mount made ends with its owner
     finally:
         conn.close()

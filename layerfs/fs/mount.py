@@ -148,6 +148,22 @@ def _opened(store_root: str, store=None) -> Iterator:
         yield opened
 
 
+def _usable_mountpoint(store_root: str, mountpoint: str, store) -> str:
+    """The absolute mountpoint, a directory. One of this store's mounts
+    whose daemon died (kill -9: the dir answers ENOTCONN) is cleaned up
+    first, as a remount of a restarted container must work."""
+    mp = os.path.realpath(mountpoint)
+    if not os.path.isdir(mp) and is_enotconn(mp):
+        with _opened(store_root, store) as st:
+            clean_stale(st, mp)
+    if os.path.isdir(mp):
+        return mp
+    if is_enotconn(mp):
+        raise LayerfsError(f"mountpoint {mountpoint} is a FUSE mount whose daemon is gone "
+                           f"(not this store's: umount -l {mountpoint} detaches it)")
+    raise NotFound(f"mountpoint {mountpoint} is not a directory")
+
+
 def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str | None = None,
                 read_only: bool = False, foreground: bool = False, debug: bool = False,
                 container: str | None = None, owner: int | None = None,
@@ -173,9 +189,7 @@ def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str
                              owner, owner_scratch)
     if not os.path.exists("/dev/fuse"):
         raise Unsupported("/dev/fuse is missing (modprobe fuse, or run the container with --device /dev/fuse)")
-    mp = os.path.realpath(mountpoint)
-    if not os.path.isdir(mp):
-        raise NotFound(f"mountpoint {mountpoint} is not a directory")
+    mp = _usable_mountpoint(store_root, mountpoint, store)
     if container is not None and upper_dir is None:
         upper_dir = container_upper(store_root, container)
     daemon = _take_preforked()

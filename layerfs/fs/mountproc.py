@@ -35,8 +35,8 @@ def fork_detached(main, close: tuple[int, ...] = ()) -> int:
 def wait_ready(pid: int, ready_r: int, died: str) -> int:
     """Reap the intermediate child *pid* and read the mount process's
     "ok <pid>" (or "error <msg>") from *ready_r*; returns its pid."""
-    os.waitpid(pid, 0)
     with os.fdopen(ready_r, "rb") as f:
+        os.waitpid(pid, 0)
         msg = f.read().decode(errors="replace")
     if not msg.startswith("ok "):
         raise LayerfsError(msg.removeprefix("error ").strip() or died)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
@@ -225,3 +226,35 @@ def test_gc_mounts_and_umount_clean_stale_records(small, tmp_path):
         assert procfs.mounted_fstype(mp) is None, cleaner
         assert fsmount.list_mounts(root, clean=False) == [], cleaner
         assert os.path.isdir(tmp_path / "up")  # not private: it stays
+
+
+class _GoneParent:
+    """The parent's end of the pipe when the parent was killed."""
+
+    closed = False
+
+    def send(self, obj) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("outcome", ["mounted", "failed"])
+def test_a_mount_child_whose_parent_died_exits_quietly(monkeypatch, outcome):
+    """kill -9 of a build while its RUN step's mount is made: the helper
+    child has nobody to answer and must not print a traceback to the
+    terminal the build had."""
+    from layerfs.errors import LayerfsError
+    from layerfs.fs import helper as fshelper
+    from layerfs.fs import mount as fsmount
+
+    def fake_mount(*args, **kwargs):
+        if outcome == "failed":
+            raise LayerfsError("cannot mount x: the process 1 this mount serves is gone")
+        return types.SimpleNamespace(pid=12345)
+
+    monkeypatch.setattr(fsmount, "mount_image", fake_mount)
+    conn = _GoneParent()
+    fshelper._mount_child("/nonexistent", "id", "/mp", "/up", 1, None, conn)
+    assert conn.closed

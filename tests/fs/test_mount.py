@@ -125,6 +125,20 @@ def test_cli_errors_before_mounting(fs_env, tmp_path):
     assert r.returncode != 0 and b"not a layerfs mount" in r.stderr
 
 
+@pytest.mark.parametrize("server", ["on", "off"])
+def test_a_mount_the_daemon_refuses_is_a_one_line_error(fs_env, tmp_path, monkeypatch, server):
+    """The daemon's own failure (here: an upper dir whose work dir cannot
+    be made) reaches the user as one line, not a traceback (abort() used
+    to close the ready pipe wait_ready had closed)."""
+    monkeypatch.setenv("LAYERFS_MOUNT_SERVER", server)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    r = layerfs_cmd("mount", fs_env["image"], str(mp), "--upper", "/proc/self", root=fs_env["root"])
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.startswith("Error: cannot mount ") and err.count("\n") == 1, err
+    assert fsmount.mounted_fstype(str(mp)) is None
+
+
 def test_sigterm_unmounts_and_private_upper_goes(fs_env, tmp_path):
     mp = str(tmp_path / "mnt")
     os.makedirs(mp)
@@ -270,6 +284,32 @@ def test_stale_mount_is_cleaned(fs_env, tmp_path):
         # and a new mount over the same place works
         with layerfs_mount(fs_env["root"], fs_env["image"], mp, upper=str(tmp_path / "up")):
             assert open(f"{mp}/top").read() == "top\n"
+    finally:
+        if fsmount.mounted_fstype(mp):
+            subprocess.run(["umount", "-l", mp])
+
+
+def test_mount_again_over_a_killed_daemons_mount(fs_env, tmp_path):
+    """A restarted container: its daemon was killed (-9), and the next
+    `layerfs mount` at the same place with the same upper just works, with
+    no `umount` first, even once the dead mount's root answers ENOTCONN."""
+    mp, up = str(tmp_path / "mnt"), str(tmp_path / "up")
+    os.makedirs(mp)
+    root = fs_env["root"]
+    h = fsmount.mount_image(root, fs_env["image"], mp, upper_dir=up)
+    try:
+        with open(f"{mp}/top", "a") as f:
+            f.write("more\n")
+        os.kill(h.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while os.path.isdir(mp) and time.monotonic() < deadline:
+            time.sleep(0.05)  # (the write made the kernel drop the root's cached attrs)
+        assert fsmount.is_enotconn(mp) and not os.path.isdir(mp)
+        r = layerfs_cmd("mount", fs_env["image"], mp, "--upper", up, root=root)
+        assert r.returncode == 0, r.stderr
+        assert open(f"{mp}/top").read() == "top\nmore\n"
+        assert [m.mountpoint for m in fsmount.list_mounts(root)] == [mp]
+        assert layerfs_cmd("umount", mp, root=root).returncode == 0
     finally:
         if fsmount.mounted_fstype(mp):
             subprocess.run(["umount", "-l", mp])
