@@ -12,13 +12,12 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 
 from layerfs.errors import InvalidInput, LayerfsError, NotFound, Unsupported
 from layerfs.store import images as img
-from layerfs.store import transfer
+from layerfs.store import scratch, transfer
 from layerfs.store.images import Image
 from layerfs.store.store import Store
 
@@ -101,7 +100,7 @@ def bootstrap_busybox(store: Store, tag: str = "busybox:latest") -> Image:
 
 
 def _bootstrap_busybox(store: Store, tag: str) -> Image:
-    work = tempfile.mkdtemp(prefix="bootstrap-", dir=store.tmp_dir)
+    work = scratch.mkdtemp(store.tmp_dir, "bootstrap")
     try:
         tree = os.path.join(work, "rootfs")
         busybox_tree(tree)
@@ -143,7 +142,7 @@ def bootstrap_debian(store: Store, suite: str = "bookworm", tag: str | None = No
 
 
 def _bootstrap_debian(store: Store, suite: str, tag: str | None, mirror: str | None, on_step: Step) -> Image:
-    work = tempfile.mkdtemp(prefix="bootstrap-", dir=store.tmp_dir)
+    work = scratch.mkdtemp(store.tmp_dir, "bootstrap")
     try:
         tree = os.path.join(work, "rootfs")
         _debootstrap(["debootstrap", "--variant=minbase", suite, tree, mirror or apt_mirror()], on_step)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from layerfs.errors import LayerfsError, Unsupported
 from layerfs.fs.helper import mount_for_owner
 from layerfs.fs.registry import force_unmount
 from layerfs.procfs import is_mountpoint
+from layerfs.store import scratch
 from layerfs.store.images import Image
 from layerfs.store.store import Store
 
@@ -65,7 +65,7 @@ def run(store: Store, image: Image, e: dfm.Run, rc: Mapping[str, Any], shell: Se
         argv = list(shell) + heredoc_script(e.command.args[0] if e.command.args else "", e.heredocs)
     env = image_config.env_dict(rc.get("Env"))
     env.update(variables)  # (PATH, HOSTNAME, HOME default as in any container: runtime.spec.container_env)
-    tmp = tempfile.mkdtemp(prefix="build-run-", dir=store.tmp_dir)
+    tmp = scratch.mkdtemp(store.tmp_dir, "build-run")
     mp = os.path.join(tmp, "rootfs")
     upper = os.path.join(tmp, "upper")
     state = os.path.join(tmp, "state")

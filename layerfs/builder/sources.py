@@ -18,7 +18,6 @@ import dataclasses
 import os
 import posixpath
 import shutil
-import tempfile
 from collections.abc import Mapping
 
 import blake3
@@ -27,6 +26,7 @@ from layerfs.builder import dockerfile as dfm
 from layerfs.builder import substitution
 from layerfs.builder.context import BuildContext, CopySource, ResolvedSources
 from layerfs.errors import InvalidInput, NotFound
+from layerfs.store import scratch
 from layerfs.store.images import Image
 from layerfs.store.store import Store
 
@@ -50,7 +50,7 @@ class GeneratedSources:
         self._dirs: list[str] = []
 
     def new_dir(self) -> str:
-        path = tempfile.mkdtemp(prefix="build-src-", dir=self.tmp_dir)
+        path = scratch.mkdtemp(self.tmp_dir, "build-src")
         self._dirs.append(path)
         return path
 

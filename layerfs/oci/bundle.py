@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.oci import media
-from layerfs.store import streams
+from layerfs.store import scratch, streams
 
 
 def _clean(name: str) -> str:
@@ -188,7 +188,9 @@ class BundleWriter:
             raise NotFound(f"no such directory: {parent}")
         self.tmp_dir = tmp_dir or parent
         if archive:
-            fd, self.partial = tempfile.mkstemp(dir=parent, prefix=".layerfs-", suffix=".partial")
+            scratch.sweep_dead(parent, ".layerfs")  # what a killed save left here
+            fd, self.partial = scratch.mkstemp(parent, ".layerfs", ".partial")
+            os.fchmod(fd, 0o666 & ~_umask())  # the archive's mode, as open(2) would make it
             self.f = os.fdopen(fd, "wb")
             self.tf = tarfile.open(fileobj=self.f, mode="w|", format=tarfile.PAX_FORMAT)
         else:
@@ -206,7 +208,9 @@ class BundleWriter:
     def add_stream(self, name: str, stream: BinaryIO, digest: str = "", size: int = -1,
                    what: str = "blob") -> str:
         """Spool *stream*, check it, add it as *name*; returns its sha256."""
-        fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix=".layerfs-blob-")
+        fd, tmp = scratch.mkstemp(self.tmp_dir, ".layerfs-blob")
+        if not self.archive:  # renamed into the layout dir
+            os.fchmod(fd, 0o666 & ~_umask())
         try:
             with os.fdopen(fd, "w+b") as f:
                 v = media.VerifyingReader(stream, digest, size, what)
@@ -242,7 +246,8 @@ class BundleWriter:
         else:
             dst = os.path.join(self.path, name)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=".layerfs-")
+            fd, tmp = scratch.mkstemp(os.path.dirname(dst), ".layerfs")
+            os.fchmod(fd, 0o666 & ~_umask())
             with os.fdopen(fd, "wb") as out:
                 out.write(f.read())
             os.replace(tmp, dst)
@@ -268,3 +273,16 @@ class BundleWriter:
             if os.path.exists(self.partial):
                 os.unlink(self.partial)
             self.partial = ""
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would, for
+    a moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022

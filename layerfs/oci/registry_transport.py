@@ -13,7 +13,7 @@ from layerfs.oci.auth import DOCKER_HUB
 from layerfs.oci.media import Descriptor, Manifest
 from layerfs.oci.registry import Client
 from layerfs.oci.types import Context, ImageSource
-from layerfs.store import references
+from layerfs.store import references, scratch
 
 _clients: dict[tuple, Client] = {}
 _clients_lock = threading.Lock()
@@ -142,8 +142,8 @@ class RegistryDestination:
 
             self.client.upload_blob(self.ref.repo, desc, reopen)
             return
-        tmp_dir = self.ctx.store.tmp_dir if self.ctx.store is not None else None
-        fd, path = tempfile.mkstemp(dir=tmp_dir, prefix="oci-up-")
+        tmp_dir = self.ctx.store.tmp_dir if self.ctx.store is not None else tempfile.gettempdir()
+        fd, path = scratch.mkstemp(tmp_dir, "oci-up")
         try:
             with os.fdopen(fd, "wb") as f:
                 v = media.VerifyingReader(stream, desc.digest, desc.size, "blob")

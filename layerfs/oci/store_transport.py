@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -15,7 +14,7 @@ from layerfs.oci.cache import BlobInfoCache, LayerBlob
 from layerfs.oci.copy import parallel
 from layerfs.oci.media import Descriptor, Manifest
 from layerfs.oci.types import Context, ImageSource
-from layerfs.store import references
+from layerfs.store import references, scratch
 from layerfs.store.images import Image
 
 # The media type of progress reports for a layer whose blob is being made.
@@ -49,6 +48,10 @@ class StoreSource:
         self._configs: dict[str, bytes] = {}
         self._growing: dict[str, _GrowingSpool] = {}   # blob digest -> spool being generated
         self._lock = threading.Lock()
+        # The store's lease while blobs are spooled in its tmp dir: gc (and
+        # the next writer's sweep of tmp/) then knows they are not debris.
+        self._lease = self.store.writing()
+        self._lease.__enter__()
 
     # -- manifests -------------------------------------------------------
     def manifests(self, compression: str | None) -> Iterator[Manifest]:
@@ -85,7 +88,7 @@ class StoreSource:
         return media.build_manifest(cdesc, ldescs, docker)
 
     def _spool(self, lid: str, comp: str) -> LayerBlob:
-        fd, path = tempfile.mkstemp(dir=self.store.tmp_dir, prefix="oci-")
+        fd, path = scratch.mkstemp(self.store.tmp_dir, "oci")
         # Reported as the layer being prepared (docker's "Preparing"): the
         # blob's digest is known only once it is written.
         desc = Descriptor(PREPARING, "blake3:" + lid, self.store.layer_info(lid)[0])
@@ -125,7 +128,7 @@ class StoreSource:
             path = self._spools.get(desc.digest)
             growing = self._growing.get(desc.digest)
             if path is None and growing is None:
-                fd, spool = tempfile.mkstemp(dir=self.store.tmp_dir, prefix="oci-")
+                fd, spool = scratch.mkstemp(self.store.tmp_dir, "oci")
                 growing = self._growing[desc.digest] = _GrowingSpool(spool, desc)
                 self._start_spool(growing, fd)
         if path is not None:
@@ -170,6 +173,9 @@ class StoreSource:
             except FileNotFoundError:
                 pass
         self._spools.clear()
+        if self._lease is not None:
+            self._lease.__exit__(None, None, None)
+            self._lease = None
 
 
 class StoreDestination:

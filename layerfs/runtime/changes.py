@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import tempfile
 from dataclasses import dataclass
 
 from layerfs.runtime.containers import RUNTIME_PATHS, Container
 from layerfs.runtime.rootpath import is_unused_mountpoint
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
-from layerfs.store import references, transfer
+from layerfs.store import references, scratch, transfer
 from layerfs.store.images import Image
 from layerfs.store.store import Store
 from layerfs.store.tree import MergedTree
@@ -95,7 +94,7 @@ def commit_container(store: Store, c: Container, ref: str, message: str = "",
     # The writer lease keeps gc away from the staging dir and from the new
     # layer until the image names it.
     with store.writing():
-        stage = tempfile.mkdtemp(prefix="commit-", dir=store.tmp_dir)
+        stage = scratch.mkdtemp(store.tmp_dir, "commit")
         try:
             staged = os.path.join(stage, "upper")
             _stage_upper(c.upper, staged, tree)

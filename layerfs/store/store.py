@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from layerfs.errors import Conflict, InvalidInput, NotFound
 from layerfs.store import images as img
 from layerfs.store import manifest as mf
-from layerfs.store import references
+from layerfs.store import references, scratch
 from layerfs.store.db import Database
 from layerfs.store.images import Image
 from layerfs.store.layout import StoreLayout
@@ -55,6 +55,7 @@ class Store:
         self._db_lock = threading.Lock()
         self._lease_lock = threading.Lock()
         self._lease_depth = 0
+        self._swept = False  # tmp/ swept of dead commands' entries (_take_lease)
 
     def close(self) -> None:
         self.db.close()
@@ -77,7 +78,7 @@ class Store:
         """
         with self._lease_lock:
             if self._lease_depth == 0:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+                self._take_lease()
             self._lease_depth += 1
         try:
             yield
@@ -86,6 +87,21 @@ class Store:
                 self._lease_depth -= 1
                 if self._lease_depth == 0:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _take_lease(self) -> None:
+        """The shared lock. The first lease of this Store, if it can have
+        the lock alone for a moment (no other writer, no gc), first removes
+        what killed commands left in tmp/ (``store.scratch``): gigabytes of
+        a killed save need not wait for `layerfs gc`."""
+        if not self._swept:
+            self._swept = True
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                scratch.sweep_dead(self.tmp_dir)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_SH)  # (converts an exclusive lock held)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
