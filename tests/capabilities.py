@@ -23,7 +23,7 @@ PACKAGES = {
     "busybox": "busybox-static", "runc": "runc", "crun": "crun", "skopeo": "skopeo",
     "umoci": "umoci", "buildah": "buildah", "containerd": "containerd",
     "fuse-overlayfs": "fuse-overlayfs", "debootstrap": "debootstrap", "tar": "tar",
-    "docker-registry": "docker-registry", "htpasswd": "apache2-utils",
+    "docker-registry": "docker-registry", "htpasswd": "apache2-utils", "setfacl": "acl", "getfacl": "acl",
 }
 
 

@@ -21,6 +21,12 @@
  *   for either (the kernel would call every file all data, where overlayfs
  *   shows the holes of the file below): another callable gives the answer.
  *
+ * - Ask the kernel to leave the umask to the filesystem (FUSE_DONT_MASK),
+ *   which pyfuse3 never asks for: with POSIX ACLs on, a node made in a dir
+ *   with a default ACL must get that ACL's bits, not the umask's (POSIX;
+ *   overlayfs does it). The daemon applies the umask the request carries
+ *   where there is no default ACL.
+ *
  * All by defining fuse_session_new: loaded with RTLD_GLOBAL before
  * pyfuse3 (fs/lowlevel.py), this definition is the one pyfuse3's call
  * binds to; it copies pyfuse3's handler table, swaps the handlers and
@@ -49,11 +55,21 @@ typedef void (*readdir_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_fi
 
 static int cache_listings = 1;  /* set_cache_listings(): swap the listing handlers in the next sessions */
 static int listings_hooked;     /* the last session was made with the listing handlers swapped */
-static int file_ops_hooked;     /* ... with FALLOCATE and LSEEK answered here */
+static int file_ops_hooked;     /* ... with FALLOCATE and LSEEK answered here, and DONT_MASK asked for */
 static readdir_fn pyfuse3_readdirplus;
 static PyObject *fallocate_fd;  /* fh -> fd of the upper file, or -errno (set_file_ops) */
 static PyObject *seek_data;     /* (fh, offset, whence) -> offset, or -errno (set_file_ops) */
 static struct fuse_lowlevel_ops swapped;  /* libfuse copies it; kept for its lifetime anyway */
+
+typedef void (*init_fn)(void *, struct fuse_conn_info *);
+static init_fn pyfuse3_init;
+
+static void init_dont_mask(void *userdata, struct fuse_conn_info *conn)
+{
+    pyfuse3_init(userdata, conn);
+    if (conn->capable & FUSE_CAP_DONT_MASK)
+        conn->want |= FUSE_CAP_DONT_MASK;
+}
 
 static void opendir_unsupported(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
@@ -143,9 +159,11 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         swapped.releasedir = NULL;
         listings_hooked = 1;
     }
-    if (swapped.fallocate == NULL && swapped.lseek == NULL) {
+    if (swapped.fallocate == NULL && swapped.lseek == NULL && op->init != NULL) {
         swapped.fallocate = fallocate_upper;
         swapped.lseek = lseek_data;
+        pyfuse3_init = op->init;
+        swapped.init = init_dont_mask;
         file_ops_hooked = 1;
     }
     return libfuse_session_new(args, &swapped, op_size, userdata);

@@ -15,6 +15,9 @@
   -l``, ``posix_fallocate`` without glibc's slow fallback, punching holes,
   zeroing ranges). The module asks :func:`set_fallocate`'s callable for the
   upper file's descriptor and calls fallocate(2) on it.
+* **FUSE_DONT_MASK** asked for at INIT: the umask is left to the daemon,
+  which applies it only where the parent has no default ACL (POSIX, as
+  overlayfs; the mount enforces ACLs, ``ops.Operations.enable_acl``).
 * **LSEEK** with SEEK_DATA and SEEK_HOLE, which pyfuse3 cannot answer
   either: the kernel would take every file for all data, where overlayfs
   shows the holes of the file below it (``cp --sparse``, ``tar -S``).

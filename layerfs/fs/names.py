@@ -45,12 +45,13 @@ class NameOps:
     and count it as a lookup; ``create`` is the shared body.
     """
 
-    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        node, _ = await self.create(parent, name, stat.S_IFDIR, mode, uid, gid)
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, umask: int = 0) -> Attr:
+        node, _ = await self.create(parent, name, stat.S_IFDIR, mode, uid, gid, umask=umask)
         return self.entry(node.ino)
 
-    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Attr:
-        node, fd = await self.create(parent, name, stat.S_IFMT(mode), mode, uid, gid, rdev=rdev)
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+                    umask: int = 0) -> Attr:
+        node, fd = await self.create(parent, name, stat.S_IFMT(mode), mode, uid, gid, rdev=rdev, umask=umask)
         if fd >= 0:
             os.close(fd)
         return self.entry(node.ino)
@@ -60,17 +61,22 @@ class NameOps:
         return self.entry(node.ino)
 
     async def create_file(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
-                          gid: int) -> tuple[int, Attr]:
+                          gid: int, umask: int = 0) -> tuple[int, Attr]:
         """Make and open a regular file: (file handle, entry)."""
-        node, fd = await self.create(parent, name, stat.S_IFREG, mode, uid, gid, flags=flags)
+        node, fd = await self.create(parent, name, stat.S_IFREG, mode, uid, gid, flags=flags, umask=umask)
         fh = self.adopt_fd(node, fd)
         attr = self.upper_attr(node, os.fstat(fd))  # the new fd: no path walk, no lstat
         self.table.looked_up(node.ino)
         return fh, attr
 
     async def create(self, parent: int, name: bytes, fmt: int, mode: int, uid: int, gid: int,
-                     rdev: int = 0, target: bytes = b"", flags: int = 0) -> tuple[Node, int]:
-        """Make a new node; returns it and, for regular files, an open fd."""
+                     rdev: int = 0, target: bytes = b"", flags: int = 0, umask: int = 0) -> tuple[Node, int]:
+        """Make a new node; returns it and, for regular files, an open fd.
+
+        The mount enforces POSIX ACLs (``ops.Operations.enable_acl``), so
+        the kernel leaves *umask* to the filesystem: applied here unless
+        the parent has a default ACL, which the upper fs applies instead
+        (the daemon's own umask is 0)."""
         check_name(name)
         self._writable()
         async with self.lock:
@@ -88,15 +94,20 @@ class NameOps:
                 gid = pst.st_gid
                 if fmt == stat.S_IFDIR:
                     mode |= stat.S_ISGID
+            default_acl = self.upper.default_acl(base)
+            perm = stat.S_IMODE(mode) if default_acl is not None or fmt == stat.S_IFLNK \
+                else stat.S_IMODE(mode) & ~umask
             over_whiteout = self.lower_has(d, name)
-            # Over a whiteout the node is made in the work dir and swapped in.
+            # Over a whiteout the node is made in the work dir and swapped in
+            # (inside a dir with the parent's default ACL, if it has one: the
+            # node inherits what it would have inherited in place).
+            holder = self.upper.acl_holder(default_acl) if over_whiteout else None
             if over_whiteout:
-                dst, at = self.upper.temp(), _at_cwd
+                dst, at = (holder + b"/n" if holder else self.upper.temp()), _at_cwd
             else:
                 dst, at = rel, self.upper.at
             fd = -1
             made = False  # on failure, remove only what this call made
-            perm = stat.S_IMODE(mode)
             try:
                 if fmt == stat.S_IFREG:
                     acc = flags & os.O_ACCMODE if flags & os.O_ACCMODE != os.O_RDONLY else os.O_RDWR
@@ -113,7 +124,9 @@ class NameOps:
                 else:
                     at(os.chown, dst, uid, gid, follow_symlinks=False)
                 if fmt != stat.S_IFLNK and perm & 0o7000:
-                    at(os.chmod, dst, perm)
+                    # (the bits an inherited ACL left, with the special ones added)
+                    now = os.fstat(fd).st_mode if fd >= 0 else at(os.lstat, dst).st_mode
+                    at(os.chmod, dst, stat.S_IMODE(now) & 0o777 | perm & 0o7000)
                 if over_whiteout:
                     if fmt == stat.S_IFDIR:
                         os.setxattr(dst, OPAQUE, b"y")
@@ -126,6 +139,9 @@ class NameOps:
                 elif made:
                     self.upper.remove_quiet(rel)
                 raise
+            finally:
+                if holder:
+                    discard(holder)
             node = self.table.add(Node(self.table.new_ino(), d.ino, name, fmt, -1, True))
             node.nocaps = fmt == stat.S_IFREG
             if fmt == stat.S_IFDIR:

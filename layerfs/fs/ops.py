@@ -116,7 +116,10 @@ class Operations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = False
-    enable_acl = False
+    # POSIX ACLs enforced by the kernel, as on overlayfs over an fs with
+    # them (without it an ACL's deny was ignored): it asks for the
+    # system.posix_acl_* xattrs and leaves the umask at create to us.
+    enable_acl = True
 
     def __init__(self, union: Union) -> None:
         super().__init__()
@@ -232,7 +235,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, attr = await self.u.create_file(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        fh, attr = await self.u.create_file(parent_inode, name, mode, flags, ctx.uid, ctx.gid, ctx.umask)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._reply(attr)
 
     # -- directories ------------------------------------------------------
@@ -255,11 +258,11 @@ class Operations(pyfuse3.Operations):
     # -- namespace ------------------------------------------------------
     @fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._reply(await self.u.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._reply(await self.u.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid, ctx.umask))
 
     @fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._reply(await self.u.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+        return self._reply(await self.u.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid, ctx.umask))
 
     @fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):

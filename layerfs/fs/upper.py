@@ -47,6 +47,7 @@ from layerfs.store.objects import CHUNK, HOLE, ObjectStore, copy_sparse
 from layerfs.store.overlay_xattrs import ESCAPED_XATTR_PREFIX, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX
 
 OPAQUE = OPAQUE_XATTR.encode()
+DEFAULT_ACL = b"system.posix_acl_default"
 PRIVATE_PREFIX = OVERLAY_XATTR_PREFIX.encode()
 ESCAPED_PREFIX = ESCAPED_XATTR_PREFIX.encode()
 
@@ -125,6 +126,29 @@ class UpperDir:
 
     def temp(self) -> bytes:
         return b"%s/#%d.%d" % (self.work, os.getpid(), next(self._serial))
+
+    def default_acl(self, rel: bytes) -> bytes | None:
+        """The default POSIX ACL of the upper dir *rel*, None if it has none."""
+        try:
+            return self.getxattr(rel, DEFAULT_ACL)
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+                return None
+            raise
+
+    def acl_holder(self, default_acl: bytes | None) -> bytes | None:
+        """A new dir in the work dir with *default_acl* (None: no dir is
+        needed), where a node made inherits what it would in place."""
+        if default_acl is None:
+            return None
+        holder = self.temp()
+        os.mkdir(holder, 0o700)
+        try:
+            os.setxattr(holder, DEFAULT_ACL, default_acl)
+        except BaseException:
+            os.rmdir(holder)
+            raise
+        return holder
 
     # -- reaching a relative path -----------------------------------------------
     def at(self, fn, rel: bytes, *args, **kwargs):
