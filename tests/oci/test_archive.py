@@ -258,3 +258,42 @@ def test_load_rejects_bad_name_without_tagging(tmp_path):
     with Store(str(tmp_path / "s")) as s:
         (x,) = oci.load(s, str(path))      # the annotation is unusable: loaded untagged
         assert x.names == [] and s.tags_of(x.image.id) == []
+
+
+def test_archive_members_read_at_once_from_several_threads(tmp_path):
+    """load copies blobs in parallel: every member stream of one archive
+    must read its own bytes however reads of the others interleave (they
+    shared the tar's file position, and big layers came out corrupt)."""
+    import random
+    import threading
+
+    from layerfs.oci.bundle import open_bundle
+
+    rng = random.Random(7)
+    blobs = {f"blobs/sha256/{i:02d}": rng.randbytes((3 << 20) + i * 4099) for i in range(4)}
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w") as tf:
+        for name, data in blobs.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    bundle = open_bundle(str(path))
+    got: dict[str, bytes] = {}
+    streams = {name: bundle.open(name) for name in blobs}
+    barrier = threading.Barrier(len(streams))
+
+    def read(name: str) -> None:
+        barrier.wait()
+        parts = []
+        while chunk := streams[name].read(rng.choice([4096, 65536, 100_003])):
+            parts.append(chunk)
+        got[name] = b"".join(parts)
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bundle.close()
+    assert {n: hashlib.sha256(d).hexdigest() for n, d in got.items()} == \
+        {n: hashlib.sha256(d).hexdigest() for n, d in blobs.items()}
