@@ -194,9 +194,7 @@ class BundleWriter:
             raise NotFound(f"no such directory: {parent}")
         self.tmp_dir = tmp_dir or parent
         if archive:
-            scratch.sweep_dead(parent, ".layerfs")  # what a killed save left here
-            fd, self.partial = scratch.mkstemp(parent, ".layerfs", ".partial")
-            os.fchmod(fd, 0o666 & ~_umask())  # the archive's mode, as open(2) would make it
+            fd, self.partial = scratch.partial_beside(self.path)
             self.f = os.fdopen(fd, "wb")
             self.tf = tarfile.open(fileobj=self.f, mode="w|", format=tarfile.PAX_FORMAT)
         else:
@@ -216,7 +214,7 @@ class BundleWriter:
         """Spool *stream*, check it, add it as *name*; returns its sha256."""
         fd, tmp = scratch.mkstemp(self.tmp_dir, ".layerfs-blob")
         if not self.archive:  # renamed into the layout dir
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~scratch.umask())
         try:
             with os.fdopen(fd, "w+b") as f:
                 v = media.VerifyingReader(stream, digest, size, what)
@@ -253,7 +251,7 @@ class BundleWriter:
             dst = os.path.join(self.path, name)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             fd, tmp = scratch.mkstemp(os.path.dirname(dst), ".layerfs")
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~scratch.umask())
             with os.fdopen(fd, "wb") as out:
                 out.write(f.read())
             os.replace(tmp, dst)
@@ -280,15 +278,3 @@ class BundleWriter:
                 os.unlink(self.partial)
             self.partial = ""
 
-
-def _umask() -> int:
-    """The process's umask, read without setting it (os.umask would, for
-    a moment, for every thread)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022

@@ -66,3 +66,27 @@ def sweep_dead(folder: str, kind: str | None = None) -> int:
                 pass
         removed += 1
     return removed
+
+
+def partial_beside(dest: str) -> tuple[int, str]:
+    """A temp file (fd, path) in *dest*'s directory, to be renamed to *dest*
+    once complete: ``.layerfs-<pid>-*.partial``, with the mode open(2)
+    would give *dest*. What killed writers left there goes first."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    sweep_dead(folder, ".layerfs")
+    fd, path = mkstemp(folder, ".layerfs", ".partial")
+    os.fchmod(fd, 0o666 & ~umask())
+    return fd, path
+
+
+def umask() -> int:
+    """The process's umask, read without setting it (os.umask would, for
+    a moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022

@@ -7,6 +7,7 @@ from typing import BinaryIO
 
 from layerfs.errors import InvalidInput, NotFound
 from layerfs.store import manifest as mf
+from layerfs.store import scratch
 from layerfs.store.extract import extract
 from layerfs.store.images import Image
 from layerfs.store.manifest import Entry
@@ -66,9 +67,9 @@ def export_image(store: Store, image: Image, dest: str) -> None:
     if not dest.endswith(".tar"):
         extract(entries, dest, store.objects.write_to)
         return
-    tmp = dest + ".partial"
+    fd, tmp = scratch.partial_beside(dest)  # (one per writer: two exports to one name don't collide)
     try:
-        with open(tmp, "wb") as out:
+        with os.fdopen(fd, "wb") as out:
             write_tar(entries, out, store.objects.open, layer=False)
         os.replace(tmp, dest)
     except BaseException:

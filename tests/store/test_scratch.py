@@ -102,3 +102,28 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_exports_write_aside_each_its_own(tmp_path, busybox_tree):
+    """Two exports to one name at once both succeed (each writes its own
+    partial file), and what a killed one left beside it goes."""
+    import tarfile
+
+    from tests.conftest import layerfs_cmd
+
+    root = str(tmp_path / "s")
+    layerfs_cmd("import", busybox_tree, "-t", "bb:1", root=root, check=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    left = _leave(str(out), f".layerfs-{_dead_pid()}-hhhh.partial")
+    exe = os.path.join(os.path.dirname(sys.executable), "layerfs")
+    env = dict(os.environ, LAYERFS_ROOT=root)
+    procs = [subprocess.Popen([exe, "export", "-o", str(out / "same.tar"), "bb:1"], env=env,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert not os.path.exists(left) and sorted(os.listdir(out)) == ["same.tar"]
+    with tarfile.open(out / "same.tar") as tf:
+        assert "bin/busybox" in tf.getnames() or "./bin/busybox" in tf.getnames()
+    assert stat.S_IMODE(os.stat(out / "same.tar").st_mode) == 0o666 & ~_umask()
