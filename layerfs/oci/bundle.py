@@ -277,4 +277,3 @@ class BundleWriter:
             if os.path.exists(self.partial):
                 os.unlink(self.partial)
             self.partial = ""
-
