@@ -224,11 +224,7 @@ class FileIO:
         return Handle(node, "mem" if size <= SMALL_OBJECT else "lazy", digest=digest, size=size)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        h = self.handles[fh]
-        if h.kind != "upper" and h.node.upper:
-            self._switch_to_upper(h)
-        if h.kind == "lazy":
-            self._open_big(h)
+        h = self._current(self.handles[fh])
         if h.kind == "mem":
             if h.data is None:
                 await self._load(h)
@@ -257,6 +253,15 @@ class FileIO:
         else:
             self.chunk_reads.follow(oc, sequential)
         return True
+
+    def _current(self, h: Handle) -> Handle:
+        """*h*, moved to its node's copy if that was copied up since the
+        open, and with its big object opened if not yet."""
+        if h.kind != "upper" and h.node.upper:
+            self._switch_to_upper(h)
+        if h.kind == "lazy":
+            self._open_big(h)
+        return h
 
     def follow_copy_up(self, node) -> None:
         """Move the handles of *node* opened while it was lower to its copy."""
@@ -423,10 +428,7 @@ class FileIO:
         if h is None:
             return -errno.EBADF
         try:
-            if h.kind != "upper" and h.node.upper:
-                self._switch_to_upper(h)
-            if h.kind == "lazy":
-                self._open_big(h)
+            self._current(h)
             if h.kind == "mem":  # no fd: small content, no holes kept
                 size = h.size if h.data is None else len(h.data)
                 if off >= size:

@@ -74,13 +74,17 @@ def _mount_child(store_root: str, image_id: str, mp: str, upper: str, owner: int
     except BaseException as exc:  # sent to the parent, raised there
         outcome = exc
     try:
-        try:
-            conn.send(outcome)
-        except OSError:
-            raise
-        except Exception:  # an exception that does not pickle
-            conn.send(LayerfsError(f"mount failed: {outcome}"))
+        _tell_parent(conn, outcome)
     except OSError:
         pass  # the parent is gone (killed): nobody to tell; a mount made ends with its owner
     finally:
         conn.close()
+
+
+def _tell_parent(conn: Any, outcome: int | BaseException) -> None:
+    try:
+        conn.send(outcome)
+    except OSError:
+        raise
+    except Exception:  # an exception that does not pickle
+        conn.send(LayerfsError(f"mount failed: {outcome}"))

@@ -51,9 +51,8 @@ class LowerIndex:
                  "_attr_cache")
 
     def __init__(self, paths: list[bytes], meta: list[tuple], parent: array,
-                 kids: dict[int, dict[bytes, int]], groups: dict[int, list[int]],
-                 nsubdirs: dict[int, int] | None = None, packed: frozenset[str] = frozenset(),
-                 link_counts: dict[int, int] | None = None) -> None:
+                 kids: dict[int, dict[bytes, int]], groups: dict[int, list[int]], link_counts: dict[int, int],
+                 nsubdirs: dict[int, int] | None = None, packed: frozenset[str] = frozenset()) -> None:
         self.paths = paths
         # digests stored as .zst: a hint for the reader, which tries that
         # file first (a miss in a cold object dir costs a disk read)
@@ -67,9 +66,8 @@ class LowerIndex:
             nsubdirs = {d: sum(1 for s in names.values() if stat.S_ISDIR(meta[s][0]))
                         for d, names in kids.items()}
         self.nsubdirs = nsubdirs
-        # {first visible member's slot: links in its layer}, for groups of more than one there
-        self.link_counts = link_counts if link_counts is not None else {
-            lead: len(members) for lead, members in groups.items()}
+        # {first visible member's slot: links in its layer}, where that is more than one
+        self.link_counts = link_counts
         self._attr_cache: dict[int, object] = {}
 
     # -- construction -----------------------------------------------------
@@ -111,7 +109,7 @@ class LowerIndex:
             count = tree.link_counts.get(key, len(members))
             if count > 1:
                 link_counts[members[0]] = count
-        return cls(paths, meta, parent, kids, groups, packed=packed, link_counts=link_counts)
+        return cls(paths, meta, parent, kids, groups, link_counts, packed=packed)
 
     def dump(self) -> bytes:
         return marshal.dumps((CACHE_FORMAT, self.paths, self.meta, self.parent.tobytes(), self.kids,
@@ -125,7 +123,7 @@ class LowerIndex:
         _, paths, meta, parent, kids, groups, nsubdirs, packed, link_counts = fields
         par = array("q")
         par.frombytes(parent)
-        return cls(paths, meta, par, kids, groups, nsubdirs, packed, link_counts)
+        return cls(paths, meta, par, kids, groups, link_counts, nsubdirs, packed)
 
     # -- queries ----------------------------------------------------------
     def __len__(self) -> int:

@@ -13,7 +13,7 @@
 * **FALLOCATE**, which pyfuse3 has no handler for: every caller would get
   EOPNOTSUPP, where overlayfs passes the call to the upper file (``fallocate
   -l``, ``posix_fallocate`` without glibc's slow fallback, punching holes,
-  zeroing ranges). The module asks :func:`set_fallocate`'s callable for the
+  zeroing ranges). The module asks a callable (:func:`prepare`) for the
   upper file's descriptor and calls fallocate(2) on it.
 * **FUSE_DONT_MASK** asked for at INIT: the umask is left to the daemon,
   which applies it only where the parent has no default ACL (POSIX, as
@@ -25,8 +25,8 @@
 How, and why the module must be loaded before pyfuse3, is in
 ``_lowlevel.c``. Without it (not built, or pyfuse3 already imported) the
 daemon answers OPENDIR itself, with the inode as handle, FALLOCATE is
-unsupported and files have no holes. ``LAYERFS_DIR_CACHE=off`` leaves the listing handlers alone
-on purpose: a developer's A/B.
+unsupported and files have no holes. ``LAYERFS_DIR_CACHE=off`` leaves the
+listing handlers alone on purpose: a developer's A/B.
 """
 
 from __future__ import annotations

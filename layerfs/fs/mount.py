@@ -153,15 +153,16 @@ def _usable_mountpoint(store_root: str, mountpoint: str, store) -> str:
     whose daemon died (kill -9: the dir answers ENOTCONN) is cleaned up
     first, as a remount of a restarted container must work."""
     mp = os.path.realpath(mountpoint)
-    if not os.path.isdir(mp) and is_enotconn(mp):
-        with _opened(store_root, store) as st:
-            clean_stale(st, mp)
     if os.path.isdir(mp):
         return mp
-    if is_enotconn(mp):
+    if not is_enotconn(mp):
+        raise NotFound(f"mountpoint {mountpoint} is not a directory")
+    with _opened(store_root, store) as st:
+        clean_stale(st, mp)
+    if not os.path.isdir(mp):
         raise LayerfsError(f"mountpoint {mountpoint} is a FUSE mount whose daemon is gone "
                            f"(not this store's: umount -l {mountpoint} detaches it)")
-    raise NotFound(f"mountpoint {mountpoint} is not a directory")
+    return mp
 
 
 def mount_image(store_root: str, image_ref: str, mountpoint: str, upper_dir: str | None = None,

@@ -94,10 +94,14 @@ class NameOps:
                 gid = pst.st_gid
                 if fmt == stat.S_IFDIR:
                     mode |= stat.S_ISGID
-            default_acl = self.upper.default_acl(base)
-            perm = stat.S_IMODE(mode) if default_acl is not None or fmt == stat.S_IFLNK \
-                else stat.S_IMODE(mode) & ~umask
+            perm = stat.S_IMODE(mode)
             over_whiteout = self.lower_has(d, name)
+            # the parent's default ACL matters only if the umask would take
+            # bits away or the node is made away from it (a getxattr per create)
+            masked = perm & umask and fmt != stat.S_IFLNK
+            default_acl = self.upper.default_acl(base) if masked or over_whiteout else None
+            if masked and default_acl is None:
+                perm &= ~umask
             # Over a whiteout the node is made in the work dir and swapped in
             # (inside a dir with the parent's default ACL, if it has one: the
             # node inherits what it would have inherited in place).

@@ -214,7 +214,7 @@ class BundleWriter:
         """Spool *stream*, check it, add it as *name*; returns its sha256."""
         fd, tmp = scratch.mkstemp(self.tmp_dir, ".layerfs-blob")
         if not self.archive:  # renamed into the layout dir
-            os.fchmod(fd, 0o666 & ~scratch.umask())
+            scratch.chmod_as_created(fd)
         try:
             with os.fdopen(fd, "w+b") as f:
                 v = media.VerifyingReader(stream, digest, size, what)
@@ -251,7 +251,7 @@ class BundleWriter:
             dst = os.path.join(self.path, name)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
             fd, tmp = scratch.mkstemp(os.path.dirname(dst), ".layerfs")
-            os.fchmod(fd, 0o666 & ~scratch.umask())
+            scratch.chmod_as_created(fd)
             with os.fdopen(fd, "wb") as out:
                 out.write(f.read())
             os.replace(tmp, dst)

@@ -52,11 +52,12 @@ def sweep_dead(folder: str, kind: str | None = None) -> int:
     dead = [name for name in names
             if (kind is None or name.startswith(kind + "-"))
             and (pid := owner(name)) is not None and not procfs.alive(pid, None)]
+    mounted = [mp for mp, _ in procfs.mounts()] if dead else []
     removed = 0
     for name in dead:
         path = os.path.join(folder, name)
-        if procfs.mounts_under(path):  # a killed build's RUN mount: its daemon removes the dir
-            continue
+        if any(mp == path or mp.startswith(path + "/") for mp in mounted):
+            continue  # a killed build's RUN mount: its daemon removes the dir
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -75,8 +76,14 @@ def partial_beside(dest: str) -> tuple[int, str]:
     folder = os.path.dirname(os.path.abspath(dest))
     sweep_dead(folder, ".layerfs")
     fd, path = mkstemp(folder, ".layerfs", ".partial")
-    os.fchmod(fd, 0o666 & ~umask())
+    chmod_as_created(fd)
     return fd, path
+
+
+def chmod_as_created(fd: int) -> None:
+    """Give a temp file (mkstemp: 0600) the mode open(2) would have given
+    the file it becomes."""
+    os.fchmod(fd, 0o666 & ~umask())
 
 
 def umask() -> int:
