@@ -52,12 +52,11 @@ def sweep_dead(folder: str, kind: str | None = None) -> int:
     dead = [name for name in names
             if (kind is None or name.startswith(kind + "-"))
             and (pid := owner(name)) is not None and not procfs.alive(pid, None)]
-    mounted = [mp for mp, _ in procfs.mounts()] if dead else []
     removed = 0
-    for name in dead:
+    for name in dead:  # (few: one mount table read each is cheap)
         path = os.path.join(folder, name)
-        if any(mp == path or mp.startswith(path + "/") for mp in mounted):
-            continue  # a killed build's RUN mount: its daemon removes the dir
+        if procfs.mounts_under(path):  # a killed build's RUN mount: its daemon removes the dir
+            continue
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
