@@ -68,7 +68,7 @@ JUMPS = 16           # READs that jump before the threads check the rest of the 
 WORKERS = 2          # checking threads: the sums release the GIL, so two cores check
 IDLE_EXIT = 5.0      # a thread exits after this long without work (restarted on demand)
 KEPT = 64            # objects whose chunk states are kept (each: one byte per MiB)
-UNKNOWN, CHECKING, GOOD = 0, 1, 2
+UNKNOWN, CHECKING, GOOD = 0, 1, 2   # (GOOD is CHUNK_GOOD in _lowlevel.c, which reads the states too)
 
 
 class ObjectChunks:

@@ -204,10 +204,11 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             options.add("debug")
         owner_fd = mountproc.open_owner(params)
         operations = Operations(union)
-        lowlevel.prepare(union.fallocate_fd, union.lseek)
+        lowlevel.prepare(union.fallocate_fd, union.lseek, union.handles)
         pyfuse3.init(operations, mp, options)
-        log.info("directory listings cached by the kernel: %s; fallocate and lseek answered: %s",
-                 lowlevel.kernel_caches_listings(), lowlevel.answers_file_ops())
+        log.info("directory listings cached by the kernel: %s; fallocate and lseek answered: %s; "
+                 "read and write answered in C: %s", lowlevel.kernel_caches_listings(),
+                 lowlevel.answers_file_ops(), lowlevel.answers_io())
         if os.environ.get("LAYERFS_FUSE_LOOP") != "stock":  # developer aid: A/B against pyfuse3's own loop
             from layerfs.fs import loop
 
@@ -241,7 +242,7 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
                 with trio.open_signal_receiver(signal.SIGUSR1) as sigs:
                     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
                     async for _ in sigs:
-                        log.info("requests %s", json.dumps(dict(operations.requests), sort_keys=True))
+                        log.info("requests %s", json.dumps(operations.counts(), sort_keys=True))
 
             async def on_owner_exit() -> None:
                 nonlocal orphaned

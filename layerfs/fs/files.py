@@ -53,6 +53,7 @@ from layerfs.fs.inodes import Node, Opened
 from layerfs.fs.names import _err
 from layerfs.fs.readahead import Readahead
 from layerfs.fs.upper import fs_magic
+from layerfs.store.chunksums import SUM_CHUNK
 from layerfs.store.objects import read_first, unpack_object
 
 log = logging.getLogger("layerfs.fs")
@@ -64,14 +65,24 @@ MEMORY_FS = {0x01021994, 0x858458F6}  # TMPFS_MAGIC, RAMFS_MAGIC
 
 
 class Handle:
-    """An open file: upper fd, big raw object fd, or small content in memory."""
+    """An open file: upper fd, big raw object fd, or small content in memory.
 
-    __slots__ = ("node", "kind", "fd", "data", "digest", "path", "size")
+    ``served`` tells the C module (``fs.lowlevel``) how to answer this
+    handle's READs and WRITEs without the Python handlers: (fd or bytes,
+    size or -1, read mode, lower, chunk states or None, chunk size), set
+    once nothing is left to check or decide here but, at most, whether
+    the chunks a READ covers matched (an upper file, a small object
+    loaded and verified, a big object verified whole or being checked
+    whole for a random reader); None sends every request here.
+    """
+
+    __slots__ = ("node", "kind", "fd", "data", "digest", "path", "size", "served")
 
     def __init__(self, node: Node, kind: str, fd: int = -1, data: bytes | None = None,
                  digest: str = "", path: str = "", size: int = 0) -> None:
         self.node, self.kind, self.fd, self.data = node, kind, fd, data
         self.digest, self.path, self.size = digest, path, size
+        self.served: tuple[int | bytes, int, int, bool, bytearray | None, int] | None = None
 
 
 class FileIO:
@@ -206,7 +217,33 @@ class FileIO:
 
     def adopt_fd(self, node: Node, fd: int) -> int:
         """A file handle for an fd of *node* in the upper dir (open, create)."""
-        return self._add_handle(Handle(node, "upper", fd))
+        h = Handle(node, "upper", fd)
+        self._offer_to_c(h)
+        return self._add_handle(h)
+
+    def _offer_to_c(self, h: Handle) -> None:
+        """Let the C module answer *h*'s next READs (and an upper file's
+        WRITEs) itself where nothing is left to check or decide here
+        (``Handle.served``). Its reads go by this side's read mode of the
+        file's filesystem; it hands back what it cannot answer at once."""
+        if h.kind == "upper":
+            h.served = (h.fd, -1, self.read_modes["upper"], False, None, 0)
+        elif h.kind == "raw":
+            h.served = self._raw_served(h)
+        elif h.kind == "mem" and type(h.data) is bytes:
+            h.served = (h.data, len(h.data), INLINE, True, None, 0)
+
+    def _raw_served(self, h: Handle) -> tuple[int, int, int, bool, bytearray | None, int] | None:
+        """A big object's ``served``: all of it once verified; while the
+        threads check all its chunks for a reader that jumps, the chunks
+        that matched (a sequential reader's READs all come here, they
+        move the checks ahead of it)."""
+        if h.digest in self.verified:
+            return (h.fd, h.size, self.read_modes["raw"], True, None, 0)
+        oc = self.chunk_reads.chunks(h.digest, h.path, h.size)
+        if oc is None or not oc.all_queued:
+            return None
+        return (h.fd, h.size, self.read_modes["raw"], True, oc.state, SUM_CHUNK)
 
     def _add_handle(self, h: Handle) -> int:
         h.node.opens += 1
@@ -225,6 +262,11 @@ class FileIO:
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._current(self.handles[fh])
+        data = await self._read(h, off, size)
+        self._offer_to_c(h)
+        return data
+
+    async def _read(self, h: Handle, off: int, size: int) -> bytes:
         if h.kind == "mem":
             if h.data is None:
                 await self._load(h)
@@ -273,9 +315,11 @@ class FileIO:
         """A lower handle whose node was copied up since reads the copy, as
         overlayfs's stacked file operations do."""
         fd = self.upper.open(self.path(h.node), os.O_RDONLY | os.O_NOFOLLOW)
+        h.served = None
         if h.fd >= 0:
             os.close(h.fd)
         h.kind, h.fd, h.data = "upper", fd, None
+        self._offer_to_c(h)
 
     def _open_big(self, h: Handle) -> None:
         try:

@@ -24,6 +24,7 @@ import pyfuse3
 from pyfuse3 import FUSEError
 
 from layerfs.errors import Corrupt, InvalidInput, LayerfsError, NotFound, Unsupported
+from layerfs.fs import lowlevel
 from layerfs.fs.inodes import ROOT, Attr, SetAttr
 from layerfs.fs.union import LOWER_TIMEOUT, Union
 
@@ -138,6 +139,14 @@ class Operations(pyfuse3.Operations):
         # replaced). Hashing the record's value instead costs more than a
         # reply's construction saves.
         self._lower_replies: dict[int, tuple[Attr, pyfuse3.EntryAttributes]] = {}
+
+    def counts(self) -> dict[str, int]:
+        """Requests served so far, by handler; READs and WRITEs the C
+        module answered without a handler (``fs.lowlevel``) as
+        ``read (C)`` and ``write (C)``."""
+        reads, writes = lowlevel.answered()
+        c_side = {"read (C)": reads, "write (C)": writes}
+        return {**self.requests, **{k: n for k, n in c_side.items() if n}}
 
     def _reply(self, a: Attr) -> pyfuse3.EntryAttributes:
         if not a.lower:
