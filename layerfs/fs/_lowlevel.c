@@ -63,8 +63,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <time.h>
+
+#include <linux/fuse.h>
 
 #include <fuse3/fuse_lowlevel.h>
 
@@ -91,6 +95,12 @@ static PyObject *handles;       /* fh -> handle object, for READ and WRITE (set_
 static PyObject *name_served, *name_node, *name_upper;  /* attribute names, made once */
 static unsigned long long reads_answered, writes_answered;
 static read_fn pyfuse3_read;
+static struct fuse_session *session;  /* the last one made */
+static int streaming;   /* serve_stream() runs: READ/WRITE handlers start no stream of their own */
+static int handed_on;   /* the last READ or WRITE went to pyfuse3's handler */
+
+#define STREAM_MAX 64            /* requests answered in a row before the trio loop runs again */
+#define STREAM_WAIT_NS 30000     /* how long to wait for the next request of a stream (loop.SPIN) */
 static write_buf_fn pyfuse3_write_buf;
 static struct fuse_lowlevel_ops swapped;  /* libfuse copies it; kept for its lifetime anyway */
 
@@ -296,13 +306,68 @@ static int answer_read(fuse_req_t req, size_t size, off_t off, uint64_t fh)
     return answered;
 }
 
+/* Whether a request is waiting on *fd* or comes within STREAM_WAIT_NS
+ * (polled, the GIL released: waking a sleeping process costs more than
+ * that on a VM). */
+static int request_soon(int fd)
+{
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    struct timespec start, now;
+    int ready;
+    Py_BEGIN_ALLOW_THREADS
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    do {
+        ready = poll(&p, 1, 0) > 0;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+    } while (!ready && (now.tv_sec - start.tv_sec) * 1000000000L + (now.tv_nsec - start.tv_nsec) < STREAM_WAIT_NS);
+    Py_END_ALLOW_THREADS
+    return ready;
+}
+
+/* After a READ or WRITE answered here: go on receiving and answering the
+ * requests that follow it as long as they are READs and WRITEs answered
+ * here, without a return to pyfuse3's loop (a sequential reader's next
+ * READ comes within microseconds). The first other request is processed
+ * as pyfuse3's loop would (its handler leaves a coroutine that the loop
+ * awaits once this returns) and ends the stream: pyfuse3 runs one handler
+ * per request it received. At most STREAM_MAX requests, so the trio loop
+ * (thread results, signals) keeps running. Called with the GIL, in the
+ * request loop's thread, which is the only one that reads the FUSE fd. */
+static void serve_stream(void)
+{
+    static struct fuse_buf buf;  /* (its memory is libfuse's, kept for the next stream) */
+    if (session == NULL)
+        return;
+    int fd = fuse_session_fd(session);
+    streaming = 1;
+    for (int i = 0; i < STREAM_MAX && !fuse_session_exited(session) && request_soon(fd); i++) {
+        int got = fuse_session_receive_buf(session, &buf);
+        if (got <= 0)  /* (pyfuse3's loop meets the same error, or the exit, at its next read) */
+            break;
+        int fast = !(buf.flags & FUSE_BUF_IS_FD) && (size_t)got >= sizeof(struct fuse_in_header);
+        if (fast) {
+            uint32_t op = ((const struct fuse_in_header *)buf.mem)->opcode;
+            fast = op == FUSE_READ || op == FUSE_WRITE;
+        }
+        handed_on = 0;
+        fuse_session_process_buf(session, &buf);
+        if (!fast || handed_on)
+            break;
+    }
+    streaming = 0;
+}
+
 static void read_served(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    int answered = answer_read(req, size, off, fi->fh);
-    PyGILState_Release(gil);
-    if (!answered)
+    if (answer_read(req, size, off, fi->fh)) {
+        if (!streaming)
+            serve_stream();
+    } else {
+        handed_on = 1;
         pyfuse3_read(req, ino, size, off, fi);
+    }
+    PyGILState_Release(gil);
 }
 
 /* Answer a WRITE to an upper file (fuse_buf_copy: a pwrite); 0 if it was
@@ -339,10 +404,14 @@ static void write_served(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *dat
                          struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    int answered = answer_write(req, data, off, fi->fh);
-    PyGILState_Release(gil);
-    if (!answered)
+    if (answer_write(req, data, off, fi->fh)) {
+        if (!streaming)
+            serve_stream();
+    } else {
+        handed_on = 1;
         pyfuse3_write_buf(req, ino, data, off, fi);
+    }
+    PyGILState_Release(gil);
 }
 
 struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
@@ -355,6 +424,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (libfuse_session_new == NULL)
         return NULL;
     listings_hooked = file_ops_hooked = io_hooked = 0;
+    session = NULL;
     /* A table from newer headers than ours is passed on untouched. */
     if (op == NULL || op_size != sizeof swapped || op->readdirplus == NULL)
         return libfuse_session_new(args, op, op_size, userdata);
@@ -380,7 +450,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         swapped.write_buf = write_served;
         io_hooked = 1;
     }
-    return libfuse_session_new(args, &swapped, op_size, userdata);
+    session = libfuse_session_new(args, &swapped, op_size, userdata);
+    return session;
 }
 
 static PyObject *py_hooked(PyObject *self, PyObject *unused)
