@@ -236,8 +236,8 @@ class FileIO:
     def _raw_served(self, h: Handle) -> tuple[int, int, int, bool, bytearray | None, int] | None:
         """A big object's ``served``: all of it once verified; while the
         threads check all its chunks for a reader that jumps, the chunks
-        that matched (a sequential reader's READs all come here, they
-        move the checks ahead of it)."""
+        that matched (a sequential reader's READs all stay with the
+        Python handler: they move the checks ahead of it)."""
         if h.digest in self.verified:
             return (h.fd, h.size, self.read_modes["raw"], True, None, 0)
         oc = self.chunk_reads.chunks(h.digest, h.path, h.size)
