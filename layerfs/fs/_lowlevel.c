@@ -341,10 +341,16 @@ static void serve_stream(void)
     if (session == NULL)
         return;
     int fd = fuse_session_fd(session);
+    /* Non-blocking while the stream reads: a request can leave the queue
+     * between poll and read (its caller was killed), and a blocking read
+     * would then hold the trio loop until some other request came. */
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
+        return;
     streaming = 1;
     for (int i = 0; i < STREAM_MAX && !fuse_session_exited(session) && request_soon(fd); i++) {
         int got = fuse_session_receive_buf(session, &buf);
-        if (got <= 0)  /* (pyfuse3's loop meets the same error, or the exit, at its next read) */
+        if (got <= 0)  /* EAGAIN; or an error or the exit, which pyfuse3's loop meets at its next read */
             break;
         int fast = !(buf.flags & FUSE_BUF_IS_FD) && (size_t)got >= sizeof(struct fuse_in_header);
         if (fast) {
@@ -357,6 +363,7 @@ static void serve_stream(void)
             break;
     }
     streaming = 0;
+    fcntl(fd, F_SETFL, flags);
 }
 
 static void read_served(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
