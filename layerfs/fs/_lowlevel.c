@@ -366,16 +366,23 @@ static void serve_stream(void)
     fcntl(fd, F_SETFL, flags);
 }
 
+/* After a READ or WRITE: the stream goes on from one answered here; one
+ * handed to pyfuse3's handler ends it. */
+static void after(int answered)
+{
+    if (!answered)
+        handed_on = 1;
+    else if (!streaming)
+        serve_stream();
+}
+
 static void read_served(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    if (answer_read(req, size, off, fi->fh)) {
-        if (!streaming)
-            serve_stream();
-    } else {
-        handed_on = 1;
+    int answered = answer_read(req, size, off, fi->fh);
+    if (!answered)
         pyfuse3_read(req, ino, size, off, fi);
-    }
+    after(answered);
     PyGILState_Release(gil);
 }
 
@@ -413,13 +420,10 @@ static void write_served(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *dat
                          struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    if (answer_write(req, data, off, fi->fh)) {
-        if (!streaming)
-            serve_stream();
-    } else {
-        handed_on = 1;
+    int answered = answer_write(req, data, off, fi->fh);
+    if (!answered)
         pyfuse3_write_buf(req, ino, data, off, fi);
-    }
+    after(answered);
     PyGILState_Release(gil);
 }
 
