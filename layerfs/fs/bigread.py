@@ -68,7 +68,7 @@ JUMPS = 16           # READs that jump before the threads check the rest of the 
 # Checking threads. They mostly wait for the disk (the sums release the
 # GIL), and each keeps one run of faults in flight: 4 read a cold GiB
 # faster than 2 (0.89-1.02 s against 1.00-1.06 s, interleaved, WINDOW 64
-# against 32); 8 were no faster than 4 and map twice the RSS.
+# against 32); 8 were about as fast as 4 and map twice the RSS.
 WORKERS = 4
 IDLE_EXIT = 5.0      # a thread exits after this long without work (restarted on demand)
 KEPT = 64            # objects whose chunk states are kept (each: one byte per MiB)
