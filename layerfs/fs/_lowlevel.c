@@ -285,6 +285,8 @@ static int chunks_good(PyObject *states, long long chunk, size_t size, off_t off
 
 static int answer_read(fuse_req_t req, size_t size, off_t off, uint64_t fh)
 {
+    if (off < 0)  /* (the kernel sends none; an offset is never an index here unchecked) */
+        return 0;
     PyObject *how = served(fh);
     if (how == NULL)
         return 0;
