@@ -285,7 +285,7 @@ static int chunks_good(PyObject *states, long long chunk, size_t size, off_t off
 
 static int answer_read(fuse_req_t req, size_t size, off_t off, uint64_t fh)
 {
-    if (off < 0)  /* (the kernel sends none; an offset is never an index here unchecked) */
+    if (off < 0)  /* (the kernel sends none; chunks_good and reply_bytes index by it) */
         return 0;
     PyObject *how = served(fh);
     if (how == NULL)
