@@ -73,7 +73,10 @@ class Handle:
     once nothing is left to check or decide here but, at most, whether
     the chunks a READ covers matched (an upper file, a small object
     loaded and verified, a big object verified whole or being checked
-    whole for a random reader); None sends every request here.
+    whole for a random reader); None sends every request here. The C
+    module reads it on every request, so whatever changes a handle's fd,
+    kind or data sets it again (``_switch_to_upper``), and a handle leaves
+    ``FileIO.handles`` before its fd is closed (``release``).
     """
 
     __slots__ = ("node", "kind", "fd", "data", "digest", "path", "size", "served")
