@@ -18,7 +18,8 @@ Modules, bottom up:
 * ``lowlevel`` -- with the C module ``_lowlevel``, what pyfuse3 cannot
   do: OPENDIR answered ENOSYS so that the kernel caches listings (READDIR
   given its inode), FALLOCATE passed on to the upper file, LSEEK's
-  SEEK_DATA/SEEK_HOLE answered from the file below;
+  SEEK_DATA/SEEK_HOLE answered from the file below, READ and WRITE of
+  files with nothing left to check answered without Python;
 * ``mount``  -- ``mount_image`` (the API the CLI, runtime and builder
   use): resolve the image, pick the backend, hand a forked daemon its job;
 * ``daemon`` -- the FUSE daemon process: forked early, serves the union

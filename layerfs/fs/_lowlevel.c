@@ -13,9 +13,8 @@
  *
  * - Answer FALLOCATE, which pyfuse3 has no handler for (the kernel would
  *   tell every caller EOPNOTSUPP, where overlayfs passes the call on to the
- *   upper file). The daemon registers a callable that maps a file handle
- *   to the upper file's descriptor (or -errno); fallocate(2) runs on that
- *   descriptor here, with the GIL released.
+ *   upper file): fallocate(2) runs here, with the GIL released, on the
+ *   upper file's descriptor that the handle's `served` tuple names (below).
  *
  * - Answer LSEEK for SEEK_DATA and SEEK_HOLE, which pyfuse3 has no handler
  *   for either (the kernel would call every file all data, where overlayfs
@@ -36,7 +35,8 @@
  *   the end of the file, and anything unexpected go to pyfuse3's handler,
  *   which decides (and may set `served` again). WRITE is answered by
  *   pwrite on an upper file's fd. The GIL is released around the
- *   syscalls.
+ *   syscalls. (The dict is given to the module in any case, for FALLOCATE;
+ *   whether READ and WRITE are hooked is set_file_ops' third argument.)
  *
  * - Ask the kernel to leave the umask to the filesystem (FUSE_DONT_MASK),
  *   which pyfuse3 never asks for: with POSIX ACLs on, a node made in a dir
@@ -90,21 +90,21 @@ static int cache_listings = 1;  /* set_cache_listings(): swap the listing handle
 static int listings_hooked;     /* the last session was made with the listing handlers swapped */
 static int file_ops_hooked;     /* ... with FALLOCATE and LSEEK answered here, and DONT_MASK asked for */
 static int io_hooked;           /* ... with READ and WRITE answered here where the handle says so */
-static readdir_fn pyfuse3_readdirplus;
-static PyObject *fallocate_fd;  /* fh -> fd of the upper file, or -errno (set_file_ops) */
+static int answer_io;           /* set_file_ops(): hook READ and WRITE in the next sessions */
 static PyObject *seek_data;     /* (fh, offset, whence) -> offset, or -errno (set_file_ops) */
-static PyObject *handles;       /* fh -> handle object, for READ and WRITE (set_file_ops) */
+static PyObject *handles;       /* fh -> handle object, for FALLOCATE, READ and WRITE (set_file_ops) */
 static PyObject *name_served, *name_node, *name_upper;  /* attribute names, made once */
 static unsigned long long reads_answered, writes_answered;
+static readdir_fn pyfuse3_readdirplus;
 static read_fn pyfuse3_read;
+static write_buf_fn pyfuse3_write_buf;
+static struct fuse_lowlevel_ops swapped;  /* libfuse copies it; kept for its lifetime anyway */
 static struct fuse_session *session;  /* the last one made */
 static int streaming;   /* serve_stream() runs: READ/WRITE handlers start no stream of their own */
 static int handed_on;   /* the last READ or WRITE went to pyfuse3's handler */
 
 #define STREAM_MAX 64            /* requests answered in a row before the trio loop runs again */
 #define STREAM_WAIT_NS 30000     /* how long to wait for the next request of a stream (loop.SPIN) */
-static write_buf_fn pyfuse3_write_buf;
-static struct fuse_lowlevel_ops swapped;  /* libfuse copies it; kept for its lifetime anyway */
 
 typedef void (*init_fn)(void *, struct fuse_conn_info *);
 static init_fn pyfuse3_init;
@@ -151,42 +151,12 @@ static long long ask(PyObject *fn, const char *format, ...)
     return n;
 }
 
-static void fallocate_upper(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length,
-                            struct fuse_file_info *fi)
-{
-    (void)ino;
-    int err = 0;
-    /* pyfuse3 calls handlers with the GIL held; Ensure is cheap then */
-    PyGILState_STATE gil = PyGILState_Ensure();
-    long long fd = ask(fallocate_fd, "(K)", (unsigned long long)fi->fh);
-    if (fd < 0) {
-        err = (int)-fd;
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        if (fallocate((int)fd, mode, off, length) != 0)
-            err = errno;
-        Py_END_ALLOW_THREADS
-    }
-    PyGILState_Release(gil);
-    fuse_reply_err(req, err);
-}
-
-static void lseek_data(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
-{
-    (void)ino;
-    PyGILState_STATE gil = PyGILState_Ensure();
-    long long got = ask(seek_data, "(KLi)", (unsigned long long)fi->fh, (long long)off, whence);
-    PyGILState_Release(gil);
-    if (got < 0)
-        fuse_reply_err(req, (int)-got);
-    else
-        fuse_reply_lseek(req, (off_t)got);
-}
-
 /* The `served` tuple of handle *fh* (a new reference), or NULL if its
  * requests are pyfuse3's to answer. Called with the GIL. */
 static PyObject *served(uint64_t fh)
 {
+    if (handles == NULL)
+        return NULL;
     PyObject *key = PyLong_FromUnsignedLongLong(fh);
     PyObject *handle = key == NULL ? NULL : PyDict_GetItemWithError(handles, key);  /* borrowed */
     Py_XDECREF(key);
@@ -209,6 +179,51 @@ static PyObject *served(uint64_t fh)
         }
     }
     return how;
+}
+
+/* The fd of the upper file that handle *fh* has open, -1 if it has none
+ * (the kernel sends FALLOCATE and WRITE only for a file open for writing,
+ * which is in the upper dir since its open). Called with the GIL. */
+static int upper_fd(uint64_t fh)
+{
+    PyObject *how = served(fh);
+    if (how == NULL)
+        return -1;
+    PyObject *source = PyTuple_GET_ITEM(how, 0);
+    long fd = PyObject_IsTrue(PyTuple_GET_ITEM(how, 3)) == 0 && PyLong_Check(source) ? PyLong_AsLong(source) : -1;
+    Py_DECREF(how);
+    PyErr_Clear();
+    return (int)fd;
+}
+
+static void fallocate_upper(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t length,
+                            struct fuse_file_info *fi)
+{
+    (void)ino;
+    /* pyfuse3 calls handlers with the GIL held; Ensure is cheap then */
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int fd = upper_fd(fi->fh);
+    int err = handles == NULL ? EOPNOTSUPP : fd < 0 ? EBADF : 0;
+    if (fd >= 0) {
+        Py_BEGIN_ALLOW_THREADS
+        if (fallocate(fd, mode, off, length) != 0)
+            err = errno;
+        Py_END_ALLOW_THREADS
+    }
+    PyGILState_Release(gil);
+    fuse_reply_err(req, err);
+}
+
+static void lseek_data(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi)
+{
+    (void)ino;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    long long got = ask(seek_data, "(KLi)", (unsigned long long)fi->fh, (long long)off, whence);
+    PyGILState_Release(gil);
+    if (got < 0)
+        fuse_reply_err(req, (int)-got);
+    else
+        fuse_reply_lseek(req, (off_t)got);
 }
 
 /* Whether *n* bytes read at *off* are all a READ of *size* gets: all it
@@ -343,14 +358,17 @@ static void serve_stream(void)
     if (session == NULL)
         return;
     int fd = fuse_session_fd(session);
-    /* Non-blocking while the stream reads: a request can leave the queue
-     * between poll and read (its caller was killed), and a blocking read
-     * would then hold the trio loop until some other request came. */
-    int flags = fcntl(fd, F_GETFL);
-    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
-        return;
+    int flags = -1;
     streaming = 1;
     for (int i = 0; i < STREAM_MAX && !fuse_session_exited(session) && request_soon(fd); i++) {
+        /* Non-blocking while the stream reads (set once a request waits: a
+         * lone READ costs no syscall for it): a request can leave the queue
+         * between poll and read (its caller was killed), and a blocking
+         * read would then hold the trio loop until some other request came. */
+        if (flags < 0 && ((flags = fcntl(fd, F_GETFL)) < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)) {
+            flags = -1;
+            break;
+        }
         int got = fuse_session_receive_buf(session, &buf);
         if (got <= 0)  /* EAGAIN; or an error or the exit, which pyfuse3's loop meets at its next read */
             break;
@@ -365,7 +383,8 @@ static void serve_stream(void)
             break;
     }
     streaming = 0;
-    fcntl(fd, F_SETFL, flags);
+    if (flags >= 0)
+        fcntl(fd, F_SETFL, flags);
 }
 
 /* After a READ or WRITE: the stream goes on from one answered here; one
@@ -392,21 +411,13 @@ static void read_served(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, 
  * not answered. */
 static int answer_write(fuse_req_t req, struct fuse_bufvec *data, off_t off, uint64_t fh)
 {
-    PyObject *how = served(fh);
-    if (how == NULL)
+    int fd = upper_fd(fh);
+    if (fd < 0)
         return 0;
-    PyObject *source = PyTuple_GET_ITEM(how, 0);
-    int lower = PyObject_IsTrue(PyTuple_GET_ITEM(how, 3));
-    long fd = PyLong_Check(source) ? PyLong_AsLong(source) : -1;
-    Py_DECREF(how);
-    if (lower != 0 || fd < 0) {
-        PyErr_Clear();
-        return 0;
-    }
     Py_BEGIN_ALLOW_THREADS
     struct fuse_bufvec to = FUSE_BUFVEC_INIT(fuse_buf_size(data));
     to.buf[0].flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
-    to.buf[0].fd = (int)fd;
+    to.buf[0].fd = fd;
     to.buf[0].pos = off;
     ssize_t n = fuse_buf_copy(&to, data, 0);
     if (n < 0)
@@ -458,7 +469,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
         swapped.init = init_dont_mask;
         file_ops_hooked = 1;
     }
-    if (handles != NULL && op->read != NULL && op->write_buf != NULL) {
+    if (answer_io && handles != NULL && op->read != NULL && op->write_buf != NULL) {
         pyfuse3_read = op->read;
         pyfuse3_write_buf = op->write_buf;
         swapped.read = read_served;
@@ -490,16 +501,17 @@ static PyObject *py_set_cache_listings(PyObject *self, PyObject *arg)
 static PyObject *py_set_file_ops(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *fallocate, *lseek, *by_fh;
-    if (!PyArg_ParseTuple(args, "OOO", &fallocate, &lseek, &by_fh))
+    PyObject *lseek, *by_fh;
+    int io;
+    if (!PyArg_ParseTuple(args, "OO!p", &lseek, &PyDict_Type, &by_fh, &io))
         return NULL;
-    if (!PyCallable_Check(fallocate) || !PyCallable_Check(lseek) || (by_fh != Py_None && !PyDict_Check(by_fh))) {
-        PyErr_SetString(PyExc_TypeError, "set_file_ops takes two callables and a dict or None");
+    if (!PyCallable_Check(lseek)) {
+        PyErr_SetString(PyExc_TypeError, "set_file_ops: lseek must be callable");
         return NULL;
     }
-    Py_XSETREF(fallocate_fd, Py_NewRef(fallocate));
     Py_XSETREF(seek_data, Py_NewRef(lseek));
-    Py_XSETREF(handles, by_fh == Py_None ? NULL : Py_NewRef(by_fh));
+    Py_XSETREF(handles, Py_NewRef(by_fh));
+    answer_io = io;
     Py_RETURN_NONE;
 }
 
@@ -519,9 +531,9 @@ static PyMethodDef methods[] = {
      "Answer OPENDIR ENOSYS and pass readdir the inode as its file handle, in sessions made from now on "
      "(default: yes)."},
     {"set_file_ops", py_set_file_ops, METH_VARARGS,
-     "set_file_ops(fallocate_fd, lseek, handles): the callables FALLOCATE asks for a file handle's upper file "
-     "descriptor, and LSEEK for (fh, offset, whence)'s answer (both: or -errno); the dict of handles whose "
-     "`served` tuples READ and WRITE follow (None: pyfuse3 answers them all)."},
+     "set_file_ops(lseek, handles, answer_io): the callable LSEEK asks for (fh, offset, whence)'s answer "
+     "(or -errno); the dict of handles by fh, whose `served` tuples FALLOCATE (and READ and WRITE) follow; "
+     "whether READ and WRITE are answered here, in sessions made from now on."},
     {NULL, NULL, 0, NULL},
 };
 

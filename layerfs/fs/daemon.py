@@ -204,7 +204,7 @@ def run_daemon(params: dict, ready_fd: int, detached: bool) -> int:
             options.add("debug")
         owner_fd = mountproc.open_owner(params)
         operations = Operations(union)
-        lowlevel.prepare(union.fallocate_fd, union.lseek, union.handles)
+        lowlevel.prepare(union.lseek, union.handles)
         pyfuse3.init(operations, mp, options)
         log.info("directory listings cached by the kernel: %s; fallocate and lseek answered: %s; "
                  "read and write answered in C: %s", lowlevel.kernel_caches_listings(),

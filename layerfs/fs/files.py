@@ -68,7 +68,8 @@ class Handle:
     """An open file: upper fd, big raw object fd, or small content in memory.
 
     ``served`` tells the C module (``fs.lowlevel``) how to answer this
-    handle's READs and WRITEs without the Python handlers: (fd or bytes,
+    handle's READs and WRITEs without the Python handlers (and names an
+    upper file's fd for FALLOCATE): (fd or bytes,
     size or -1, read mode, lower, chunk states or None, chunk size), set
     once nothing is left to check or decide here but, at most, whether
     the chunks a READ covers matched (an upper file, a small object
@@ -458,15 +459,6 @@ class FileIO:
         h = self.handles.get(fh)
         if h is not None and h.kind == "upper":
             await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, h.fd)
-
-    def fallocate_fd(self, fh: int) -> int:
-        """For FALLOCATE (``fs.lowlevel``): the upper file's descriptor of
-        *fh*, or -errno. The kernel sends it only for a file open for
-        writing, which is in the upper dir since its open."""
-        h = self.handles.get(fh)
-        if h is None or h.kind != "upper":
-            return -errno.EBADF
-        return h.fd
 
     def lseek(self, fh: int, off: int, whence: int) -> int:
         """For LSEEK (``fs.lowlevel``; the kernel asks only for SEEK_DATA

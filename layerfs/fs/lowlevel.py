@@ -13,8 +13,8 @@
 * **FALLOCATE**, which pyfuse3 has no handler for: every caller would get
   EOPNOTSUPP, where overlayfs passes the call to the upper file (``fallocate
   -l``, ``posix_fallocate`` without glibc's slow fallback, punching holes,
-  zeroing ranges). The module asks a callable (:func:`prepare`) for the
-  upper file's descriptor and calls fallocate(2) on it.
+  zeroing ranges). The module calls fallocate(2) on the upper file's
+  descriptor, which the handle's ``served`` tuple names.
 * **FUSE_DONT_MASK** asked for at INIT: the umask is left to the daemon,
   which applies it only where the parent has no default ACL (POSIX, as
   overlayfs; the mount enforces ACLs, ``ops.Operations.enable_acl``).
@@ -68,16 +68,15 @@ def load() -> None:
     _module = _lowlevel
 
 
-def prepare(fallocate_fd: Callable[[int], int], lseek: Callable[[int, int, int], int],
-            handles: dict[int, Any]) -> None:
+def prepare(lseek: Callable[[int, int, int], int], handles: dict[int, Any]) -> None:
     """Before ``pyfuse3.init``: whether this session's listings are to be
-    cached, the callables FALLOCATE and LSEEK ask (a file handle's upper
-    file descriptor, and the answer to (fh, offset, whence); either may
-    give -errno), and the daemon's handles by fh, whose ``served`` tuples
-    READ and WRITE follow (``files.Handle``)."""
+    cached and its READs and WRITEs answered in C, the callable LSEEK asks
+    for the answer to (fh, offset, whence) (or -errno), and the daemon's
+    handles by fh, whose ``served`` tuples FALLOCATE, READ and WRITE
+    follow (``files.Handle``)."""
     if _module is not None:
         _module.set_cache_listings(os.environ.get("LAYERFS_DIR_CACHE") != "off")
-        _module.set_file_ops(fallocate_fd, lseek, None if os.environ.get("LAYERFS_C_IO") == "off" else handles)
+        _module.set_file_ops(lseek, handles, os.environ.get("LAYERFS_C_IO") != "off")
 
 
 def kernel_caches_listings() -> bool:

@@ -154,6 +154,8 @@ def test_with_c_io_off_pyfuse3_answers_every_request(c_env, tmp_path, monkeypatc
             os.close(fd)
         with open(f"{mp}/d/new", "wb") as f:
             f.write(b"x" * 5000)
+            os.posix_fallocate(f.fileno(), 0, 1 << 20)  # (FALLOCATE is answered in C either way)
+        assert os.stat(f"{mp}/d/new").st_size == 1 << 20
         counts = daemon_requests(handle)
     below_eof = sum(off < SMALL for off, _ in SPANS)  # (the kernel answers reads past the end itself)
     assert "read (C)" not in counts and "write (C)" not in counts and counts["read"] == 2 * below_eof
