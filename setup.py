@@ -32,8 +32,9 @@ class InstallScripts(install_scripts):
 
 setup(
     cmdclass={"install_scripts": InstallScripts},
-    # Lets the kernel cache directory listings (see the file). Optional: where
-    # libfuse3's headers are missing the daemon answers OPENDIR itself.
+    # What pyfuse3 cannot do, at libfuse's level (see the file): listings the
+    # kernel caches, FALLOCATE, LSEEK's holes, READ and WRITE without Python.
+    # Optional: where libfuse3's headers are missing, the daemon goes without.
     ext_modules=[Extension("layerfs.fs._lowlevel", ["layerfs/fs/_lowlevel.c"], libraries=["fuse3"],
                            optional=True)],
 )
